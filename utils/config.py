@@ -1,0 +1,291 @@
+"""The training config (main TOML) and the dataset config (dataset TOML) as typed objects.
+
+Every key is documented in `examples/flux.toml` and `examples/dataset.toml`. Loading checks
+keys, types, ranges and paths and raises `ConfigError` naming the file and key, before any
+model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from utils.schema import ConfigError, build, check, key, required
+
+Resolution = Union[int, tuple[int, int]]
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file, turning syntax errors and missing files into ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
+
+
+def _resolve_path(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset TOML
+
+
+@dataclass
+class BucketSettings:
+    """Settings that decide the shapes items are trained at; per-directory tables may override."""
+
+    resolutions: Optional[list[Resolution]] = None
+    enable_ar_bucket: Optional[bool] = None
+    min_ar: Optional[float] = None
+    max_ar: Optional[float] = None
+    num_ar_buckets: Optional[int] = None
+    num_repeats: Optional[int] = None
+
+    def validate(self, file, prefix):
+        if self.resolutions is not None:
+            check(len(self.resolutions) > 0, file, key(prefix, "resolutions"), "must list at least one resolution")
+            for i, r in enumerate(self.resolutions):
+                sizes = (r,) if isinstance(r, int) else r
+                check(all(s > 0 for s in sizes), file, f"{key(prefix, 'resolutions')}[{i}]", f"must be positive, got {r!r}")
+        if self.min_ar is not None:
+            check(self.min_ar > 0, file, key(prefix, "min_ar"), "must be > 0")
+        if self.max_ar is not None:
+            check(self.max_ar > 0, file, key(prefix, "max_ar"), "must be > 0")
+        if self.min_ar is not None and self.max_ar is not None:
+            check(self.min_ar <= self.max_ar, file, key(prefix, "min_ar"), f"({self.min_ar}) must not exceed max_ar ({self.max_ar})")
+        if self.num_ar_buckets is not None:
+            check(self.num_ar_buckets >= 1, file, key(prefix, "num_ar_buckets"), "must be at least 1")
+        if self.num_repeats is not None:
+            check(self.num_repeats >= 1, file, key(prefix, "num_repeats"), "must be at least 1")
+
+    def overridden_by(self, other: "BucketSettings") -> "BucketSettings":
+        """These settings with every value that `other` sets replaced."""
+        values = {f.name: getattr(other, f.name) if getattr(other, f.name) is not None else getattr(self, f.name)
+                  for f in dataclasses.fields(BucketSettings)}
+        return BucketSettings(**values)
+
+
+BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
+                                 num_ar_buckets=7, num_repeats=1)
+
+
+@dataclass
+class DirectoryConfig(BucketSettings):
+    path: str = required()
+
+
+@dataclass
+class DatasetConfig(BucketSettings):
+    directory: list[DirectoryConfig] = field(default_factory=list)
+
+    def validate(self, file, prefix):
+        super().validate(file, prefix)
+        check(len(self.directory) > 0, file, "directory", "needs at least one [[directory]] table with a 'path'")
+
+
+@dataclass
+class ResolvedDirectory:
+    """One dataset directory with the dataset-wide defaults applied."""
+
+    path: Path
+    settings: BucketSettings
+
+
+@dataclass
+class Dataset:
+    file: Path
+    directories: list[ResolvedDirectory]
+
+
+def load_dataset_config(path: Path) -> Dataset:
+    """Read a dataset TOML and resolve each directory's effective settings and path."""
+    path = Path(path)
+    cfg = build(DatasetConfig, read_toml(path), path)
+    base = BUCKET_DEFAULTS.overridden_by(cfg)
+    directories = []
+    for i, d in enumerate(cfg.directory):
+        dir_path = _resolve_path(path.parent, d.path)
+        check(dir_path.is_dir(), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
+        directories.append(ResolvedDirectory(dir_path.resolve(), base.overridden_by(d)))
+    return Dataset(path.resolve(), directories)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main TOML
+
+
+@dataclass
+class ModelConfig:
+    """Keys every model takes; a model may extend this with keys of its own."""
+
+    type: str = required()
+    diffusers_path: str = required()
+    transformer_path: Optional[str] = None
+    dtype: DType = "bfloat16"
+    timestep_sample_method: Literal["logit_normal", "uniform"] = "logit_normal"
+    sigmoid_scale: float = 1.0
+    shift: Optional[float] = None
+    resolution_dependent_shift: bool = False
+
+    def validate(self, file, prefix):
+        if self.shift is not None:
+            check(self.shift > 0, file, key(prefix, "shift"), "must be > 0")
+            check(not self.resolution_dependent_shift, file, key(prefix, "shift"),
+                  "cannot be combined with resolution_dependent_shift = true")
+
+
+@dataclass
+class AdapterConfig:
+    type: Literal["lora"] = "lora"
+    rank: int = 16
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    dtype: DType = "float32"
+    target_modules: Optional[list[str]] = None
+    init_from_existing: Optional[str] = None
+
+    def validate(self, file, prefix):
+        check(self.rank >= 1, file, key(prefix, "rank"), "must be at least 1")
+        check(0.0 <= self.dropout < 1.0, file, key(prefix, "dropout"), "must be in [0, 1)")
+        if self.alpha is None:
+            self.alpha = float(self.rank)
+        check(self.alpha > 0, file, key(prefix, "alpha"), "must be > 0")
+        if self.target_modules is not None:
+            check(len(self.target_modules) > 0, file, key(prefix, "target_modules"), "must not be empty")
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["adamw", "adafactor"] = "adamw"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+
+    def validate(self, file, prefix):
+        check(self.lr > 0, file, key(prefix, "lr"), "must be > 0")
+        check(all(0 <= b < 1 for b in self.betas), file, key(prefix, "betas"), "must be in [0, 1)")
+        check(self.weight_decay >= 0, file, key(prefix, "weight_decay"), "must be >= 0")
+
+
+@dataclass
+class EvalDatasetConfig:
+    name: str = required()
+    config: str = required()
+
+
+@dataclass
+class TrainConfigFile:
+    output_dir: str = required()
+    dataset: str = required()
+    model: dict = required()
+    adapter: Optional[AdapterConfig] = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
+    epochs: Optional[int] = None
+    max_steps: Optional[int] = None
+    micro_batch_size_per_gpu: int = 1
+    pipeline_stages: int = 1
+    partition_method: str = "parameters"
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0
+    warmup_steps: int = 0
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    save_every_n_epochs: Optional[int] = None
+    save_every_n_steps: Optional[int] = None
+    checkpoint_every_n_minutes: Optional[float] = None
+    checkpoint_every_n_epochs: Optional[int] = None
+    checkpoint_every_n_steps: Optional[int] = None
+    eval_every_n_epochs: Optional[int] = None
+    eval_every_n_steps: Optional[int] = None
+    eval_at_start: bool = True
+    activation_checkpointing: bool = False
+    caching_batch_size: int = 1
+    steps_per_print: int = 1
+    save_dtype: DType = "bfloat16"
+    seed: int = 42
+
+    def validate(self, file, prefix):
+        check(self.epochs is not None or self.max_steps is not None, file, "epochs",
+              "or 'max_steps' must be set (how long to train)")
+        positive = ["epochs", "max_steps", "micro_batch_size_per_gpu", "pipeline_stages",
+                    "gradient_accumulation_steps", "save_every_n_epochs", "save_every_n_steps",
+                    "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "eval_every_n_epochs",
+                    "eval_every_n_steps", "caching_batch_size", "steps_per_print"]
+        for name in positive:
+            value = getattr(self, name)
+            check(value is None or value >= 1, file, name, f"must be at least 1, got {value}")
+        check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
+              "checkpoint_every_n_minutes", "must be > 0")
+        check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
+        check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
+        check(self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
+              file, "partition_method", "must be 'parameters', 'uniform' or 'type:<regex>'")
+        names = [e.name for e in self.eval_datasets]
+        check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    dataset: Dataset
+
+
+@dataclass
+class TrainConfig:
+    """The validated run configuration with paths resolved and the dataset TOMLs read."""
+
+    file: Path
+    settings: TrainConfigFile
+    model: ModelConfig
+    dataset: Dataset
+    eval_datasets: list[EvalDataset]
+    output_dir: Path
+
+    def __getattr__(self, name):
+        # Top-level keys read like attributes of the config (config.epochs, ...).
+        return getattr(self.__dict__["settings"], name)
+
+
+def load_train_config(path: Path | str) -> TrainConfig:
+    """Read and validate the main TOML and the dataset TOMLs it names."""
+    from models import get_model_class  # the model type decides which [model] keys exist
+
+    path = Path(path).resolve()
+    raw = read_toml(path)
+    settings = build(TrainConfigFile, raw, path)
+    model_table = settings.model
+    model_type = model_table.get("type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
+    model_cls = get_model_class(model_type, path)
+    model_config = build(model_cls.config_class, model_table, path, "model")
+    for name in ("diffusers_path", "transformer_path"):
+        value = getattr(model_config, name)
+        if value is not None:
+            resolved = _resolve_path(path.parent, value)
+            check(resolved.exists(), path, f"model.{name}", f"does not exist: {resolved}")
+            setattr(model_config, name, str(resolved))
+    if settings.adapter is not None and settings.adapter.init_from_existing is not None:
+        resolved = _resolve_path(path.parent, settings.adapter.init_from_existing)
+        check(resolved.exists(), path, "adapter.init_from_existing", f"does not exist: {resolved}")
+        settings.adapter.init_from_existing = str(resolved)
+
+    dataset = load_dataset_config(_resolve_path(path.parent, settings.dataset))
+    eval_datasets = [EvalDataset(e.name, load_dataset_config(_resolve_path(path.parent, e.config)))
+                     for e in settings.eval_datasets]
+    for ds in [dataset] + [e.dataset for e in eval_datasets]:
+        model_cls.check_dataset(ds)
+    return TrainConfig(path, settings, model_config, dataset, eval_datasets,
+                       _resolve_path(path.parent, settings.output_dir))

@@ -1,0 +1,152 @@
+"""Typed config objects from TOML tables.
+
+Each config section is a dataclass whose fields carry their types and defaults. `build` turns a
+parsed TOML table into that dataclass and reports every problem as a `ConfigError` naming the
+file and the dotted key: unknown keys (with the nearest valid name), wrong types, missing
+required keys and values out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A bad value in a config file; the message names the file and the key."""
+
+
+def required():
+    """Field marker for a key that has no default."""
+    return dataclasses.field(default=dataclasses.MISSING)
+
+
+def _type_name(tp) -> str:
+    origin = get_origin(tp)
+    if tp is type(None):
+        return "nothing"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, tp, where: str, file: Path):
+    """Convert a TOML value to `tp`, raising ConfigError (nested tables) or _Mismatch (type)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where, file)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise _Mismatch
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_convert_item(v, item_tp, f"{where}[{i}]", file) for i, v in enumerate(value)]
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, list):
+            raise _Mismatch
+        if args and args[-1] is Ellipsis:
+            return tuple(_convert_item(v, args[0], f"{where}[{i}]", file) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_convert_item(v, a, f"{where}[{i}]", file) for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Mismatch
+        return build(tp, value, file, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp!r} for {where}")
+
+
+def _convert_item(value, tp, where, file):
+    try:
+        return _convert(value, tp, where, file)
+    except _Mismatch:
+        raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {value!r}") from None
+
+
+def build(cls, table: dict, file: Path | str, prefix: str = ""):
+    """Build dataclass `cls` from a TOML table, validating keys and types.
+
+    Dataclasses may define `validate(self, file, prefix)` for range checks; it runs after the
+    fields are converted.
+    """
+    file = Path(file)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in table.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{file}: unknown key '{where}'{hint}")
+        kwargs[key] = _convert_item(value, hints[key], where, file)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(f"{file}: missing required key '{where}' ({_type_name(hints[name])})")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(file, prefix)
+    return obj
+
+
+def check(condition: bool, file: Path, where: str, message: str) -> None:
+    """Raise a ConfigError for key `where` of `file` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{file}: '{where}' {message}")
+
+
+def key(prefix: str, name: str) -> str:
+    """Dotted key name inside a section."""
+    return f"{prefix}.{name}" if prefix else name
