@@ -80,7 +80,8 @@ BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_a
                                  num_ar_buckets=7, num_repeats=1)
 
 
-@dataclass
+# kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.
+@dataclass(kw_only=True)
 class DirectoryConfig(BucketSettings):
     path: str = required()
 
@@ -100,12 +101,16 @@ class ResolvedDirectory:
 
     path: Path
     settings: BucketSettings
+    # The table as written: says which keys the directory set itself, for error messages.
+    raw: Optional[DirectoryConfig] = None
 
 
 @dataclass
 class Dataset:
     file: Path
     directories: list[ResolvedDirectory]
+    # The file as written: dataset-level keys before defaults were applied, for error messages.
+    raw: Optional[DatasetConfig] = None
 
 
 def load_dataset_config(path: Path) -> Dataset:
@@ -117,8 +122,8 @@ def load_dataset_config(path: Path) -> Dataset:
     for i, d in enumerate(cfg.directory):
         dir_path = _resolve_path(path.parent, d.path)
         check(dir_path.is_dir(), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
-        directories.append(ResolvedDirectory(dir_path.resolve(), base.overridden_by(d)))
-    return Dataset(path.resolve(), directories)
+        directories.append(ResolvedDirectory(dir_path.resolve(), base.overridden_by(d), raw=d))
+    return Dataset(path.resolve(), directories, raw=cfg)
 
 
 # ----------------------------------------------------------------------------------------------

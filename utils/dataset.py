@@ -1,0 +1,112 @@
+"""Finding the training items of a dataset: media files with their captions and sizes.
+
+A scan never stops at a bad file. Each file that cannot be used (no caption, caption not UTF-8,
+image unreadable) is collected as a problem with a short reason, so one run lists them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.config import Dataset, ResolvedDirectory
+from utils.media import IMAGE_EXTENSIONS, MediaError, image_size, is_image_file
+
+CAPTION_SUFFIX = ".txt"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training item: a media file, its caption and its displayed size."""
+
+    path: Path
+    caption: str
+    width: int
+    height: int
+    directory_index: int
+    frames: int = 1  # images have one; room for video
+
+    @property
+    def aspect(self) -> float:
+        """Width over height."""
+        return self.width / self.height
+
+
+@dataclass
+class ScanResult:
+    """Items that can be trained on, and (path, reason) for everything that cannot."""
+
+    items: list[Item] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+
+    def extend(self, other: "ScanResult") -> None:
+        """Append another result's items and problems to this one."""
+        self.items.extend(other.items)
+        self.problems.extend(other.problems)
+
+
+def _read_caption(caption_path: Path) -> str:
+    """The stripped caption text; raises ValueError with a short reason when it cannot be used."""
+    try:
+        data = caption_path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"no caption file ({caption_path.name})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read caption {caption_path.name}: {e.strerror or e}") from None
+    try:
+        # utf-8-sig: editors on Windows often start UTF-8 files with a byte order mark.
+        return data.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {caption_path.name} is not UTF-8 text "
+                         f"(byte 0x{data[e.start]:02x} at position {e.start})") from None
+
+
+def _media_files(folder: Path) -> list[Path]:
+    # Only the folder's own files: sub-folders, the `cache` folder among them, are not entered.
+    return sorted(p for p in folder.iterdir() if is_image_file(p) and p.is_file())
+
+
+def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
+    """Items of one dataset directory (not recursive, so its `cache` folder is never read).
+
+    `index` is the directory's position in the dataset, kept on each item to find its settings.
+    A folder without any media file is reported as a problem naming the folder.
+    """
+    result = ScanResult()
+    folder = Path(directory.path)
+    try:
+        media = _media_files(folder)
+    except OSError as e:
+        result.problems.append((folder, f"cannot list folder: {e.strerror or e}"))
+        return result
+    if not media:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        result.problems.append((folder, f"no media files ({extensions}) in this folder"))
+        return result
+    for path in media:
+        try:
+            caption = _read_caption(path.with_suffix(CAPTION_SUFFIX))
+        except ValueError as e:
+            result.problems.append((path, str(e)))
+            continue
+        try:
+            width, height = image_size(path)
+        except MediaError as e:
+            # The message starts with the path; the problem list already shows it.
+            result.problems.append((path, str(e).removeprefix(f"{path}: ")))
+            continue
+        result.items.append(Item(path, caption, width, height, index))
+    return result
+
+
+def scan_dataset(dataset: Dataset) -> ScanResult:
+    """Items and problems of every directory of `dataset`, in config order."""
+    result = ScanResult()
+    for index, directory in enumerate(dataset.directories):
+        result.extend(scan_directory(directory, index))
+    return result
+
+
+def format_problems(problems: list[tuple[Path, str]]) -> str:
+    """One line per problem: `path: reason`."""
+    return "\n".join(f"{path}: {reason}" for path, reason in problems)
