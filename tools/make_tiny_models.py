@@ -1,0 +1,204 @@
+"""Write tiny random-weight model folders in the real diffusers on-disk layout, for tests.
+
+Usage: python tools/make_tiny_models.py OUT_DIR [--only flux ...]
+
+Each model family is one ``make_tiny_<name>(out_dir) -> Path`` function registered in ``MAKERS``;
+it writes ``OUT_DIR/<name>/`` and returns that path. Everything is seeded, so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+# tools/ is not a package: make the repo root importable so `models.*` resolves when run as a script.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from models.flux_layout import diffusers_to_original  # noqa: E402
+
+SEED = 0
+
+# Small built-in corpus: enough distinct words for BPE / Unigram to learn a usable vocabulary.
+CORPUS = [
+    "a photo of a cat sitting on a red chair",
+    "a painting of a mountain lake at sunrise, oil on canvas",
+    "a close-up portrait of an old man with a grey beard",
+    "two dogs running on the beach in the evening light",
+    "a futuristic city skyline at night with neon signs!",
+    "an astronaut riding a horse on the moon, digital art",
+    "a bowl of fresh fruit: apples, oranges and grapes.",
+    "a small wooden house in a snowy forest",
+    "the quick brown fox jumps over the lazy dog",
+    "a bird flying above green fields and blue rivers",
+    "a woman reading a book in a quiet library",
+    "a car driving through the rain on a dark street?",
+    "video of waves crashing on rocks, slow motion",
+    "a child's drawing of a sun, a tree and 3 flowers",
+    "macro shot of a bee on a yellow flower, 4k",
+    "it's a sunny day; people walk in the park",
+]
+
+FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+FLUX_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+    latent_channels=16, norm_num_groups=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+    use_quant_conv=False, use_post_quant_conv=False,
+)
+# The FLUX.1-dev scheduler settings (resolution-dependent shift).
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)
+
+
+# Tokenizers. The `tokenizers` trainers break frequency ties in hash-map order, so two runs give different
+# vocabularies (seen with tokenizers 0.23, even single-threaded). So the vocabularies are built here with
+# deterministic tie-breaking; every single character stays in the vocab, so any lowercase ASCII text tokenizes.
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'\"-:;()"
+
+
+def _word_counts(corpus) -> Counter:
+    # Roughly CLIP's pre-tokenization: letter runs, single digits, single punctuation marks.
+    return Counter(w for line in corpus for w in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]", line.lower()))
+
+
+def _chars(corpus) -> list[str]:
+    return sorted(set(ALPHABET) | set("".join(corpus).lower()) - set(" \n"))
+
+
+def _merge_pair(word: tuple, pair: tuple) -> tuple:
+    out, i = [], 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def tiny_clip_tokenizer(corpus=CORPUS):
+    """A CLIPTokenizer (BPE with the "</w>" end-of-word suffix) trained on ``corpus`` until every word is one token."""
+    from transformers import CLIPTokenizer
+
+    chars = _chars(corpus)
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in _word_counts(corpus).items()}
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges = []
+    while True:  # plain BPE: merge the most frequent pair, ties broken by the pair itself (deterministic)
+        pairs = Counter()
+        for w, n in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        words = {_merge_pair(w, best): n for w, n in words.items()}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = 77
+    return tok
+
+
+def tiny_t5_tokenizer(corpus=CORPUS):
+    """A T5TokenizerFast (Unigram + Metaspace) with corpus words as pieces, scored by frequency."""
+    from transformers import T5TokenizerFast
+
+    counts = _word_counts(corpus)
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    # Whole words score far above their spelled-out characters, so Viterbi keeps known words whole.
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0 - 0.01 * i) for i, w in enumerate(words) if w.isalnum()]
+    # T5 does not lowercase, so capitals get pieces too.
+    vocab += [(c, -10.0) for c in ["\u2581"] + _chars(corpus) + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")]
+    vocab = list({p: (p, sc) for p, sc in vocab}.values())  # drop duplicate pieces, keep first
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.model_max_length = 512
+    return tok
+
+
+def tiny_clip_text_encoder(tok):
+    """A 2-layer CLIP-L-shaped text encoder with hidden/projection size 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(SEED)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+def tiny_t5_encoder(tok):
+    """A 2-layer T5 encoder with d_model 32."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(SEED)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id))
+
+
+def make_tiny_flux(out_dir: Path) -> Path:
+    """Write a tiny FLUX pipeline to ``out_dir/flux`` (plus an original-layout transformer file); return that dir."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    target = Path(out_dir) / "flux"
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**FLUX_VAE)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=tiny_clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=tiny_t5_encoder(tokenizer_2),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(target)
+    # Stand-in for the single-file release checkpoint (flux1-dev.safetensors layout).
+    original = {k: v.contiguous() for k, v in diffusers_to_original(transformer.state_dict()).items()}
+    save_file(original, str(target / "flux1-tiny-original.safetensors"))
+    return target
+
+
+# name -> maker; add LTX-Video, HunyuanVideo, ... here.
+MAKERS = {"flux": make_tiny_flux}
+
+
+def main(argv=None) -> None:
+    """CLI entry point: write the selected tiny models under OUT_DIR and list the files written."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--only", nargs="+", choices=sorted(MAKERS), default=sorted(MAKERS))
+    args = parser.parse_args(argv)
+    for name in args.only:
+        path = MAKERS[name](args.out_dir)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        print(f"{name}: {path} ({len(files)} files, {size / 1e6:.2f} MB)")
+        for p in files:
+            print(f"  {p.relative_to(path)}  {p.stat().st_size} B")
+
+
+if __name__ == "__main__":
+    main()
