@@ -34,7 +34,7 @@ def read_toml(path: Path) -> dict:
 
 def _resolve_path(base: Path, value: str) -> Path:
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return (p if p.is_absolute() else (base / p)).resolve()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class AdapterConfig:
     alpha: Optional[float] = None
     dropout: float = 0.0
     dtype: DType = "float32"
-    target_modules: Optional[list[str]] = None
+    target_modules: Optional[Union[str, list[str]]] = None
     init_from_existing: Optional[str] = None
 
     def validate(self, file, prefix):

@@ -1,0 +1,344 @@
+"""The base class every model subclasses, holding all that models share.
+
+Shared here: timestep sampling and shifting, noising for the rectified-flow objective, the loss,
+building the transformer without memory and loading only the weights of local pipeline layers,
+LoRA set-up and LoRA saving. A model file adds only what is particular to it: its encoders,
+its input packing, its layer list and its extra save formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+
+from utils.buckets import check_resolutions
+from utils.config import AdapterConfig, Dataset, ModelConfig
+from utils.pipeline_layers import PipelineFields, PipelineLayer
+from utils.schema import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any parts, the same on every process and every run."""
+    import hashlib
+
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(*parts) -> torch.Generator:
+    """A CPU generator seeded from `parts` (seed, epoch, sample, ...), never from the rank."""
+    return torch.Generator().manual_seed(stable_seed(*parts))
+
+
+class SafetensorsFolder:
+    """Lazy reader of a diffusers weights folder (single or sharded safetensors)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
+        if index is not None:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: folder / v for k, v in weight_map.items()}
+        else:
+            for f in sorted(folder.glob("*.safetensors")):
+                with safe_open(f, "pt") as st:
+                    self.files.update({k: f for k in st.keys()})
+        if not self.files:
+            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        missing = [k for k in keys if k not in self.files]
+        if missing:
+            raise ConfigError(f"model weights: {self.folder} lacks {len(missing)} weights the transformer needs, "
+                              f"e.g. {missing[:3]} (a checkpoint of another model?)")
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.files[k], []).append(k)
+        out = {}
+        for f, ks in by_file.items():
+            with safe_open(f, "pt") as st:
+                out.update({k: st.get_tensor(k) for k in ks})
+        return out
+
+
+class DiffusionModel:
+    """A trainable diffusion transformer with its encoders, expressed as pipeline layers."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    size_multiple: ClassVar[int] = 16
+    transformer_class: ClassVar[type]
+    pipeline_class: ClassVar[type]
+    default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
+    input_fields: ClassVar[PipelineFields]
+
+    # resolution-dependent shift: mu grows linearly with the number of image tokens
+    base_seq_len: ClassVar[int] = 256
+    max_seq_len: ClassVar[int] = 4096
+    base_shift: ClassVar[float] = 0.5
+    max_shift: ClassVar[float] = 1.15
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.dtype = DTYPES[config.dtype]
+        self.root = Path(config.diffusers_path)
+
+    @classmethod
+    def check_dataset(cls, dataset: Dataset) -> None:
+        """Reject resolutions this model cannot take, naming the dataset key."""
+        check_resolutions(dataset, cls.size_multiple, cls.name)
+
+    # ------------------------------------------------------------------ encoders (per model)
+    def latent_cache_signature(self) -> str:
+        """A string that changes whenever cached latents would change."""
+        raise NotImplementedError
+
+    def text_cache_signature(self) -> str:
+        """A string that changes whenever cached text embeddings would change."""
+        raise NotImplementedError
+
+    def load_text_encoders(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def load_vae(self, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def free_encoders(self) -> None:
+        raise NotImplementedError
+
+    def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def encode_pixels(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Pixels in [-1, 1] of one bucket shape -> one dict with a 'latents' tensor per item."""
+        raise NotImplementedError
+
+    def _config_signature(self, *subfolders: str, extra: str = "") -> str:
+        # The config files identify the architecture and normalisation; with the weights'
+        # sizes they change whenever a different model is pointed to.
+        parts = [self.name, extra]
+        for sub in subfolders:
+            folder = self.root / sub
+            for f in sorted(folder.glob("*.json")):
+                parts.append(f"{sub}/{f.name}:{f.read_text()}")
+            for f in sorted(folder.glob("*.safetensors")):
+                parts.append(f"{sub}/{f.name}:{f.stat().st_size}")
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ inputs (per model)
+    def model_inputs(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The first layer's named inputs from noisy latents, timesteps and text embeddings."""
+        raise NotImplementedError
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents in the layout the transformer predicts (the target's layout)."""
+        return latents
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Number of image tokens, for the resolution-dependent shift."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ objective (shared)
+    def sample_timesteps(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
+        """One timestep in (0, 1) per sample: 0 is data, 1 is noise."""
+        cfg = self.config
+        if cfg.timestep_sample_method == "logit_normal":
+            t = torch.cat([torch.randn(1, generator=g) for g in generators]).mul(cfg.sigmoid_scale).sigmoid()
+        else:
+            t = torch.cat([torch.rand(1, generator=g) for g in generators])
+        if cfg.resolution_dependent_shift:
+            slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+            mu = self.base_shift + slope * (seq_len - self.base_seq_len)
+            t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+        elif cfg.shift is not None:
+            t = cfg.shift * t / (1 + (cfg.shift - 1) * t)
+        return t
+
+    def training_example(self, latents: torch.Tensor, text: dict[str, torch.Tensor],
+                         generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
+                         weights: torch.Tensor | None = None):
+        """(inputs, labels) for the pipeline engine: rectified-flow noising of a batch.
+
+        The noisy latent is the straight line between data (t=0) and noise (t=1); the target is
+        the velocity noise - data. Noise and timesteps come from per-sample generators, so the
+        same sample gets the same noise whatever the process layout.
+        """
+        latents = latents.float()
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        if timesteps is None:
+            timesteps = self.sample_timesteps(generators, self.image_seq_len(latents))
+        t = timesteps.view(-1, *([1] * (latents.dim() - 1)))
+        noisy = (1 - t) * latents + t * noise
+        target = self.pack_latents(noise - latents)
+        inputs = self.model_inputs(noisy.to(self.dtype), timesteps, text)
+        if weights is None:
+            weights = torch.ones(latents.shape[0])
+        return self.input_fields.pack(inputs), (target, weights)
+
+    @staticmethod
+    def loss(prediction: torch.Tensor, labels) -> torch.Tensor:
+        """Weighted mean over samples of each sample's mean squared error, in float32."""
+        target, weights = labels
+        err = (prediction.float() - target.float()).pow(2)
+        per_sample = err.mean(dim=tuple(range(1, err.dim())))
+        weights = weights.to(per_sample)
+        # Eval padding has weight 0; an all-padding batch gives 0, not NaN.
+        return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+
+    # ------------------------------------------------------------------ transformer (shared)
+    def transformer_folder(self) -> Path:
+        return self.root / "transformer"
+
+    def build_empty_transformer(self) -> nn.Module:
+        """The transformer with its parameters on the meta device: no memory, shapes only."""
+        folder = self.transformer_folder()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"model.diffusers_path: {self.root} has no transformer/config.json; "
+                              f"expected a diffusers folder of a {self.name} model")
+        config = self.transformer_class.load_config(folder)
+        expected = self.transformer_class.__name__
+        found = config.get("_class_name", expected)
+        if found != expected:
+            raise ConfigError(f"model.diffusers_path: {folder} holds a {found}, but model.type = "
+                              f"'{self.name}' expects a {expected}")
+        with init_empty_weights(include_buffers=False):
+            transformer = self.transformer_class.from_config(config)
+        transformer.requires_grad_(False)
+        return transformer
+
+    def read_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The transformer's base weights for `keys` (diffusers naming), read lazily from disk."""
+        return SafetensorsFolder(self.transformer_folder()).read(keys)
+
+    def load_weights(self, transformer: nn.Module, module_names: list[str], device: torch.device) -> None:
+        """Load the base weights of the named submodules only (the local pipeline stage)."""
+        wanted = {}
+        for prefix in module_names:
+            module = transformer.get_submodule(prefix) if prefix else transformer
+            for name, param in module.named_parameters(prefix=prefix):
+                if "lora_" not in name:
+                    wanted[_base_name(name)] = name
+        tensors = self.read_weights(sorted(wanted))
+        for key, name in wanted.items():
+            _set_parameter(transformer, name, tensors[key].to(device=device, dtype=self.dtype), trainable=False)
+
+    # ------------------------------------------------------------------ LoRA (shared)
+    def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:
+        """Inject LoRA layers (on the meta device until their layer is materialised)."""
+        from peft import LoraConfig
+
+        targets = adapter.target_modules or self.default_lora_targets
+        lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                                 target_modules=targets, init_lora_weights=True)
+        try:
+            with init_empty_weights(include_buffers=False):
+                transformer.add_adapter(lora_config)
+        except ValueError as e:
+            raise ConfigError(f"adapter.target_modules: {e}") from None
+
+    def init_lora(self, transformer: nn.Module, module_names: list[str], adapter: AdapterConfig,
+                  device: torch.device, seed: int) -> None:
+        """Materialise the LoRA weights of the named submodules: A seeded per module, B zero.
+
+        Seeding by module name makes the initial adapter identical for any pipeline split.
+        """
+        for prefix in module_names:
+            module = transformer.get_submodule(prefix) if prefix else transformer
+            for name, param in list(module.named_parameters(prefix=prefix)):
+                if "lora_A" in name:
+                    weight = torch.empty(param.shape, dtype=torch.float32)
+                    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
+                elif "lora_B" in name:
+                    weight = torch.zeros(param.shape, dtype=torch.float32)
+                else:
+                    continue
+                _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
+
+    def load_lora_into(self, transformer: nn.Module, path: Path, module_names: list[str]) -> None:
+        """Start from an existing LoRA file (diffusers format) for `init_from_existing`."""
+        from safetensors.torch import load_file
+
+        file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        loaded = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+        ours = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+        expected = {_lora_file_name(n): n for n in ours}
+        unknown = sorted(set(loaded) - set(expected))
+        absent = sorted(set(expected) - set(loaded))
+        if unknown or absent:
+            raise ConfigError(f"adapter.init_from_existing: {file} does not match this {self.name} LoRA "
+                              f"(rank and target_modules): {len(unknown)} unexpected keys (e.g. {unknown[:2]}), "
+                              f"{len(absent)} missing (e.g. {absent[:2]})")
+        for key, name in expected.items():
+            param = ours[name]
+            if param.is_meta:
+                continue
+            if loaded[key].shape != param.shape:
+                raise ConfigError(f"adapter.init_from_existing: {key} has shape {tuple(loaded[key].shape)}, "
+                                  f"this adapter has {tuple(param.shape)} (a different rank?)")
+            with torch.no_grad():
+                param.copy_(loaded[key])
+
+    @staticmethod
+    def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+        """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
+        return {_lora_file_name(n): p.detach().cpu() for n, p in transformer.named_parameters()
+                if "lora_" in n and not p.is_meta}
+
+    def save_lora(self, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
+                  dtype: torch.dtype) -> list[Path]:
+        """Write the adapter in diffusers format plus the model's extra formats.
+
+        The alpha/rank scale is multiplied into lora_B, so every loader, with or without an
+        alpha field, applies the adapter exactly as trained.
+        """
+        from safetensors.torch import save_file
+
+        scale = adapter.alpha / adapter.rank
+        scaled = {k: (v.float() * scale if ".lora_B." in k else v.float()).to(dtype).contiguous()
+                  for k, v in sorted(lora.items())}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
+        save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
+                  metadata={"format": "pt", "trainer_model_type": self.name})
+        written = [diffusers_file]
+        for filename, tensors in self.extra_lora_formats(scaled).items():
+            save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out_dir / filename,
+                      metadata={"format": "pt"})
+            written.append(out_dir / filename)
+        return written
+
+    def extra_lora_formats(self, lora: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """Other LoRA files to write beside the diffusers one: {file name: tensors}."""
+        return {}
+
+    # ------------------------------------------------------------------ layers (per model)
+    def layers(self, transformer: nn.Module) -> list[PipelineLayer]:
+        """The transformer as a list of pipeline layers, input embedding first."""
+        raise NotImplementedError
+
+
+def _base_name(param_name: str) -> str:
+    # peft wraps a targeted Linear: "x.to_q.weight" becomes "x.to_q.base_layer.weight"
+    return param_name.replace(".base_layer.", ".")
+
+
+def _lora_file_name(param_name: str) -> str:
+    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming)
+    return param_name.replace(".default.", ".")
+
+
+def _set_parameter(root: nn.Module, name: str, value: torch.Tensor, trainable: bool) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    module._parameters[attr] = nn.Parameter(value, requires_grad=trainable)

@@ -1,0 +1,191 @@
+"""FLUX.1 (dev and schnell): CLIP-L + T5 text encoders, 16-channel VAE, MMDiT transformer."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from models.base import DiffusionModel
+from models.flux_layout import load_diffusers_keys_from_original, lora_to_original
+from utils.config import ModelConfig
+from utils.pipeline_layers import PipelineFields, PipelineLayer
+from utils.schema import ConfigError, check, key
+
+
+@dataclass
+class FluxConfig(ModelConfig):
+    guidance: float = 1.0
+    max_sequence_length: int = 512
+
+    def validate(self, file, prefix):
+        super().validate(file, prefix)
+        check(1 <= self.max_sequence_length <= 512, file, key(prefix, "max_sequence_length"), "must be in 1..512")
+
+
+# What the data loader hands the first layer, and what flows between the blocks.
+FLUX_INPUTS = PipelineFields("latents", "text", "pooled", "timesteps", "guidance", "img_ids", "txt_ids")
+FLUX_STREAM = PipelineFields("hidden", "encoder_hidden", "temb", "img_ids", "txt_ids")
+FLUX_OUTPUT = PipelineFields("prediction")
+
+
+class FluxInputLayer(PipelineLayer):
+    """Patch embedding, timestep/guidance/pooled-text embedding and text projection."""
+
+    def __init__(self, transformer: FluxTransformer2DModel):
+        super().__init__(FLUX_INPUTS, FLUX_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
+        self.x_embedder = transformer.x_embedder
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.uses_guidance = transformer.config.guidance_embeds
+
+    def run(self, s):
+        hidden = self.x_embedder(s["latents"])
+        timestep = s["timesteps"].to(hidden.dtype) * 1000
+        pooled = s["pooled"].to(hidden.dtype)
+        if self.uses_guidance:
+            temb = self.time_text_embed(timestep, s["guidance"].to(hidden.dtype) * 1000, pooled)
+        else:
+            temb = self.time_text_embed(timestep, pooled)
+        encoder_hidden = self.context_embedder(s["text"].to(hidden.dtype))
+        return {"hidden": hidden, "encoder_hidden": encoder_hidden, "temb": temb,
+                "img_ids": s["img_ids"], "txt_ids": s["txt_ids"]}
+
+
+class FluxBlockLayer(PipelineLayer):
+    """One double-stream or single-stream block. Rotary embeddings are recomputed from the
+    integer ids in every layer: cheap, and no gradient-less float tensor crosses a stage."""
+
+    def __init__(self, transformer: FluxTransformer2DModel, module_name: str):
+        super().__init__(FLUX_STREAM, FLUX_STREAM, [module_name])
+        self.block = transformer.get_submodule(module_name)
+        self.pos_embed = transformer.pos_embed
+
+    def run(self, s):
+        ids = torch.cat((s["txt_ids"], s["img_ids"]), dim=0)
+        rotary = self.pos_embed(ids)
+        encoder_hidden, hidden = self.block(hidden_states=s["hidden"], encoder_hidden_states=s["encoder_hidden"],
+                                            temb=s["temb"], image_rotary_emb=rotary)
+        return {**s, "hidden": hidden, "encoder_hidden": encoder_hidden}
+
+
+class FluxFinalLayer(PipelineLayer):
+    def __init__(self, transformer: FluxTransformer2DModel):
+        super().__init__(FLUX_STREAM, FLUX_OUTPUT, ["norm_out", "proj_out"])
+        self.norm_out = transformer.norm_out
+        self.proj_out = transformer.proj_out
+
+    def run(self, s):
+        return {"prediction": self.proj_out(self.norm_out(s["hidden"], s["temb"]))}
+
+
+class FluxModel(DiffusionModel):
+    name = "flux"
+    config_class = FluxConfig
+    size_multiple = 16  # 8x VAE, then 2x2 patches
+    transformer_class = FluxTransformer2DModel
+    pipeline_class = FluxPipeline
+    input_fields = FLUX_INPUTS
+    # Every attention projection and MLP linear of the double and single blocks.
+    default_lora_targets = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
+                            r"|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)")
+
+    def __init__(self, config: FluxConfig):
+        super().__init__(config)
+        self.vae = None
+        self.text_encoders = None
+
+    # ---------------------------------------------------------------- encoders
+    def latent_cache_signature(self) -> str:
+        return self._config_signature("vae", extra="mode")
+
+    def text_cache_signature(self) -> str:
+        return self._config_signature("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                                      extra=f"t5_len={self.config.max_sequence_length}")
+
+    def load_text_encoders(self, device):
+        dtype = self.dtype
+        self.text_encoders = (
+            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
+            CLIPTextModel.from_pretrained(self.root / "text_encoder", torch_dtype=dtype).to(device).eval(),
+            T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
+            T5EncoderModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=dtype).to(device).eval(),
+        )
+        self.device = device
+
+    def load_vae(self, device):
+        self.vae = AutoencoderKL.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
+        self.device = device
+
+    def free_encoders(self):
+        self.vae = None
+        self.text_encoders = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def encode_captions(self, captions):
+        clip_tok, clip, t5_tok, t5 = self.text_encoders
+        ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(self.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        ids = t5_tok(captions, padding="max_length", max_length=self.config.max_sequence_length, truncation=True,
+                     return_tensors="pt").input_ids.to(self.device)
+        text = t5(ids, output_hidden_states=False)[0]
+        return [{"text": text[i].to(self.dtype), "pooled": pooled[i].to(self.dtype)} for i in range(len(captions))]
+
+    def encode_pixels(self, pixels):
+        pixels = pixels.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        cfg = self.vae.config
+        latents = (latents - cfg.shift_factor) * cfg.scaling_factor
+        return [{"latents": latents[i].to(self.dtype)} for i in range(latents.shape[0])]
+
+    # ---------------------------------------------------------------- inputs
+    def pack_latents(self, latents):
+        b, c, h, w = latents.shape
+        x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def image_seq_len(self, latents):
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    def model_inputs(self, noisy, timesteps, text):
+        b, _, h, w = noisy.shape
+        rows = torch.arange(h // 2).view(-1, 1).expand(h // 2, w // 2)
+        cols = torch.arange(w // 2).view(1, -1).expand(h // 2, w // 2)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        txt_ids = torch.zeros(text["text"].shape[1], 3, dtype=torch.int64)
+        return {"latents": self.pack_latents(noisy), "text": text["text"], "pooled": text["pooled"],
+                "timesteps": timesteps.float(), "guidance": torch.full((b,), float(self.config.guidance)),
+                "img_ids": img_ids, "txt_ids": txt_ids}
+
+    # ---------------------------------------------------------------- transformer
+    def read_weights(self, keys):
+        if self.config.transformer_path is None:
+            return super().read_weights(keys)
+        # A single-file checkpoint in the original release layout, read lazily per key.
+        try:
+            return load_diffusers_keys_from_original(self.config.transformer_path, keys, self._transformer_config())
+        except KeyError as e:
+            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
+                              f"original Flux layout (not a Flux transformer checkpoint?)") from None
+
+    def layers(self, transformer):
+        layers: list[nn.Module] = [FluxInputLayer(transformer)]
+        layers += [FluxBlockLayer(transformer, f"transformer_blocks.{i}") for i in range(len(transformer.transformer_blocks))]
+        layers += [FluxBlockLayer(transformer, f"single_transformer_blocks.{i}")
+                   for i in range(len(transformer.single_transformer_blocks))]
+        layers.append(FluxFinalLayer(transformer))
+        return layers
+
+    def extra_lora_formats(self, lora):
+        # ComfyUI and the original inference code load LoRAs against the original key layout.
+        return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
+
+    def _transformer_config(self):
+        return self.transformer_class.load_config(self.transformer_folder())

@@ -1,0 +1,85 @@
+"""Train a diffusion transformer adapter with DeepSpeed's pipeline engine.
+
+    deepspeed --num_gpus=1 train.py --deepspeed --config examples/flux.toml [--cache_only]
+        [--regenerate_cache] [--resume_from_checkpoint [NAME]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Quiet third-party start-up chatter before they are imported.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from utils.schema import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the training TOML")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for the DeepSpeed launcher")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher")
+    p.add_argument("--cache_only", action="store_true", help="encode the dataset cache, then exit")
+    p.add_argument("--regenerate_cache", action="store_true", help="delete and rebuild the cache")
+    p.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None,
+                   help="resume the newest checkpoint, or the one (or run folder) named")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import datasets
+    import torch.distributed as dist
+
+    from models import get_model_class
+    from utils.batches import TrainPlan
+    from utils.config import load_train_config
+    from utils.engine import build_engine, init_distributed
+    from utils.prepare import prepare_dataset
+    from utils.saving import create_run_dir, load_checkpoint
+    from utils.trainer import Trainer, total_steps
+
+    datasets.disable_progress_bars()
+    config = load_train_config(args.config)  # every config error surfaces before any model loads
+    rank, world, device = init_distributed()
+    s = config.settings
+    model = get_model_class(config.model.type)(config.model)
+    common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
+                  regenerate=args.regenerate_cache, rank=rank, world=world, device=device)
+    train = prepare_dataset(config.dataset, model, title="training dataset", **common)
+    evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
+             for e in config.eval_datasets}
+    if args.cache_only:
+        dist.destroy_process_group()
+        return 0
+
+    dp_world = world // s.pipeline_stages
+    plan = TrainPlan(train, s.micro_batch_size_per_gpu, dp_world * s.gradient_accumulation_steps, s.seed)
+    steps = total_steps(config, plan.steps_per_epoch)
+    run_dir = create_run_dir(config, rank, world, args.resume_from_checkpoint)
+    engine, transformer = build_engine(model, config, rank, world, device, steps)
+    start_step = 0
+    if args.resume_from_checkpoint is not None:
+        start_step = load_checkpoint(engine, run_dir, args.resume_from_checkpoint)
+    if rank == 0:
+        print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {start_step}")
+    losses = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device,
+                     plan, steps, start_step).run()
+    if rank == 0:
+        (run_dir / "losses.json").write_text(json.dumps(losses))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, FileNotFoundError) as e:
+        # A bad input is one clear line, not a traceback.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,240 @@
+"""Latent and text-embedding cache: encode once, on all processes, reuse across runs.
+
+Layout, per dataset folder: `<folder>/cache/<model type>/latents/` and `.../text/`
+(`TensorStore`s), plus `<folder>/cache/file_hashes.json` (content hashes of the media files,
+recomputed only when a file's size or modification time changes).
+
+Every cache entry is keyed by what decides its content: a latent by the file's content hash,
+the bucket shape and the model's latent signature; a text embedding by the caption and the
+model's text signature. So a changed image, caption, resolution, bucket or model re-encodes
+just the entries that changed, and `--regenerate_cache` is only needed to start over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from utils.buckets import Sample
+from utils.media import MediaError, fit_to_bucket, load_image
+from utils.tensor_store import TensorStore
+
+HASH_INDEX_NAME = "file_hashes.json"
+
+
+def _sha(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hashes(paths: list[Path], cache_root: Path) -> dict[Path, str]:
+    """Content hashes of `paths`, reusing `cache_root/file_hashes.json` for unchanged files."""
+    index_path = cache_root / HASH_INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    result, changed = {}, False
+    for path in paths:
+        st = path.stat()
+        rel = os.path.relpath(path, cache_root.parent)
+        entry = index.get(rel)
+        if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_sha256(path)}
+            index[rel] = entry
+            changed = True
+        result[path] = entry["sha256"]
+    if changed:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
+        os.replace(tmp, index_path)
+    return result
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """A training sample and where its tensors live in the cache."""
+
+    sample: Sample
+    latent_key: str
+    text_key: str
+    folder: Path
+
+
+class DatasetCache:
+    """The cache stores of every dataset folder a run uses, for one model type."""
+
+    def __init__(self, model, samples: list[Sample]):
+        self.model = model
+        self.samples = samples
+        self.folders = sorted({s.item.path.parent for s in samples})
+
+    def cache_dir(self, folder: Path) -> Path:
+        return folder / "cache" / self.model.name
+
+    def remove(self) -> None:
+        """Delete this model's cache in every folder (for --regenerate_cache)."""
+        for folder in self.folders:
+            shutil.rmtree(self.cache_dir(folder), ignore_errors=True)
+
+    def _keys(self) -> list[CachedSample]:
+        latent_sig, text_sig = self.model.latent_cache_signature(), self.model.text_cache_signature()
+        hashes: dict[Path, str] = {}
+        for folder in self.folders:
+            paths = sorted({s.item.path for s in self.samples if s.item.path.parent == folder})
+            hashes.update(content_hashes(paths, folder / "cache"))
+        out = []
+        for s in self.samples:
+            b = s.bucket
+            latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}", latent_sig)
+            out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent))
+        return out
+
+    def build(self, device: torch.device, batch_size: int, rank: int, world: int) -> "CacheReader":
+        """Encode what is missing (all ranks share the work, rank 0 writes) and open the stores."""
+        keyed = self._keys() if rank == 0 else None
+        keyed = _broadcast(keyed, rank, world)
+        problems: list[tuple[Path, str]] = []
+        text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
+        latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
+
+        todo_text = _unique(((c.text_key, c) for c in keyed if c.text_key not in text_stores[c.folder]))
+        if todo_text:
+            self.model.load_text_encoders(device)
+            _encode_distributed(
+                todo_text, text_stores, batch_size, rank, world, "Caching text embeddings",
+                group_of=lambda c: "",
+                encode=lambda batch: self.model.encode_captions([c.sample.item.caption for c in batch]),
+                problems=problems)
+            self.model.free_encoders()
+
+        todo_latents = _unique(((c.latent_key, c) for c in keyed if c.latent_key not in latent_stores[c.folder]))
+        if todo_latents:
+            self.model.load_vae(device)
+
+            def encode_images(batch):
+                pixels = torch.stack([fit_to_bucket(load_image(c.sample.item.path), c.sample.bucket.width,
+                                                    c.sample.bucket.height) for c in batch])
+                return self.model.encode_pixels(pixels)
+
+            _encode_distributed(todo_latents, latent_stores, batch_size, rank, world, "Caching latents",
+                                group_of=lambda c: c.sample.bucket, encode=encode_images, problems=problems,
+                                key_of=lambda c: c.latent_key)
+            self.model.free_encoders()
+        if world > 1:
+            dist.barrier()
+        encoded = len(todo_text) + len(todo_latents)
+        # Re-open so every rank sees the parts rank 0 wrote.
+        text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
+        latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
+        bad = {p for p, _ in problems}
+        usable = [c for c in keyed if c.sample.item.path not in bad
+                  and c.latent_key in latent_stores[c.folder] and c.text_key in text_stores[c.folder]]
+        return CacheReader(usable, latent_stores, text_stores, problems, encoded)
+
+
+def _unique(pairs) -> list:
+    seen, out = set(), []
+    for key, value in pairs:
+        if key not in seen:
+            seen.add(key)
+            out.append(value)
+    return out
+
+
+def _broadcast(obj, rank: int, world: int):
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, encode, problems,
+                        key_of=lambda c: c.text_key, rows_per_part=256):
+    """Encode `todo` in same-shape batches spread over all ranks; rank 0 gathers and writes.
+
+    Items that fail to load are reported by path and skipped, never a crash mid-cache.
+    """
+    groups: dict = {}
+    for c in todo:
+        groups.setdefault(group_of(c), []).append(c)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    pending: dict[Path, list] = {}
+    bar = tqdm(total=len(todo), desc=desc, unit="item", disable=rank != 0, dynamic_ncols=True)
+    for start in range(0, len(batches), world):
+        mine = batches[start + rank] if start + rank < len(batches) else []
+        rows, my_problems = [], []
+        if mine:
+            try:
+                with torch.no_grad():
+                    outputs = encode(mine)
+                rows = [(key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}) for c, out in zip(mine, outputs)]
+            except MediaError:
+                # One bad file in the batch: encode the rest one by one to find it.
+                for c in mine:
+                    try:
+                        with torch.no_grad():
+                            (out,) = encode([c])
+                        rows.append((key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}))
+                    except MediaError as e:
+                        my_problems.append((c.sample.item.path, str(e)))
+        gathered = [None] * world if rank == 0 else None
+        if world > 1:
+            dist.gather_object((rows, my_problems), gathered, dst=0)
+        else:
+            gathered = [(rows, my_problems)]
+        if rank == 0:
+            for r, p in gathered:
+                problems.extend(p)
+                for key, folder, tensors in r:
+                    pending.setdefault(folder, []).append((key, tensors))
+                bar.update(len(r) + len(p))
+            for folder, folder_rows in pending.items():
+                if len(folder_rows) >= rows_per_part:
+                    stores[folder].write_part(folder_rows)
+                    folder_rows.clear()
+        else:
+            problems.extend(my_problems)
+    if rank == 0:
+        for folder, folder_rows in pending.items():
+            stores[folder].write_part(folder_rows)
+    bar.close()
+    if world > 1:
+        box = [problems if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        problems[:] = box[0]
+
+
+class CacheReader:
+    """Cached tensors of the usable samples, read from the memory-mapped stores."""
+
+    def __init__(self, samples: list[CachedSample], latent_stores, text_stores, problems, encoded: int):
+        self.samples = samples
+        self.latent_stores = latent_stores
+        self.text_stores = text_stores
+        self.problems = problems
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        c = self.samples[index]
+        return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(c.text_key)

@@ -1,0 +1,141 @@
+"""DeepSpeed glue: process topology, the pipeline module, the engine.
+
+The transformer is built on the meta device; the layer list is partitioned exactly as
+DeepSpeed's `PipelineModule` will partition it, and only the local stage's layers get real
+weights, so host memory does not grow with the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.pipe.module import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from torch.utils.checkpoint import checkpoint
+
+from utils.config import TrainConfig
+from utils.optimizers import build_optimizer, build_scheduler
+from utils.schema import ConfigError
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
+
+    Works under the `deepspeed` launcher and as a plain single process; the port always comes
+    from MASTER_PORT, which the launcher sets from `--master_port`.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallelTopology:
+    if world_size % stages != 0:
+        raise ConfigError(f"{config_file}: 'pipeline_stages' = {stages} does not divide the number of GPUs "
+                          f"({world_size}); use a GPU count that is a multiple of it")
+    return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
+
+
+def partition(layers, stages: int, method: str) -> list[int]:
+    """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
+    if method == "uniform":
+        return ds_utils.partition_uniform(num_items=len(layers), num_parts=stages)
+    if method == "parameters":
+        weights = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    else:
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [1 if pattern.search(layer.__class__.__name__) else 0 for layer in layers]
+    return ds_utils.partition_balanced(weights=weights, num_parts=stages)
+
+
+def describe_partition(layers, parts: list[int]) -> str:
+    """Which layers each stage holds, with parameter counts and weight memory."""
+    lines = []
+    for stage in range(len(parts) - 1):
+        chunk = layers[parts[stage]:parts[stage + 1]]
+        params = [p for layer in chunk for p in layer.parameters()]
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        names = [f"{parts[stage] + i}:{layer.__class__.__name__}({', '.join(layer.module_names)})"
+                 for i, layer in enumerate(chunk)]
+        if len(names) > 6:
+            names = names[:3] + ["..."] + names[-2:]
+        lines.append(f"stage {stage}: layers {parts[stage]}-{parts[stage + 1] - 1}, {total / 1e6:.2f}M params "
+                     f"({trainable / 1e6:.3f}M trainable), {nbytes / 2**30:.2f} GiB weights: {' '.join(names)}")
+    return "\n".join(lines)
+
+
+def build_engine(model, config: TrainConfig, rank: int, world: int, device: torch.device, total_steps: int,
+                 log=print):
+    """Build the local stage, the optimizer and the DeepSpeed pipeline engine."""
+    s = config.settings
+    if s.adapter is None:
+        raise ConfigError(f"{config.file}: no [adapter] table; this version trains LoRA adapters only "
+                          f"(add [adapter] with type = 'lora')")
+    topology = make_topology(world, s.pipeline_stages, config.file)
+    transformer = model.build_empty_transformer()
+    model.add_lora(transformer, s.adapter)
+    layers = model.layers(transformer)
+    parts = partition(layers, s.pipeline_stages, s.partition_method)
+    stage = topology.get_coord(rank).pipe
+    local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
+    if rank == 0:
+        log(describe_partition(layers, parts))
+    model.load_weights(transformer, local_names, device)
+    model.init_lora(transformer, local_names, s.adapter, device, s.seed)
+    if s.adapter.init_from_existing:
+        from pathlib import Path
+
+        model.load_lora_into(transformer, Path(s.adapter.init_from_existing), local_names)
+
+    pipe = PipelineModule(
+        layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
+        activation_checkpoint_interval=1 if s.activation_checkpointing else 0,
+        # non-reentrant checkpointing: several tensors flow between layers, some without grad
+        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
+        dynamic_shape=True)  # buckets give micro-batches of different shapes
+    if list(pipe.parts) != list(parts):
+        raise RuntimeError(f"pipeline partition mismatch: DeepSpeed {pipe.parts}, ours {parts}")
+
+    trainable = [p for p in pipe.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping,
+                                pipe.mpu().get_pipe_parallel_group())
+    scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "gradient_clipping": 0.0,  # done by the optimizer wrapper, which also records the norm
+        "steps_per_print": 10**9,  # we print our own progress
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine, transformer

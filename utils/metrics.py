@@ -1,0 +1,48 @@
+"""TensorBoard scalars and the console progress bar (rank 0 only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory since the last reset; host RSS peak on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Metrics:
+    """Writes scalars to TensorBoard and shows a progress bar with loss and ETA."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.writer = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                        disable=not enabled, dynamic_ncols=True)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def step(self, values: dict[str, float]) -> None:
+        if self.enabled:
+            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self.bar.update(1)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.writer.close()

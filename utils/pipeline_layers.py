@@ -1,0 +1,67 @@
+"""What flows between pipeline layers, declared once per model by name.
+
+DeepSpeed's pipeline engine passes a tuple of tensors from layer to layer and between stages.
+A model declares the names of that tuple's fields once (`PipelineFields`); each layer reads
+and writes them by name through `PipelineLayer`, never by position.
+
+DeepSpeed sends back a gradient for every floating-point tensor that crosses a stage boundary,
+so a field that carries no gradient (positions, masks) must be an integer or bool tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class PipelineFields:
+    """An ordered set of field names, packing a dict to the engine's tuple and back."""
+
+    def __init__(self, *names: str):
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate pipeline field names: {names}")
+        self.names = tuple(names)
+
+    def pack(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        missing = [n for n in self.names if n not in values]
+        if missing:
+            raise KeyError(f"pipeline fields not set: {missing}")
+        return tuple(values[n] for n in self.names)
+
+    def unpack(self, packed: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+        packed = tuple(packed)
+        if len(packed) != len(self.names):
+            raise ValueError(f"expected {len(self.names)} pipeline tensors {self.names}, got {len(packed)}")
+        return dict(zip(self.names, packed))
+
+
+class PipelineLayer(nn.Module):
+    """One entry of a model's layer list.
+
+    Subclasses implement `run(state) -> state` on a dict of named tensors. `in_fields` and
+    `out_fields` say what the layer reads and returns; fields it does not change pass through.
+    `module_names` lists the transformer submodules the layer owns, so that only the layers of
+    the local pipeline stage get their weights loaded.
+    """
+
+    def __init__(self, in_fields: PipelineFields, out_fields: PipelineFields, module_names: list[str]):
+        super().__init__()
+        self.in_fields = in_fields
+        self.out_fields = out_fields
+        self.module_names = module_names
+
+    def run(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, packed):
+        if isinstance(packed, torch.Tensor):
+            packed = (packed,)
+        state = self.in_fields.unpack(packed)
+        state = self.run(state)
+        out = self.out_fields.pack(state)
+        return out[0] if len(out) == 1 else out
+
+    def extra_repr(self) -> str:
+        return ", ".join(self.module_names)

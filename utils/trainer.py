@@ -1,0 +1,148 @@
+"""The training loop: steps, evaluation, adapter saves and checkpoints on their schedules."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from utils.batches import EvalPlan, TrainPlan, collate
+from utils.cache import CacheReader
+from utils.config import TrainConfig
+from utils.metrics import Metrics, peak_memory_gib
+from utils.saving import save_adapter, save_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps to train: `max_steps`, `epochs` worth of steps, or the smaller when both are set."""
+    limits = [config.max_steps] if config.max_steps else []
+    if config.epochs:
+        limits.append(config.epochs * steps_per_epoch)
+    return min(limits)
+
+
+@dataclass
+class Schedule:
+    """Whether something is due at a step, from its every-n-steps / every-n-epochs settings."""
+
+    every_steps: int | None
+    every_epochs: int | None
+
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_epochs and step % steps_per_epoch == 0
+                    and (step // steps_per_epoch) % self.every_epochs == 0)
+
+
+class Trainer:
+    def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
+                 evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
+                 plan: TrainPlan, total: int, start_step: int = 0):
+        self.model, self.config, self.engine, self.transformer = model, config, engine, transformer
+        self.train, self.evals, self.run_dir = train, evals, run_dir
+        self.rank, self.world, self.device = rank, world, device
+        self.dp_rank = engine.grid.get_data_parallel_rank()
+        self.dp_world = engine.grid.get_data_parallel_world_size()
+        self.plan, self.total, self.step = plan, total, start_step
+        s = config.settings
+        self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
+        self.eval_schedule = Schedule(s.eval_every_n_steps, s.eval_every_n_epochs)
+        self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
+        self.last_checkpoint_time = time.monotonic()
+        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
+        self.losses: list[float] = []
+
+    def micro_batches(self, epoch: int, step_in_epoch: int):
+        # A generator: only the first and last pipeline stages pull from it.
+        s = self.config.settings
+        for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
+            yield collate(self.model, self.train, batch, s.seed, "train", epoch)
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
+        results = {}
+        s = self.config.settings
+        for name, reader in self.evals.items():
+            total = torch.zeros(2, dtype=torch.float64)
+            for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(self.dp_rank, self.dp_world):
+                weight = sum(slot.weight for slot in batch)
+                inputs = iter([collate(self.model, reader, batch, s.seed, f"eval/{name}", 0)])
+                loss = self.engine.eval_batch(inputs, num_micro_batches=1)
+                total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64)
+            if self.dp_world > 1:
+                # every stage of a replica holds the same value; sum over replicas only
+                dist.all_reduce(total, group=self.engine.grid.get_data_parallel_group())
+            results[name] = (total[0] / total[1]).item()
+        return results
+
+    def log_eval(self):
+        results = self.evaluate()
+        if results:
+            self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in results.items()})
+            self.metrics.print(f"step {self.step}: " + ", ".join(f"eval {k} loss {v:.5f}" for k, v in results.items()))
+        return results
+
+    def save(self, name: str) -> None:
+        s = self.config.settings
+        files = save_adapter(self.model, self.transformer, self.engine, s.adapter, self.run_dir / "adapters" / name,
+                             DTYPES[s.save_dtype], self.rank, self.world)
+        if files:
+            self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.engine, self.run_dir, self.step)
+        self.last_checkpoint_time = time.monotonic()
+        self.metrics.print(f"step {self.step}: checkpoint saved")
+
+    def checkpoint_due(self, spe: int) -> bool:
+        minutes = self.config.settings.checkpoint_every_n_minutes
+        due = self.checkpoint_schedule.due(self.step, spe)
+        if minutes is not None:
+            elapsed = torch.tensor([time.monotonic() - self.last_checkpoint_time >= minutes * 60], dtype=torch.int32)
+            if self.world > 1:  # all ranks must agree, or the save would hang
+                dist.broadcast(elapsed, src=0)
+            due = due or bool(elapsed.item())
+        return due
+
+    def run(self) -> list[float]:
+        s = self.config.settings
+        spe = self.plan.steps_per_epoch
+        samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
+        if s.eval_at_start and self.step == 0:
+            self.log_eval()
+        while self.step < self.total:
+            epoch, step_in_epoch = divmod(self.step, spe)
+            start = time.perf_counter()
+            loss = self.engine.train_batch(self.micro_batches(epoch, step_in_epoch)).item()
+            elapsed = time.perf_counter() - start
+            self.step += 1
+            self.losses.append(loss)
+            values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                      "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
+                      "train/samples_per_sec": samples_per_step / elapsed,
+                      "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
+            self.metrics.scalars(self.step, values)
+            self.metrics.step({"loss": loss, "lr": values["train/lr"]})
+            if self.step % s.steps_per_print == 0:
+                self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
+                                   f"grad_norm {values['train/grad_norm']:.4f} lr {values['train/lr']:.3g} "
+                                   f"{values['train/samples_per_sec']:.2f} samples/s")
+            if self.step == self.total:
+                break
+            if self.eval_schedule.due(self.step, spe):
+                self.log_eval()
+            if self.save_schedule.due(self.step, spe):
+                self.save(f"step{self.step:08d}")
+            if self.checkpoint_due(spe):
+                self.checkpoint()
+        if self.evals:
+            self.log_eval()
+        self.save("final")
+        self.metrics.close()
+        return self.losses
