@@ -5,7 +5,8 @@ A model declares the names of that tuple's fields once (`PipelineFields`); each 
 and writes them by name through `PipelineLayer`, never by position.
 
 DeepSpeed sends back a gradient for every floating-point tensor that crosses a stage boundary,
-so a field that carries no gradient (positions, masks) must be an integer or bool tensor.
+so a field that carries no gradient (positions, masks) must be an integer or bool tensor, and
+every floating-point field is kept in the autograd graph (see `PipelineLayer.forward`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ class PipelineLayer(nn.Module):
         state = self.in_fields.unpack(packed)
         state = self.run(state)
         out = self.out_fields.pack(state)
+        if torch.is_grad_enabled():
+            # DeepSpeed calls backward on every floating-point output of a stage, so each must
+            # be in the graph. An output computed only from frozen weights (e.g. the timestep
+            # embedding under LoRA) is a leaf without grad: mark it, so its gradient is simply
+            # accumulated and the backward stays valid.
+            for t in out:
+                if t.is_floating_point() and not t.requires_grad:
+                    t.requires_grad_(True)
         return out[0] if len(out) == 1 else out
 
     def extra_repr(self) -> str:
