@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -67,10 +66,8 @@ def main(argv=None) -> int:
         start_step = load_checkpoint(engine, run_dir, args.resume_from_checkpoint)
     if rank == 0:
         print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {start_step}")
-    losses = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device,
-                     plan, steps, start_step).run()
-    if rank == 0:
-        (run_dir / "losses.json").write_text(json.dumps(losses))
+    Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
+            start_step).run()
     dist.destroy_process_group()
     return 0
 

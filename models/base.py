@@ -265,12 +265,17 @@ class DiffusionModel:
                     continue
                 _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
 
-    def load_lora_into(self, transformer: nn.Module, path: Path, module_names: list[str]) -> None:
-        """Start from an existing LoRA file (diffusers format) for `init_from_existing`."""
+    def load_lora_into(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
+        """Start from an existing LoRA file (diffusers format, as we save it) for `init_from_existing`.
+
+        Saved files carry the alpha/rank scale inside lora_B; it is divided out again here.
+        """
         from safetensors.torch import load_file
 
         file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-        loaded = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+        scale = adapter.alpha / adapter.rank
+        loaded = {k.removeprefix("transformer."): (v / scale if ".lora_B." in k else v)
+                  for k, v in load_file(file).items()}
         ours = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
         expected = {_lora_file_name(n): n for n in ours}
         unknown = sorted(set(loaded) - set(expected))

@@ -114,7 +114,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     if s.adapter.init_from_existing:
         from pathlib import Path
 
-        model.load_lora_into(transformer, Path(s.adapter.init_from_existing), local_names)
+        model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,

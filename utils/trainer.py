@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,22 @@ class Trainer:
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
-        self.losses: list[float] = []
+        # Per-step train losses and eval results, kept in the run folder (resumes extend them).
+        self.losses: list[float] = self._read_history("losses.json")[:start_step]
+        self.eval_history: list[dict] = [e for e in self._read_history("eval.json") if e["step"] <= start_step]
+
+    def _read_history(self, name: str) -> list:
+        try:
+            return json.loads((self.run_dir / name).read_text())
+        except (OSError, ValueError):
+            return []
+
+    def _write_history(self) -> None:
+        if self.rank == 0:
+            for name, value in (("losses.json", self.losses), ("eval.json", self.eval_history)):
+                tmp = self.run_dir / f".{name}.tmp"
+                tmp.write_text(json.dumps(value))
+                tmp.replace(self.run_dir / name)
 
     def micro_batches(self, epoch: int, step_in_epoch: int):
         # A generator: only the first and last pipeline stages pull from it.
@@ -84,6 +100,8 @@ class Trainer:
     def log_eval(self):
         results = self.evaluate()
         if results:
+            self.eval_history.append({"step": self.step, **results})
+            self._write_history()
             self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in results.items()})
             self.metrics.print(f"step {self.step}: " + ", ".join(f"eval {k} loss {v:.5f}" for k, v in results.items()))
         return results
@@ -96,6 +114,7 @@ class Trainer:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 
     def checkpoint(self) -> None:
+        self._write_history()
         save_checkpoint(self.engine, self.run_dir, self.step)
         self.last_checkpoint_time = time.monotonic()
         self.metrics.print(f"step {self.step}: checkpoint saved")
@@ -144,5 +163,6 @@ class Trainer:
         if self.evals:
             self.log_eval()
         self.save("final")
+        self._write_history()
         self.metrics.close()
         return self.losses

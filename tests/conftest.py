@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny models, generated datasets, config files and real DeepSpeed launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+from make_demo_dataset import make_demo_dataset  # noqa: E402
+from make_tiny_models import make_tiny_flux  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """Folder holding tiny random-weight models in their real layouts (flux/, ...)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    make_tiny_flux(root)
+    return root
+
+
+@pytest.fixture
+def image_dataset(tmp_path) -> Path:
+    """A fresh generated image dataset (8 images, 3 aspect ratios) with captions."""
+    return make_demo_dataset(tmp_path / "data", count=8, seed=0)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def to_toml(table: dict) -> str:
+    """A small TOML writer: scalars first, then [tables] and [[arrays of tables]]."""
+    lines, tables = [], []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            tables.append((f"[{k}]", v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v) and k == "directory":
+            tables += [(f"[[{k}]]", x) for x in v]
+        else:
+            lines.append(f"{k} = {toml_value(v)}")
+    for header, body in tables:
+        lines += ["", header] + [f"{k} = {toml_value(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_configs(folder: Path, model_dir: Path, data_dir: Path, *, dataset: dict | None = None,
+                  **overrides) -> Path:
+    """Write a training TOML and its dataset TOML into `folder`; return the training TOML.
+
+    `overrides` replace top-level keys; `model`, `adapter` and `optimizer` dicts are merged into
+    the defaults (a value of None removes the table).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = {"resolutions": [64], "enable_ar_bucket": True, "num_ar_buckets": 3,
+          "directory": [{"path": str(data_dir)}]}
+    ds.update(dataset or {})
+    (folder / "dataset.toml").write_text(to_toml(ds))
+    config = {
+        "output_dir": str(folder / "runs"), "dataset": "dataset.toml", "max_steps": 4,
+        "micro_batch_size_per_gpu": 2, "steps_per_print": 1, "eval_at_start": False, "save_dtype": "float32",
+        "seed": 0,
+        "model": {"type": "flux", "diffusers_path": str(model_dir), "dtype": "float32", "max_sequence_length": 32},
+        "adapter": {"type": "lora", "rank": 4, "alpha": 4},
+        "optimizer": {"type": "adamw", "lr": 1e-3},
+    }
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(config.get(k), dict):
+            config[k] = {**config[k], **v}
+        elif v is None:
+            config.pop(k, None)
+        else:
+            config[k] = v
+    path = folder / "train.toml"
+    path.write_text(to_toml(config))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """Result of one `deepspeed ... train.py` run."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, config: Path):
+        self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
+        self.output = proc.stdout + proc.stderr
+        self.config = config
+
+    def run_dirs(self) -> list[Path]:
+        runs = self.config.parent / "runs"
+        return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+
+    def losses(self, run_dir: Path | None = None) -> list[float]:
+        run_dir = run_dir or self.run_dirs()[-1]
+        return json.loads((run_dir / "losses.json").read_text())
+
+
+def launch(config: Path, *args: str, num_gpus: int = 1, timeout: int = 600, env: dict | None = None) -> Launch:
+    """Run training exactly as users do: `deepspeed --num_gpus=N train.py --deepspeed --config X`."""
+    cmd = ["deepspeed", f"--num_gpus={num_gpus}", f"--master_port={free_port()}", str(REPO / "train.py"),
+           "--deepspeed", "--config", str(config), *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return Launch(proc, config)
