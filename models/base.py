@@ -120,7 +120,8 @@ class DiffusionModel:
         raise NotImplementedError
 
     def encode_pixels(self, pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Pixels in [-1, 1] of one bucket shape -> one dict with a 'latents' tensor per item."""
+        """Pixels (batch, 3, frames, height, width) in [-1, 1], all of one bucket shape -> one
+        dict with a 'latents' tensor per item."""
         raise NotImplementedError
 
     def _config_signature(self, *subfolders: str, extra: str = "") -> str:

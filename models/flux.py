@@ -139,7 +139,7 @@ class FluxModel(DiffusionModel):
         return [{"text": text[i].to(self.dtype), "pooled": pooled[i].to(self.dtype)} for i in range(len(captions))]
 
     def encode_pixels(self, pixels):
-        pixels = pixels.to(self.device, self.vae.dtype)
+        pixels = pixels.squeeze(2).to(self.device, self.vae.dtype)  # an image model: one frame
         latents = self.vae.encode(pixels).latent_dist.mode()
         cfg = self.vae.config
         latents = (latents - cfg.shift_factor) * cfg.scaling_factor

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.buckets import Sample
-from utils.media import MediaError, fit_to_bucket, load_image
+from utils.media import MediaError, load_sample_pixels
 from utils.tensor_store import TensorStore
 
 HASH_INDEX_NAME = "file_hashes.json"
@@ -129,8 +129,8 @@ class DatasetCache:
             self.model.load_vae(device)
 
             def encode_images(batch):
-                pixels = torch.stack([fit_to_bucket(load_image(c.sample.item.path), c.sample.bucket.width,
-                                                    c.sample.bucket.height) for c in batch])
+                pixels = torch.stack([load_sample_pixels(c.sample.item.path, c.sample.bucket.width,
+                                                         c.sample.bucket.height) for c in batch])
                 return self.model.encode_pixels(pixels)
 
             _encode_distributed(todo_latents, latent_stores, batch_size, rank, world, "Caching latents",

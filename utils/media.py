@@ -131,3 +131,11 @@ def fit_to_bucket(image: Image.Image, width: int, height: int) -> torch.Tensor:
     fitted = image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
     pixels = torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy())
     return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def load_sample_pixels(path: Path | str, width: int, height: int) -> torch.Tensor:
+    """The media file fitted to a bucket as (3, frames, height, width) in [-1, 1].
+
+    Images are one-frame clips, so every model's encoder sees one layout.
+    """
+    return fit_to_bucket(load_image(path), width, height).unsqueeze(1)
