@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ class Metrics:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self.jsonl_path = run_dir / "metrics.jsonl"
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=not enabled, dynamic_ncols=True)
 
@@ -32,6 +34,12 @@ class Metrics:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+
+    def record(self, values: dict[str, float]) -> None:
+        """Append one step's values to metrics.jsonl (machine-readable, e.g. for benchmarks)."""
+        if self.enabled:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(values) + "\n")
 
     def step(self, values: dict[str, float]) -> None:
         if self.enabled:

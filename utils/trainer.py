@@ -147,6 +147,7 @@ class Trainer:
                       "train/samples_per_sec": samples_per_step / elapsed,
                       "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
+            self.metrics.record({"step": self.step, "seconds": elapsed, **values})
             self.metrics.step({"loss": loss, "lr": values["train/lr"]})
             if self.step % s.steps_per_print == 0:
                 self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
