@@ -114,7 +114,9 @@ class DatasetCache:
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
 
-        todo_text = _unique(((c.text_key, c) for c in keyed if c.text_key not in text_stores[c.folder]))
+        # Unique per folder: each folder has its own stores, so a caption (or image) that two
+        # folders share is encoded for each of them.
+        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed if c.text_key not in text_stores[c.folder]))
         if todo_text:
             self.model.load_text_encoders(device)
             _encode_distributed(
@@ -124,7 +126,8 @@ class DatasetCache:
                 problems=problems)
             self.model.free_encoders()
 
-        todo_latents = _unique(((c.latent_key, c) for c in keyed if c.latent_key not in latent_stores[c.folder]))
+        todo_latents = _unique((((c.folder, c.latent_key), c) for c in keyed
+                                if c.latent_key not in latent_stores[c.folder]))
         if todo_latents:
             self.model.load_vae(device)
 
@@ -139,10 +142,12 @@ class DatasetCache:
             self.model.free_encoders()
         if world > 1:
             dist.barrier()
-        encoded = len(todo_text) + len(todo_latents)
         # Re-open so every rank sees the parts rank 0 wrote.
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
+        # Entries written now; files that failed to load (see problems) are not counted.
+        encoded = (sum(c.text_key in text_stores[c.folder] for c in todo_text)
+                   + sum(c.latent_key in latent_stores[c.folder] for c in todo_latents))
         bad = {p for p, _ in problems}
         usable = [c for c in keyed if c.sample.item.path not in bad
                   and c.latent_key in latent_stores[c.folder] and c.text_key in text_stores[c.folder]]
