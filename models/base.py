@@ -18,7 +18,7 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
-from utils.buckets import check_resolutions
+from utils.buckets import check_frame_buckets, check_resolutions
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError
@@ -77,6 +77,8 @@ class DiffusionModel:
     name: ClassVar[str]
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     size_multiple: ClassVar[int] = 16
+    # Clips must be frame_multiple*k+1 frames long; 0 means images only (1 frame).
+    frame_multiple: ClassVar[int] = 0
     transformer_class: ClassVar[type]
     pipeline_class: ClassVar[type]
     default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
@@ -95,8 +97,9 @@ class DiffusionModel:
 
     @classmethod
     def check_dataset(cls, dataset: Dataset) -> None:
-        """Reject resolutions this model cannot take, naming the dataset key."""
+        """Reject resolutions and frame buckets this model cannot take, naming the dataset key."""
         check_resolutions(dataset, cls.size_multiple, cls.name)
+        check_frame_buckets(dataset, cls.frame_multiple, cls.name)
 
     # ------------------------------------------------------------------ encoders (per model)
     def latent_cache_signature(self) -> str:

@@ -5,9 +5,10 @@ Layout, per dataset folder: `<folder>/cache/<model type>/latents/` and `.../text
 recomputed only when a file's size or modification time changes).
 
 Every cache entry is keyed by what decides its content: a latent by the file's content hash,
-the bucket shape and the model's latent signature; a text embedding by the caption and the
-model's text signature. So a changed image, caption, resolution, bucket or model re-encodes
-just the entries that changed, and `--regenerate_cache` is only needed to start over.
+the bucket shape (frames included), the clip's first frame and the model's latent signature; a
+text embedding by the caption and the model's text signature. So a changed image, caption,
+resolution, bucket or model re-encodes just the entries that changed, and `--regenerate_cache`
+is only needed to start over.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class DatasetCache:
         out = []
         for s in self.samples:
             b = s.bucket
-            latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}", latent_sig)
+            # Clips of one video differ by their first frame: each is an entry of its own.
+            latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}@{s.clip_start}", latent_sig)
             out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent))
         return out
 
@@ -133,7 +135,8 @@ class DatasetCache:
 
             def encode_images(batch):
                 pixels = torch.stack([load_sample_pixels(c.sample.item.path, c.sample.bucket.width,
-                                                         c.sample.bucket.height) for c in batch])
+                                                         c.sample.bucket.height, c.sample.bucket.frames,
+                                                         c.sample.clip_start) for c in batch])
                 return self.model.encode_pixels(pixels)
 
             _encode_distributed(todo_latents, latent_stores, batch_size, rank, world, "Caching latents",

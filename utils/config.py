@@ -16,6 +16,7 @@ from typing import Literal, Optional, Union
 from utils.schema import ConfigError, build, check, key, required
 
 Resolution = Union[int, tuple[int, int]]
+VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -51,6 +52,10 @@ class BucketSettings:
     max_ar: Optional[float] = None
     num_ar_buckets: Optional[int] = None
     num_repeats: Optional[int] = None
+    # Clip lengths in frames (1 = a still image or one frame of a video), and how clips are cut
+    # from a video longer than its bucket.
+    frame_buckets: Optional[list[int]] = None
+    video_clip_mode: Optional[VideoClipMode] = None
 
     def validate(self, file, prefix):
         if self.resolutions is not None:
@@ -68,6 +73,12 @@ class BucketSettings:
             check(self.num_ar_buckets >= 1, file, key(prefix, "num_ar_buckets"), "must be at least 1")
         if self.num_repeats is not None:
             check(self.num_repeats >= 1, file, key(prefix, "num_repeats"), "must be at least 1")
+        if self.frame_buckets is not None:
+            where = key(prefix, "frame_buckets")
+            check(len(self.frame_buckets) > 0, file, where, "must list at least one frame count (1 for images)")
+            for i, frames in enumerate(self.frame_buckets):
+                check(frames >= 1, file, f"{where}[{i}]", f"must be at least 1, got {frames}")
+                check(frames not in self.frame_buckets[:i], file, f"{where}[{i}]", f"repeats {frames}")
 
     def overridden_by(self, other: "BucketSettings") -> "BucketSettings":
         """These settings with every value that `other` sets replaced."""
@@ -77,7 +88,8 @@ class BucketSettings:
 
 
 BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
-                                 num_ar_buckets=7, num_repeats=1)
+                                 num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
+                                 video_clip_mode="single_beginning")
 
 
 # kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.

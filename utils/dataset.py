@@ -1,7 +1,9 @@
 """Finding the training items of a dataset: media files with their captions and sizes.
 
 A scan never stops at a bad file. Each file that cannot be used (no caption, caption not UTF-8,
-image unreadable) is collected as a problem with a short reason, so one run lists them all.
+image or video unreadable) is collected as a problem with a short reason, so one run lists them
+all. Videos are read for their size and frame count here; which clips they give is decided by
+the buckets.
 """
 
 from __future__ import annotations
@@ -10,21 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import Dataset, ResolvedDirectory
-from utils.media import IMAGE_EXTENSIONS, MediaError, image_size, is_image_file
+from utils.media import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, image_size, is_media_file,
+                         is_video_file, video_info)
 
 CAPTION_SUFFIX = ".txt"
 
 
 @dataclass(frozen=True)
 class Item:
-    """One training item: a media file, its caption and its displayed size."""
+    """One training item: a media file, its caption, its displayed size and its frame count."""
 
     path: Path
     caption: str
     width: int
     height: int
     directory_index: int
-    frames: int = 1  # images have one; room for video
+    frames: int = 1  # images have one
+
+    @property
+    def is_video(self) -> bool:
+        """Whether the file is a video (by extension), even one of a single frame."""
+        return is_video_file(self.path)
 
     @property
     def aspect(self) -> float:
@@ -63,7 +71,7 @@ def _read_caption(caption_path: Path) -> str:
 
 def _media_files(folder: Path) -> list[Path]:
     # Only the folder's own files: sub-folders, the `cache` folder among them, are not entered.
-    return sorted(p for p in folder.iterdir() if is_image_file(p) and p.is_file())
+    return sorted(p for p in folder.iterdir() if is_media_file(p) and p.is_file())
 
 
 def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
@@ -80,8 +88,8 @@ def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
         result.problems.append((folder, f"cannot list folder: {e.strerror or e}"))
         return result
     if not media:
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        result.problems.append((folder, f"no media files ({extensions}) in this folder"))
+        images, videos = ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(sorted(VIDEO_EXTENSIONS))
+        result.problems.append((folder, f"no media files ({images}) or videos ({videos}) in this folder"))
         return result
     for path in media:
         try:
@@ -90,12 +98,15 @@ def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
             result.problems.append((path, str(e)))
             continue
         try:
-            width, height = image_size(path)
+            if is_video_file(path):
+                width, height, frames, _ = video_info(path)
+            else:
+                (width, height), frames = image_size(path), 1
         except MediaError as e:
             # The message starts with the path; the problem list already shows it.
             result.problems.append((path, str(e).removeprefix(f"{path}: ")))
             continue
-        result.items.append(Item(path, caption, width, height, index))
+        result.items.append(Item(path, caption, width, height, index, frames))
     return result
 
 

@@ -1,18 +1,23 @@
-"""Reading training images: size from the header, pixels in RGB, and fitting to a bucket shape.
+"""Reading training media: image and video sizes, pixels in RGB, and fitting to a bucket shape.
 
-Every failure to read a file becomes a `MediaError` whose message names the file, so a dataset
-scan can report it next to the other problems instead of stopping at the first bad image.
+Images are read with Pillow, videos with PyAV; an image is a one-frame video. Every failure to
+read a file becomes a `MediaError` whose message names the file, so a dataset scan can report
+it next to the other problems instead of stopping at the first bad file.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple, Optional
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 
 # EXIF orientations 5-8 include a quarter turn, so the displayed image is the stored one on its side.
 _QUARTER_TURN_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -35,6 +40,16 @@ def is_image_file(path: Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_video_file(path: Path) -> bool:
+    """Whether `path` has one of the video extensions (case-insensitive)."""
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def is_media_file(path: Path) -> bool:
+    """Whether `path` is an image or a video by its extension."""
+    return is_image_file(path) or is_video_file(path)
+
+
 def _open_error(path: Path, error: BaseException) -> MediaError:
     if isinstance(error, Image.DecompressionBombError):
         return MediaError(
@@ -44,12 +59,13 @@ def _open_error(path: Path, error: BaseException) -> MediaError:
     return MediaError(f"{path}: cannot read image: {text}")
 
 
-def _check_not_empty(path: Path) -> None:
-    # Pillow's message for an empty file ("cannot identify image file") hides the simple cause.
+def _check_not_empty(path: Path, kind: str = "image") -> None:
+    # Pillow's and FFmpeg's messages for an empty file ("cannot identify image file", "Invalid
+    # data found when processing input") hide the simple cause.
     try:
         size = path.stat().st_size
     except OSError as e:
-        raise MediaError(f"{path}: cannot read image: {e.strerror or e}") from None
+        raise MediaError(f"{path}: cannot read {kind}: {e.strerror or e}") from None
     if size == 0:
         raise MediaError(f"{path}: empty file (0 bytes)")
 
@@ -133,9 +149,174 @@ def fit_to_bucket(image: Image.Image, width: int, height: int) -> torch.Tensor:
     return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
 
 
-def load_sample_pixels(path: Path | str, width: int, height: int) -> torch.Tensor:
-    """The media file fitted to a bucket as (3, frames, height, width) in [-1, 1].
+# ----------------------------------------------------------------------------------------------
+# Videos
+
+# What PyAV raises for files FFmpeg cannot open or decode (FFmpegError covers InvalidDataError,
+# EOFError and the errno-based ones); OSError and ValueError come from the file system and from
+# streams with unusable parameters.
+_AV_READ_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+class VideoInfo(NamedTuple):
+    """A video's displayed size (after its rotation metadata), frame count and frame rate."""
+
+    width: int
+    height: int
+    frames: int
+    fps: Optional[float]
+
+
+def _video_error(path: Path, error: BaseException) -> MediaError:
+    # FFmpeg errors end with the file name; strerror is the reason alone.
+    text = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return MediaError(f"{path}: cannot read video: {text}")
+
+
+def _open_video(path: Path):
+    """(container, its first video stream); the caller closes the container."""
+    container = av.open(str(path), mode="r")
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{path}: no video stream in this file")
+    stream = container.streams.video[0]
+    # Frame threads decode several frames at once; slice threads help single frames.
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """Counter-clockwise quarter turns that show `frame` upright (its display matrix rotation).
+
+    PyAV exposes only the rotation part of the matrix: the rare mirrored videos keep their flip.
+    """
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def _frame_rate(stream) -> Optional[Fraction]:
+    rate = stream.average_rate or stream.guessed_rate
+    return Fraction(rate) if rate else None
+
+
+def video_info(path: Path | str) -> VideoInfo:
+    """Displayed size, frame count and frame rate of the video at `path`.
+
+    The first frame is always decoded (it carries the rotation and proves the file decodes). The
+    frame count is the container's when it states one, else every frame is decoded and counted:
+    WebM and Matroska seldom state it, and for short training clips decoding is cheap.
+    """
+    path = Path(path)
+    _check_not_empty(path, "video")
+    try:
+        container, stream = _open_video(path)
+        with container:
+            frames = container.decode(stream)
+            first = next(frames, None)
+            if first is None:
+                raise MediaError(f"{path}: video has no decodable frames")
+            width, height = first.width, first.height
+            turns = _quarter_turns(first)
+            count = stream.frames if stream.frames > 0 else 1 + sum(1 for _ in frames)
+            rate = _frame_rate(stream)
+    except MediaError:
+        raise
+    except _AV_READ_ERRORS as e:
+        raise _video_error(path, e) from None
+    if turns % 2:
+        width, height = height, width
+    return VideoInfo(width, height, count, float(rate) if rate else None)
+
+
+def _frame_index(frame: av.VideoFrame, stream, rate: Fraction) -> Optional[int]:
+    if frame.pts is None:
+        return None
+    start = stream.start_time or 0
+    return round((frame.pts - start) * stream.time_base * rate)
+
+
+def _seek_clip(container, stream, frames: int, clip_start: int) -> Optional[list[np.ndarray]]:
+    """The clip's frames by seeking to the keyframe before it, or None when seeking fails or the
+    timestamps cannot be trusted to number the frames (no rate or pts, a seek past the start,
+    uneven steps)."""
+    rate = _frame_rate(stream)
+    if rate is None or stream.time_base is None:
+        return None
+    target = round(Fraction(clip_start) / rate / stream.time_base) + (stream.start_time or 0)
+    try:
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError:
+        return None  # a container that cannot seek: decode from the start instead
+    clip, previous = [], None
+    for frame in container.decode(stream):
+        index = _frame_index(frame, stream, rate)
+        if index is None or (previous is None and index > clip_start):
+            return None
+        if previous is not None and index != previous + 1:
+            return None  # variable frame rate or a gap: timestamps do not count frames
+        previous = index
+        if index >= clip_start:
+            clip.append(_upright(frame))
+            if len(clip) == frames:
+                return clip
+    return None  # ran out early: let counting from the start decide
+
+
+def _decode_clip(path: Path, frames: int, clip_start: int) -> list[np.ndarray]:
+    """RGB arrays (height, width, 3) of frames clip_start .. clip_start + frames - 1, upright."""
+    if clip_start > 0:
+        container, stream = _open_video(path)
+        with container:
+            clip = _seek_clip(container, stream, frames, clip_start)
+        if clip is not None:
+            return clip
+    # Counting decoded frames from the start is always right: it serves clips at the start and
+    # every clip whose timestamps were no help.
+    container, stream = _open_video(path)
+    clip, decoded = [], 0
+    with container:
+        for index, frame in enumerate(container.decode(stream)):
+            decoded = index + 1
+            if index >= clip_start:
+                clip.append(_upright(frame))
+                if len(clip) == frames:
+                    return clip
+    raise MediaError(f"{path}: video has {decoded} frames, too few for a "
+                     f"{frames}-frame clip from frame {clip_start}")
+
+
+def _upright(frame: av.VideoFrame) -> np.ndarray:
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = _quarter_turns(frame)
+    # np.rot90 turns counter-clockwise, as the display matrix rotation is measured.
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
+
+
+def load_video_clip(path: Path | str, width: int, height: int, frames: int, clip_start: int = 0) -> torch.Tensor:
+    """`frames` consecutive frames from `clip_start`, each fitted to width x height like an image,
+    as (3, frames, height, width) float32 in [-1, 1]. Only the needed frames are decoded: the
+    reader seeks to the keyframe before the clip when the timestamps allow it."""
+    path = Path(path)
+    if frames < 1 or clip_start < 0:
+        raise ValueError(f"need frames >= 1 and clip_start >= 0, got {frames} and {clip_start}")
+    _check_not_empty(path, "video")
+    try:
+        arrays = _decode_clip(path, frames, clip_start)
+    except MediaError:
+        raise
+    except _AV_READ_ERRORS as e:
+        raise _video_error(path, e) from None
+    return torch.stack([fit_to_bucket(Image.fromarray(a), width, height) for a in arrays], dim=1)
+
+
+def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 1,
+                       clip_start: int = 0) -> torch.Tensor:
+    """The media file (or one clip of a video) fitted to a bucket as (3, frames, height, width)
+    in [-1, 1].
 
     Images are one-frame clips, so every model's encoder sees one layout.
     """
+    if is_video_file(path):
+        return load_video_clip(path, width, height, frames, clip_start)
+    if frames != 1 or clip_start != 0:
+        raise ValueError(f"{path}: an image has one frame; asked for {frames} from frame {clip_start}")
     return fit_to_bucket(load_image(path), width, height).unsqueeze(1)

@@ -14,16 +14,18 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
                     regenerate: bool, rank: int, world: int, device: torch.device, log=print) -> CacheReader:
     """Scan `dataset`, print its bucket table, and return a reader over its cached tensors.
 
-    Items that cannot be used (no caption, unreadable file) are listed by path, never silently
-    dropped; the rest train.
+    Items that cannot be used (no caption, unreadable file, video shorter than every frame
+    bucket) are listed by path, never silently dropped; the rest train.
     """
     scan = scan_dataset(dataset)
-    samples = assign_buckets(scan.items, dataset, model.size_multiple)
+    too_short: list = []
+    samples = assign_buckets(scan.items, dataset, model.size_multiple, too_short)
     if rank == 0:
         log(f"\n{title}: {dataset.file}")
-        log(format_bucket_table(samples, micro_batch_size))
-        if scan.problems:
-            log(f"{len(scan.problems)} file(s) skipped:\n{format_problems(scan.problems)}")
+        log(format_bucket_table(samples, micro_batch_size, too_short))
+        skipped = scan.problems + too_short
+        if skipped:
+            log(f"{len(skipped)} file(s) skipped:\n{format_problems(skipped)}")
     cache = DatasetCache(model, samples)
     if regenerate and rank == 0:
         cache.remove()
