@@ -39,6 +39,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        configure_attention()
         device = torch.device("cuda", local_rank)
         backend = "nccl"
     else:
@@ -46,6 +47,15 @@ def init_distributed() -> tuple[int, int, torch.device]:
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def configure_attention() -> None:
+    """Keep scaled-dot-product attention off the cuDNN backend.
+
+    On an H200 with torch 2.11 + CUDA 13, cuDNN attention failed at Flux's shapes and left the
+    CUDA context broken (bench/attention_backends.py shows it); flash attention ran as fast.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _free_port() -> int:
