@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from models import get_model_class
     from utils.batches import TrainPlan
     from utils.config import load_train_config
-    from utils.engine import build_engine, init_distributed
+    from utils.engine import build_engine, init_distributed, make_topology
     from utils.prepare import prepare_dataset
     from utils.saving import create_run_dir, load_checkpoint
     from utils.trainer import Trainer, total_steps
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     config = load_train_config(args.config)  # every config error surfaces before any model loads
     rank, world, device = init_distributed()
     s = config.settings
+    # Needs the GPU count, so not part of loading the config; still before any model loads.
+    make_topology(world, s.pipeline_stages, config.file)
     model = get_model_class(config.model.type)(config.model)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
                   regenerate=args.regenerate_cache, rank=rank, world=world, device=device)
