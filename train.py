@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
     from utils.prepare import prepare_dataset
-    from utils.saving import create_run_dir, load_checkpoint
+    from utils.saving import create_run_dir
     from utils.trainer import Trainer, total_steps
 
     datasets.disable_progress_bars()
@@ -63,13 +63,11 @@ def main(argv=None) -> int:
     steps = total_steps(config, plan.steps_per_epoch)
     run_dir = create_run_dir(config, rank, world, args.resume_from_checkpoint)
     engine, transformer = build_engine(model, config, rank, world, device, steps)
-    start_step = 0
-    if args.resume_from_checkpoint is not None:
-        start_step = load_checkpoint(engine, run_dir, args.resume_from_checkpoint)
+    trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
+                      resume=args.resume_from_checkpoint)
     if rank == 0:
-        print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {start_step}")
-    Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
-            start_step).run()
+        print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}")
+    trainer.run()
     dist.destroy_process_group()
     return 0
 

@@ -130,7 +130,7 @@ class DiffusionModel:
     def _config_signature(self, *subfolders: str, extra: str = "") -> str:
         # The config files identify the architecture and normalisation; with the weights'
         # sizes they change whenever a different model is pointed to.
-        parts = [self.name, extra]
+        parts = [self.name, extra, f"dtype={self.config.dtype}"]
         for sub in subfolders:
             folder = self.root / sub
             for f in sorted(folder.glob("*.json")):

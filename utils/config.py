@@ -192,6 +192,7 @@ class OptimizerConfig:
 
     def validate(self, file, prefix):
         check(self.lr > 0, file, key(prefix, "lr"), "must be > 0")
+        check(self.eps > 0, file, key(prefix, "eps"), "must be > 0")
         check(all(0 <= b < 1 for b in self.betas), file, key(prefix, "betas"), "must be in [0, 1)")
         check(self.weight_decay >= 0, file, key(prefix, "weight_decay"), "must be >= 0")
 
@@ -224,6 +225,7 @@ class TrainConfigFile:
     checkpoint_every_n_minutes: Optional[float] = None
     checkpoint_every_n_epochs: Optional[int] = None
     checkpoint_every_n_steps: Optional[int] = None
+    checkpoints_to_keep: int = 3
     eval_every_n_epochs: Optional[int] = None
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
@@ -234,11 +236,13 @@ class TrainConfigFile:
     seed: int = 42
 
     def validate(self, file, prefix):
+        check(self.adapter is not None, file, "adapter",
+              "table is missing: this version trains LoRA adapters only (add [adapter] with type = 'lora')")
         check(self.epochs is not None or self.max_steps is not None, file, "epochs",
               "or 'max_steps' must be set (how long to train)")
         positive = ["epochs", "max_steps", "micro_batch_size_per_gpu", "pipeline_stages",
                     "gradient_accumulation_steps", "save_every_n_epochs", "save_every_n_steps",
-                    "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "eval_every_n_epochs",
+                    "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "checkpoints_to_keep", "eval_every_n_epochs",
                     "eval_every_n_steps", "caching_batch_size", "steps_per_print"]
         for name in positive:
             value = getattr(self, name)

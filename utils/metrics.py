@@ -26,6 +26,11 @@ class Metrics:
         self.enabled = enabled
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
         self.jsonl_path = run_dir / "metrics.jsonl"
+        if enabled and self.jsonl_path.exists():
+            # A resumed run: drop the lines of steps after the checkpoint, they are trained again.
+            lines = self.jsonl_path.read_text().splitlines()
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= start_step]
+            self.jsonl_path.write_text("".join(line + "\n" for line in kept))
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                         disable=not enabled, dynamic_ncols=True)
 

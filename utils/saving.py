@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from utils.config import TrainConfig
+from utils.schema import ConfigError
 
 CHECKPOINTS = "checkpoints"
 
@@ -18,12 +21,15 @@ CHECKPOINTS = "checkpoints"
 def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | None) -> Path:
     """A new timestamped run folder under output_dir (never reusing another run's), or, when
     resuming, the run folder that holds the checkpoint. Rank 0 decides; all ranks agree."""
-    name = None
+    name, error = None, None
     if rank == 0:
         output = config.output_dir
         output.mkdir(parents=True, exist_ok=True)
         if resume is not None:
-            name = find_run_with_checkpoint(output, resume).name
+            try:
+                name = find_run_with_checkpoint(output, resume).name
+            except FileNotFoundError as e:
+                error = str(e)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             name, n = stamp, 1
@@ -37,22 +43,44 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
             for f in dict.fromkeys(files):
                 shutil.copy2(f, run_dir / "config" / f.name)
     if world > 1:
-        box = [name]
+        box = [(name, error)]
         dist.broadcast_object_list(box, src=0)
-        name = box[0]
+        name, error = box[0]
+    if error:
+        raise FileNotFoundError(error)
     return config.output_dir / name
 
 
+def run_fingerprint(config: TrainConfig, samples) -> dict:
+    """What a checkpoint's weights mean: resuming with any of these changed is refused.
+
+    The learning rate, schedule, epochs and save settings are not part of it: changing them
+    on resume is allowed.
+    """
+    import hashlib
+
+    m, a = config.model, config.settings.adapter
+    digest = hashlib.sha256()
+    for c in sorted(samples, key=lambda c: (c.latent_key, c.text_key)):
+        digest.update(f"{c.latent_key} {c.text_key} {c.sample.repeats}\n".encode())
+    return {"model": f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}",
+            "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
+                                              f"targets={a.target_modules} dtype={a.dtype}",
+            "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",
+            "pipeline_stages": config.settings.pipeline_stages}
+
+
 def find_run_with_checkpoint(output_dir: Path, resume: str) -> Path:
-    """The run folder to resume: the newest one with a checkpoint, or the one holding `resume`."""
+    """The run folder to resume: the newest with a complete checkpoint, or the one named
+    `resume` (a run folder, or a checkpoint `step<N>` inside one)."""
     runs = sorted((p for p in output_dir.iterdir() if (p / CHECKPOINTS / "latest").is_file()),
-                  key=lambda p: p.stat().st_mtime)
+                  key=lambda p: (p / CHECKPOINTS / "latest").stat().st_mtime)
     if resume == "latest":
         if not runs:
             raise FileNotFoundError(f"--resume_from_checkpoint: no run in {output_dir} has a checkpoint")
         return runs[-1]
     for run in reversed(runs):
-        if (run / CHECKPOINTS / resume).is_dir() or run.name == resume:
+        if (run / CHECKPOINTS / resume / "trainer_state.json").is_file() or run.name == resume:
             return run
     raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint or run named {resume!r} in {output_dir}")
 
@@ -87,16 +115,107 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
     return [out_dir / f.name for f in files]
 
 
-def save_checkpoint(engine, run_dir: Path, step: int) -> None:
-    """Full training state (trainable weights, optimizer, scheduler, step) via DeepSpeed."""
-    engine.save_checkpoint(str(run_dir / CHECKPOINTS), tag=f"step{step:08d}", client_state={"step": step},
-                           exclude_frozen_parameters=True)
+class Checkpoints:
+    """Whole-training-state checkpoints in `<run>/checkpoints/`, atomic and pruned.
+
+    A checkpoint is a folder `step<N>` written by DeepSpeed (trainable weights, optimizer and
+    scheduler per pipeline stage), plus every rank's random state and `trainer_state.json`
+    (step, and the fingerprint of what the weights mean). It counts only once the file `latest`
+    names it; `latest` is replaced atomically after every rank has finished writing, so a
+    process killed at any moment (even `kill -9`) leaves the previous checkpoint loadable.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, rank: int, world: int):
+        self.root = run_dir / CHECKPOINTS
+        self.keep, self.rank, self.world = keep, rank, world
+
+    def latest(self) -> str | None:
+        try:
+            return (self.root / "latest").read_text().strip() or None
+        except OSError:
+            return None
+
+    def save(self, engine, step: int, fingerprint: dict) -> str:
+        tag = f"step{step:08d}"
+        if self.rank == 0 and (self.root / tag).exists():
+            shutil.rmtree(self.root / tag)  # an earlier, unfinished save of this step
+        _barrier(self.world)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        torch.save(_random_states(), self.root / tag / f"random_state_rank{self.rank:04d}.pt")
+        if self.rank == 0:
+            _write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
+        _barrier(self.world)
+        _pause_for_fault_tests(f"checkpoint{step}")
+        if self.rank == 0:
+            tmp = self.root / ".latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.root / "latest")
+            self._prune(tag)
+        _barrier(self.world)
+        return tag
+
+    def _prune(self, newest: str) -> None:
+        done = sorted(p for p in self.root.glob("step*") if p.is_dir() and p.name <= newest)
+        for old in done[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Unfinished saves newer than `latest` (a killed run) are never trusted: remove them.
+        for unfinished in (p for p in self.root.glob("step*") if p.is_dir() and p.name > newest):
+            shutil.rmtree(unfinished, ignore_errors=True)
+
+    def load(self, engine, tag: str | None, fingerprint: dict) -> int:
+        """Restore the training state; returns the step to continue from.
+
+        Refuses a checkpoint whose fingerprint (model, adapter, dataset, pipeline split)
+        differs from this run's, naming each difference.
+        """
+        tag = tag or self.latest()
+        if tag is None or not (self.root / tag / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint {tag or ''} in {self.root}")
+        state = json.loads((self.root / tag / "trainer_state.json").read_text())
+        differences = [f"{key}: checkpoint has {state['fingerprint'].get(key)!r}, this run has {value!r}"
+                       for key, value in fingerprint.items() if state["fingerprint"].get(key) != value]
+        if differences:
+            raise ConfigError("cannot resume: the config changes what the checkpoint means\n  "
+                              + "\n  ".join(differences))
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        if path is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
+        random_file = self.root / tag / f"random_state_rank{self.rank:04d}.pt"
+        if random_file.is_file():
+            _set_random_states(torch.load(random_file, weights_only=False))
+        return int(state["step"])
 
 
-def load_checkpoint(engine, run_dir: Path, resume: str) -> int:
-    """Restore the training state; returns the step to continue from."""
-    tag = None if resume == "latest" or resume == run_dir.name else resume
-    path, client = engine.load_checkpoint(str(run_dir / CHECKPOINTS), tag=tag, load_module_strict=False)
-    if path is None:
-        raise FileNotFoundError(f"--resume_from_checkpoint: could not load a checkpoint from {run_dir}")
-    return int(client["step"])
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _random_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _pause_for_fault_tests(point: str) -> None:
+    # Fault-injection hook for the tests that kill a run in the middle of a save:
+    # TRAINER_TEST_PAUSE_AT=checkpoint<step>:SECONDS holds that save open at its most fragile
+    # moment (all files written, `latest` not yet moved).
+    spec = os.environ.get("TRAINER_TEST_PAUSE_AT", "")
+    if spec.startswith(point + ":"):
+        time.sleep(float(spec.split(":", 1)[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.metrics import Metrics, peak_memory_gib
-from utils.saving import save_adapter, save_checkpoint
+from utils.saving import Checkpoints, run_fingerprint, save_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,19 +45,27 @@ class Schedule:
 class Trainer:
     def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
                  evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
-                 plan: TrainPlan, total: int, start_step: int = 0):
+                 plan: TrainPlan, total: int, resume: str | None = None):
         self.model, self.config, self.engine, self.transformer = model, config, engine, transformer
         self.train, self.evals, self.run_dir = train, evals, run_dir
         self.rank, self.world, self.device = rank, world, device
         self.dp_rank = engine.grid.get_data_parallel_rank()
         self.dp_world = engine.grid.get_data_parallel_world_size()
-        self.plan, self.total, self.step = plan, total, start_step
+        self.plan, self.total = plan, total
         s = config.settings
+        self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
+        self.fingerprint = run_fingerprint(config, train.samples)
+        self.step = 0
+        if resume is not None:
+            tag = None if resume in ("latest", run_dir.name) else resume
+            self.step = self.checkpoints.load(engine, tag, self.fingerprint)
+        start_step = self.step
         self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
         self.eval_schedule = Schedule(s.eval_every_n_steps, s.eval_every_n_epochs)
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
+        self.stop_signal: int | None = None
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
         self.losses: list[float] = self._read_history("losses.json")[:start_step]
         self.eval_history: list[dict] = [e for e in self._read_history("eval.json") if e["step"] <= start_step]
@@ -115,9 +124,25 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self._write_history()
-        save_checkpoint(self.engine, self.run_dir, self.step)
+        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint)
         self.last_checkpoint_time = time.monotonic()
-        self.metrics.print(f"step {self.step}: checkpoint saved")
+        self.metrics.print(f"step {self.step}: checkpoint {self.checkpoints.root / tag} saved")
+
+    def _on_signal(self, signum, frame):
+        # Only note it: the step in flight finishes, then every rank checkpoints together.
+        self.stop_signal = signum
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGINT/SIGTERM (one tiny all-reduce a step)."""
+        flag = torch.tensor([1 if self.stop_signal is not None else 0], dtype=torch.int32, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def checkpoints_enabled(self) -> bool:
+        s = self.config.settings
+        return any(v is not None for v in (s.checkpoint_every_n_minutes, s.checkpoint_every_n_steps,
+                                           s.checkpoint_every_n_epochs))
 
     def checkpoint_due(self, spe: int) -> bool:
         minutes = self.config.settings.checkpoint_every_n_minutes
@@ -133,9 +158,17 @@ class Trainer:
         s = self.config.settings
         spe = self.plan.steps_per_epoch
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         while self.step < self.total:
+            if self.stop_requested():
+                self.checkpoint()
+                self.metrics.print(f"stopped by a signal at step {self.step}; the checkpoint above resumes it "
+                                   f"(--resume_from_checkpoint)")
+                self.metrics.close()
+                return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
             start = time.perf_counter()
             loss = self.engine.train_batch(self.micro_batches(epoch, step_in_epoch)).item()
@@ -164,6 +197,8 @@ class Trainer:
         if self.evals:
             self.log_eval()
         self.save("final")
+        if self.checkpoints_enabled():
+            self.checkpoint()  # so a longer run can resume from the end of this one
         self._write_history()
         self.metrics.close()
         return self.losses

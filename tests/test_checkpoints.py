@@ -1,0 +1,140 @@
+"""Checkpoints: exact resume, kill -9 during a save, SIGTERM, and refusing a changed config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, free_port, launch, write_configs
+
+
+def adapter(run_dir, name="final"):
+    return load_file(run_dir / "adapters" / name / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_adapter(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def start(config, *args, env=None, log=None):
+    """Launch in its own process group, so a test can signal or kill the whole run."""
+    cmd = ["deepspeed", "--num_gpus=1", f"--master_port={free_port()}", str(REPO / "train.py"), "--deepspeed",
+           "--config", str(config), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_group_gone(proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        proc.poll()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run did not exit")
+
+
+def wait_for(path_fn, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path_fn():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture
+def reference(tmp_path, tiny_models, image_dataset):
+    """An uninterrupted 8-step run with a checkpoint every 2 steps."""
+    cfg = write_configs(tmp_path / "ref", tiny_models / "flux", image_dataset, max_steps=8,
+                        checkpoint_every_n_steps=2, checkpoints_to_keep=2, adapter={"dropout": 0.0})
+    run = launch(cfg)
+    assert run.returncode == 0, run.output[-3000:]
+    return cfg, run
+
+
+def test_resume_is_exact_and_old_checkpoints_are_pruned(reference):
+    cfg, ref = reference
+    run_dir = ref.run_dirs()[-1]
+    # keep 2: steps 2 and 4 were deleted once 6 and 8 were complete
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000006", "step00000008"]
+    ref_losses = ref.losses()
+    ref_adapter = adapter(run_dir)
+    resumed = launch(cfg, "--resume_from_checkpoint", "step00000006")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "starting at step 6" in resumed.output
+    # losses.json: steps 1-6 kept from before, 7-8 trained again: identical to the uninterrupted run
+    assert resumed.losses(run_dir) == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    assert_same_adapter(adapter(run_dir), ref_adapter)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_loses_nothing_before_it(reference, tmp_path):
+    cfg, ref = reference
+    ref_losses = ref.losses()
+    out = cfg.parent / "runs2"
+    cfg2 = cfg.with_name("train2.toml")
+    cfg2.write_text(cfg.read_text().replace(str(cfg.parent / "runs"), str(out)))
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = start(cfg2, env={"TRAINER_TEST_PAUSE_AT": "checkpoint4:60"}, log=log)
+        # The save of step 4 has written its files and now waits before moving `latest`: kill -9 there.
+        wait_for(lambda: any(out.glob("*/checkpoints/step00000004/trainer_state.json")))
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        wait_group_gone(proc)
+    run_dir = next(out.iterdir())
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
+    resumed = launch(cfg2, "--resume_from_checkpoint")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "starting at step 2" in resumed.output
+    assert resumed.losses(run_dir) == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    assert_same_adapter(adapter(run_dir), adapter(ref.run_dirs()[-1]))
+    # the unfinished save was replaced by a complete one, never trusted as it was
+    assert (run_dir / "checkpoints" / "step00000008" / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_exits(tmp_path, tiny_models, image_dataset):
+    cfg = write_configs(tmp_path / "t", tiny_models / "flux", image_dataset, max_steps=400,
+                        checkpoint_every_n_steps=1000)
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = start(cfg, log=log)
+        wait_for(lambda: any((p / "metrics.jsonl").is_file() and len((p / "metrics.jsonl").read_text().splitlines()) >= 3
+                             for p in (cfg.parent / "runs").glob("*")))
+        os.killpg(proc.pid, signal.SIGTERM)  # what a job scheduler or `kill -TERM -<pgid>` sends
+        wait_group_gone(proc)
+    output = log_path.read_text()
+    assert "stopped by a signal at step" in output, output[-3000:]
+    run_dir = next((cfg.parent / "runs").iterdir())
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 3 <= step < 400
+    assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_adapter_but_allows_a_new_learning_rate(reference):
+    cfg, ref = reference
+    text = cfg.read_text()
+    cfg.write_text(text.replace("rank = 4", "rank = 8"))
+    refused = launch(cfg, "--resume_from_checkpoint")
+    assert refused.returncode == 2
+    assert "cannot resume" in refused.stderr and "adapter: checkpoint has 'lora rank=4" in refused.stderr
+    assert "Traceback" not in refused.output
+    cfg.write_text(text.replace("lr = 0.001", "lr = 0.0005").replace("max_steps = 8", "max_steps = 10"))
+    allowed = launch(cfg, "--resume_from_checkpoint")
+    assert allowed.returncode == 0, allowed.output[-3000:]
+    assert "starting at step 8" in allowed.output
+    assert len(allowed.losses(ref.run_dirs()[-1])) == 10
