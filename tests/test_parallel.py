@@ -1,0 +1,67 @@
+"""The training math does not depend on how processes are arranged: 1 process, 2 pipeline
+stages, 2 data-parallel replicas and 2 x 2 give the same losses, weights and eval loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import launch, write_configs
+
+# Each layout trains on 2 micro-batches of 1 sample per optimizer step.
+LAYOUTS = {
+    "1 process, 1 stage, accumulation 2": dict(num_gpus=1, pipeline_stages=1, gradient_accumulation_steps=2),
+    # activation checkpointing recomputes the forward: same math, so it rides along here
+    "2 processes, 2 stages, accumulation 2": dict(num_gpus=2, pipeline_stages=2, gradient_accumulation_steps=2,
+                                                  activation_checkpointing=True),
+    "2 processes, 2 replicas": dict(num_gpus=2, pipeline_stages=1, gradient_accumulation_steps=1),
+    "4 processes, 2 stages x 2 replicas": dict(num_gpus=4, pipeline_stages=2, gradient_accumulation_steps=1),
+}
+
+
+def run_layout(tmp_path, tiny_models, data, name, num_gpus, **settings):
+    folder = tmp_path / name.replace(" ", "_").replace(",", "")
+    cfg = write_configs(folder, tiny_models / "flux", data, max_steps=4, micro_batch_size_per_gpu=1,
+                        eval_datasets=[{"name": "held", "config": "dataset.toml"}], eval_at_start=True,
+                        **settings)
+    result = launch(cfg, num_gpus=num_gpus)
+    assert result.returncode == 0, f"{name}:\n{result.output[-4000:]}"
+    run_dir = result.run_dirs()[-1]
+    weights = load_file(run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors")
+    evals = json.loads((run_dir / "eval.json").read_text())
+    return result.losses(run_dir), weights, evals, result.output
+
+
+def compare(reference, other, name):
+    ref_losses, ref_weights, ref_evals, _ = reference
+    losses, weights, evals, _ = other
+    assert losses == pytest.approx(ref_losses, rel=1e-5), name
+    assert weights.keys() == ref_weights.keys(), name
+    for k in weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], atol=1e-5, rtol=1e-4, msg=f"{name}: {k}")
+    assert [e["step"] for e in evals] == [e["step"] for e in ref_evals]
+    for e, r in zip(evals, ref_evals):
+        assert e["held"] == pytest.approx(r["held"], rel=1e-6), name
+
+
+def test_two_stages_match_one(tmp_path, tiny_models, image_dataset):
+    names = list(LAYOUTS)[:2]
+    reference = run_layout(tmp_path, tiny_models, image_dataset, names[0], **LAYOUTS[names[0]])
+    other = run_layout(tmp_path, tiny_models, image_dataset, names[1], **LAYOUTS[names[1]])
+    # the 2-stage run really split the model
+    assert "stage 1: layers" in other[3]
+    compare(reference, other, names[1])
+    # and the adapter trained: weights moved away from lora_B = 0
+    assert any(v.abs().max() > 0 for k, v in reference[1].items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_data_parallel_and_hybrid_layouts_match(tmp_path, tiny_models, image_dataset):
+    results = {name: run_layout(tmp_path, tiny_models, image_dataset, name, **settings)
+               for name, settings in LAYOUTS.items() if name != list(LAYOUTS)[1]}
+    reference = results.pop(list(LAYOUTS)[0])
+    for name, other in results.items():
+        compare(reference, other, name)
