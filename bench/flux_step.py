@@ -120,7 +120,7 @@ def _engine_step(model, adapter, args, device, inputs, labels):
     init_distributed()
     transformer = model.build_empty_transformer()
     model.add_lora(transformer, adapter)
-    layers = model.layers(transformer)
+    layers = model.pipeline_layers(transformer)
     names = [n for layer in layers for n in layer.module_names]
     model.load_weights(transformer, names, device)
     model.init_lora(transformer, names, adapter, device, seed=0)
@@ -144,7 +144,7 @@ def _layers_step(model, adapter, args, device, inputs, labels):
 
     transformer = model.build_empty_transformer()
     model.add_lora(transformer, adapter)
-    layers = model.layers(transformer)
+    layers = model.pipeline_layers(transformer)
     names = [n for layer in layers for n in layer.module_names]
     model.load_weights(transformer, names, device)
     model.init_lora(transformer, names, adapter, device, seed=0)

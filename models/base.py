@@ -336,6 +336,13 @@ class DiffusionModel:
         """The transformer as a list of pipeline layers, input embedding first."""
         raise NotImplementedError
 
+    def pipeline_layers(self, transformer: nn.Module) -> list[PipelineLayer]:
+        """`layers`, set to compute in the model's dtype (autocast when it is not float32)."""
+        layers = self.layers(transformer)
+        for layer in layers:
+            layer.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
+        return layers
+
 
 def _base_name(param_name: str) -> str:
     # peft wraps a targeted Linear: "x.to_q.weight" becomes "x.to_q.base_layer.weight"

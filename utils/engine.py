@@ -113,7 +113,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     topology = make_topology(world, s.pipeline_stages, config.file)
     transformer = model.build_empty_transformer()
     model.add_lora(transformer, s.adapter)
-    layers = model.layers(transformer)
+    layers = model.pipeline_layers(transformer)
     parts = partition(layers, s.pipeline_stages, s.partition_method)
     stage = topology.get_coord(rank).pipe
     local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]

@@ -52,6 +52,10 @@ class PipelineLayer(nn.Module):
         self.in_fields = in_fields
         self.out_fields = out_fields
         self.module_names = module_names
+        # With low-precision base weights, run under autocast so that fp32 LoRA weights do their
+        # matrix products in that precision too, without an fp32 copy of every input kept for
+        # the backward. None: no autocast (float32 training).
+        self.autocast_dtype: torch.dtype | None = None
 
     def run(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -60,7 +64,10 @@ class PipelineLayer(nn.Module):
         if isinstance(packed, torch.Tensor):
             packed = (packed,)
         state = self.in_fields.unpack(packed)
-        state = self.run(state)
+        device_type = packed[0].device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            state = self.run(state)
         out = self.out_fields.pack(state)
         if torch.is_grad_enabled():
             # DeepSpeed calls backward on every floating-point output of a stage, so each must
