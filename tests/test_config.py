@@ -1,0 +1,225 @@
+"""Config loading errors: every bad input is a ConfigError naming the file and the key.
+
+The TOMLs are written out as text, as a user would write them; each test edits one line of a
+valid pair of files (which `test_valid_config_loads` shows loads) and checks the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils.config import load_train_config
+from utils.schema import ConfigError
+
+from conftest import launch
+
+TRAIN = """\
+output_dir = "runs"
+dataset = "dataset.toml"
+max_steps = 10
+
+[model]
+type = "flux"
+diffusers_path = "model"
+
+[adapter]
+type = "lora"
+rank = 8
+
+[optimizer]
+lr = 1e-4
+"""
+
+DATASET = """\
+resolutions = [64]
+num_ar_buckets = 3
+
+[[directory]]
+path = "data"
+"""
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"{old!r} is not once in the template"
+    return text.replace(old, new)
+
+
+def write(folder: Path, train: str = TRAIN, dataset: str = DATASET) -> Path:
+    """The two TOMLs plus the folders they name (an empty model folder: only its path is checked)."""
+    (folder / "model").mkdir(exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "dataset.toml").write_text(dataset)
+    path = folder / "train.toml"
+    path.write_text(train)
+    return path
+
+
+def error(folder: Path, train: str = TRAIN, dataset: str = DATASET) -> str:
+    path = write(folder, train, dataset)
+    with pytest.raises(ConfigError) as info:
+        load_train_config(path)
+    return str(info.value)
+
+
+def test_valid_config_loads(tmp_path):
+    config = load_train_config(write(tmp_path))
+    assert config.settings.max_steps == 10 and config.epochs is None
+    assert config.model.type == "flux" and config.model.diffusers_path == str(tmp_path / "model")
+    assert config.settings.adapter.rank == 8 and config.settings.adapter.alpha == 8.0  # alpha defaults to rank
+    assert config.settings.optimizer.lr == 1e-4
+    (directory,) = config.dataset.directories
+    assert directory.path == tmp_path / "data" and directory.settings.resolutions == [64]
+    assert config.output_dir == tmp_path / "runs"
+
+
+# (which file, template line, replacement, the key the message names, the suggested key)
+UNKNOWN_KEYS = {
+    "top level": ("train", "max_steps = 10", "max_step = 10", "max_step", "max_steps"),
+    "model": ("train", 'type = "flux"', 'type = "flux"\nguidence = 3.5', "model.guidence", "guidance"),
+    "adapter": ("train", "rank = 8", "rank = 8\nalpah = 8", "adapter.alpah", "alpha"),
+    "optimizer": ("train", "lr = 1e-4", "lr = 1e-4\nweight_decy = 0.1", "optimizer.weight_decy", "weight_decay"),
+    "dataset": ("dataset", "num_ar_buckets = 3", "num_ar_bucket = 3", "num_ar_bucket", "num_ar_buckets"),
+    "dataset directory": ("dataset", 'path = "data"', 'path = "data"\nnum_repeat = 2', "directory[0].num_repeat",
+                          "num_repeats"),
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN_KEYS.values(), ids=UNKNOWN_KEYS.keys())
+def test_unknown_key_suggests_the_nearest(tmp_path, case):
+    which, old, new, key, suggestion = case
+    if which == "train":
+        message = error(tmp_path, train=edit(TRAIN, old, new))
+    else:
+        message = error(tmp_path, dataset=edit(DATASET, old, new))
+    assert message.startswith(f"{tmp_path / (which + '.toml')}: ")
+    assert f"unknown key '{key}' (did you mean '{suggestion}'?)" in message
+
+
+def test_unknown_key_without_a_near_name_lists_the_valid_ones(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, "lr = 1e-4", "lr = 1e-4\nmomentum = 0.9"))
+    assert message == (f"{tmp_path / 'train.toml'}: unknown key 'optimizer.momentum'; "
+                       f"valid keys here: betas, eps, lr, type, weight_decay")
+
+
+WRONG_TYPES = {
+    "string for int": ("train", "rank = 8", 'rank = "8"', "'adapter.rank' must be an integer, got '8'"),
+    "float for int": ("train", "max_steps = 10", "max_steps = 10.5", "'max_steps' must be an integer, got 10.5"),
+    "string for bool": ("train", "max_steps = 10", 'max_steps = 10\neval_at_start = "yes"',
+                        "'eval_at_start' must be true or false, got 'yes'"),
+    "choice": ("train", 'type = "lora"', 'type = "loha"', "'adapter.type' must be 'lora', got 'loha'"),
+    "resolution": ("dataset", "resolutions = [64]", 'resolutions = ["a"]',
+                   "'resolutions[0]' must be an integer or a list of 2 (an integer, an integer), got 'a'"),
+    "table for list": ("dataset", 'path = "data"', 'path = "data"\nresolutions = 64',
+                       "'directory[0].resolutions' must be a list of"),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
+def test_wrong_type_names_key_and_expected_type(tmp_path, case):
+    which, old, new, expected = case
+    if which == "train":
+        message = error(tmp_path, train=edit(TRAIN, old, new))
+    else:
+        message = error(tmp_path, dataset=edit(DATASET, old, new))
+    assert message.startswith(f"{tmp_path / (which + '.toml')}: ")
+    assert expected in message
+
+
+def test_missing_required_keys(tmp_path):
+    train = tmp_path / "train.toml"
+    message = error(tmp_path, train=edit(TRAIN, 'output_dir = "runs"\n', ""))
+    assert message == f"{train}: missing required key 'output_dir' (a string)"
+    message = error(tmp_path, train=edit(TRAIN, 'diffusers_path = "model"\n', ""))
+    assert message == f"{train}: missing required key 'model.diffusers_path' (a string)"
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"\n', ""))
+    assert message.startswith(f"{train}: missing required key 'model.type'")
+    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"\n', 'num_repeats = 2\n'))
+    assert message == f"{tmp_path / 'dataset.toml'}: missing required key 'directory[0].path' (a string)"
+    message = error(tmp_path, dataset="resolutions = [64]\n")
+    assert message.startswith(f"{tmp_path / 'dataset.toml'}: 'directory' needs at least one [[directory]]")
+
+
+def test_missing_paths(tmp_path):
+    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"', 'path = "no_such_folder"'))
+    assert message == (f"{tmp_path / 'dataset.toml'}: 'directory[0].path' is not a folder: "
+                       f"{tmp_path / 'no_such_folder'}")
+    message = error(tmp_path, train=edit(TRAIN, 'diffusers_path = "model"', 'diffusers_path = "no_model"'))
+    assert message == f"{tmp_path / 'train.toml'}: 'model.diffusers_path' does not exist: {tmp_path / 'no_model'}"
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux"\ntransformer_path = "x.safetensors"'))
+    assert message.startswith(f"{tmp_path / 'train.toml'}: 'model.transformer_path' does not exist")
+    message = error(tmp_path, train=edit(TRAIN, 'rank = 8', 'rank = 8\ninit_from_existing = "old_lora"'))
+    assert message.startswith(f"{tmp_path / 'train.toml'}: 'adapter.init_from_existing' does not exist")
+    message = error(tmp_path, train=edit(TRAIN, 'dataset = "dataset.toml"', 'dataset = "datset.toml"'))
+    assert message == f"{tmp_path / 'datset.toml'}: file not found"
+
+
+def test_unknown_model_type(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux2"'))
+    prefix = f"{tmp_path / 'train.toml'}: 'model.type' is 'flux2', which is not a known model; known: "
+    assert message.startswith(prefix)
+    assert "flux" in message.removeprefix(prefix).split(", ")
+
+
+def test_resolution_not_a_multiple_of_16_names_the_dataset_key(tmp_path):
+    dataset_file = tmp_path / "dataset.toml"
+    message = error(tmp_path, dataset=edit(DATASET, "resolutions = [64]", "resolutions = [64, 100]"))
+    assert message.startswith(f"{dataset_file}: 'resolutions[1]' is 100: ")
+    assert "not a multiple of 16" in message and "nearest: 96 or 112" in message
+    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"', 'path = "data"\nresolutions = [64, [96, 72]]'))
+    assert message.startswith(f"{dataset_file}: 'directory[0].resolutions[1]' is [96, 72]: the height 72 ")
+
+
+def test_eval_dataset_errors_name_the_eval_dataset_file(tmp_path):
+    train = edit(TRAIN, "max_steps = 10", 'max_steps = 10\neval_datasets = [{ name = "val", config = "eval.toml" }]')
+    (tmp_path / "eval.toml").write_text(edit(DATASET, "num_ar_buckets = 3", "num_ar_buckets = 0"))
+    message = error(tmp_path, train=train)
+    assert message == f"{tmp_path / 'eval.toml'}: 'num_ar_buckets' must be at least 1"
+
+
+def test_bad_toml_syntax_names_the_file_and_line(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_steps = "))
+    assert message.startswith(f"{tmp_path / 'train.toml'}: not valid TOML: ")
+    assert "line 3" in message
+    message = error(tmp_path, dataset=edit(DATASET, "[[directory]]", "[[directory]"))
+    assert message.startswith(f"{tmp_path / 'dataset.toml'}: not valid TOML: ")
+    assert "line 4" in message
+
+
+def test_training_length_is_required(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, "max_steps = 10\n", ""))
+    assert message == f"{tmp_path / 'train.toml'}: 'epochs' or 'max_steps' must be set (how long to train)"
+    assert load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "epochs = 2"))).epochs == 2
+
+
+def test_values_out_of_range(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_steps = 0"))
+    assert message == f"{tmp_path / 'train.toml'}: 'max_steps' must be at least 1, got 0"
+    message = error(tmp_path, train=edit(TRAIN, "rank = 8", "rank = 0"))
+    assert message == f"{tmp_path / 'train.toml'}: 'adapter.rank' must be at least 1"
+
+
+def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):
+    from utils.engine import make_topology
+
+    config_file = tmp_path / "train.toml"
+    with pytest.raises(ConfigError) as info:
+        make_topology(world_size=1, stages=2, config_file=config_file)
+    assert str(info.value) == (f"{config_file}: 'pipeline_stages' = 2 does not divide the number of GPUs (1); "
+                               f"use a GPU count that is a multiple of it")
+    with pytest.raises(ConfigError, match="'pipeline_stages' = 4 does not divide the number of GPUs \\(6\\)"):
+        make_topology(world_size=6, stages=4, config_file=config_file)
+    topology = make_topology(world_size=6, stages=3, config_file=config_file)
+    assert topology.get_dim("pipe") == 3 and topology.get_dim("data") == 2
+
+
+def test_launch_with_misspelt_key_prints_one_error_line(tmp_path):
+    # Before any model loads: an empty model folder is enough to show the error comes first.
+    config = write(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_stesp = 10"))
+    result = launch(config)
+    assert result.returncode == 2, result.output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {config}: unknown key 'max_stesp' (did you mean 'max_steps'?)"]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
