@@ -108,8 +108,7 @@ def run_row(args) -> dict:
 
 
 def _engine_step(model, adapter, args, device, inputs, labels):
-    import deepspeed
-    from utils.engine import init_distributed, partition  # noqa: F401
+    from utils.engine import init_distributed, start_engine
     from utils.config import OptimizerConfig
     from utils.optimizers import build_optimizer, build_scheduler
     from deepspeed.runtime.pipe.module import PipelineModule
@@ -129,9 +128,7 @@ def _engine_step(model, adapter, args, device, inputs, labels):
                           activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
                           dynamic_shape=True)
     opt = build_optimizer([p for p in pipe.parameters() if p.requires_grad], OptimizerConfig(lr=1e-5), 1.0, None)
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=opt, lr_scheduler=build_scheduler(opt, "constant", 0, 100),
-                                           config={"train_micro_batch_size_per_gpu": args.batch,
-                                                   "gradient_accumulation_steps": 1, "steps_per_print": 10**9})
+    engine = start_engine(pipe, opt, build_scheduler(opt, "constant", 0, 100), args.batch, 1)
     return lambda: engine.train_batch(iter([(inputs, labels)])).item()
 
 

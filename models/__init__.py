@@ -13,6 +13,8 @@ from utils.schema import ConfigError
 
 MODEL_CLASSES = {
     "flux": "models.flux:FluxModel",
+    "ltx-video": "models.ltx_video:LTXVideoModel",
+    "hunyuan-video": "models.hunyuan_video:HunyuanVideoModel",
 }
 
 

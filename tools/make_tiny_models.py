@@ -63,6 +63,36 @@ FLUX_SCHEDULER = dict(
 )
 
 
+LTX_TRANSFORMER = dict(
+    in_channels=16, out_channels=16, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+    cross_attention_dim=32, num_layers=2, caption_channels=32,
+)
+LTX_VAE = dict(  # 32x spatial, 8x temporal, like the release
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+    decoder_block_out_channels=(8, 8, 16, 16), layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 5,
+    spatio_temporal_scaling=(True, True, True, False), decoder_spatio_temporal_scaling=(True, True, True, False),
+    decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+    timestep_conditioning=False, patch_size=4, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+)
+# The LTX-Video release's scheduler: shift from the video's token count, mu in 0.95..2.05 over 1024..4096 tokens.
+LTX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+    base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
+)
+HUNYUAN_TRANSFORMER = dict(
+    in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
+    num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=32,
+    pooled_projection_dim=32, rope_axes_dim=(4, 6, 6),
+)
+HUNYUAN_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+    norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4,
+)
+# The HunyuanVideo release's scheduler: a fixed shift of 7.
+HUNYUAN_SCHEDULER = dict(num_train_timesteps=1000, shift=7.0)
+
+
 # Tokenizers. The `tokenizers` trainers break frequency ties in hash-map order, so two runs give different
 # vocabularies (seen with tokenizers 0.23, even single-threaded). So the vocabularies are built here with
 # deterministic tie-breaking; every single character stays in the vocab, so any lowercase ASCII text tokenizes.
@@ -90,15 +120,10 @@ def _merge_pair(word: tuple, pair: tuple) -> tuple:
     return tuple(out)
 
 
-def tiny_clip_tokenizer(corpus=CORPUS):
-    """A CLIPTokenizer (BPE with the "</w>" end-of-word suffix) trained on ``corpus`` until every word is one token."""
-    from transformers import CLIPTokenizer
-
-    chars = _chars(corpus)
-    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in _word_counts(corpus).items()}
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+def _learn_bpe(words: dict) -> list[tuple[str, str]]:
+    """Plain BPE merges: merge the most frequent pair until none is left, ties broken by the pair itself."""
     merges = []
-    while True:  # plain BPE: merge the most frequent pair, ties broken by the pair itself (deterministic)
+    while True:
         pairs = Counter()
         for w, n in words.items():
             for pair in zip(w, w[1:]):
@@ -107,8 +132,18 @@ def tiny_clip_tokenizer(corpus=CORPUS):
             break
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        tokens.append(best[0] + best[1])
         words = {_merge_pair(w, best): n for w, n in words.items()}
+    return merges
+
+
+def tiny_clip_tokenizer(corpus=CORPUS):
+    """A CLIPTokenizer (BPE with the "</w>" end-of-word suffix) trained on ``corpus`` until every word is one token."""
+    from transformers import CLIPTokenizer
+
+    chars = _chars(corpus)
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in _word_counts(corpus).items()}
+    merges = _learn_bpe(words)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = 77
@@ -130,6 +165,42 @@ def tiny_t5_tokenizer(corpus=CORPUS):
     tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
     tok.model_max_length = 512
     return tok
+
+
+# The Llama-3 chat header tokens that HunyuanVideo's prompt template is written with.
+LLAMA_SPECIAL_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def tiny_llama_tokenizer(corpus=CORPUS):
+    """A LlamaTokenizerFast (BPE + Metaspace, "\u2581" marks a word start) trained on ``corpus``.
+
+    Every printable ASCII character and newline is in the vocabulary, so HunyuanVideo's prompt template tokenizes
+    without unknown tokens; its chat header tokens are special tokens, as in the real (Llama-3) tokenizer.
+    Padding is on the right: the template crop and the transformer's text mask both expect the prompt first.
+    """
+    from transformers import LlamaTokenizerFast
+
+    words = {("\u2581",) + tuple(w): n for w, n in _word_counts(corpus).items()}
+    merges = _learn_bpe(words)
+    chars = ["\u2581", "\n"] + [chr(c) for c in range(33, 127)]
+    tokens = ["<unk>", "<s>", "</s>"] + chars + [a + b for a, b in merges]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = LlamaTokenizerFast(vocab=vocab, merges=merges, padding_side="right", add_bos_token=True)
+    tok.add_tokens(LLAMA_SPECIAL_TOKENS, special_tokens=True)
+    tok.pad_token = "</s>"
+    tok.model_max_length = 1024
+    return tok
+
+
+def tiny_llama_encoder(tok):
+    """A 3-layer Llama with hidden size 32 (HunyuanVideo reads the third-from-last hidden state)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(SEED)
+    return LlamaModel(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
 
 
 def tiny_clip_text_encoder(tok):
@@ -181,8 +252,65 @@ def make_tiny_flux(out_dir: Path) -> Path:
     return target
 
 
-# name -> maker; add LTX-Video, HunyuanVideo, ... here.
-MAKERS = {"flux": make_tiny_flux}
+def make_tiny_ltx_video(out_dir: Path) -> Path:
+    """Write a tiny LTX-Video pipeline to ``out_dir/ltx-video`` (plus an original-layout transformer file)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from safetensors.torch import save_file
+
+    from models.ltx_layout import diffusers_to_original
+
+    target = Path(out_dir) / "ltx-video"
+    tokenizer = tiny_t5_tokenizer()
+    tokenizer.model_max_length = 128
+    torch.manual_seed(SEED)
+    transformer = LTXVideoTransformer3DModel(**LTX_TRANSFORMER)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLLTXVideo(**LTX_VAE)
+    # Per-channel latent statistics that are not 0 and 1, so the latent normalisation is exercised.
+    g = torch.Generator().manual_seed(SEED)
+    vae.latents_mean.copy_(0.1 * torch.randn(vae.latents_mean.shape, generator=g))
+    vae.latents_std.copy_(0.5 + torch.rand(vae.latents_std.shape, generator=g))
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**LTX_SCHEDULER), vae=vae,
+                       text_encoder=tiny_t5_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(target)
+    # Stand-in for the single-file release checkpoint (ltx-video-2b-v0.9.safetensors layout).
+    original = diffusers_to_original(transformer.state_dict(), prefix="model.diffusion_model.")
+    save_file({k: v.contiguous() for k, v in original.items()}, str(target / "ltx-video-tiny-original.safetensors"))
+    return target
+
+
+def make_tiny_hunyuan_video(out_dir: Path) -> Path:
+    """Write a tiny HunyuanVideo pipeline to ``out_dir/hunyuan-video`` (plus an original-layout transformer file)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+    from safetensors.torch import save_file
+
+    from models.hunyuan_layout import diffusers_to_original as hunyuan_to_original
+
+    target = Path(out_dir) / "hunyuan-video"
+    tokenizer, tokenizer_2 = tiny_llama_tokenizer(), tiny_clip_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMER)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLHunyuanVideo(**HUNYUAN_VAE)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=tiny_llama_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER),
+        text_encoder_2=tiny_clip_text_encoder(tokenizer_2), tokenizer_2=tokenizer_2,
+    )
+    pipe.save_pretrained(target)
+    # Stand-in for the single-file release checkpoint (original HunyuanVideo / ComfyUI layout).
+    original = hunyuan_to_original(transformer.state_dict())
+    save_file({k: v.contiguous() for k, v in original.items()}, str(target / "hunyuan-video-tiny-original.safetensors"))
+    return target
+
+
+# name -> maker
+MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video}
 
 
 def main(argv=None) -> None:

@@ -139,13 +139,24 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping,
                                 pipe.mpu().get_pipe_parallel_group())
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
+    engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
+    return engine, transformer
+
+
+def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int):
+    """DeepSpeed's pipeline engine around `pipe`, configured the one way we use it."""
     ds_config = {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size_per_gpu,
-        "gradient_accumulation_steps": s.gradient_accumulation_steps,
-        "gradient_clipping": 0.0,  # done by the optimizer wrapper, which also records the norm
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        # DeepSpeed clips by default (1.0) and throws the norm away; our optimizer wrapper
+        # clips once and records the norm.
+        "gradient_clipping": 0.0,
         "steps_per_print": 10**9,  # we print our own progress
         "wall_clock_breakdown": False,
     }
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    return engine, transformer
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if engine.grid.get_data_parallel_world_size() == 1:
+        # One replica: nothing to average, so skip the engine's flatten/all-reduce/unflatten
+        # of every gradient each step (the attribute DeepSpeed exposes for this).
+        engine.pipeline_enable_backward_allreduce = False
+    return engine

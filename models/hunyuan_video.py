@@ -1,0 +1,262 @@
+"""HunyuanVideo: Llama text encoder with the release's prompt template + CLIP-L pooled text,
+causal video VAE (8x spatial, 4x temporal), dual- then single-stream transformer.
+
+Preprocessing follows diffusers' HunyuanVideoPipeline: the caption is wrapped in the prompt
+template, the Llama hidden state third from the end is taken and the template's tokens are
+cropped off (with the attention mask), CLIP-L gives the pooled embedding, latents are scaled by
+the VAE's scaling_factor, and the transformer gets the timestep and the guidance as value * 1000.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
+
+from models.base import DiffusionModel
+from models.hunyuan_layout import load_diffusers_keys_from_original, lora_to_original
+from utils.config import ModelConfig
+from utils.pipeline_layers import PipelineFields, PipelineLayer
+from utils.schema import ConfigError, check, key
+
+# HunyuanVideoPipeline takes the Llama hidden state before the last two layers.
+NUM_HIDDEN_LAYERS_TO_SKIP = 2
+
+
+@dataclass
+class HunyuanVideoConfig(ModelConfig):
+    """Training samples timesteps with the base defaults (logit-normal, no shift): the release's
+    shift of 7 is an inference schedule. Set `shift` to train with a shifted distribution."""
+
+    guidance: float = 1.0
+    max_sequence_length: int = 256
+
+    def validate(self, file, prefix):
+        super().validate(file, prefix)
+        check(self.max_sequence_length >= 1, file, key(prefix, "max_sequence_length"), "must be at least 1")
+
+
+# What the data loader hands the first layer, and what flows between the blocks. The text mask
+# and the latent grid size are int64: they carry no gradient across a stage boundary.
+HUNYUAN_INPUTS = PipelineFields("latents", "text", "text_mask", "pooled", "timesteps", "guidance")
+HUNYUAN_STREAM = PipelineFields("hidden", "encoder_hidden", "text_mask", "temb", "grid")
+HUNYUAN_OUTPUT = PipelineFields("prediction")
+
+
+def template_crop_start(tokenizer, template: str) -> int:
+    """How many tokens of the prompt template come before the prompt, for any tokenizer.
+
+    The template is tokenized with an empty prompt; the prompt would start where the template's
+    text after "{}" starts. For the release's Llama-3 tokenizer this gives its crop_start of 95.
+    """
+    ids = tokenizer(template.format("")).input_ids
+    suffix = tokenizer(template.split("{}", 1)[1], add_special_tokens=False).input_ids
+    for start in range(len(ids) - len(suffix), -1, -1):
+        if ids[start:start + len(suffix)] == suffix:
+            return start
+    raise ValueError("cannot locate the prompt in the tokenized prompt template")
+
+
+def joint_attention_mask(text_mask: torch.Tensor, latent_len: int) -> torch.Tensor:
+    """(batch, 1, 1, latent + text) bool mask, as HunyuanVideoTransformer3DModel.forward builds it:
+    all latent tokens, then the first sum(text_mask) text tokens."""
+    valid = latent_len + text_mask.sum(dim=1, dtype=torch.int)
+    positions = torch.arange(latent_len + text_mask.shape[1], device=text_mask.device)
+    return (positions[None] < valid[:, None])[:, None, None, :]
+
+
+class HunyuanInputLayer(PipelineLayer):
+    """Patch embedding, timestep/guidance/pooled-text embedding and the text token refiner."""
+
+    def __init__(self, transformer: HunyuanVideoTransformer3DModel):
+        super().__init__(HUNYUAN_INPUTS, HUNYUAN_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
+        self.x_embedder = transformer.x_embedder
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.uses_guidance = transformer.config.guidance_embeds
+
+    def run(self, s):
+        latents = s["latents"]
+        # HunyuanVideoPipeline passes the scheduler's timestep (sigma * 1000) in float32, and guidance * 1000.
+        timestep = s["timesteps"].float() * 1000
+        guidance = s["guidance"].float() * 1000 if self.uses_guidance else None
+        temb, _ = self.time_text_embed(timestep, s["pooled"].to(latents.dtype), guidance)
+        # The patch embedding returns a transposed view; DeepSpeed sends only contiguous tensors.
+        hidden = self.x_embedder(latents).contiguous()
+        encoder_hidden = self.context_embedder(s["text"].to(latents.dtype), timestep, s["text_mask"])
+        grid = torch.tensor(list(latents.shape[2:]), device=latents.device)
+        return {"hidden": hidden, "encoder_hidden": encoder_hidden, "text_mask": s["text_mask"], "temb": temb,
+                "grid": grid}
+
+
+class HunyuanBlockLayer(PipelineLayer):
+    """One dual-stream or single-stream block. Rotary embeddings and the attention mask are rebuilt
+    from integer tensors in every layer: cheap, and no gradient-less float tensor crosses a stage."""
+
+    def __init__(self, transformer: HunyuanVideoTransformer3DModel, module_name: str):
+        super().__init__(HUNYUAN_STREAM, HUNYUAN_STREAM, [module_name])
+        self.block = transformer.get_submodule(module_name)
+        self.rope = transformer.rope
+
+    def run(self, s):
+        hidden = s["hidden"]
+        frames, height, width = s["grid"].tolist()
+        # The rotary embedding reads only the latent's shape and device: an empty stand-in suffices.
+        rotary = self.rope(hidden.new_empty(0, 0, frames, height, width))
+        mask = joint_attention_mask(s["text_mask"], hidden.shape[1])
+        hidden, encoder_hidden = self.block(hidden, s["encoder_hidden"], s["temb"], mask, rotary)
+        # A single-stream block returns views into one joint sequence (see the input layer).
+        return {**s, "hidden": hidden.contiguous(), "encoder_hidden": encoder_hidden.contiguous()}
+
+
+class HunyuanFinalLayer(PipelineLayer):
+    """Output norm and projection, then the patches back to a (batch, channels, frames, h, w) latent."""
+
+    def __init__(self, transformer: HunyuanVideoTransformer3DModel):
+        super().__init__(HUNYUAN_STREAM, HUNYUAN_OUTPUT, ["norm_out", "proj_out"])
+        self.norm_out = transformer.norm_out
+        self.proj_out = transformer.proj_out
+        self.patch = transformer.config.patch_size
+        self.patch_t = transformer.config.patch_size_t
+
+    def run(self, s):
+        hidden = self.proj_out(self.norm_out(s["hidden"], s["temb"]))
+        frames, height, width = s["grid"].tolist()
+        p, pt = self.patch, self.patch_t
+        hidden = hidden.reshape(hidden.shape[0], frames // pt, height // p, width // p, -1, pt, p, p)
+        hidden = hidden.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return {"prediction": hidden}
+
+
+class HunyuanVideoModel(DiffusionModel):
+    name = "hunyuan-video"
+    config_class = HunyuanVideoConfig
+    size_multiple = 16  # 8x VAE, then 2x2 patches
+    frame_multiple = 4  # 4x temporal VAE: clips of 4k+1 frames
+    transformer_class = HunyuanVideoTransformer3DModel
+    pipeline_class = HunyuanVideoPipeline
+    input_fields = HUNYUAN_INPUTS
+    # Every attention projection and MLP linear of the dual- and single-stream blocks (the token
+    # refiner's blocks can be added with adapter.target_modules).
+    default_lora_targets = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
+                            r"|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2))"
+                            r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
+    prompt_template = DEFAULT_PROMPT_TEMPLATE["template"]
+
+    def __init__(self, config: HunyuanVideoConfig):
+        super().__init__(config)
+        self.vae = None
+        self.text_encoders = None
+
+    # ---------------------------------------------------------------- encoders
+    def latent_cache_signature(self) -> str:
+        return self._config_signature("vae", extra="mode")
+
+    def text_cache_signature(self) -> str:
+        return self._config_signature(
+            "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+            extra=f"llama_len={self.config.max_sequence_length},skip={NUM_HIDDEN_LAYERS_TO_SKIP},"
+                  f"template={self.prompt_template!r}")
+
+    def load_text_encoders(self, device):
+        llama_tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
+        # The template crop and the transformer's text mask both expect the prompt's tokens first.
+        llama_tokenizer.padding_side = "right"
+        self.text_encoders = (
+            llama_tokenizer,
+            LlamaModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
+            CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
+            CLIPTextModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=self.dtype).to(device).eval(),
+        )
+        self.crop_start = template_crop_start(llama_tokenizer, self.prompt_template)
+        self.device = device
+
+    def load_vae(self, device):
+        self.vae = AutoencoderKLHunyuanVideo.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
+        self.device = device
+
+    def free_encoders(self):
+        self.vae = None
+        self.text_encoders = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def encode_captions(self, captions):
+        llama_tokenizer, llama, clip_tokenizer, clip = self.text_encoders
+        crop = self.crop_start
+        tokens = llama_tokenizer([self.prompt_template.format(c) for c in captions], padding="max_length",
+                                 max_length=self.config.max_sequence_length + crop, truncation=True,
+                                 return_tensors="pt")
+        mask = tokens.attention_mask.to(self.device)
+        hidden = llama(input_ids=tokens.input_ids.to(self.device), attention_mask=mask,
+                       output_hidden_states=True).hidden_states[-(NUM_HIDDEN_LAYERS_TO_SKIP + 1)]
+        text, mask = hidden[:, crop:], mask[:, crop:].bool()
+        ids = clip_tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        return [{"text": text[i].to(self.dtype), "text_mask": mask[i], "pooled": pooled[i].to(self.dtype)}
+                for i in range(len(captions))]
+
+    def encode_pixels(self, pixels):
+        frames = pixels.shape[2]
+        if (frames - 1) % self.frame_multiple:
+            raise ValueError(f"HunyuanVideo encodes clips of 4k+1 frames, got {frames}")
+        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        # HunyuanVideoPipeline divides by scaling_factor before decoding; no shift.
+        latents = latents * self.vae.config.scaling_factor
+        return [{"latents": latents[i].to(self.dtype)} for i in range(latents.shape[0])]
+
+    # ---------------------------------------------------------------- inputs
+    @cached_property
+    def _patch(self) -> tuple[int, int]:
+        cfg = self._transformer_config()
+        return cfg["patch_size"], cfg["patch_size_t"]
+
+    def image_seq_len(self, latents):
+        patch, patch_t = self._patch
+        return (latents.shape[2] // patch_t) * (latents.shape[3] // patch) * (latents.shape[4] // patch)
+
+    def model_inputs(self, noisy, timesteps, text):
+        # The transformer takes and returns (batch, channels, frames, height, width) latents, so
+        # pack_latents stays the identity.
+        return {"latents": noisy, "text": text["text"], "text_mask": text["text_mask"].long(),
+                "pooled": text["pooled"], "timesteps": timesteps.float(),
+                "guidance": torch.full((noisy.shape[0],), float(self.config.guidance))}
+
+    # ---------------------------------------------------------------- transformer
+    def read_weights(self, keys):
+        if self.config.transformer_path is None:
+            return super().read_weights(keys)
+        # A single-file checkpoint in the original release layout, read lazily per key.
+        try:
+            return load_diffusers_keys_from_original(self.config.transformer_path, keys, self._transformer_config())
+        except KeyError as e:
+            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
+                              f"original HunyuanVideo layout (not a HunyuanVideo transformer checkpoint?)") from None
+
+    def layers(self, transformer):
+        if transformer.config.image_condition_type is not None:
+            raise ConfigError(f"model.diffusers_path: {self.root} is an image-to-video HunyuanVideo "
+                              f"(image_condition_type = {transformer.config.image_condition_type!r}); "
+                              f"only the text-to-video model is supported")
+        layers: list[nn.Module] = [HunyuanInputLayer(transformer)]
+        layers += [HunyuanBlockLayer(transformer, f"transformer_blocks.{i}")
+                   for i in range(len(transformer.transformer_blocks))]
+        layers += [HunyuanBlockLayer(transformer, f"single_transformer_blocks.{i}")
+                   for i in range(len(transformer.single_transformer_blocks))]
+        layers.append(HunyuanFinalLayer(transformer))
+        return layers
+
+    def extra_lora_formats(self, lora):
+        # ComfyUI and the original inference code load LoRAs against the original (fused) key layout.
+        return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
+
+    def _transformer_config(self):
+        return self.transformer_class.load_config(self.transformer_folder())
