@@ -110,10 +110,10 @@ def test_every_key_is_documented(cls):
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_CLASSES))
 def test_every_model_key_is_documented(model_type):
-    # Each model type has its own example, examples/<type>.toml, whose [model] table explains the
+    # Each model type has its own example, examples/<type with _ for ->.toml, whose [model] table explains the
     # keys its config class adds to ModelConfig (FluxConfig: guidance, max_sequence_length).
     config_class = get_model_class(model_type).config_class
-    path = EXAMPLES / f"{model_type}.toml"
+    path = EXAMPLES / f"{model_type.replace('-', '_')}.toml"
     keys = [f.name for f in dataclasses.fields(config_class) if f.init]
     assert path.is_file(), (f"model type '{model_type}' has no example config: add {path.relative_to(REPO)}, "
                             f"with a [model] table explaining {keys}")
