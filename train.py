@@ -1,4 +1,4 @@
-"""Train a diffusion transformer adapter with DeepSpeed's pipeline engine.
+"""Train a diffusion transformer (a LoRA adapter, or all its weights) with DeepSpeed's pipeline engine.
 
     deepspeed --num_gpus=1 train.py --deepspeed --config examples/flux.toml [--cache_only]
         [--regenerate_cache] [--resume_from_checkpoint [NAME]]
@@ -62,7 +62,10 @@ def main(argv=None) -> int:
     plan = TrainPlan(train, s.micro_batch_size_per_gpu, dp_world * s.gradient_accumulation_steps, s.seed)
     steps = total_steps(config, plan.steps_per_epoch)
     run_dir = create_run_dir(config, rank, world, args.resume_from_checkpoint)
-    engine, transformer = build_engine(model, config, rank, world, device, steps)
+    # The largest training shape sizes the activations in the memory estimate.
+    tokens = max((model.tokens_per_sample(c.sample.bucket.width, c.sample.bucket.height, c.sample.bucket.frames) or 0
+                  for c in train.samples), default=0) or None
+    engine, transformer = build_engine(model, config, rank, world, device, steps, tokens=tokens)
     trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
                       resume=args.resume_from_checkpoint)
     if rank == 0:

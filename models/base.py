@@ -84,6 +84,13 @@ class DiffusionModel:
     default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
     input_fields: ClassVar[PipelineFields]
 
+    # The pipeline layer classes that activation_checkpointing = "selective" recomputes (DeepSpeed's
+    # `checkpointable_layers`); empty: the model offers no selective mode.
+    selective_checkpoint_layers: ClassVar[tuple[str, ...]] = ()
+    # For the memory estimate (utils/memory.py): the activations a layer keeps for the backward
+    # pass, per token, in hidden-size vectors of the compute dtype, by layer class name.
+    activation_factors: ClassVar[dict[str, float]] = {}
+
     # resolution-dependent shift: mu grows linearly with the number of image tokens
     base_seq_len: ClassVar[int] = 256
     max_seq_len: ClassVar[int] = 4096
@@ -152,6 +159,11 @@ class DiffusionModel:
     def image_seq_len(self, latents: torch.Tensor) -> int:
         """Number of image tokens, for the resolution-dependent shift."""
         raise NotImplementedError
+
+    def tokens_per_sample(self, width: int, height: int, frames: int) -> int | None:
+        """Tokens the transformer blocks see for one sample of this pixel shape (image/video and
+        text), for the activation memory estimate; None when the model does not say."""
+        return None
 
     # ------------------------------------------------------------------ objective (shared)
     def sample_timesteps(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
@@ -236,6 +248,24 @@ class DiffusionModel:
         tensors = self.read_weights(sorted(wanted))
         for key, name in wanted.items():
             _set_parameter(transformer, name, tensors[key].to(device=device, dtype=self.dtype), trainable=False)
+
+    def make_trainable(self, transformer: nn.Module, dtype: torch.dtype) -> None:
+        """Full fine-tuning: every loaded weight (the local stage's) becomes trainable in `dtype`."""
+        for name, param in list(transformer.named_parameters()):
+            if not param.is_meta:
+                _set_parameter(transformer, name, param.detach().to(dtype), trainable=True)
+
+    @staticmethod
+    def hidden_size(transformer: nn.Module) -> int | None:
+        """The width of the token stream between blocks, for the activation memory estimate."""
+        return getattr(transformer, "inner_dim", None)
+
+    # ------------------------------------------------------------------ full model saving (per model)
+    def original_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The transformer weights in the original release's single-file key layout, or None when
+        the model has no such layout. Called with the weights of whole pipeline layers (one
+        pipeline stage's, or part of them), so a conversion must not need other layers' weights."""
+        return None
 
     # ------------------------------------------------------------------ LoRA (shared)
     def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:

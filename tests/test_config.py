@@ -100,7 +100,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path, case):
 def test_unknown_key_without_a_near_name_lists_the_valid_ones(tmp_path):
     message = error(tmp_path, train=edit(TRAIN, "lr = 1e-4", "lr = 1e-4\nmomentum = 0.9"))
     assert message == (f"{tmp_path / 'train.toml'}: unknown key 'optimizer.momentum'; "
-                       f"valid keys here: betas, eps, lr, type, weight_decay")
+                       f"valid keys here: betas, eps, lr, stochastic_rounding, type, weight_decay")
 
 
 WRONG_TYPES = {

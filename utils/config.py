@@ -184,17 +184,37 @@ class AdapterConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["adamw", "adafactor"] = "adamw"
+    type: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     eps: float = 1e-8
+    # Update bfloat16 weights in float32 and round the result stochastically (see utils/optimizers.py).
+    stochastic_rounding: bool = False
 
     def validate(self, file, prefix):
         check(self.lr > 0, file, key(prefix, "lr"), "must be > 0")
         check(self.eps > 0, file, key(prefix, "eps"), "must be > 0")
         check(all(0 <= b < 1 for b in self.betas), file, key(prefix, "betas"), "must be in [0, 1)")
         check(self.weight_decay >= 0, file, key(prefix, "weight_decay"), "must be >= 0")
+        if self.type == "adamw8bit":
+            missing = adamw8bit_missing()
+            check(not missing, file, key(prefix, "type"), f"= 'adamw8bit' needs {missing} "
+                  f"(bitsandbytes is optional: pip install bitsandbytes, on a CUDA machine)")
+
+
+def adamw8bit_missing() -> str:
+    """What 'adamw8bit' lacks here ('' when usable): bitsandbytes' 8-bit AdamW runs on CUDA GPUs only."""
+    import importlib.util
+
+    import torch
+
+    lacking = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        lacking.append("the bitsandbytes package, which is not installed")
+    if not torch.cuda.is_available():
+        lacking.append("a CUDA GPU, and none is available")
+    return " and ".join(lacking)
 
 
 @dataclass
@@ -208,7 +228,9 @@ class TrainConfigFile:
     output_dir: str = required()
     dataset: str = required()
     model: dict = required()
+    # No [adapter] table: full fine-tuning of the transformer.
     adapter: Optional[AdapterConfig] = None
+    full_finetune_dtype: Optional[DType] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
     epochs: Optional[int] = None
@@ -229,15 +251,15 @@ class TrainConfigFile:
     eval_every_n_epochs: Optional[int] = None
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, Literal["selective"]] = False
     caching_batch_size: int = 1
     steps_per_print: int = 1
     save_dtype: DType = "bfloat16"
     seed: int = 42
 
     def validate(self, file, prefix):
-        check(self.adapter is not None, file, "adapter",
-              "table is missing: this version trains LoRA adapters only (add [adapter] with type = 'lora')")
+        check(self.full_finetune_dtype is None or self.adapter is None, file, "full_finetune_dtype",
+              "is for full fine-tuning (no [adapter] table); the LoRA weights' dtype is adapter.dtype")
         check(self.epochs is not None or self.max_steps is not None, file, "epochs",
               "or 'max_steps' must be set (how long to train)")
         positive = ["epochs", "max_steps", "micro_batch_size_per_gpu", "pipeline_stages",
@@ -278,6 +300,21 @@ class TrainConfig:
         # Top-level keys read like attributes of the config (config.epochs, ...).
         return getattr(self.__dict__["settings"], name)
 
+    @property
+    def full_finetune(self) -> bool:
+        return self.settings.adapter is None
+
+    @property
+    def trained_dtype(self) -> str:
+        return trained_dtype(self.settings, self.model)
+
+
+def trained_dtype(settings: TrainConfigFile, model: ModelConfig) -> str:
+    """The dtype of the weights the optimizer updates: the LoRA's, or the whole transformer's."""
+    if settings.adapter is not None:
+        return settings.adapter.dtype
+    return settings.full_finetune_dtype or model.dtype
+
 
 def load_train_config(path: Path | str) -> TrainConfig:
     """Read and validate the main TOML and the dataset TOMLs it names."""
@@ -302,6 +339,15 @@ def load_train_config(path: Path | str) -> TrainConfig:
         resolved = _resolve_path(path.parent, settings.adapter.init_from_existing)
         check(resolved.exists(), path, "adapter.init_from_existing", f"does not exist: {resolved}")
         settings.adapter.init_from_existing = str(resolved)
+
+    if settings.activation_checkpointing == "selective":
+        check(bool(model_cls.selective_checkpoint_layers), path, "activation_checkpointing",
+              f"= 'selective' is not available for model type '{model_type}' (use true or false)")
+    trained = trained_dtype(settings, model_config)
+    if settings.optimizer.stochastic_rounding:
+        check(trained == "bfloat16", path, "optimizer.stochastic_rounding",
+              f"rounds into bfloat16 weights, but the trained weights are {trained} ("
+              + ("adapter.dtype" if settings.adapter else "full_finetune_dtype, or model.dtype when not set") + ")")
 
     dataset = load_dataset_config(_resolve_path(path.parent, settings.dataset))
     eval_datasets = [EvalDataset(e.name, load_dataset_config(_resolve_path(path.parent, e.config)))

@@ -19,6 +19,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
+from utils import memory
 from utils.config import TrainConfig
 from utils.optimizers import build_optimizer, build_scheduler
 from utils.schema import ConfigError
@@ -104,43 +105,80 @@ def describe_partition(layers, parts: list[int]) -> str:
 
 
 def build_engine(model, config: TrainConfig, rank: int, world: int, device: torch.device, total_steps: int,
-                 log=print):
-    """Build the local stage, the optimizer and the DeepSpeed pipeline engine."""
+                 log=print, tokens: int | None = None):
+    """Build the local stage, the optimizer and the DeepSpeed pipeline engine.
+
+    Without an [adapter] table the whole transformer trains (full fine-tuning): the local
+    stage's weights in `config.trained_dtype`, all of them in the optimizer. `tokens`, the most
+    tokens one training sample gives, sizes the activations in the printed memory estimate.
+    """
     s = config.settings
-    if s.adapter is None:
-        raise ConfigError(f"{config.file}: no [adapter] table; this version trains LoRA adapters only "
-                          f"(add [adapter] with type = 'lora')")
+    full = config.full_finetune
     topology = make_topology(world, s.pipeline_stages, config.file)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, s.adapter)
+    if full:
+        # Before partitioning: "parameters" balances the trainable parameters, here all of them.
+        transformer.requires_grad_(True)
+    else:
+        model.add_lora(transformer, s.adapter)
     layers = model.pipeline_layers(transformer)
     parts = partition(layers, s.pipeline_stages, s.partition_method)
     stage = topology.get_coord(rank).pipe
     local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
     if rank == 0:
         log(describe_partition(layers, parts))
+        estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
+        device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        log(memory.describe(estimates, config, tokens, device_total))
+        if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:
+            log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
+                "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
+                "or full_finetune_dtype = 'float32'")
     model.load_weights(transformer, local_names, device)
-    model.init_lora(transformer, local_names, s.adapter, device, s.seed)
-    if s.adapter.init_from_existing:
-        from pathlib import Path
+    if full:
+        model.make_trainable(transformer, memory.DTYPES[config.trained_dtype])
+    else:
+        model.init_lora(transformer, local_names, s.adapter, device, s.seed)
+        if s.adapter.init_from_existing:
+            from pathlib import Path
 
-        model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+            model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
-        activation_checkpoint_interval=1 if s.activation_checkpointing else 0,
+        **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
         dynamic_shape=True)  # buckets give micro-batches of different shapes
     if list(pipe.parts) != list(parts):
         raise RuntimeError(f"pipeline partition mismatch: DeepSpeed {pipe.parts}, ours {parts}")
+    if full:
+        # DeepSpeed averages gradients over replicas and checkpoints only the weights of the layer
+        # modules: a weight a layer reaches some other way would silently not train.
+        in_pipe = {id(p) for p in pipe.parameters()}
+        outside = [n for n, p in transformer.named_parameters() if not p.is_meta and id(p) not in in_pipe]
+        if outside:
+            raise RuntimeError(f"full fine-tuning of {model.name}: weights {outside[:3]} are not parameters of "
+                               f"any pipeline layer module (register them in the layer)")
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping,
-                                pipe.mpu().get_pipe_parallel_group())
+    names = {id(p): n for n, p in transformer.named_parameters()}
+    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
+                                param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
     return engine, transformer
+
+
+def checkpointing_args(mode, model) -> dict:
+    """PipelineModule's activation-checkpointing arguments for `activation_checkpointing`.
+
+    true: every layer with weights (DeepSpeed's default); "selective": only the layer classes
+    the model names in `selective_checkpoint_layers`; false: none.
+    """
+    if mode == "selective":
+        return {"activation_checkpoint_interval": 1, "checkpointable_layers": list(model.selective_checkpoint_layers)}
+    return {"activation_checkpoint_interval": 1 if mode else 0}
 
 
 def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int):

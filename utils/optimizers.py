@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -9,6 +10,7 @@ import torch.distributed as dist
 from transformers.optimization import Adafactor
 
 from utils.config import OptimizerConfig
+from models.base import stable_seed
 
 
 class GradNormClipping:
@@ -41,24 +43,158 @@ class GradNormClipping:
         return super().step(closure)
 
 
-class ClippedAdamW(GradNormClipping, torch.optim.AdamW):
+def stochastic_round_to_bf16(value: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round float32 `value` to bfloat16, up or down with probability given by the distance to
+    each neighbour, so the expected result is `value` itself (plain rounding would drop any
+    change smaller than half a bfloat16 step).
+
+    bfloat16 is the upper 16 bits of a float32: add 16 random bits to the low half of the bit
+    pattern, then cut it off. The carry into the upper half happens with probability
+    low_half / 2^16. On the magnitude bits of the sign-magnitude format this rounds |value|, so
+    it is unbiased for negative numbers too; a carry into the exponent is the correct next step.
+    """
+    bits = value.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    rounded = ((bits + noise) & -65536).view(torch.float32)  # -65536 == 0xFFFF0000
+    # NaN payloads may sit in the low bits only; cutting them off would make an infinity.
+    rounded = torch.where(torch.isnan(value), value.float(), rounded)
+    return rounded.to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class StochasticRounding:
+    """Mixin for a torch optimizer: update bfloat16 parameters in float32 and round the result
+    stochastically back into them (`stochastic_rounding = True`).
+
+    For each slice of bfloat16 parameters (at most `chunk_elements` elements unless one
+    parameter is larger), the parameter and its gradient are swapped for float32 copies, the
+    base optimizer steps on that slice alone (so its state is float32 too), and the result is
+    rounded into the bfloat16 weight. Only one slice's float32 copies exist at a time. The
+    rounding noise is seeded by (seed, parameter name, step): runs are reproducible whatever
+    the pipeline split, and a resumed run draws the noise the uninterrupted one would have.
+    """
+
+    stochastic_rounding: bool = False
+    rounding_seed: int = 0
+    param_names: dict[int, str] = {}  # id(parameter) -> name, for the noise seeds
+    chunk_elements: int = 1 << 26
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self.stochastic_rounding:
+            return super().step(closure)
+        loss = closure() if closure is not None else None
+        groups = [group["params"] for group in self.param_groups]
+        low = [[p for p in params if p.dtype == torch.bfloat16 and p.grad is not None] for params in groups]
+        step = self.param_groups[0].get("rounding_step", 0)
+        try:
+            # Everything else (e.g. float32 LoRA weights) steps as usual, in one call.
+            for group, params, bf16 in zip(self.param_groups, groups, low):
+                ids = {id(p) for p in bf16}
+                group["params"] = [p for p in params if id(p) not in ids]
+            super().step()
+            for index, bf16 in enumerate(low):
+                for chunk in _chunks(bf16, self.chunk_elements):
+                    for i, group in enumerate(self.param_groups):
+                        group["params"] = chunk if i == index else []
+                    with _in_float32(chunk, rounding=lambda p: self._noise(p, step)):
+                        super().step()
+        finally:
+            for group, params in zip(self.param_groups, groups):
+                group["params"] = params
+        # Kept in the param groups, so checkpoints carry it.
+        self.param_groups[0]["rounding_step"] = step + 1
+        return loss
+
+    def load_state_dict(self, state_dict):
+        if not self.stochastic_rounding:
+            return super().load_state_dict(state_dict)
+        # torch casts loaded state to its parameter's dtype: with the bfloat16 parameters shown
+        # as float32 the float32 state comes back exactly. Costs no more memory than the
+        # gradients of a training step, which do not exist yet.
+        low = [p for group in self.param_groups for p in group["params"] if p.dtype == torch.bfloat16]
+        with _in_float32(low, rounding=None):
+            super().load_state_dict(state_dict)
+
+    def _noise(self, param, step: int) -> torch.Generator:
+        seed = stable_seed(self.rounding_seed, self.param_names.get(id(param), ""), step)
+        return torch.Generator(device=param.device).manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _in_float32(params: list[torch.Tensor], rounding):
+    """Show bfloat16 `params` (and their gradients) as float32 inside the block; afterwards
+    round them back stochastically (`rounding(param)` gives the noise generator), or plainly
+    when `rounding` is None (exact if nothing changed them)."""
+    grads = [p.grad for p in params]
+    for p, g in zip(params, grads):
+        p.grad = None  # a parameter's gradient must match its dtype
+        p.data = p.data.float()
+        if g is not None:
+            p.grad = g.float()
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = None
+            p.data = p.data.to(torch.bfloat16) if rounding is None else stochastic_round_to_bf16(p.data, rounding(p))
+            p.grad = g
+
+
+def _chunks(params: list[torch.Tensor], limit: int):
+    chunk, size = [], 0
+    for p in params:
+        if chunk and size + p.numel() > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(p)
+        size += p.numel()
+    if chunk:
+        yield chunk
+
+
+class ClippedAdamW(GradNormClipping, StochasticRounding, torch.optim.AdamW):
     pass
 
 
-class ClippedAdafactor(GradNormClipping, Adafactor):
+class ClippedAdafactor(GradNormClipping, StochasticRounding, Adafactor):
     pass
 
 
-def build_optimizer(params, config: OptimizerConfig, max_grad_norm: float, norm_group) -> torch.optim.Optimizer:
-    """AdamW, or Adafactor (factored second moments: far less optimizer memory)."""
+def _adamw8bit_class():
+    # bitsandbytes is optional (CUDA only); the config check has made sure it is there.
+    import bitsandbytes
+
+    class ClippedAdamW8bit(GradNormClipping, StochasticRounding, bitsandbytes.optim.AdamW8bit):
+        pass
+
+    return ClippedAdamW8bit
+
+
+def build_optimizer(params, config: OptimizerConfig, max_grad_norm: float, norm_group,
+                    param_names: dict[int, str] | None = None, seed: int = 0,
+                    low_memory: bool = False) -> torch.optim.Optimizer:
+    """AdamW, bitsandbytes' 8-bit AdamW (1 byte per state value) or Adafactor (factored second
+    moments: far less optimizer memory), with gradient clipping and optional stochastic rounding.
+
+    `param_names` (id(parameter) -> name) and `seed` seed the stochastic rounding. `low_memory`
+    (full fine-tuning) steps AdamW one tensor at a time: its default multi-tensor path makes
+    temporaries as large as all the weights together.
+    """
     params = list(params)
     if config.type == "adamw":
-        opt = ClippedAdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
+        opt = ClippedAdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps,
+                           foreach=False if low_memory else None)
+    elif config.type == "adamw8bit":
+        opt = _adamw8bit_class()(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+                                 eps=config.eps)
     else:
         opt = ClippedAdafactor(params, lr=config.lr, beta1=None, weight_decay=config.weight_decay,
                                scale_parameter=False, relative_step=False, warmup_init=False)
     opt.max_grad_norm = max_grad_norm
     opt.norm_group = norm_group
+    opt.stochastic_rounding = config.stochastic_rounding
+    opt.param_names = dict(param_names or {})
+    opt.rounding_seed = seed
     return opt
 
 

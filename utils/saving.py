@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from utils.config import TrainConfig
 from utils.schema import ConfigError
@@ -66,6 +67,8 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
     return {"model": f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}",
             "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
                                               f"targets={a.target_modules} dtype={a.dtype}",
+            # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
+            "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
             "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",
             "pipeline_stages": config.settings.pipeline_stages}
 
@@ -113,6 +116,137 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return [out_dir / f.name for f in files]
+
+
+# Largest diffusers weight shard of a full-model save; also bounds the host memory a save takes.
+SHARD_BYTES = 4 * 2**30
+ORIGINAL_LAYOUT_FILE = "transformer_original_layout.safetensors"
+
+
+def stage_weights(transformer, layers) -> list[list[str]]:
+    """The transformer weight names owned by each of `layers` (pipeline layers), found through
+    their `module_names` as the weights are loaded, so a weight the layer module only reaches
+    through the transformer is still saved."""
+    out = []
+    for layer in layers:
+        names = []
+        for prefix in layer.module_names:
+            if prefix in transformer._parameters:
+                names.append(prefix)
+            else:
+                names += [n for n, _ in transformer.get_submodule(prefix).named_parameters(prefix=prefix)]
+        out.append(names)
+    return out
+
+
+def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtype, rank: int, world: int) -> list[Path]:
+    """Write the whole transformer, in `dtype`, to `out_dir` atomically (temporary folder, then a
+    rename): `transformer/` in the diffusers layout (config.json, safetensors shards and their
+    index) and, when the model has one, the original release's single-file layout.
+
+    Nothing is gathered through one process: data-parallel rank 0 of each pipeline stage writes
+    its own stage's shards, a few GiB at a time (SHARD_BYTES), and the parts of the single file;
+    rank 0 then writes the index and config and joins the parts on disk.
+    """
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "transformer").mkdir(parents=True)
+    _barrier(world)
+    writer = engine.grid.get_data_parallel_rank() == 0
+    params = dict(transformer.named_parameters())
+    chunks = []
+    if writer:
+        chunk, size = [], 0
+        for names in stage_weights(transformer, engine.module.forward_funcs):
+            nbytes = sum(params[n].numel() for n in names) * dtype.itemsize
+            if chunk and size + nbytes > SHARD_BYTES:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk += names
+            size += nbytes
+        if chunk:
+            chunks.append(chunk)
+    # Shards are numbered across stages (stage k's writer has a lower rank than stage k+1's).
+    counts = [len(chunks)]
+    if world > 1:
+        counts = [None] * world
+        dist.all_gather_object(counts, len(chunks))
+    total, first = sum(counts), sum(counts[:rank])
+    weight_map = {}
+    for j, names in enumerate(chunks):
+        tensors = {n: params[n].detach().to("cpu", dtype).contiguous() for n in names}
+        shard = f"diffusion_pytorch_model-{first + j + 1:05d}-of-{total:05d}.safetensors"
+        save_file(tensors, tmp / "transformer" / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        original = model.original_layout(tensors)
+        if original is not None:
+            save_file({k: v.contiguous() for k, v in original.items()}, tmp / f"original-part-{first + j:05d}.safetensors",
+                      metadata={"format": "pt"})
+        del tensors, original
+    maps = [weight_map]
+    if world > 1:
+        maps = [None] * world if rank == 0 else None
+        dist.gather_object(weight_map, maps, dst=0)
+    written = []
+    if rank == 0:
+        folder = tmp / "transformer"
+        transformer.save_config(folder)
+        merged = {k: v for part in maps for k, v in part.items()}
+        if total == 1:  # one shard: diffusers' name for an unsharded model
+            (folder / "diffusion_pytorch_model-00001-of-00001.safetensors").rename(
+                folder / "diffusion_pytorch_model.safetensors")
+        else:
+            size = sum(params[k].numel() for k in merged) * dtype.itemsize
+            (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(merged.items()))}, indent=2))
+        parts = sorted(tmp.glob("original-part-*.safetensors"))
+        if parts:
+            join_safetensors(parts, tmp / ORIGINAL_LAYOUT_FILE)
+            for part in parts:
+                part.unlink(missing_ok=True)  # a single part was renamed
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        written = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    _barrier(world)
+    return written
+
+
+def join_safetensors(parts: list[Path], out: Path) -> None:
+    """Join safetensors files with distinct keys into one, copying their data on disk (memory
+    use does not grow with the model). The format: an 8-byte little-endian header length, a
+    JSON header (dtype, shape, data offsets of each tensor), then the data. A single part is
+    renamed."""
+    if len(parts) == 1:
+        os.replace(parts[0], out)
+        return
+    headers, sizes, starts = [], [], []
+    for part in parts:
+        with open(part, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        headers.append(header)
+        starts.append(8 + n)
+        sizes.append(part.stat().st_size - 8 - n)
+    joined, offset = {"__metadata__": {"format": "pt"}}, 0
+    for header, size in zip(headers, sizes):
+        for key, info in header.items():
+            if key in joined:
+                raise ValueError(f"join_safetensors: {key} is in more than one part")
+            begin, end = info["data_offsets"]
+            joined[key] = {**info, "data_offsets": [begin + offset, end + offset]}
+        offset += size
+    text = json.dumps(joined, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors writes it
+    with open(out, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for part, start in zip(parts, starts):
+            with open(part, "rb") as src:
+                src.seek(start)
+                shutil.copyfileobj(src, f, 64 * 2**20)
 
 
 class Checkpoints:

@@ -1,4 +1,4 @@
-"""The training loop: steps, evaluation, adapter saves and checkpoints on their schedules."""
+"""The training loop: steps, evaluation, adapter (or full model) saves and checkpoints on their schedules."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.metrics import Metrics, peak_memory_gib
-from utils.saving import Checkpoints, run_fingerprint, save_adapter
+from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,8 +117,12 @@ class Trainer:
 
     def save(self, name: str) -> None:
         s = self.config.settings
-        files = save_adapter(self.model, self.transformer, self.engine, s.adapter, self.run_dir / "adapters" / name,
-                             DTYPES[s.save_dtype], self.rank, self.world)
+        if s.adapter is None:  # full fine-tuning: the whole transformer
+            files = save_full_model(self.model, self.transformer, self.engine, self.run_dir / "models" / name,
+                                    DTYPES[s.save_dtype], self.rank, self.world)
+        else:
+            files = save_adapter(self.model, self.transformer, self.engine, s.adapter,
+                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world)
         if files:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 

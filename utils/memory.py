@@ -1,0 +1,188 @@
+"""A GPU memory estimate per pipeline stage, printed before the weights load.
+
+Weights, gradients and optimizer state follow from the parameter shapes and dtypes and are
+exact for the optimizers we build (tests/test_memory.py checks them against real optimizer
+steps). Activations are a rough model-specific figure: tokens x hidden size x bytes x a per-layer
+factor (`DiffusionModel.activation_factors`), by activation-checkpointing mode. Not counted: the
+CUDA context and allocator slack (often 1-2 GiB), and the pipeline's send/receive buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.config import OptimizerConfig
+
+GIB = 2**30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# bitsandbytes' 8-bit AdamW: tensors below this size keep float32 state; larger ones keep two
+# uint8 states plus a float32 scale per block of 256 values for each.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+# Stochastic rounding steps bfloat16 weights in float32 slices of this many elements
+# (utils/optimizers.StochasticRounding.chunk_elements).
+ROUNDING_CHUNK = 1 << 26
+
+
+@dataclass
+class ParamInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    trainable: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _size(self.dtype)
+
+
+@dataclass
+class StageEstimate:
+    stage: int
+    weights: dict[str, int] = field(default_factory=dict)  # dtype name -> bytes
+    trainable_params: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    step_scratch: int = 0
+    activations: int | None = None
+    in_flight: int = 1
+
+    @property
+    def total(self) -> int:
+        return (sum(self.weights.values()) + self.gradients + self.optimizer + self.step_scratch
+                + (self.activations or 0))
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def optimizer_state_bytes(p: ParamInfo, optimizer: OptimizerConfig) -> int:
+    """Bytes of optimizer state the optimizers of utils/optimizers.py keep for one parameter."""
+    n = p.numel
+    # Stochastic rounding steps bfloat16 weights as float32, so their state is float32.
+    state_dtype = torch.float32 if optimizer.stochastic_rounding and p.dtype == torch.bfloat16 else p.dtype
+    if optimizer.type == "adamw":  # exp_avg and exp_avg_sq, like the parameter
+        return 2 * n * _size(state_dtype)
+    if optimizer.type == "adamw8bit":
+        if n < BNB_MIN_8BIT_SIZE:
+            return 2 * n * 4
+        return 2 * n + 2 * math.ceil(n / BNB_BLOCK) * 4
+    # Adafactor (no first moment), always float32: row and column means of the squared
+    # gradient for matrices, the full second moment for vectors.
+    if len(p.shape) >= 2:
+        return (math.prod(p.shape[:-1]) + math.prod(p.shape[:-2]) * p.shape[-1]) * 4
+    return n * 4
+
+
+def step_scratch_bytes(trainable: list[ParamInfo], optimizer: OptimizerConfig) -> int:
+    """Rough temporary memory of one optimizer step: float32 copies of what is stepped at once."""
+    if not trainable:
+        return 0
+    largest = max(p.numel for p in trainable)
+    if optimizer.stochastic_rounding:
+        bf16 = sum(p.numel for p in trainable if p.dtype == torch.bfloat16)
+        # weight and gradient as float32, random bits and the rounded value, per slice
+        return 16 * min(bf16, max(ROUNDING_CHUNK, largest))
+    # weight, gradient and update of one tensor in float32
+    return 12 * largest
+
+
+def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
+    """Per layer, each parameter with the shape, dtype and trainability it will have once loaded
+    (the transformer is still on the meta device): LoRA weights in adapter.dtype; base weights
+    in model.dtype and frozen, or with full fine-tuning trainable in the trained dtype."""
+    s = config.settings
+    base_dtype = DTYPES[config.trained_dtype if s.adapter is None else config.model.dtype]
+    out = []
+    for layer in layers:
+        infos = []
+        for name, p in layer.named_parameters():
+            if "lora_" in name:
+                info = ParamInfo(tuple(p.shape), DTYPES[s.adapter.dtype], True)
+            else:
+                info = ParamInfo(tuple(p.shape), base_dtype, s.adapter is None)
+            infos.append((name, info))
+        out.append(infos)
+    return out
+
+
+def checkpointed(layer, mode, model) -> bool:
+    """Whether DeepSpeed's PipelineModule recomputes this layer (see utils/engine.py)."""
+    if mode is True:  # DeepSpeed's default: every layer with parameters
+        return any(True for _ in layer.parameters())
+    if mode == "selective":
+        return layer.__class__.__name__ in model.selective_checkpoint_layers
+    return False
+
+
+def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden: int | None) -> list[StageEstimate]:
+    """The estimate for every pipeline stage; `tokens`: the most tokens one sample gives."""
+    s = config.settings
+    infos = param_infos(model, layers, config)
+    compute = model.dtype
+    stages = len(parts) - 1
+    result = []
+    for stage in range(stages):
+        est = StageEstimate(stage)
+        local = range(parts[stage], parts[stage + 1])
+        params = [info for i in local for _, info in infos[i]]
+        for p in params:
+            key = str(p.dtype).removeprefix("torch.")
+            est.weights[key] = est.weights.get(key, 0) + p.nbytes
+        trainable = [p for p in params if p.trainable]
+        est.trainable_params = sum(p.numel for p in trainable)
+        est.gradients = sum(p.nbytes for p in trainable)  # gradients have their parameter's dtype
+        est.optimizer = sum(optimizer_state_bytes(p, s.optimizer) for p in trainable)
+        est.step_scratch = step_scratch_bytes(trainable, s.optimizer)
+        # 1F1B: stage k of K holds the activations of up to K - k micro-batches at once.
+        est.in_flight = min(stages - stage, s.gradient_accumulation_steps)
+        factors = [model.activation_factors.get(layers[i].__class__.__name__) for i in local]
+        if tokens and hidden and all(f is not None for f in factors):
+            unit = tokens * hidden * _size(compute) * s.micro_batch_size_per_gpu
+            kept, recompute = 0, 0
+            for i, factor in zip(local, factors):
+                # Trainable float32 weights under low-precision autocast: each linear keeps a
+                # low-precision copy of its weight for the backward pass.
+                copies = sum(p.numel for _, p in infos[i] if p.trainable and p.dtype == torch.float32
+                             and compute != torch.float32) * _size(compute)
+                full = factor * unit + copies
+                if checkpointed(layers[i], s.activation_checkpointing, model):
+                    kept += unit  # only the layer's input stays
+                    recompute = max(recompute, full)  # one layer at a time, in the backward
+                else:
+                    kept += full
+            est.activations = int(kept * est.in_flight + recompute)
+        result.append(est)
+    return result
+
+
+def describe(estimates: list[StageEstimate], config, tokens: int | None, device_total: int | None = None) -> str:
+    """The estimate as printed at start, and a warning for stages that exceed `device_total`."""
+    s = config.settings
+    g = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    head = (f"memory estimate per GPU ({'full fine-tuning' if s.adapter is None else 'LoRA'}, "
+            f"optimizer {s.optimizer.type}{' + stochastic rounding' if s.optimizer.stochastic_rounding else ''}, "
+            f"micro-batch {s.micro_batch_size_per_gpu} x {tokens or '?'} tokens, "
+            f"activation_checkpointing = {str(s.activation_checkpointing).lower()}):")
+    lines = [head]
+    for e in estimates:
+        weights = ", ".join(f"{k} {g(v)}" for k, v in sorted(e.weights.items()))
+        activations = (f"{g(e.activations)} ({e.in_flight} micro-batch{'es' if e.in_flight > 1 else ''} in flight)"
+                       if e.activations is not None else "not estimated for this model")
+        lines.append(f"  stage {e.stage}: weights {weights}; {e.trainable_params / 1e6:.2f}M trainable params: "
+                     f"gradients {g(e.gradients)}, optimizer state {g(e.optimizer)}, step scratch "
+                     f"{g(e.step_scratch)}; activations {activations}; total {g(e.total)}")
+    if device_total:
+        for e in estimates:
+            if e.total > device_total:
+                lines.append(f"WARNING: stage {e.stage} needs about {g(e.total)}, more than the GPU's "
+                             f"{g(device_total)}: expect out of memory (what saves memory: pipeline_stages, activation_checkpointing, "
+                             f"optimizer type, micro_batch_size_per_gpu)")
+    return "\n".join(lines)
