@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     config = load_train_config(args.config)  # every config error surfaces before any model loads
     rank, world, device = init_distributed()
     s = config.settings
+    if rank == 0:
+        for warning in config.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     # Needs the GPU count, so not part of loading the config; still before any model loads.
     make_topology(world, s.pipeline_stages, config.file)
     model = get_model_class(config.model.type)(config.model)
@@ -75,11 +78,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def report_error(error: BaseException) -> int | None:
+    """Print `error` as a message for the user and return the exit code, or None for an error
+    that is not the user's to fix (a bug: it keeps its traceback).
+
+    Bad input exits with 2, a fault during the run (non-finite loss, full disk) with 1.
+    """
+    # Only modules already imported can have raised their errors: an early config error does
+    # not wait for torch to import.
+    dataset, faults, trainer = (sys.modules.get(f"utils.{m}") for m in ("dataset", "faults", "trainer"))
+    rank = os.environ.get("RANK", "0")
+    if isinstance(error, (ConfigError, FileNotFoundError)) or (dataset and isinstance(error, dataset.DataError)):
+        # Every rank raises the same: rank 0 speaks for all of them.
+        if rank == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    if trainer and isinstance(error, trainer.TrainingStopped):
+        if rank == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    if faults and isinstance(error, OSError) and faults.disk_full(error):
+        # A rank can meet a full disk alone (writing its own checkpoint files): each one says so.
+        where = "" if rank == "0" else f"[rank {rank}] "
+        message = str(error) if isinstance(error, faults.DiskFullError) else \
+            f"disk full: {error}. Free some space on that disk and run again."
+        print(f"error: {where}{message}", file=sys.stderr)
+        return 1
+    return None
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, FileNotFoundError) as e:
-        # A bad input is one clear line, not a traceback.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        code = report_error(e)
+        if code is None:
+            raise
+        sys.exit(code)

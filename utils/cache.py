@@ -9,6 +9,11 @@ the bucket shape (frames included), the clip's first frame and the model's laten
 text embedding by the caption and the model's text signature. So a changed image, caption,
 resolution, bucket or model re-encodes just the entries that changed, and `--regenerate_cache`
 is only needed to start over.
+
+A cache that was deleted, or whose parts were damaged, between runs is rebuilt: the missing
+entries are simply encoded again (damaged parts are reported and removed). Encoded entries are
+written out every ROWS_PER_PART rows or FLUSH_SECONDS, so a run killed while caching loses at
+most that much work, and the next run encodes only what is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +31,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.buckets import Sample
+from utils.faults import disk_full, disk_full_error
 from utils.media import MediaError, load_sample_pixels
 from utils.tensor_store import TensorStore
 
 HASH_INDEX_NAME = "file_hashes.json"
+# A cache part is written when this many entries of a folder are pending, or when the oldest
+# pending one has waited this long: what a killed run can lose.
+ROWS_PER_PART = 256
+FLUSH_SECONDS = 120.0
 
 
 def _sha(*parts: str) -> str:
@@ -61,10 +72,17 @@ def content_hashes(paths: list[Path], cache_root: Path) -> dict[Path, str]:
             changed = True
         result[path] = entry["sha256"]
     if changed:
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
-        os.replace(tmp, index_path)
+        # A name of its own: two runs on one dataset must not write the same temporary file.
+        tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
+            os.replace(tmp, index_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if disk_full(e, cache_root):
+                raise disk_full_error(index_path, "the file hash index", "The cache is unchanged.") from e
+            raise
     return result
 
 
@@ -108,13 +126,24 @@ class DatasetCache:
             out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent))
         return out
 
-    def build(self, device: torch.device, batch_size: int, rank: int, world: int) -> "CacheReader":
-        """Encode what is missing (all ranks share the work, rank 0 writes) and open the stores."""
+    def build(self, device: torch.device, batch_size: int, rank: int, world: int, log=None) -> "CacheReader":
+        """Encode what is missing (all ranks share the work, rank 0 writes) and open the stores.
+
+        Damaged cache parts are reported through `log` (rank 0) and their entries encoded again.
+        """
         keyed = self._keys() if rank == 0 else None
         keyed = _broadcast(keyed, rank, world)
         problems: list[tuple[Path, str]] = []
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
+        damaged = [d for stores in (text_stores, latent_stores) for store in stores.values() for d in store.damaged]
+        if damaged and rank == 0 and log is not None:
+            log(f"cache: {len(damaged)} damaged part(s) are left out, removed, and their entries encoded again:\n"
+                + "\n".join(f"  {path}: {reason}" for path, reason in damaged))
+        if damaged and rank == 0:
+            for stores in (text_stores, latent_stores):
+                for store in stores.values():
+                    store.remove_leftovers()
 
         # Unique per folder: each folder has its own stores, so a caption (or image) that two
         # folders share is encoded for each of them.
@@ -175,7 +204,7 @@ def _broadcast(obj, rank: int, world: int):
 
 
 def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, encode, problems,
-                        key_of=lambda c: c.text_key, rows_per_part=256):
+                        key_of=lambda c: c.text_key):
     """Encode `todo` in same-shape batches spread over all ranks; rank 0 gathers and writes.
 
     Items that fail to load are reported by path and skipped, never a crash mid-cache.
@@ -185,6 +214,7 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
         groups.setdefault(group_of(c), []).append(c)
     batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     pending: dict[Path, list] = {}
+    pending_since: dict[Path, float] = {}
     bar = tqdm(total=len(todo), desc=desc, unit="item", disable=rank != 0, dynamic_ncols=True)
     for start in range(0, len(batches), world):
         mine = batches[start + rank] if start + rank < len(batches) else []
@@ -213,11 +243,14 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
                 problems.extend(p)
                 for key, folder, tensors in r:
                     pending.setdefault(folder, []).append((key, tensors))
+                    pending_since.setdefault(folder, time.monotonic())
                 bar.update(len(r) + len(p))
             for folder, folder_rows in pending.items():
-                if len(folder_rows) >= rows_per_part:
+                waited = time.monotonic() - pending_since.get(folder, time.monotonic())
+                if folder_rows and (len(folder_rows) >= ROWS_PER_PART or waited >= FLUSH_SECONDS):
                     stores[folder].write_part(folder_rows)
                     folder_rows.clear()
+                    pending_since.pop(folder, None)
         else:
             problems.extend(my_problems)
     if rank == 0:

@@ -8,6 +8,7 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,15 @@ from utils.schema import ConfigError, build, check, key, required
 
 Resolution = Union[int, tuple[int, int]]
 VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
+MissingCaption = Literal["error", "empty", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 
 def read_toml(path: Path) -> dict:
     """Parse a TOML file, turning syntax errors and missing files into ConfigError."""
-    if not path.is_file():
+    if _path_is(path, "dir"):
+        raise ConfigError(f"{path}: is a folder; expected a TOML file")
+    if not _path_is(path, "file"):
         raise ConfigError(f"{path}: file not found")
     try:
         with open(path, "rb") as f:
@@ -31,11 +35,33 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
 
 
-def _resolve_path(base: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return (p if p.is_absolute() else (base / p)).resolve()
+def _path_is(path: Path, kind: str) -> bool:
+    """Whether `path` is a file / dir / exists; False for names the OS rejects (too long, ...)."""
+    try:
+        return {"file": path.is_file, "dir": path.is_dir, "exists": path.exists}[kind]()
+    except (OSError, ValueError):
+        return False
+
+
+def _resolve_path(base: Path, value: str, file: Optional[Path] = None, where: str = "") -> Path:
+    """`value` as an absolute path, relative to `base`; a ConfigError naming `file` and key
+    `where` for a value that is no usable path (a NUL byte, a symlink loop, ~unknown_user)."""
+    try:
+        if "\0" in value:
+            raise ValueError("embedded null byte")
+        p = Path(value).expanduser()
+        return (p if p.is_absolute() else (base / p)).resolve()
+    except RuntimeError as e:  # symlink loops and unknown users' home folders
+        reason = str(e)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+    raise ConfigError(f"{file or base}: '{where or 'path'}' is not a usable path ({reason}): {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +82,9 @@ class BucketSettings:
     # from a video longer than its bucket.
     frame_buckets: Optional[list[int]] = None
     video_clip_mode: Optional[VideoClipMode] = None
+    # What to do with a media file that has no caption file: stop ("error"), train it with an
+    # empty caption ("empty"), or leave it out and list it ("skip").
+    missing_caption: Optional[MissingCaption] = None
 
     def validate(self, file, prefix):
         if self.resolutions is not None:
@@ -89,7 +118,7 @@ class BucketSettings:
 
 BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
                                  num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
-                                 video_clip_mode="single_beginning")
+                                 video_clip_mode="single_beginning", missing_caption="skip")
 
 
 # kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.
@@ -101,6 +130,8 @@ class DirectoryConfig(BucketSettings):
 @dataclass
 class DatasetConfig(BucketSettings):
     directory: list[DirectoryConfig] = field(default_factory=list)
+    # Stop before training when any file cannot be used, instead of listing it and going on.
+    strict: bool = False
 
     def validate(self, file, prefix):
         super().validate(file, prefix)
@@ -124,6 +155,11 @@ class Dataset:
     # The file as written: dataset-level keys before defaults were applied, for error messages.
     raw: Optional[DatasetConfig] = None
 
+    @property
+    def strict(self) -> bool:
+        """Whether a file that cannot be used stops the run (the dataset's `strict` key)."""
+        return bool(self.raw is not None and self.raw.strict)
+
 
 def load_dataset_config(path: Path) -> Dataset:
     """Read a dataset TOML and resolve each directory's effective settings and path."""
@@ -132,8 +168,8 @@ def load_dataset_config(path: Path) -> Dataset:
     base = BUCKET_DEFAULTS.overridden_by(cfg)
     directories = []
     for i, d in enumerate(cfg.directory):
-        dir_path = _resolve_path(path.parent, d.path)
-        check(dir_path.is_dir(), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
+        dir_path = _resolve_path(path.parent, d.path, path, f"directory[{i}].path")
+        check(_path_is(dir_path, "dir"), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
         directories.append(ResolvedDirectory(dir_path.resolve(), base.overridden_by(d), raw=d))
     return Dataset(path.resolve(), directories, raw=cfg)
 
@@ -180,6 +216,8 @@ class AdapterConfig:
         check(self.alpha > 0, file, key(prefix, "alpha"), "must be > 0")
         if self.target_modules is not None:
             check(len(self.target_modules) > 0, file, key(prefix, "target_modules"), "must not be empty")
+            if isinstance(self.target_modules, str):
+                _check_regex(self.target_modules, file, key(prefix, "target_modules"))
 
 
 @dataclass
@@ -275,8 +313,17 @@ class TrainConfigFile:
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
         check(self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
               file, "partition_method", "must be 'parameters', 'uniform' or 'type:<regex>'")
+        if self.partition_method.startswith("type:"):
+            _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]
         check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
+
+
+def _check_regex(pattern: str, file, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"{file}: '{where}' is not a valid regular expression ({e}): {pattern!r}") from None
 
 
 @dataclass
@@ -295,6 +342,8 @@ class TrainConfig:
     dataset: Dataset
     eval_datasets: list[EvalDataset]
     output_dir: Path
+    # Things that are allowed but probably not meant (printed at start): "file: message".
+    warnings: list[str] = field(default_factory=list)
 
     def __getattr__(self, name):
         # Top-level keys read like attributes of the config (config.epochs, ...).
@@ -320,7 +369,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
     """Read and validate the main TOML and the dataset TOMLs it names."""
     from models import get_model_class  # the model type decides which [model] keys exist
 
-    path = Path(path).resolve()
+    path = _resolve_path(Path.cwd(), str(path), Path(path), "--config")
     raw = read_toml(path)
     settings = build(TrainConfigFile, raw, path)
     model_table = settings.model
@@ -332,12 +381,12 @@ def load_train_config(path: Path | str) -> TrainConfig:
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
-            resolved = _resolve_path(path.parent, value)
-            check(resolved.exists(), path, f"model.{name}", f"does not exist: {resolved}")
+            resolved = _resolve_path(path.parent, value, path, f"model.{name}")
+            check(_path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
-        resolved = _resolve_path(path.parent, settings.adapter.init_from_existing)
-        check(resolved.exists(), path, "adapter.init_from_existing", f"does not exist: {resolved}")
+        resolved = _resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")
+        check(_path_is(resolved, "exists"), path, "adapter.init_from_existing", f"does not exist: {resolved}")
         settings.adapter.init_from_existing = str(resolved)
 
     if settings.activation_checkpointing == "selective":
@@ -349,10 +398,29 @@ def load_train_config(path: Path | str) -> TrainConfig:
               f"rounds into bfloat16 weights, but the trained weights are {trained} ("
               + ("adapter.dtype" if settings.adapter else "full_finetune_dtype, or model.dtype when not set") + ")")
 
-    dataset = load_dataset_config(_resolve_path(path.parent, settings.dataset))
-    eval_datasets = [EvalDataset(e.name, load_dataset_config(_resolve_path(path.parent, e.config)))
-                     for e in settings.eval_datasets]
+    dataset = load_dataset_config(_resolve_path(path.parent, settings.dataset, path, "dataset"))
+    eval_datasets = [EvalDataset(e.name, load_dataset_config(_resolve_path(path.parent, e.config, path,
+                                                                           f"eval_datasets[{i}].config")))
+                     for i, e in enumerate(settings.eval_datasets)]
+    output_dir = _resolve_path(path.parent, settings.output_dir, path, "output_dir")
+    check(not _path_is(output_dir, "exists") or _path_is(output_dir, "dir"), path, "output_dir",
+          f"is a file, not a folder: {output_dir}")
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
-    return TrainConfig(path, settings, model_config, dataset, eval_datasets,
-                       _resolve_path(path.parent, settings.output_dir))
+    return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
+                       warnings=_eval_overlap_warnings(path, dataset, eval_datasets))
+
+
+def _eval_overlap_warnings(path: Path, dataset: Dataset, eval_datasets: list[EvalDataset]) -> list[str]:
+    """A warning for each eval dataset that reads a training folder: allowed (a loss curve on
+    the training data is a fine smoke test) but its loss then says nothing about unseen data."""
+    training = {d.path for d in dataset.directories}
+    warnings = []
+    for e in eval_datasets:
+        shared = [d.path for d in e.dataset.directories if d.path in training]
+        if shared:
+            folders = ", ".join(str(f) for f in dict.fromkeys(shared))
+            warnings.append(f"{path}: eval dataset '{e.name}' ({e.dataset.file}) reads training folder(s) {folders}: "
+                            f"its eval loss measures fitting the training data, not how the model does on unseen "
+                            f"data; give it a folder of held-out items")
+    return warnings

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+
+from utils.secrets import redacted
 
 
 class ConfigError(ValueError):
@@ -40,7 +43,7 @@ def _type_name(tp) -> str:
         return f"a list of {_type_name(args[0])}" if args else "a list"
     if dataclasses.is_dataclass(tp):
         return "a table"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
             dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -93,7 +96,8 @@ def _convert(value: Any, tp, where: str, file: Path):
             return value
         raise _Mismatch
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # nan and inf are valid TOML, but no setting here means anything with them.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise _Mismatch
     if tp is str:
@@ -111,7 +115,8 @@ def _convert_item(value, tp, where, file):
     try:
         return _convert(value, tp, where, file)
     except _Mismatch:
-        raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {value!r}") from None
+        # A token pasted into the wrong key must not end up in a log.
+        raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {redacted(repr(value))}") from None
 
 
 def build(cls, table: dict, file: Path | str, prefix: str = ""):
