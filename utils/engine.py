@@ -104,6 +104,36 @@ def describe_partition(layers, parts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plan_stages(model, config: TrainConfig):
+    """The transformer on the meta device, set up for LoRA or full fine-tuning, as pipeline layers
+    and their stage boundaries: (transformer, layers, parts)."""
+    transformer = model.build_empty_transformer()
+    if config.full_finetune:
+        # Before partitioning: "parameters" balances the trainable parameters, here all of them.
+        transformer.requires_grad_(True)
+    else:
+        model.add_lora(transformer, config.settings.adapter)
+    layers = model.pipeline_layers(transformer)
+    return transformer, layers, partition(layers, config.settings.pipeline_stages, config.settings.partition_method)
+
+
+def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int], stage: int,
+               device: torch.device) -> None:
+    """Materialise pipeline stage `stage`: its base weights, then its LoRA or, with full
+    fine-tuning, the base weights made trainable in the trained dtype."""
+    s = config.settings
+    local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
+    model.load_weights(transformer, local_names, device)
+    if config.full_finetune:
+        model.make_trainable(transformer, memory.DTYPES[config.trained_dtype])
+    else:
+        model.init_lora(transformer, local_names, s.adapter, device, s.seed)
+        if s.adapter.init_from_existing:
+            from pathlib import Path
+
+            model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+
+
 def build_engine(model, config: TrainConfig, rank: int, world: int, device: torch.device, total_steps: int,
                  log=print, tokens: int | None = None):
     """Build the local stage, the optimizer and the DeepSpeed pipeline engine.
@@ -115,16 +145,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     s = config.settings
     full = config.full_finetune
     topology = make_topology(world, s.pipeline_stages, config.file)
-    transformer = model.build_empty_transformer()
-    if full:
-        # Before partitioning: "parameters" balances the trainable parameters, here all of them.
-        transformer.requires_grad_(True)
-    else:
-        model.add_lora(transformer, s.adapter)
-    layers = model.pipeline_layers(transformer)
-    parts = partition(layers, s.pipeline_stages, s.partition_method)
+    transformer, layers, parts = plan_stages(model, config)
     stage = topology.get_coord(rank).pipe
-    local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
     if rank == 0:
         log(describe_partition(layers, parts))
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
@@ -134,15 +156,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
             log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
                 "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
                 "or full_finetune_dtype = 'float32'")
-    model.load_weights(transformer, local_names, device)
-    if full:
-        model.make_trainable(transformer, memory.DTYPES[config.trained_dtype])
-    else:
-        model.init_lora(transformer, local_names, s.adapter, device, s.seed)
-        if s.adapter.init_from_existing:
-            from pathlib import Path
-
-            model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+    load_stage(model, config, transformer, layers, parts, stage, device)
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
