@@ -19,10 +19,15 @@ class GradNormClipping:
     DeepSpeed's engine reads it for `get_global_grad_norm()`.
 
     DeepSpeed clips too, but throws the norm away; doing it here lets us log it.
+
+    A norm that is NaN or infinite skips the step, so the weights and the optimizer state stay
+    as they were; `skipped_step` says so. The norm is summed over all stages and the gradients
+    are already averaged over the data-parallel replicas, so every rank skips together.
     """
 
     max_grad_norm: float = 0.0
     norm_group = None  # the pipeline-parallel group: each stage holds a slice of the parameters
+    skipped_step: bool = False  # whether the last step was skipped for a non-finite gradient
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,7 +40,10 @@ class GradNormClipping:
             dist.all_reduce(squared, group=self.norm_group)
         norm = squared.sqrt()
         self._global_grad_norm = norm.item()
-        if self.max_grad_norm > 0 and math.isfinite(self._global_grad_norm):
+        self.skipped_step = not math.isfinite(self._global_grad_norm)
+        if self.skipped_step:
+            return None  # one NaN would spread to every weight the step touches
+        if self.max_grad_norm > 0:
             factor = self.max_grad_norm / (self._global_grad_norm + 1e-6)
             if factor < 1:
                 for g in grads:

@@ -14,14 +14,20 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from utils.config import TrainConfig
+from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
 from utils.schema import ConfigError
+from utils.secrets import redact, redacted
 
 CHECKPOINTS = "checkpoints"
 
 
-def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | None) -> Path:
+def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | None, log=print) -> Path:
     """A new timestamped run folder under output_dir (never reusing another run's), or, when
-    resuming, the run folder that holds the checkpoint. Rank 0 decides; all ranks agree."""
+    resuming, the run folder that holds the checkpoint. Rank 0 decides; all ranks agree.
+
+    The run folder gets copies of the config files with every token or key in them replaced
+    by `<redacted>` (see utils/secrets.py); a warning names the files that had one.
+    """
     name, error = None, None
     if rank == 0:
         output = config.output_dir
@@ -32,17 +38,13 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
             except FileNotFoundError as e:
                 error = str(e)
         else:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            name, n = stamp, 1
-            while (output / name).exists():
-                n += 1
-                name = f"{stamp}-{n}"
-            run_dir = output / name
-            (run_dir / "config").mkdir(parents=True)
+            run_dir = _new_run_dir(output)
+            name = run_dir.name
+            (run_dir / "config").mkdir()
             # The config files this run used, as they were at its start.
             files = [config.file, config.dataset.file] + [e.dataset.file for e in config.eval_datasets]
             for f in dict.fromkeys(files):
-                shutil.copy2(f, run_dir / "config" / f.name)
+                _copy_redacted(f, run_dir / "config" / f.name, log)
     if world > 1:
         box = [(name, error)]
         dist.broadcast_object_list(box, src=0)
@@ -50,6 +52,30 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
     if error:
         raise FileNotFoundError(error)
     return config.output_dir / name
+
+
+def _new_run_dir(output: Path) -> Path:
+    """Create a folder named by the start time, or `<time>-2`, ... when that exists: mkdir
+    fails on an existing folder, so two runs starting in the same second never share one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 10_000):
+        run_dir = output / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{output}: no free run folder name for {stamp}")
+
+
+def _copy_redacted(source: Path, target: Path, log) -> None:
+    text = source.read_text(encoding="utf-8")
+    clean, count = redact(text)
+    target.write_text(clean, encoding="utf-8")
+    shutil.copystat(source, target)
+    if count:
+        log(f"warning: {source}: {count} token or key value(s) replaced by <redacted> in the run folder's copy; "
+            f"keep secrets out of config files (set HF_TOKEN in the environment, or run `hf auth login`)")
 
 
 def run_fingerprint(config: TrainConfig, samples) -> dict:
@@ -64,7 +90,8 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
     digest = hashlib.sha256()
     for c in sorted(samples, key=lambda c: (c.latent_key, c.text_key)):
         digest.update(f"{c.latent_key} {c.text_key} {c.sample.repeats}\n".encode())
-    return {"model": f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}",
+    # Redacted: trainer_state.json lands in the run folder.
+    return {"model": redacted(f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}"),
             "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
                                               f"targets={a.target_modules} dtype={a.dtype}",
             # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
@@ -111,11 +138,27 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
         return []
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    files = model.save_lora(lora, adapter, tmp, dtype)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        files = model.save_lora(lora, adapter, tmp, dtype)
+    except Exception as e:
+        remove_quietly(tmp)
+        if disk_full(e, out_dir.parent):
+            raise disk_full_error(out_dir, "the adapter", "Earlier adapters and checkpoints are kept; "
+                                  f"{out_dir.name} is {'unchanged' if out_dir.exists() else 'not written'}.") from e
+        raise
+    replace_folder(tmp, out_dir)
     return [out_dir / f.name for f in files]
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` in the place of `target`. The old one is moved aside first and deleted
+    last, so a run killed in between leaves one of the two whole (`<target>.old` at worst)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # Largest diffusers weight shard of a full-model save; also bounds the host memory a save takes.
@@ -270,22 +313,33 @@ class Checkpoints:
             return None
 
     def save(self, engine, step: int, fingerprint: dict) -> str:
+        """Write checkpoint `step<step>` on every rank; raises DiskFullError when the disk is
+        full, with the half-written checkpoint removed and `latest` unchanged."""
         tag = f"step{step:08d}"
         if self.rank == 0 and (self.root / tag).exists():
             shutil.rmtree(self.root / tag)  # an earlier, unfinished save of this step
         _barrier(self.world)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=True)
-        torch.save(_random_states(), self.root / tag / f"random_state_rank{self.rank:04d}.pt")
-        if self.rank == 0:
-            _write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
-        _barrier(self.world)
-        _pause_for_fault_tests(f"checkpoint{step}")
-        if self.rank == 0:
-            tmp = self.root / ".latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, self.root / "latest")
-            self._prune(tag)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
+                                   exclude_frozen_parameters=True)
+            torch.save(_random_states(), self.root / tag / f"random_state_rank{self.rank:04d}.pt")
+            _barrier(self.world)
+            # trainer_state.json only once every rank's files are complete: a checkpoint named
+            # on the command line is trusted by it.
+            if self.rank == 0:
+                _write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
+            pause_for_fault_tests(f"checkpoint{step}")
+            if self.rank == 0:
+                _write_text_atomic(self.root / "latest", tag)
+                self._prune(tag)
+        except Exception as e:
+            if not disk_full(e, self.root):
+                raise
+            remove_quietly(self.root / tag)
+            latest = self.latest()
+            kept = (f"The last complete checkpoint, {self.root / latest}, is kept: resume from it with "
+                    f"--resume_from_checkpoint." if latest else "There is no earlier checkpoint of this run.")
+            raise disk_full_error(self.root / tag, f"the checkpoint of step {step}", kept) from e
         _barrier(self.world)
         return tag
 
@@ -327,9 +381,17 @@ def _barrier(world: int) -> None:
 
 
 def _write_json_atomic(path: Path, value) -> None:
+    _write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
 
 
 def _random_states() -> dict:
@@ -344,12 +406,3 @@ def _set_random_states(states: dict) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def _pause_for_fault_tests(point: str) -> None:
-    # Fault-injection hook for the tests that kill a run in the middle of a save:
-    # TRAINER_TEST_PAUSE_AT=checkpoint<step>:SECONDS holds that save open at its most fragile
-    # moment (all files written, `latest` not yet moved).
-    spec = os.environ.get("TRAINER_TEST_PAUSE_AT", "")
-    if spec.startswith(point + ":"):
-        time.sleep(float(spec.split(":", 1)[1]))

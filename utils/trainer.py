@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (a non-finite loss); the message says why and what was kept."""
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -143,6 +148,50 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def non_finite(self, loss: float) -> bool:
+        """Whether this step's loss or gradient was NaN or infinite (then the optimizer skipped
+        the step: see GradNormClipping). The same answer on every rank."""
+        norm = self.engine.get_global_grad_norm()
+        bad = not math.isfinite(loss) or getattr(self.engine.optimizer, "skipped_step", False) or \
+            (norm is not None and not math.isfinite(norm))
+        flag = torch.tensor([int(bad)], dtype=torch.int32, device=self.device)
+        if self.world > 1:  # every rank must stop, or the others would wait for it forever
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop_non_finite(self, loss: float, epoch: int, step_in_epoch: int) -> None:
+        """Stop with the step, the files of its batch and the checkpoint to go back to. The
+        optimizer skipped this step, so the weights are still those of the step before."""
+        s = self.config.settings
+        slots = [slot for dp_rank in range(self.dp_world)
+                 for batch in self.plan.step_batches(epoch, step_in_epoch, dp_rank, s.gradient_accumulation_steps)
+                 for slot in batch]
+        paths = list(dict.fromkeys(self.train.samples[slot.index].sample.item.path for slot in slots))
+        poisoned = []
+        for index in dict.fromkeys(slot.index for slot in slots):
+            latents, text = self.train.load(index)
+            bad = [name for name, t in {**latents, **text}.items() if not torch.isfinite(t.float()).all()]
+            if bad:
+                poisoned.append(f"{self.train.samples[index].sample.item.path} ({', '.join(sorted(bad))})")
+        norm = self.engine.get_global_grad_norm()
+        skipped = getattr(self.engine.optimizer, "skipped_step", False)
+        lines = [f"step {self.step}: the loss is {loss} (gradient norm {norm}); training stopped. "
+                 + ("The optimizer skipped this step, so no weight changed." if skipped else
+                    "The gradient was finite, so the weights are too."),
+                 f"the step's batch: {', '.join(str(p) for p in paths)}"]
+        if poisoned:
+            lines.append(f"non-finite values in the cached tensors of: {'; '.join(poisoned)}; rebuild the cache "
+                         f"with --regenerate_cache (and check those files)")
+        else:
+            lines.append("the cached inputs are finite: likely causes are a learning rate too high "
+                         "(lower optimizer.lr, add warmup_steps) or float16 overflow (use bfloat16)")
+        latest = self.checkpoints.latest()
+        lines.append(f"the last good checkpoint, {self.checkpoints.root / latest}, is kept: continue from it with "
+                     f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
+        self._write_history()
+        self.metrics.close()
+        raise TrainingStopped("\n".join(lines))
+
     def checkpoints_enabled(self) -> bool:
         s = self.config.settings
         return any(v is not None for v in (s.checkpoint_every_n_minutes, s.checkpoint_every_n_steps,
@@ -178,6 +227,8 @@ class Trainer:
             loss = self.engine.train_batch(self.micro_batches(epoch, step_in_epoch)).item()
             elapsed = time.perf_counter() - start
             self.step += 1
+            if self.non_finite(loss):
+                self.stop_non_finite(loss, epoch, step_in_epoch)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                       "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
