@@ -149,3 +149,44 @@ def test_nan_loss_stops_with_step_and_files_and_keeps_the_last_good_checkpoint(t
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert all(torch.isfinite(t).all() for t in
                load_file(run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors").values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Two runs on one machine
+
+
+@pytest.mark.slow
+def test_two_runs_with_the_default_port_on_one_machine_both_train(tmp_path, tiny_models, image_dataset):
+    """Both launched as `deepspeed train.py ...` without --master_port, at the same moment, on one
+    dataset and one output folder; one has 2 processes. Port 29500 is even held by a third party."""
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", 29500))
+        holder.listen()
+    except OSError:
+        pass  # something already holds it: just as good
+    cfg = write_configs(tmp_path / "shared", tiny_models / "flux", image_dataset, max_steps=3,
+                        micro_batch_size_per_gpu=1)
+    procs = []
+    try:
+        for n, gpus in ((0, 2), (1, 1)):
+            log = open(tmp_path / f"run{n}.log", "w")
+            cmd = ["deepspeed", f"--num_gpus={gpus}", "--master_port=29500", str(REPO / "train.py"), "--deepspeed",
+                   "--config", str(cfg)]
+            procs.append((subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1"}), log))
+        codes = [proc.wait(timeout=600) for proc, _ in procs]
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        holder.close()
+    outputs = [(tmp_path / f"run{n}.log").read_text() for n in range(2)]
+    assert codes == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+    runs = sorted(p for p in (cfg.parent / "runs").iterdir())
+    assert len(runs) == 2  # a folder each, even when both start in the same second
+    for run_dir in runs:
+        assert len(json.loads((run_dir / "losses.json").read_text())) == 3
+        assert (run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"trainer-rendezvous-*-{procs[0][0].pid}-*"))

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import socket
+import tempfile
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -28,8 +31,11 @@ from utils.schema import ConfigError
 def init_distributed() -> tuple[int, int, torch.device]:
     """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
 
-    Works under the `deepspeed` launcher and as a plain single process; the port always comes
-    from MASTER_PORT, which the launcher sets from `--master_port`.
+    Works under the `deepspeed` launcher and as a plain single process. When every process runs
+    on this machine, they meet through a file unique to their launch (see `local_rendezvous`),
+    not the launcher's port: two runs started with the default port (29500) do not clash. Across
+    machines the port comes from MASTER_PORT (the launcher's `--master_port`), and a port in use
+    is an error saying so.
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -37,6 +43,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
+    rendezvous = local_rendezvous()
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -46,8 +53,44 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    try:
+        if rendezvous is None:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, init_method=f"file://{rendezvous}",
+                                       rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    except RuntimeError as e:
+        if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+            port = os.environ["MASTER_PORT"]
+            raise ConfigError(f"--master_port: port {port} is in use on {os.environ['MASTER_ADDR']} (by another run?); "
+                              f"launch with a free one: deepspeed --master_port=<port> ...") from None
+        raise
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def local_rendezvous() -> str | None:
+    """The file the processes of this launch meet through, or None to use MASTER_ADDR:MASTER_PORT.
+
+    Only when every rank runs on this machine (a single process, or the deepspeed or torchrun
+    launcher on one node): they are all children of the same launcher process, so its pid and
+    start time name the launch uniquely. MASTER_PORT is then set to the launcher's pid, because
+    DeepSpeed names its shared-memory segments after it (the port is not used for a socket).
+    """
+    world = int(os.environ["WORLD_SIZE"])
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    if world == 1:
+        owner = os.getpid()  # alone: nobody to meet, but a store is still needed
+    elif local == str(world) and os.environ.get("CROSS_SIZE", "1") == "1":
+        owner = os.getppid()
+    else:
+        return None
+    try:
+        started = Path(f"/proc/{owner}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    os.environ["MASTER_PORT"] = str(owner)
+    name = f"trainer-rendezvous-{socket.gethostname()}-{os.getuid()}-{owner}-{started}"
+    return str(Path(tempfile.gettempdir()) / name)
 
 
 def configure_attention() -> None:
