@@ -1,0 +1,241 @@
+"""Full fine-tuning (no [adapter] table), launched as users launch it.
+
+Module fixtures, each one launch (~15 s on CPU):
+
+    full        1 stage, float32: eval at 0, 5, 10; the transformer saved at step 5 and at the end
+    two_stages  the same on 2 processes with pipeline_stages = 2 (slow)
+    bf16_sr     bfloat16 weights with stochastic rounding, lr 1e-5: updates far below bfloat16's
+                resolution (slow); bf16_plain: the same with plain rounding (slow)
+    fp32_master the same with float32 master weights, the reference SR should track (slow)
+
+The tests read what the launches left: losses, evals and the saved files, whose eval losses are
+recomputed in process through diffusers' own forward (test_train_flux.eval_loss_in_process).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import Launch, launch, write_configs
+from test_train_flux import eval_loss_in_process
+from tools.make_demo_dataset import make_demo_dataset
+
+EVAL = "held_out"
+FULL = dict(adapter=None, max_steps=10, eval_at_start=True, eval_every_n_steps=5, save_every_n_steps=5,
+            optimizer={"lr": 1e-3})
+# Updates of about lr = 1e-5 per step: under half a bfloat16 step for nearly every weight.
+TINY_UPDATES = dict(adapter=None, max_steps=40, eval_at_start=True, eval_every_n_steps=20,
+                    checkpoint_every_n_steps=20, steps_per_print=10, model={"dtype": "bfloat16"},
+                    optimizer={"lr": 1e-5, "weight_decay": 0.0})
+
+
+def ok(result: Launch) -> Launch:
+    assert result.returncode == 0, result.output[-5000:]
+    return result
+
+
+def run_dir(result: Launch) -> Path:
+    (folder,) = result.run_dirs()
+    return folder
+
+
+def evals(folder: Path) -> dict[int, float]:
+    return {e["step"]: e[EVAL] for e in json.loads((folder / "eval.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("full_finetune")
+    data = make_demo_dataset(root / "data", count=8, seed=0)
+    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
+    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
+    return {"root": root, "data": data, "model": tiny_models / "flux"}
+
+
+def configure(work, name: str, base: dict, **overrides) -> Path:
+    settings = {**base, "eval_datasets": [{"name": EVAL, "config": str(work["root"] / "eval.toml")}]}
+    for k, v in overrides.items():
+        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
+    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
+
+
+@pytest.fixture(scope="module")
+def full(work):
+    return ok(launch(configure(work, "full", FULL)))
+
+
+@pytest.fixture(scope="module")
+def two_stages(work, full):
+    return ok(launch(configure(work, "two_stages", FULL, pipeline_stages=2), num_gpus=2))
+
+
+@pytest.fixture(scope="module")
+def bf16_sr(work):
+    return ok(launch(configure(work, "bf16_sr", TINY_UPDATES, optimizer={"stochastic_rounding": True})))
+
+
+@pytest.fixture(scope="module")
+def bf16_plain(work):
+    return ok(launch(configure(work, "bf16_plain", TINY_UPDATES)))
+
+
+@pytest.fixture(scope="module")
+def fp32_master(work):
+    return ok(launch(configure(work, "fp32_master", TINY_UPDATES, full_finetune_dtype="float32")))
+
+
+def saved(result: Launch, name: str = "final") -> Path:
+    return run_dir(result) / "models" / name
+
+
+def load_saved(folder: Path):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+
+
+def from_original_layout(folder: Path, work):
+    """The single original-layout file, converted back to diffusers naming and loaded strictly."""
+    from diffusers import FluxTransformer2DModel
+
+    from models.flux_layout import original_to_diffusers
+
+    config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
+    transformer = FluxTransformer2DModel.from_config(config)
+    original = load_file(folder / "transformer_original_layout.safetensors")
+    transformer.load_state_dict(original_to_diffusers(original, config), strict=True)
+    return transformer, original
+
+
+# ------------------------------------------------------------------------------------ one stage
+
+
+def test_full_finetune_trains_and_saves_the_transformer(full):
+    folder = run_dir(full)
+    history = evals(folder)
+    assert sorted(history) == [0, 5, 10]
+    assert history[10] < history[5] < history[0]
+    assert history[10] < 0.95 * history[0]
+    assert len(full.losses()) == 10
+    # the start of the run: the memory estimate of the whole transformer in training
+    assert "memory estimate per GPU (full fine-tuning, optimizer adamw" in full.output
+    assert "stage 0: weights float32" in full.output
+    # saves on schedule and at the end; no adapters, no temporary folders left
+    assert sorted(p.name for p in (folder / "models").iterdir()) == ["final", "step00000005"]
+    assert not (folder / "adapters").exists()
+    for name in ("final", "step00000005"):
+        files = sorted(str(p.relative_to(folder / "models" / name)) for p in (folder / "models" / name).rglob("*")
+                       if p.is_file())
+        assert files == ["transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+                         "transformer_original_layout.safetensors"]
+
+
+def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
+    from diffusers import FluxTransformer2DModel
+
+    history = evals(run_dir(full))
+    trained = eval_loss_in_process(full.config, load_saved(saved(full)))
+    assert trained == pytest.approx(history[10], rel=1e-5)
+    at_five = eval_loss_in_process(full.config, load_saved(saved(full, "step00000005")))
+    assert at_five == pytest.approx(history[5], rel=1e-5)
+    untrained = eval_loss_in_process(full.config, FluxTransformer2DModel.from_pretrained(work["model"] / "transformer"))
+    assert untrained == pytest.approx(history[0], rel=1e-5)
+    # training moved the loss far beyond the tolerance: a save of the untrained weights would fail
+    assert abs(untrained - trained) > 100 * 1e-5 * trained
+
+
+def test_original_layout_file_is_the_same_model(full, work):
+    from diffusers import FluxTransformer2DModel
+
+    from models.flux_layout import load_diffusers_keys_from_original
+
+    folder = saved(full)
+    diffusers_weights = load_saved(folder).state_dict()
+    transformer, original = from_original_layout(folder, work)
+    # the release layout: fused qkv, unprefixed keys
+    assert "double_blocks.0.img_attn.qkv.weight" in original and "single_blocks.1.linear1.weight" in original
+    for key, value in transformer.state_dict().items():
+        assert torch.equal(value, diffusers_weights[key]), key
+    assert eval_loss_in_process(full.config, transformer) == pytest.approx(evals(run_dir(full))[10], rel=1e-5)
+    # and it reads back as model.transformer_path does
+    config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
+    keys = sorted(diffusers_weights)
+    read = load_diffusers_keys_from_original(folder / "transformer_original_layout.safetensors", keys, config)
+    assert all(torch.equal(read[k], diffusers_weights[k]) for k in keys)
+
+
+# ------------------------------------------------------------------------------------ two stages
+
+
+@pytest.mark.slow
+def test_two_stages_train_and_save_the_same_model(full, two_stages):
+    one, two = run_dir(full), run_dir(two_stages)
+    assert "stage 1: layers" in two_stages.output
+    assert two_stages.losses() == pytest.approx(full.losses(), rel=1e-5)
+    for step, value in evals(one).items():
+        assert evals(two)[step] == pytest.approx(value, rel=1e-5)
+    folder = saved(two_stages)
+    # each stage wrote its own shard; rank 0 the index naming both
+    index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == ["diffusion_pytorch_model-00001-of-00002.safetensors",
+                      "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    first = load_file(folder / "transformer" / shards[0])
+    assert "x_embedder.weight" in first and "proj_out.weight" not in first
+    reference = load_saved(saved(full)).state_dict()
+    loaded = load_saved(folder).state_dict()
+    assert loaded.keys() == reference.keys() == set(index["weight_map"])
+    for key in reference:
+        torch.testing.assert_close(loaded[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
+    # the single original-layout file, joined from the stages' parts, holds the same
+    joined = load_file(folder / "transformer_original_layout.safetensors")
+    single = load_file(saved(full) / "transformer_original_layout.safetensors")
+    assert joined.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(joined[key], single[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+# ------------------------------------------------------------------------------------ bfloat16 weights
+
+
+@pytest.mark.slow
+def test_stochastic_rounding_trains_where_plain_bfloat16_stalls(bf16_sr, bf16_plain, fp32_master):
+    sr, plain, master = (evals(run_dir(r)) for r in (bf16_sr, bf16_plain, fp32_master))
+    assert sr[0] == plain[0] == master[0]
+    drop = {name: h[0] - h[40] for name, h in (("sr", sr), ("plain", plain), ("master", master))}
+    # float32 master weights: the updates add up (about 1.5% of the loss in 40 steps) ...
+    assert drop["master"] > 0.01 * master[0]
+    # ... with stochastic rounding bfloat16 weights follow (the rounding is unbiased) ...
+    assert drop["sr"] == pytest.approx(drop["master"], rel=0.3)
+    assert sr[40] < sr[20] < sr[0]
+    # ... and with plain rounding nearly every update is lost.
+    assert drop["plain"] < 0.1 * drop["sr"]
+    assert "WARNING: full fine-tuning bfloat16 weights with plain rounding" in bf16_plain.output
+    assert "WARNING: full fine-tuning bfloat16" not in bf16_sr.output
+    # the saved weights are bfloat16 (save_dtype float32 holds them exactly)
+    weights = load_file(saved(bf16_sr) / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in weights.values())
+
+
+@pytest.mark.slow
+def test_resume_with_stochastic_rounding_reproduces_the_run(work, bf16_sr):
+    # Resumed from the step-20 checkpoint, the rest of the run is the same bit for bit: the weights,
+    # the float32 optimizer state of bfloat16 weights and the step that seeds the rounding noise.
+    config = configure(work, "bf16_sr_resume", TINY_UPDATES, optimizer={"stochastic_rounding": True})
+    original = run_dir(bf16_sr)
+    copy = config.parent / "runs" / original.name
+    shutil.copytree(original, copy)
+    shutil.rmtree(copy / "models")  # so the comparison below reads what the resumed run saved
+    result = ok(launch(config, "--resume_from_checkpoint", "step00000020"))
+    assert "starting at step 20" in result.output
+    assert result.losses(copy) == bf16_sr.losses()
+    assert evals(copy) == evals(original)
+    a = load_file(copy / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(original / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
