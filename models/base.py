@@ -8,6 +8,7 @@ its input packing, its layer list and its extra save formats.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from pathlib import Path
@@ -47,14 +48,34 @@ class SafetensorsFolder:
         self.files: dict[str, Path] = {}
         index = next(iter(sorted(folder.glob("*.safetensors.index.json"))), None)
         if index is not None:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"model weights: {index} is not a readable weight index ({e})") from None
             self.files = {k: folder / v for k, v in weight_map.items()}
         else:
             for f in sorted(folder.glob("*.safetensors")):
-                with safe_open(f, "pt") as st:
+                with open_safetensors(f, "model weights") as st:
                     self.files.update({k: f for k in st.keys()})
         if not self.files:
-            raise FileNotFoundError(f"no .safetensors weights in {folder}")
+            raise ConfigError(f"model weights: no .safetensors weights in {folder}")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight's shape, from the file headers only."""
+        by_file: dict[Path, list[str]] = {}
+        for k, f in self.files.items():
+            by_file.setdefault(f, []).append(k)
+        out = {}
+        for f, keys in by_file.items():
+            if not f.is_file():
+                raise ConfigError(f"model weights: {f} is missing (named in the weight index of {self.folder})")
+            with open_safetensors(f, "model weights") as st:
+                present = set(st.keys())
+                for k in keys:
+                    if k not in present:
+                        raise ConfigError(f"model weights: {f} lacks {k}, which the weight index names")
+                    out[k] = tuple(st.get_slice(k).get_shape())
+        return out
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         missing = [k for k in keys if k not in self.files]
@@ -71,6 +92,22 @@ class SafetensorsFolder:
         return out
 
 
+def open_safetensors(path: Path, what: str):
+    """safe_open, with a file that is not safetensors (or is damaged) as a ConfigError naming it."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # SafetensorError, or OSError for an unreadable file
+        raise ConfigError(f"{what}: {path} is not a readable .safetensors file ({e})") from None
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
+
+
+def _examples(names: list[str], n: int = 2) -> str:
+    return ", ".join(repr(x) for x in names[:n]) + (", ..." if len(names) > n else "")
+
+
 class DiffusionModel:
     """A trainable diffusion transformer with its encoders, expressed as pipeline layers."""
 
@@ -80,6 +117,7 @@ class DiffusionModel:
     # Clips must be frame_multiple*k+1 frames long; 0 means images only (1 frame).
     frame_multiple: ClassVar[int] = 0
     transformer_class: ClassVar[type]
+    vae_class: ClassVar[type]
     pipeline_class: ClassVar[type]
     default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
     input_fields: ClassVar[PipelineFields]
@@ -121,10 +159,17 @@ class DiffusionModel:
         raise NotImplementedError
 
     def load_vae(self, device: torch.device) -> None:
-        raise NotImplementedError
+        """Load the model's VAE (`vae_class` from the `vae/` folder) for caching latents."""
+        self.vae = self.vae_class.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
+        self.device = device
 
     def free_encoders(self) -> None:
-        raise NotImplementedError
+        """Drop the VAE and text encoders: only the transformer trains."""
+        self.vae = None
+        self.text_encoders = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def encode_captions(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -232,6 +277,82 @@ class DiffusionModel:
             transformer = self.transformer_class.from_config(config)
         transformer.requires_grad_(False)
         return transformer
+
+    # ------------------------------------------------------------------ input checks (shared)
+    def check_inputs(self, config_file: Path, adapter: AdapterConfig | None) -> None:
+        """Check the model files and the LoRA to start from against what this model type needs,
+        from file headers only, before anything is cached or loaded. Each mismatch is a
+        ConfigError of one line saying what was expected and what was found."""
+        try:
+            if self.root.is_file():
+                raise ConfigError(f"model.diffusers_path: {self.root} is a file; expected a diffusers folder of a "
+                                  f"{self.name} model (a single-file transformer goes in model.transformer_path)")
+            transformer = self.build_empty_transformer()
+            self.check_weight_files(transformer)
+            if adapter is not None and adapter.init_from_existing:
+                self.add_lora(transformer, adapter)
+                self.check_lora_file(transformer, Path(adapter.init_from_existing), adapter)
+        except ConfigError as e:
+            raise ConfigError(f"{config_file}: {e}") from None
+
+    def check_weight_files(self, transformer: nn.Module) -> None:
+        """The weights in the files must be exactly the transformer's, in its shapes. Only the
+        diffusers folder is checked here; a single-file `transformer_path` is checked as it loads."""
+        if self.config.transformer_path is not None:
+            path = Path(self.config.transformer_path)
+            if path.suffix == ".safetensors" or not path.suffix:
+                with open_safetensors(path, "model.transformer_path"):
+                    pass
+            return
+        folder = self.transformer_folder()
+        found = SafetensorsFolder(folder).shapes()
+        expected = {_base_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" not in n}
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing ({_examples(missing)})")
+            if extra:
+                parts.append(f"{len(extra)} unexpected ({_examples(extra)})")
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} of another shape ({k!r}: expected {_shape_text(expected[k])}, "
+                             f"found {_shape_text(found[k])})")
+            raise ConfigError(f"model.diffusers_path: the weights in {folder} are not those of the "
+                              f"{type(transformer).__name__} its config.json describes: expected {len(expected)} "
+                              f"weights, found {len(found)}: {'; '.join(parts)}")
+
+    def check_lora_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
+        """The LoRA file for `init_from_existing` must be this model's, with this adapter's rank
+        and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
+        file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
+        with open_safetensors(file, "adapter.init_from_existing") as st:
+            model_type = (st.metadata() or {}).get("trainer_model_type")
+            found = {k.removeprefix("transformer."): tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        if model_type is not None and model_type != self.name:
+            raise ConfigError(f"adapter.init_from_existing: {file} is a LoRA for model type '{model_type}' "
+                              f"(its metadata says so), but model.type = '{self.name}'")
+        if found and all(k.startswith(("diffusion_model.", "lora_unet_", "lora_transformer_")) for k in found):
+            raise ConfigError(f"adapter.init_from_existing: {file} is in the ComfyUI / original key layout; "
+                              f"expected the diffusers format (pytorch_lora_weights.safetensors, saved beside it)")
+        expected = {_lora_file_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        if missing or extra:
+            raise ConfigError(f"adapter.init_from_existing: {file} is not a LoRA of this {self.name} adapter "
+                              f"(rank {adapter.rank}, target_modules): expected {len(expected)} LoRA weights such as "
+                              f"{_examples(sorted(expected), 1)}, found {len(found)} such as {_examples(sorted(found), 1)}"
+                              f"; {len(missing)} missing, {len(extra)} unexpected")
+        for k in sorted(expected):
+            if found[k] != expected[k]:
+                rank = found[k][0] if ".lora_A." in k else found[k][-1]
+                raise ConfigError(f"adapter.init_from_existing: {k} in {file} has shape {_shape_text(found[k])}, "
+                                  f"this adapter's is {_shape_text(expected[k])}: the file has rank {rank}, "
+                                  f"adapter.rank = {adapter.rank}")
 
     def read_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The transformer's base weights for `keys` (diffusers naming), read lazily from disk."""

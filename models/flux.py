@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +98,7 @@ class FluxModel(DiffusionModel):
     config_class = FluxConfig
     size_multiple = 16  # 8x VAE, then 2x2 patches
     transformer_class = FluxTransformer2DModel
+    vae_class = AutoencoderKL
     pipeline_class = FluxPipeline
     input_fields = FLUX_INPUTS
     # Every attention projection and MLP linear of the double and single blocks.
@@ -136,17 +136,6 @@ class FluxModel(DiffusionModel):
             T5EncoderModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=dtype).to(device).eval(),
         )
         self.device = device
-
-    def load_vae(self, device):
-        self.vae = AutoencoderKL.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
-        self.device = device
-
-    def free_encoders(self):
-        self.vae = None
-        self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def encode_captions(self, captions):
         clip_tok, clip, t5_tok, t5 = self.text_encoders

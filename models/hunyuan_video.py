@@ -9,7 +9,6 @@ the VAE's scaling_factor, and the transformer gets the timestep and the guidance
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -140,6 +139,7 @@ class HunyuanVideoModel(DiffusionModel):
     size_multiple = 16  # 8x VAE, then 2x2 patches
     frame_multiple = 4  # 4x temporal VAE: clips of 4k+1 frames
     transformer_class = HunyuanVideoTransformer3DModel
+    vae_class = AutoencoderKLHunyuanVideo
     pipeline_class = HunyuanVideoPipeline
     input_fields = HUNYUAN_INPUTS
     # Every attention projection and MLP linear of the dual- and single-stream blocks (the token
@@ -176,17 +176,6 @@ class HunyuanVideoModel(DiffusionModel):
         )
         self.crop_start = template_crop_start(llama_tokenizer, self.prompt_template)
         self.device = device
-
-    def load_vae(self, device):
-        self.vae = AutoencoderKLHunyuanVideo.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
-        self.device = device
-
-    def free_encoders(self):
-        self.vae = None
-        self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def encode_captions(self, captions):
         llama_tokenizer, llama, clip_tokenizer, clip = self.text_encoders

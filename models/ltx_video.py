@@ -9,7 +9,6 @@ compression).
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,6 +112,7 @@ class LTXVideoModel(DiffusionModel):
     size_multiple = 32  # 32x VAE, 1x1 patches
     frame_multiple = 8  # 8x temporal VAE: clips of 8k+1 frames
     transformer_class = LTXVideoTransformer3DModel
+    vae_class = AutoencoderKLLTXVideo
     pipeline_class = LTXPipeline
     input_fields = LTX_INPUTS
     # Self- and cross-attention projections and the feed-forward linears of every block.
@@ -142,17 +142,6 @@ class LTXVideoModel(DiffusionModel):
             T5EncoderModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
         )
         self.device = device
-
-    def load_vae(self, device):
-        self.vae = AutoencoderKLLTXVideo.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
-        self.device = device
-
-    def free_encoders(self):
-        self.vae = None
-        self.text_encoders = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def encode_captions(self, captions):
         tokenizer, t5 = self.text_encoders
