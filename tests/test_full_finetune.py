@@ -10,6 +10,7 @@ Module fixtures, each one launch (~15 s on CPU):
 
 The tests read what the launches left: losses, evals and the saved files, whose eval losses are
 recomputed in process through diffusers' own forward (test_train_flux.eval_loss_in_process).
+The last tests call save_full_model in process: many small shards, and a full disk.
 """
 
 from __future__ import annotations
@@ -239,3 +240,75 @@ def test_resume_with_stochastic_rounding_reproduces_the_run(work, bf16_sr):
     a = load_file(copy / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(original / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ------------------------------------------------------------------------------------ saving in process
+
+
+class OneProcessEngine:
+    """What save_full_model reads of DeepSpeed's engine, for one process holding every layer."""
+
+    def __init__(self, layers):
+        self.grid = type("Grid", (), {"get_data_parallel_rank": staticmethod(lambda: 0)})()
+        self.module = type("Module", (), {"forward_funcs": layers})()
+
+
+def loaded_transformer(work, tmp_path):
+    from models import get_model_class
+    from utils.config import load_train_config
+    from utils.engine import load_stage, plan_stages
+
+    config = load_train_config(write_configs(tmp_path / "cfg", work["model"], work["data"], adapter=None))
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
+    return model, transformer, layers
+
+
+def test_small_shards_and_many_original_parts_join_into_the_same_model(work, tmp_path, monkeypatch):
+    import utils.saving as saving
+
+    model, transformer, layers = loaded_transformer(work, tmp_path)
+    # 64 KiB shards: the tiny transformer (0.5 MiB in float32) is written in several pieces, and
+    # its original-layout file is joined from as many parts.
+    monkeypatch.setattr(saving, "SHARD_BYTES", 64 * 2**10)
+    out = tmp_path / "models" / "final"
+    files = saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    shards = sorted((out / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) >= 4 and out / "transformer" / "diffusion_pytorch_model.safetensors.index.json" in files
+    assert not list(out.glob("original-part-*")) and not out.with_name("final.tmp").exists()
+    weights = {k: v.detach() for k, v in transformer.state_dict().items()}
+    assert all(torch.equal(load_saved(out).state_dict()[k], v) for k, v in weights.items())
+    rebuilt, _ = from_original_layout(out, work)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkeypatch):
+    import errno
+
+    import utils.saving as saving
+    from utils.faults import DiskFullError
+
+    model, transformer, layers = loaded_transformer(work, tmp_path)
+    out = tmp_path / "models" / "final"
+    saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls = []
+
+    def fails_on_the_second_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_file_real(tensors, path, metadata=metadata)
+
+    save_file_real = saving.save_file
+    monkeypatch.setattr(saving, "save_file", fails_on_the_second_file)
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(1.0)
+    with pytest.raises(DiskFullError) as info:
+        saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    assert str(info.value).startswith(f"disk full: cannot write the transformer to {out}")
+    assert "final is unchanged" in str(info.value)
+    assert not out.with_name("final.tmp").exists()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -216,6 +216,28 @@ def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtyp
         counts = [None] * world
         dist.all_gather_object(counts, len(chunks))
     total, first = sum(counts), sum(counts[:rank])
+    try:
+        weight_map = _write_parts(model, params, chunks, tmp, dtype, first, total)
+    except Exception as e:
+        _save_failed(e, tmp, out_dir)
+    maps = [weight_map]
+    if world > 1:
+        maps = [None] * world if rank == 0 else None
+        dist.gather_object(weight_map, maps, dst=0)
+    written = []
+    if rank == 0:
+        try:
+            _finish_full_model(transformer, tmp, maps, total, params, dtype)
+        except Exception as e:
+            _save_failed(e, tmp, out_dir)
+        replace_folder(tmp, out_dir)
+        written = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    _barrier(world)
+    return written
+
+
+def _write_parts(model, params, chunks, tmp: Path, dtype, first: int, total: int) -> dict[str, str]:
+    """Write this stage's diffusers shards and original-layout parts; returns {weight: shard}."""
     weight_map = {}
     for j, names in enumerate(chunks):
         tensors = {n: params[n].detach().to("cpu", dtype).contiguous() for n in names}
@@ -227,33 +249,36 @@ def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtyp
             save_file({k: v.contiguous() for k, v in original.items()}, tmp / f"original-part-{first + j:05d}.safetensors",
                       metadata={"format": "pt"})
         del tensors, original
-    maps = [weight_map]
-    if world > 1:
-        maps = [None] * world if rank == 0 else None
-        dist.gather_object(weight_map, maps, dst=0)
-    written = []
-    if rank == 0:
-        folder = tmp / "transformer"
-        transformer.save_config(folder)
-        merged = {k: v for part in maps for k, v in part.items()}
-        if total == 1:  # one shard: diffusers' name for an unsharded model
-            (folder / "diffusion_pytorch_model-00001-of-00001.safetensors").rename(
-                folder / "diffusion_pytorch_model.safetensors")
-        else:
-            size = sum(params[k].numel() for k in merged) * dtype.itemsize
-            (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(merged.items()))}, indent=2))
-        parts = sorted(tmp.glob("original-part-*.safetensors"))
-        if parts:
-            join_safetensors(parts, tmp / ORIGINAL_LAYOUT_FILE)
-            for part in parts:
-                part.unlink(missing_ok=True)  # a single part was renamed
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        written = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    _barrier(world)
-    return written
+    return weight_map
+
+
+def _finish_full_model(transformer, tmp: Path, maps: list[dict], total: int, params, dtype) -> None:
+    """Rank 0: the config, the shard index (or the single shard's name), the joined single file."""
+    folder = tmp / "transformer"
+    transformer.save_config(folder)
+    merged = {k: v for part in maps for k, v in part.items()}
+    if total == 1:  # one shard: diffusers' name for an unsharded model
+        (folder / "diffusion_pytorch_model-00001-of-00001.safetensors").rename(
+            folder / "diffusion_pytorch_model.safetensors")
+    else:
+        size = sum(params[k].numel() for k in merged) * dtype.itemsize
+        (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": size}, "weight_map": dict(sorted(merged.items()))}, indent=2))
+    parts = sorted(tmp.glob("original-part-*.safetensors"))
+    if parts:
+        join_safetensors(parts, tmp / ORIGINAL_LAYOUT_FILE)
+        for part in parts:
+            part.unlink(missing_ok=True)  # a single part was renamed
+
+
+def _save_failed(error: Exception, tmp: Path, out_dir: Path):
+    """Remove the half-written save and raise: a clear DiskFullError when the disk is full (the
+    launcher then stops the other ranks)."""
+    remove_quietly(tmp)
+    if disk_full(error, out_dir.parent):
+        raise disk_full_error(out_dir, "the transformer", "Earlier saves and checkpoints are kept; "
+                              f"{out_dir.name} is {'unchanged' if out_dir.exists() else 'not written'}.") from error
+    raise error
 
 
 def join_safetensors(parts: list[Path], out: Path) -> None:
