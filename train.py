@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     # Needs the GPU count, so not part of loading the config; still before any model loads.
     make_topology(world, s.pipeline_stages, config.file)
     model = get_model_class(config.model.type)(config.model)
+    # The model files and the LoRA to start from, by their headers: before hours of caching.
+    model.check_inputs(config.file, s.adapter)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
                   regenerate=args.regenerate_cache, rank=rank, world=world, device=device)
     train = prepare_dataset(config.dataset, model, title="training dataset", **common)
