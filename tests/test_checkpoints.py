@@ -138,3 +138,20 @@ def test_resume_refuses_a_changed_adapter_but_allows_a_new_learning_rate(referen
     assert allowed.returncode == 0, allowed.output[-3000:]
     assert "starting at step 8" in allowed.output
     assert len(allowed.losses(ref.run_dirs()[-1])) == 10
+
+
+@pytest.mark.slow
+def test_resume_with_two_pipeline_stages_is_exact(tmp_path, tiny_models, image_dataset):
+    cfg = write_configs(tmp_path / "pp", tiny_models / "flux", image_dataset, max_steps=6, pipeline_stages=2,
+                        checkpoint_every_n_steps=2, checkpoints_to_keep=5)
+    full = launch(cfg, num_gpus=2)
+    assert full.returncode == 0, full.output[-3000:]
+    run_dir = full.run_dirs()[-1]
+    ref_losses, ref_adapter = full.losses(), adapter(run_dir)
+    # each stage wrote its own optimizer state
+    assert len(list((run_dir / "checkpoints" / "step00000004").glob("mp_rank_*_model_states.pt"))) == 2
+    resumed = launch(cfg, "--resume_from_checkpoint", "step00000004", num_gpus=2)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "starting at step 4" in resumed.output
+    assert resumed.losses(run_dir) == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    assert_same_adapter(adapter(run_dir), ref_adapter)
