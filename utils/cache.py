@@ -232,7 +232,9 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
                             (out,) = encode([c])
                         rows.append((key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}))
                     except MediaError as e:
-                        my_problems.append((c.sample.item.path, str(e)))
+                        # The message starts with the path; the problem list shows it already.
+                        path = c.sample.item.path
+                        my_problems.append((path, str(e).removeprefix(f"{path}: ")))
         gathered = [None] * world if rank == 0 else None
         if world > 1:
             dist.gather_object((rows, my_problems), gathered, dst=0)
