@@ -223,3 +223,109 @@ def test_launch_with_misspelt_key_prints_one_error_line(tmp_path):
     assert errors == [f"error: {config}: unknown key 'max_stesp' (did you mean 'max_steps'?)"]
     assert "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_nan_and_infinity_are_not_numbers_a_setting_takes(tmp_path):
+    for value in ("nan", "inf", "-inf"):
+        message = error(tmp_path, train=edit(TRAIN, "lr = 1e-4", f"lr = {value}"))
+        assert message == f"{tmp_path / 'train.toml'}: 'optimizer.lr' must be a finite number, got {float(value)!r}"
+    message = error(tmp_path, dataset=edit(DATASET, "num_ar_buckets = 3", "num_ar_buckets = 3\nmax_ar = inf"))
+    assert message == f"{tmp_path / 'dataset.toml'}: 'max_ar' must be a finite number, got inf"
+
+
+def test_paths_that_cannot_be_used(tmp_path):
+    train, dataset = tmp_path / "train.toml", tmp_path / "dataset.toml"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"', 'path = "loop"'))
+    assert message.startswith(f"{dataset}: 'directory[0].path' is not a usable path (Symlink loop from ")
+    assert message.endswith(": 'loop'")
+    message = error(tmp_path, train=edit(TRAIN, 'output_dir = "runs"', 'output_dir = "ru\\u0000ns"'))
+    assert message == f"{train}: 'output_dir' is not a usable path (embedded null byte): 'ru\\x00ns'"
+    (tmp_path / "runs").write_text("a file where the runs should go")
+    message = error(tmp_path)
+    assert message == f"{train}: 'output_dir' is a file, not a folder: {tmp_path / 'runs'}"
+    (tmp_path / "runs").unlink()
+    message = error(tmp_path, train=edit(TRAIN, 'dataset = "dataset.toml"', 'dataset = "data"'))
+    assert message == f"{tmp_path / 'data'}: is a folder; expected a TOML file"
+    message = error(tmp_path, train=edit(TRAIN, 'diffusers_path = "model"', f'diffusers_path = "{"x" * 5000}"'))
+    assert message.startswith(f"{train}: 'model.diffusers_path' does not exist: ")
+
+
+def test_regular_expressions_are_checked(tmp_path):
+    message = error(tmp_path, train=edit(TRAIN, "max_steps = 10", 'max_steps = 10\npartition_method = "type:Block("'))
+    assert message.startswith(f"{tmp_path / 'train.toml'}: 'partition_method' is not a valid regular expression "
+                              f"(missing ), unterminated subpattern")
+    message = error(tmp_path, train=edit(TRAIN, "rank = 8", 'rank = 8\ntarget_modules = "to_[qkv"'))
+    assert message.startswith(f"{tmp_path / 'train.toml'}: 'adapter.target_modules' is not a valid regular expression")
+
+
+def test_gradient_accumulation_below_the_pipeline_stages_is_a_warning(tmp_path):
+    config = load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4")))
+    assert config.warnings == [
+        f"{tmp_path / 'train.toml'}: 'gradient_accumulation_steps' = 1 is less than 'pipeline_stages' = 4: each step "
+        f"pushes 1 micro-batch(es) through 4 stages, so each GPU idles 75% of the time; set it to at least 4 (more is "
+        f"better: the idle share is (stages - 1) / (accumulation + stages - 1))"]
+    fine = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4\ngradient_accumulation_steps = 8")
+    assert load_train_config(write(tmp_path, fine)).warnings == []
+
+
+def test_eval_set_that_is_the_training_set_is_a_warning(tmp_path):
+    (tmp_path / "held_out").mkdir()
+    (tmp_path / "eval.toml").write_text(DATASET + '\n[[directory]]\npath = "held_out"\n')
+    train = edit(TRAIN, "max_steps = 10", 'max_steps = 10\neval_datasets = [{ name = "same", config = "dataset.toml" },'
+                                          ' { name = "part", config = "eval.toml" }]')
+    config = load_train_config(write(tmp_path, train))
+    # Still loads and trains: only said.
+    assert [e.name for e in config.eval_datasets] == ["same", "part"]
+    assert config.warnings == [
+        f"{tmp_path / 'train.toml'}: eval dataset '{name}' ({tmp_path / toml}) reads training folder(s) "
+        f"{tmp_path / 'data'}: its eval loss measures fitting the training data, not how the model does on unseen "
+        f"data; give it a folder of held-out items" for name, toml in (("same", "dataset.toml"), ("part", "eval.toml"))]
+    held_out = edit(TRAIN, "max_steps = 10", 'max_steps = 10\neval_datasets = [{ name = "h", config = "h.toml" }]')
+    (tmp_path / "h.toml").write_text(edit(DATASET, 'path = "data"', 'path = "held_out"'))
+    assert load_train_config(write(tmp_path, held_out)).warnings == []
+
+
+def test_output_folder_holding_other_runs_gets_a_new_run_folder_beside_them(tmp_path, monkeypatch):
+    from utils import saving
+
+    config = load_train_config(write(tmp_path))
+    monkeypatch.setattr(saving.time, "strftime", lambda _: "20250101-120000")
+    old = tmp_path / "runs" / "20250101-120000"
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "latest").write_text("step00000010")
+    (old / "losses.json").write_text("[1.0, 0.5]")
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    first = saving.create_run_dir(config, rank=0, world=1, resume=None)
+    second = saving.create_run_dir(config, rank=0, world=1, resume=None)  # the same second again
+    assert (first.name, second.name) == ("20250101-120000-2", "20250101-120000-3")
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # never overwritten
+    assert not (old / "config").exists()
+    assert (first / "config" / "train.toml").read_text() == TRAIN
+
+
+def test_run_folder_config_copies_never_hold_a_token(tmp_path, monkeypatch):
+    from utils.saving import create_run_dir
+
+    env_token = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7"
+    pasted = "hf_" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4J3"
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    train = edit(TRAIN, "max_steps = 10", f"max_steps = 10\n# my token, for later: {pasted}\n"
+                                          f"# wandb: 0123456789abcdef0123456789abcdef01234567")
+    dataset = DATASET + f"# downloaded with HF_TOKEN={env_token}\n# hf_token = \"secret value\"\n"
+    config = load_train_config(write(tmp_path, train, dataset))
+    printed = []
+    run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=printed.append)
+    copy_train = (run_dir / "config" / "train.toml").read_text()
+    copy_dataset = (run_dir / "config" / "dataset.toml").read_text()
+    for text in (copy_train, copy_dataset):
+        for secret in (env_token, pasted, "0123456789abcdef0123456789abcdef01234567", "secret value"):
+            assert secret not in text
+    # Only the secrets are gone: everything else is as written.
+    assert copy_train == train.replace(pasted, "<redacted>").replace("0123456789abcdef0123456789abcdef01234567",
+                                                                     "<redacted>")
+    assert copy_dataset == DATASET + '# downloaded with HF_TOKEN=<redacted>\n# hf_token = "<redacted>"\n'
+    assert printed == [f"warning: {tmp_path / name}: {n} token or key value(s) replaced by <redacted> in the run "
+                       f"folder's copy; keep secrets out of config files (set HF_TOKEN in the environment, or run "
+                       f"`hf auth login`)" for name, n in (("train.toml", 2), ("dataset.toml", 2))]

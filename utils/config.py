@@ -408,7 +408,19 @@ def load_train_config(path: Path | str) -> TrainConfig:
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
-                       warnings=_eval_overlap_warnings(path, dataset, eval_datasets))
+                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets))
+
+
+def _pipeline_warnings(path: Path, settings: TrainConfigFile) -> list[str]:
+    """A pipeline of K stages needs K micro-batches in flight to keep every stage busy: with fewer
+    accumulation steps than stages, most GPUs wait most of the time (allowed, but rarely meant)."""
+    k, m = settings.pipeline_stages, settings.gradient_accumulation_steps
+    if k > m:
+        idle = (k - 1) / (m + k - 1)
+        return [f"{path}: 'gradient_accumulation_steps' = {m} is less than 'pipeline_stages' = {k}: each step pushes "
+                f"{m} micro-batch(es) through {k} stages, so each GPU idles {idle:.0%} of the time; set it to at "
+                f"least {k} (more is better: the idle share is (stages - 1) / (accumulation + stages - 1))"]
+    return []
 
 
 def _eval_overlap_warnings(path: Path, dataset: Dataset, eval_datasets: list[EvalDataset]) -> list[str]:

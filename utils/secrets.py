@@ -33,7 +33,8 @@ _TOKEN_SHAPES = re.compile(
 # `token = "..."`, `# api_key = ...` and the like in a TOML file (also commented out): the value
 # after a secret-looking key name is a secret whatever its shape.
 _SECRET_ASSIGNMENT = re.compile(
-    r"(?im)^(\s*#?\s*[\w.\"'-]*(?:token|secret|password|passwd|api_?key|access_?key)[\w.\"'-]*\s*=\s*)(\S.*?)\s*$")
+    r"(?im)^([ \t]*#?[ \t]*[\w.\"'-]*(?:token|secret|password|passwd|api_?key|access_?key)[\w.\"'-]*[ \t]*=[ \t]*)"
+    r"(\S.*?)[ \t]*$")
 
 
 def _is_secret_name(name: str) -> bool:
