@@ -14,6 +14,10 @@ from typing import Iterable, Mapping
 
 import torch
 
+# The release file holds the transformer under "model.diffusion_model." (one of ORIGINAL_PREFIXES)
+# beside the VAE ("vae.").
+from models.key_layout import ORIGINAL_PREFIXES, detect_original_prefix, parse_lora_keys  # noqa: F401
+
 __all__ = [
     "RENAMES",
     "ORIGINAL_PREFIXES",
@@ -33,9 +37,6 @@ RENAMES = (
     ("transformer_blocks.{i}.attn{n}.q_norm", "transformer_blocks.{i}.attn{n}.norm_q"),
     ("transformer_blocks.{i}.attn{n}.k_norm", "transformer_blocks.{i}.attn{n}.norm_k"),
 )
-
-# The release file holds the transformer under "model.diffusion_model." beside the VAE ("vae.").
-ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 def _pattern(path: str) -> re.Pattern:
@@ -64,15 +65,6 @@ def diffusers_to_original_key(key: str) -> str:
 def original_to_diffusers_key(key: str) -> str:
     """One unprefixed original key (parameter or module path) in the diffusers layout."""
     return _rename(key, _TO_DIFFUSERS)
-
-
-def detect_original_prefix(keys: Iterable[str]) -> str:
-    """The ``model.diffusion_model.`` / ``diffusion_model.`` prefix used by the keys, or ''."""
-    keys = list(keys)
-    for prefix in ORIGINAL_PREFIXES:
-        if any(k.startswith(prefix) for k in keys):
-            return prefix
-    return ""
 
 
 def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -110,9 +102,6 @@ def load_diffusers_keys_from_original(path: str | Path, wanted_keys: Iterable[st
     return out
 
 
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-
-
 def lora_to_original(lora_state_dict: Mapping[str, torch.Tensor], prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
     """A diffusers-named LoRA (scale folded into lora_B) with original module names, for ComfyUI.
 
@@ -120,14 +109,7 @@ def lora_to_original(lora_state_dict: Mapping[str, torch.Tensor], prefix: str = 
     allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight". Raises ValueError on
     keys that are not LoRA weights.
     """
-    out, unknown = {}, []
-    for key, t in lora_state_dict.items():
-        k = key.removeprefix("transformer.")
-        suffix = next((s for s in _LORA_SUFFIXES if k.endswith(s)), None)
-        if suffix is None:
-            unknown.append(key)
-            continue
-        out[prefix + diffusers_to_original_key(k[: -len(suffix)]) + suffix] = t
+    parsed, unknown = parse_lora_keys(lora_state_dict)
     if unknown:
         raise ValueError(f"Keys that are not LoRA weights: {unknown[:20]}")
-    return out
+    return {prefix + diffusers_to_original_key(module) + suffix: lora_state_dict[key] for key, module, suffix in parsed}
