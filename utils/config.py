@@ -190,6 +190,8 @@ class ModelConfig:
     sigmoid_scale: float = 1.0
     shift: Optional[float] = None
     resolution_dependent_shift: bool = False
+    # Storage of the frozen transformer-block linear weights in LoRA runs; None: `dtype`.
+    transformer_dtype: Optional[Literal["float8"]] = None
 
     def validate(self, file, prefix):
         if self.shift is not None:
@@ -275,6 +277,8 @@ class TrainConfigFile:
     max_steps: Optional[int] = None
     micro_batch_size_per_gpu: int = 1
     pipeline_stages: int = 1
+    # The last N transformer blocks keep their frozen weights in CPU memory (utils/block_swap.py).
+    blocks_to_swap: int = 0
     partition_method: str = "parameters"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
@@ -309,6 +313,13 @@ class TrainConfigFile:
             check(value is None or value >= 1, file, name, f"must be at least 1, got {value}")
         check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
               "checkpoint_every_n_minutes", "must be > 0")
+        check(self.blocks_to_swap >= 0, file, "blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        if self.blocks_to_swap:
+            check(self.pipeline_stages == 1, file, "blocks_to_swap",
+                  f"needs pipeline_stages = 1 (got {self.pipeline_stages}): swapping and a pipeline are two ways "
+                  f"to fit the model; use one")
+            check(self.adapter is not None, file, "blocks_to_swap",
+                  "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
         check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
         check(self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
@@ -392,6 +403,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if settings.activation_checkpointing == "selective":
         check(bool(model_cls.selective_checkpoint_layers), path, "activation_checkpointing",
               f"= 'selective' is not available for model type '{model_type}' (use true or false)")
+    if model_config.transformer_dtype is not None:
+        check(settings.adapter is not None, path, "model.transformer_dtype",
+              f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
+              f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
     trained = trained_dtype(settings, model_config)
     if settings.optimizer.stochastic_rounding:
         check(trained == "bfloat16", path, "optimizer.stochastic_rounding",

@@ -166,7 +166,12 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
     fine-tuning, the base weights made trainable in the trained dtype."""
     s = config.settings
     local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
-    model.load_weights(transformer, local_names, device)
+    # blocks_to_swap: the swapped blocks' base weights go to CPU memory straight from disk, so the
+    # device never holds all of them (BlockSwap takes them from there).
+    swapped = {n for i in swapped_layer_indices(layers, s.blocks_to_swap, config.file) for n in layers[i].module_names}
+    model.load_weights(transformer, [n for n in local_names if n not in swapped], device)
+    if swapped:
+        model.load_weights(transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
     if config.full_finetune:
         model.make_trainable(transformer, memory.DTYPES[config.trained_dtype])
     else:
@@ -175,6 +180,42 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
             from pathlib import Path
 
             model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+        if config.model.transformer_dtype == "float8":
+            from utils.float8 import quantize_lora_base_layers
+
+            blocks = set(block_layer_indices(layers))
+            block_modules = [transformer.get_submodule(n) for i in range(parts[stage], parts[stage + 1])
+                             if i in blocks for n in layers[i].module_names]
+            quantize_lora_base_layers(block_modules, model.dtype)
+
+
+def block_layer_indices(layers) -> list[int]:
+    """The transformer-block layers: every layer but the input (first) and output (last) ones."""
+    return list(range(1, len(layers) - 1))
+
+
+def swapped_layer_indices(layers, blocks_to_swap: int, config_file=None) -> list[int]:
+    """The last `blocks_to_swap` block layers, whose frozen weights live in CPU memory."""
+    blocks = block_layer_indices(layers)
+    if blocks_to_swap > len(blocks):
+        raise ConfigError(f"{config_file}: 'blocks_to_swap' = {blocks_to_swap} exceeds the model's "
+                          f"{len(blocks)} transformer blocks")
+    return blocks[len(blocks) - blocks_to_swap:] if blocks_to_swap else []
+
+
+def attach_block_swap(model, config: TrainConfig, transformer, layers, device: torch.device):
+    """With `blocks_to_swap`, move the swapped blocks' frozen weights to CPU memory and hook their
+    layers (before the engine is built, so that it never moves them to the device); else None."""
+    s = config.settings
+    swapped = swapped_layer_indices(layers, s.blocks_to_swap, config.file)
+    if not swapped:
+        return None
+    from utils.block_swap import BlockSwap
+
+    chosen = [layers[i] for i in swapped]
+    owned = [[transformer.get_submodule(n) for n in layer.module_names] for layer in chosen]
+    checkpointed = [memory.checkpointed(layer, s.activation_checkpointing, model) for layer in chosen]
+    return BlockSwap(chosen, owned, checkpointed, device, resident=memory.BLOCK_SWAP_RESIDENT)
 
 
 def build_engine(model, config: TrainConfig, rank: int, world: int, device: torch.device, total_steps: int,
@@ -200,6 +241,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                 "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
                 "or full_finetune_dtype = 'float32'")
     load_stage(model, config, transformer, layers, parts, stage, device)
+    block_swap = attach_block_swap(model, config, transformer, layers, device)
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
@@ -224,6 +266,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
+    engine.block_swap = block_swap  # for tests and logging; the hooks do the work
     return engine, transformer
 
 

@@ -25,6 +25,8 @@ BNB_BLOCK = 256
 # Stochastic rounding steps bfloat16 weights in float32 slices of this many elements
 # (utils/optimizers.StochasticRounding.chunk_elements).
 ROUNDING_CHUNK = 1 << 26
+# Swapped blocks on the device at once (utils/block_swap.BlockSwap's `resident`).
+BLOCK_SWAP_RESIDENT = 2
 
 
 @dataclass
@@ -52,6 +54,7 @@ class StageEstimate:
     step_scratch: int = 0
     activations: int | None = None
     in_flight: int = 1
+    swapped: int = 0  # frozen weight bytes of swapped blocks kept in CPU memory (blocks_to_swap)
 
     @property
     def total(self) -> int:
@@ -100,12 +103,19 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
     in model.dtype and frozen, or with full fine-tuning trainable in the trained dtype."""
     s = config.settings
     base_dtype = DTYPES[config.trained_dtype if s.adapter is None else config.model.dtype]
+    # transformer_dtype = "float8": the LoRA base linears of the block layers (all but the first
+    # and last layer) keep a float8 weight and a float32 scale per output row (utils/float8.py).
+    float8 = s.adapter is not None and config.model.transformer_dtype == "float8"
     out = []
-    for layer in layers:
+    for index, layer in enumerate(layers):
         infos = []
+        block = 0 < index < len(layers) - 1
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 info = ParamInfo(tuple(p.shape), DTYPES[s.adapter.dtype], True)
+            elif float8 and block and name.endswith(".base_layer.weight") and p.dim() == 2:
+                infos.append((name + "_scale", ParamInfo((p.shape[0], 1), torch.float32, False)))
+                info = ParamInfo(tuple(p.shape), torch.float8_e4m3fn, False)
             else:
                 info = ParamInfo(tuple(p.shape), base_dtype, s.adapter is None)
             infos.append((name, info))
@@ -136,6 +146,20 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
         for p in params:
             key = str(p.dtype).removeprefix("torch.")
             est.weights[key] = est.weights.get(key, 0) + p.nbytes
+        # blocks_to_swap (one stage only): the last N blocks' frozen weights live in CPU memory;
+        # at most BLOCK_SWAP_RESIDENT of them are on the device at once (the running one and the
+        # prefetched next), counted at the largest ones.
+        n_blocks = max(len(layers) - 2, 0)
+        swapped = list(range(1 + n_blocks - min(s.blocks_to_swap, n_blocks), 1 + n_blocks)) if stages == 1 else []
+        frozen = sorted(([p for _, p in infos[i] if not p.trainable] for i in swapped),
+                        key=lambda ps: -sum(p.nbytes for p in ps))
+        for rank, layer_params in enumerate(frozen):
+            if rank < BLOCK_SWAP_RESIDENT:
+                continue
+            for p in layer_params:
+                key = str(p.dtype).removeprefix("torch.")
+                est.weights[key] -= p.nbytes
+                est.swapped += p.nbytes
         trainable = [p for p in params if p.trainable]
         est.trainable_params = sum(p.numel for p in trainable)
         est.gradients = sum(p.nbytes for p in trainable)  # gradients have their parameter's dtype
@@ -178,7 +202,8 @@ def describe(estimates: list[StageEstimate], config, tokens: int | None, device_
                        if e.activations is not None else "not estimated for this model")
         lines.append(f"  stage {e.stage}: weights {weights}; {e.trainable_params / 1e6:.2f}M trainable params: "
                      f"gradients {g(e.gradients)}, optimizer state {g(e.optimizer)}, step scratch "
-                     f"{g(e.step_scratch)}; activations {activations}; total {g(e.total)}")
+                     f"{g(e.step_scratch)}; activations {activations}; total {g(e.total)}"
+                     + (f"; plus {g(e.swapped)} of swapped blocks' weights in CPU memory" if e.swapped else ""))
     if device_total:
         for e in estimates:
             if e.total > device_total:
