@@ -8,6 +8,7 @@ as train.py prepares a dataset (scan, buckets, cache with the tiny FLUX model).
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -266,3 +267,69 @@ def test_strict_stops_after_caching_on_a_file_that_fails_to_encode_and_keeps_the
     reader, text = prepare(model, dataset_toml(folder))
     assert "cache: 0 new entries encoded, 2 samples ready" in text
     assert_good_ones_train(reader, folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# As users launch it
+
+
+HF_TOKEN = "hf_" + "Qw3rTy7uIoP1aSdFgH2jKlZx4cVbNm5Lk9Pq"
+WANDB_KEY = "5f0e8a9c2b7d4e6f1a3c5b7d9e0f2a4c6b8d0e1f"
+PASTED = "hf_" + "Xy9Wv8Ut7Sr6Qp5On4Ml3Kj2Ih1Gf0EdCbA9"
+
+
+def test_launch_lists_bad_files_once_trains_the_rest_and_keeps_secrets_out_of_the_run_folder(tmp_path, tiny_models,
+                                                                                             folder):
+    from conftest import launch, write_configs
+
+    Image.new("RGB", (64, 64), "red").save(folder / "uncaptioned.png")
+    caption(folder / "empty.png").write_bytes(b"")
+    cfg = write_configs(tmp_path / "run", tiny_models / "flux", folder, max_steps=4, checkpoint_every_n_steps=2,
+                        save_every_n_steps=2, eval_datasets=[{"name": "same", "config": "dataset.toml"}])
+    train_text = cfg.read_text() + f"# token for the gated model: {PASTED}\n# hf_token = \"{PASTED}\"\n"
+    cfg.write_text(train_text)
+    dataset_file = cfg.parent / "dataset.toml"
+    dataset_text = dataset_file.read_text() + f"# wandb {WANDB_KEY}\n"
+    dataset_file.write_text(dataset_text)
+
+    result = launch(cfg, env={"HF_TOKEN": HF_TOKEN, "WANDB_API_KEY": WANDB_KEY})
+
+    assert result.returncode == 0, result.output[-4000:]
+    out = result.output
+    # One summary per dataset (the eval set is the training set here), listing both files.
+    assert out.count("training dataset: 2 file(s) cannot be used and are left out; the other 2 train:") == 1
+    assert f"  {folder / 'empty.png'}: empty file (0 bytes)\n  {folder / 'uncaptioned.png'}: no caption file " \
+           f"(uncaptioned.txt)\n" in out
+    assert f"warning: {cfg}: eval dataset 'same' ({dataset_file}) reads training folder(s) {folder}" in out
+    assert f"warning: {cfg}: 2 token or key value(s) replaced by <redacted>" in out
+    (run_dir,) = result.run_dirs()
+    assert len(json.loads((run_dir / "losses.json").read_text())) == 4  # trained on the rest
+    assert (run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for secret in (HF_TOKEN, WANDB_KEY, PASTED):
+            assert secret.encode() not in data, f"{secret[:6]}... in {path}"
+    for secret in (HF_TOKEN, WANDB_KEY, PASTED):
+        assert secret not in out
+    # The copies lose the secrets and nothing else.
+    assert (run_dir / "config" / "train.toml").read_text() == train_text.replace(
+        f"# hf_token = \"{PASTED}\"", '# hf_token = "<redacted>"').replace(PASTED, "<redacted>")
+    assert (run_dir / "config" / "dataset.toml").read_text() == dataset_text.replace(WANDB_KEY, "<redacted>")
+
+
+def test_launch_in_strict_mode_stops_with_the_list_and_no_traceback(tmp_path, tiny_models, folder):
+    from conftest import launch, write_configs
+
+    Image.new("RGB", (64, 64), "red").save(folder / "uncaptioned.png")
+    cfg = write_configs(tmp_path / "run", tiny_models / "flux", folder, dataset={"strict": True})
+    result = launch(cfg)
+    assert result.returncode == 2, result.output[-4000:]
+    assert "Traceback" not in result.output
+    dataset_file = cfg.parent / "dataset.toml"
+    assert f"error: {dataset_file}: strict = true and 1 file(s) cannot be used:\n" \
+           f"  {folder / 'uncaptioned.png'}: no caption file (uncaptioned.txt)\n" \
+           f"fix or remove them, or set strict = false to train on the rest\n" in result.stderr
+    assert not (folder / "cache").exists() and not (cfg.parent / "runs").exists()
