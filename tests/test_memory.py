@@ -161,3 +161,20 @@ def test_flux_activation_factors_match_a_measurement():
     # The input and final layers keep little; their factors only need the right size.
     for name in ("FluxInputLayer", "FluxFinalLayer"):
         assert measured[name] < 5 and FluxModel.activation_factors[name] < 5, measured
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_peak_counts_gradients_and_activations_as_they_overlap(tmp_path, tiny_models, data, accumulation):
+    # One micro-batch: the backward pass frees activations as the gradients appear, so the peak is
+    # below their sum. With accumulation every gradient exists while the next micro-batch's
+    # activations are kept.
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, adapter=None,
+                                             gradient_accumulation_steps=accumulation))
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    (e,) = memory.estimate(model, layers, parts, config, tokens=1000, hidden=model.hidden_size(transformer))
+    stays = sum(e.weights.values()) + e.optimizer
+    if accumulation == 1:
+        assert stays + max(e.gradients + e.step_scratch, e.activations) <= e.total < stays + e.gradients + e.activations
+    else:
+        assert e.total == stays + e.gradients + e.activations
