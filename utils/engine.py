@@ -130,20 +130,20 @@ def partition(layers, stages: int, method: str) -> list[int]:
 
 
 def describe_partition(layers, parts: list[int]) -> str:
-    """Which layers each stage holds, with parameter counts and weight memory."""
+    """Which layers each stage holds, with parameter counts (the memory estimate follows it; the
+    parameters are still on the meta device here, in no meaningful dtype)."""
     lines = []
     for stage in range(len(parts) - 1):
         chunk = layers[parts[stage]:parts[stage + 1]]
         params = [p for layer in chunk for p in layer.parameters()]
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-        nbytes = sum(p.numel() * p.element_size() for p in params)
         names = [f"{parts[stage] + i}:{layer.__class__.__name__}({', '.join(layer.module_names)})"
                  for i, layer in enumerate(chunk)]
         if len(names) > 6:
             names = names[:3] + ["..."] + names[-2:]
         lines.append(f"stage {stage}: layers {parts[stage]}-{parts[stage + 1] - 1}, {total / 1e6:.2f}M params "
-                     f"({trainable / 1e6:.3f}M trainable), {nbytes / 2**30:.2f} GiB weights: {' '.join(names)}")
+                     f"({trainable / 1e6:.3f}M trainable): {' '.join(names)}")
     return "\n".join(lines)
 
 
