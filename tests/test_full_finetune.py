@@ -312,3 +312,25 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
     assert "final is unchanged" in str(info.value)
     assert not out.with_name("final.tmp").exists()
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_whose_layers_do_not_own_every_weight_refuses_full_finetuning(work, tmp_path):
+    # DeepSpeed would neither average nor checkpoint a weight that no layer module holds: refused
+    # with a config error before anything loads.
+    from models.flux import FluxModel
+    from utils.config import load_train_config
+    from utils.engine import build_engine
+    from utils.schema import ConfigError
+
+    class FinalLayerReachesItsNormElsewhere(FluxModel):
+        def layers(self, transformer):
+            layers = super().layers(transformer)
+            del layers[-1].norm_out  # as if looked up through the transformer when it runs
+            return layers
+
+    config = load_train_config(write_configs(tmp_path, work["model"], work["data"], adapter=None))
+    with pytest.raises(ConfigError) as info:
+        build_engine(FinalLayerReachesItsNormElsewhere(config.model), config, 0, 1, torch.device("cpu"), 1)
+    assert str(info.value).startswith(f"{config.file}: full fine-tuning (no [adapter] table) is not available for "
+                                      f"model type 'flux': its weights ['norm_out.linear.weight', "
+                                      f"'norm_out.linear.bias'] are not parameters of its pipeline layers")

@@ -230,6 +230,15 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     full = config.full_finetune
     topology = make_topology(world, s.pipeline_stages, config.file)
     transformer, layers, parts = plan_stages(model, config)
+    if full:
+        # DeepSpeed averages gradients over replicas and checkpoints only the parameters of the
+        # layer modules: a weight a layer reaches some other way would silently not train.
+        owned = {id(p) for layer in layers for p in layer.parameters()}
+        outside = [n for n, p in transformer.named_parameters() if id(p) not in owned]
+        if outside:
+            raise ConfigError(f"{config.file}: full fine-tuning (no [adapter] table) is not available for model "
+                              f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
+                              f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
     if rank == 0:
         log(describe_partition(layers, parts))
@@ -251,14 +260,6 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         dynamic_shape=True)  # buckets give micro-batches of different shapes
     if list(pipe.parts) != list(parts):
         raise RuntimeError(f"pipeline partition mismatch: DeepSpeed {pipe.parts}, ours {parts}")
-    if full:
-        # DeepSpeed averages gradients over replicas and checkpoints only the weights of the layer
-        # modules: a weight a layer reaches some other way would silently not train.
-        in_pipe = {id(p) for p in pipe.parameters()}
-        outside = [n for n, p in transformer.named_parameters() if not p.is_meta and id(p) not in in_pipe]
-        if outside:
-            raise RuntimeError(f"full fine-tuning of {model.name}: weights {outside[:3]} are not parameters of "
-                               f"any pipeline layer module (register them in the layer)")
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
     names = {id(p): n for n, p in transformer.named_parameters()}
