@@ -278,6 +278,7 @@ WANDB_KEY = "5f0e8a9c2b7d4e6f1a3c5b7d9e0f2a4c6b8d0e1f"
 PASTED = "hf_" + "Xy9Wv8Ut7Sr6Qp5On4Ml3Kj2Ih1Gf0EdCbA9"
 
 
+@pytest.mark.slow
 def test_launch_lists_bad_files_once_trains_the_rest_and_keeps_secrets_out_of_the_run_folder(tmp_path, tiny_models,
                                                                                              folder):
     from conftest import launch, write_configs
@@ -320,6 +321,7 @@ def test_launch_lists_bad_files_once_trains_the_rest_and_keeps_secrets_out_of_th
     assert (run_dir / "config" / "dataset.toml").read_text() == dataset_text.replace(WANDB_KEY, "<redacted>")
 
 
+@pytest.mark.slow
 def test_launch_in_strict_mode_stops_with_the_list_and_no_traceback(tmp_path, tiny_models, folder):
     from conftest import launch, write_configs
 

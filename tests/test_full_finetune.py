@@ -117,6 +117,7 @@ def from_original_layout(folder: Path, work):
 # ------------------------------------------------------------------------------------ one stage
 
 
+@pytest.mark.slow
 def test_full_finetune_trains_and_saves_the_transformer(full):
     folder = run_dir(full)
     history = evals(folder)
@@ -137,6 +138,7 @@ def test_full_finetune_trains_and_saves_the_transformer(full):
                          "transformer_original_layout.safetensors"]
 
 
+@pytest.mark.slow
 def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
     from diffusers import FluxTransformer2DModel
 
@@ -151,6 +153,7 @@ def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
     assert abs(untrained - trained) > 100 * 1e-5 * trained
 
 
+@pytest.mark.slow
 def test_original_layout_file_is_the_same_model(full, work):
     from diffusers import FluxTransformer2DModel
 

@@ -211,6 +211,7 @@ def runs(tmp_path_factory, tiny_models, data):
     return out
 
 
+@pytest.mark.slow
 def test_block_swap_run_equals_the_run_without(runs):
     base = runs["base"]
     assert len(base.losses()) == 6
@@ -220,6 +221,7 @@ def test_block_swap_run_equals_the_run_without(runs):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+@pytest.mark.slow
 def test_float8_quality_cost(runs):
     # Tiny Flux LoRA, 6 steps, bfloat16 compute, eval loss on 4 held-out images (CPU): bf16
     # base weights 1.3937, float8 base weights (with blocks_to_swap = 2) 1.3939 (+0.014%).

@@ -166,6 +166,7 @@ def test_a_lora_in_the_comfyui_layout(tmp_path, tiny_models):
                        f"expected the diffusers format (pytorch_lora_weights.safetensors, saved beside it)")
 
 
+@pytest.mark.slow
 def test_launch_with_a_folder_of_another_model_stops_before_caching(tmp_path, flux_copy, image_dataset):
     config = flux_copy / "transformer" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "HunyuanVideoTransformer3DModel"}))

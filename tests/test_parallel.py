@@ -47,6 +47,7 @@ def compare(reference, other, name):
         assert e["held"] == pytest.approx(r["held"], rel=1e-6), name
 
 
+@pytest.mark.slow
 def test_two_stages_match_one(tmp_path, tiny_models, image_dataset):
     names = list(LAYOUTS)[:2]
     reference = run_layout(tmp_path, tiny_models, image_dataset, names[0], **LAYOUTS[names[0]])

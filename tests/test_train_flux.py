@@ -26,6 +26,9 @@ from safetensors.torch import load_file
 from conftest import Launch, launch, write_configs
 from tools.make_demo_dataset import make_demo_dataset
 
+# Every test here rides on real training launches shared through module fixtures.
+pytestmark = pytest.mark.slow
+
 EVAL_NAME = "held_out"
 # Reference run settings. alpha != rank: a lost alpha/rank scale changes the adapter's effect.
 RUN_A = dict(max_steps=6, eval_at_start=True, eval_every_n_steps=3, checkpoint_every_n_steps=3,
