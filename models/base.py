@@ -139,6 +139,8 @@ class DiffusionModel:
         self.config = config
         self.dtype = DTYPES[config.dtype]
         self.root = Path(config.diffusers_path)
+        self.vae = None  # loaded only while caching
+        self.text_encoders = None
 
     @classmethod
     def check_dataset(cls, dataset: Dataset) -> None:
@@ -148,8 +150,9 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ encoders (per model)
     def latent_cache_signature(self) -> str:
-        """A string that changes whenever cached latents would change."""
-        raise NotImplementedError
+        """A string that changes whenever cached latents would change: by default the VAE's
+        config and weights (latents are the VAE's mode, normalised as the model's pipeline does)."""
+        return self._config_signature("vae", extra="mode")
 
     def text_cache_signature(self) -> str:
         """A string that changes whenever cached text embeddings would change."""

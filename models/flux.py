@@ -114,15 +114,8 @@ class FluxModel(DiffusionModel):
     activation_factors = {"FluxInputLayer": 0.5, "FluxDoubleBlockLayer": 28.6, "FluxSingleBlockLayer": 25.6,
                           "FluxFinalLayer": 3.0}
 
-    def __init__(self, config: FluxConfig):
-        super().__init__(config)
-        self.vae = None
-        self.text_encoders = None
 
     # ---------------------------------------------------------------- encoders
-    def latent_cache_signature(self) -> str:
-        return self._config_signature("vae", extra="mode")
-
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                       extra=f"t5_len={self.config.max_sequence_length}")

@@ -149,15 +149,8 @@ class HunyuanVideoModel(DiffusionModel):
                             r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
     prompt_template = DEFAULT_PROMPT_TEMPLATE["template"]
 
-    def __init__(self, config: HunyuanVideoConfig):
-        super().__init__(config)
-        self.vae = None
-        self.text_encoders = None
 
     # ---------------------------------------------------------------- encoders
-    def latent_cache_signature(self) -> str:
-        return self._config_signature("vae", extra="mode")
-
     def text_cache_signature(self) -> str:
         return self._config_signature(
             "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",

@@ -123,15 +123,8 @@ class LTXVideoModel(DiffusionModel):
     base_shift = 0.95
     max_shift = 2.05
 
-    def __init__(self, config: LTXVideoConfig):
-        super().__init__(config)
-        self.vae = None
-        self.text_encoders = None
 
     # ---------------------------------------------------------------- encoders
-    def latent_cache_signature(self) -> str:
-        return self._config_signature("vae", extra="mode")
-
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "text_encoder",
                                       extra=f"t5_len={self.config.max_sequence_length},mask")
