@@ -107,6 +107,18 @@ def run_row(args) -> dict:
     return row
 
 
+def lora_layers(model, adapter, device):
+    """The whole transformer as our pipeline layers on `device`, with a fresh LoRA: what the
+    engine and the plain-loop rows both train."""
+    transformer = model.build_empty_transformer()
+    model.add_lora(transformer, adapter)
+    layers = model.pipeline_layers(transformer)
+    names = [n for layer in layers for n in layer.module_names]
+    model.load_weights(transformer, names, device)
+    model.init_lora(transformer, names, adapter, device, seed=0)
+    return transformer, layers
+
+
 def _engine_step(model, adapter, args, device, inputs, labels):
     from utils.engine import init_distributed, start_engine
     from utils.config import OptimizerConfig
@@ -117,12 +129,7 @@ def _engine_step(model, adapter, args, device, inputs, labels):
     from torch.utils.checkpoint import checkpoint
 
     init_distributed()
-    transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
-    layers = model.pipeline_layers(transformer)
-    names = [n for layer in layers for n in layer.module_names]
-    model.load_weights(transformer, names, device)
-    model.init_lora(transformer, names, adapter, device, seed=0)
+    transformer, layers = lora_layers(model, adapter, device)
     pipe = PipelineModule(layers=layers, loss_fn=model.loss, topology=PipeDataParallelTopology(num_pp=1, num_dp=1),
                           activation_checkpoint_interval=1 if args.checkpointing else 0,
                           activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
@@ -139,12 +146,7 @@ def _layers_step(model, adapter, args, device, inputs, labels):
     from utils.config import OptimizerConfig
     from utils.optimizers import build_optimizer
 
-    transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
-    layers = model.pipeline_layers(transformer)
-    names = [n for layer in layers for n in layer.module_names]
-    model.load_weights(transformer, names, device)
-    model.init_lora(transformer, names, adapter, device, seed=0)
+    transformer, layers = lora_layers(model, adapter, device)
     opt = build_optimizer([p for p in transformer.parameters() if p.requires_grad], OptimizerConfig(lr=1e-5), 1.0, None)
 
     def forward_backward():
