@@ -21,7 +21,7 @@ from torch import nn
 
 from utils.buckets import check_frame_buckets, check_resolutions
 from utils.config import AdapterConfig, Dataset, ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
+from utils.pipeline_layers import PipelineFields, PipelineLayer, named_weights
 from utils.schema import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -362,13 +362,10 @@ class DiffusionModel:
         return SafetensorsFolder(self.transformer_folder()).read(keys)
 
     def load_weights(self, transformer: nn.Module, module_names: list[str], device: torch.device) -> None:
-        """Load the base weights of the named submodules only (the local pipeline stage)."""
-        wanted = {}
-        for prefix in module_names:
-            module = transformer.get_submodule(prefix) if prefix else transformer
-            for name, param in module.named_parameters(prefix=prefix):
-                if "lora_" not in name:
-                    wanted[_base_name(name)] = name
+        """Load the base weights of the named submodules (or parameters of the transformer itself)
+        only: the local pipeline stage's."""
+        names = [name for name, _ in named_weights(transformer, module_names) if "lora_" not in name]
+        wanted = {_base_name(name): name for name in names}
         tensors = self.read_weights(sorted(wanted))
         for key, name in wanted.items():
             _set_parameter(transformer, name, tensors[key].to(device=device, dtype=self.dtype), trainable=False)
@@ -411,17 +408,15 @@ class DiffusionModel:
 
         Seeding by module name makes the initial adapter identical for any pipeline split.
         """
-        for prefix in module_names:
-            module = transformer.get_submodule(prefix) if prefix else transformer
-            for name, param in list(module.named_parameters(prefix=prefix)):
-                if "lora_A" in name:
-                    weight = torch.empty(param.shape, dtype=torch.float32)
-                    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
-                elif "lora_B" in name:
-                    weight = torch.zeros(param.shape, dtype=torch.float32)
-                else:
-                    continue
-                _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
+        for name, param in named_weights(transformer, module_names):
+            if "lora_A" in name:
+                weight = torch.empty(param.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
+            elif "lora_B" in name:
+                weight = torch.zeros(param.shape, dtype=torch.float32)
+            else:
+                continue
+            _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
 
     def load_lora_into(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
         """Start from an existing LoRA file (diffusers format, as we save it) for `init_from_existing`.

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from models.base import DiffusionModel
-from models.hunyuan_layout import load_diffusers_keys_from_original, lora_to_original
+from models.hunyuan_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -235,6 +235,13 @@ class HunyuanVideoModel(DiffusionModel):
                    for i in range(len(transformer.single_transformer_blocks))]
         layers.append(HunyuanFinalLayer(transformer))
         return layers
+
+    def original_layout(self, state_dict):
+        # The Tencent release / ComfyUI layout, without a key prefix as for Flux (ComfyUI's diffusion
+        # model loader takes it as is; the release's own code loads the same keys from a .pt file).
+        # Fused tensors join modules of one layer: q/k/v of a block, of a token refiner block (the
+        # input layer's), a single block's linear1; the final layer's modulation is only reordered.
+        return diffusers_to_original(state_dict)
 
     def extra_lora_formats(self, lora):
         # ComfyUI and the original inference code load LoRAs against the original (fused) key layout.

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from models.base import DiffusionModel
-from models.ltx_layout import load_diffusers_keys_from_original, lora_to_original
+from models.ltx_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -95,13 +95,11 @@ class LTXFinalLayer(PipelineLayer):
         super().__init__(LTX_STREAM, LTX_OUTPUT, ["scale_shift_table", "norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
         self.proj_out = transformer.proj_out
-        # scale_shift_table is a parameter of the transformer itself, replaced when the weights load:
-        # keep the transformer (unregistered, in a tuple) and look the table up when running.
-        self._owner = (transformer,)
+        # scale_shift_table is a parameter of the transformer itself: registered as this layer's.
+        self.bind_root_parameters(transformer)
 
     def run(self, s):
-        table = self._owner[0].scale_shift_table
-        shift, scale = (table[None, None] + s["embedded_timestep"][:, :, None]).unbind(dim=2)
+        shift, scale = (self.scale_shift_table[None, None] + s["embedded_timestep"][:, :, None]).unbind(dim=2)
         hidden = self.norm_out(s["hidden"]) * (1 + scale) + shift
         return {"prediction": self.proj_out(hidden)}
 
@@ -197,25 +195,20 @@ class LTXVideoModel(DiffusionModel):
             raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
                               f"original LTX-Video layout (not an LTX-Video transformer checkpoint?)") from None
 
-    def load_weights(self, transformer, module_names, device):
-        # The final layer owns a parameter of the transformer itself (scale_shift_table), not a submodule.
-        own = [n for n in module_names if n in transformer._parameters]
-        super().load_weights(transformer, [n for n in module_names if n not in own], device)
-        if own:
-            for name, value in self.read_weights(own).items():
-                transformer._parameters[name] = nn.Parameter(value.to(device=device, dtype=self.dtype),
-                                                             requires_grad=False)
-
-    def init_lora(self, transformer, module_names, adapter, device, seed):
-        super().init_lora(transformer, [n for n in module_names if n not in transformer._parameters], adapter,
-                          device, seed)
-
     def layers(self, transformer):
         scale = self.rope_interpolation_scale
         layers: list[nn.Module] = [LTXInputLayer(transformer)]
         layers += [LTXBlockLayer(transformer, i, scale) for i in range(len(transformer.transformer_blocks))]
         layers.append(LTXFinalLayer(transformer))
         return layers
+
+    def original_layout(self, state_dict):
+        # The original (Lightricks / ComfyUI) names, renames only, without a key prefix as for Flux.
+        # The release's all-in-one file puts "model.diffusion_model." before them (beside the VAE's
+        # "vae."); a transformer-only file without it is read by ComfyUI's diffusion model loader,
+        # diffusers' from_single_file and model.transformer_path (each strips the prefix only where
+        # present). Lightricks' own inference scripts also want a config in the file's metadata.
+        return diffusers_to_original(state_dict)
 
     def extra_lora_formats(self, lora):
         # ComfyUI loads LTX-Video LoRAs against the original key layout.

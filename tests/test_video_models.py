@@ -95,6 +95,8 @@ def engine_like_transformer(model, adapter: AdapterConfig | None = None, seed: i
                 for n, p in transformer.named_parameters():
                     if "lora_B" in n:
                         p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    for layer in layers:  # as utils/engine.load_stage: the loaded scale_shift_table, not the meta one
+        layer.bind_root_parameters(transformer)
     return transformer.eval(), layers
 
 

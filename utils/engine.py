@@ -184,7 +184,8 @@ def plan_stages(model, config: TrainConfig):
 def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int], stage: int,
                device: torch.device) -> None:
     """Materialise pipeline stage `stage`: its base weights, then its LoRA or, with full
-    fine-tuning, the base weights made trainable in the trained dtype."""
+    fine-tuning, the base weights made trainable in the trained dtype. Layers then register the
+    loaded objects of the transformer's own parameters they hold (`bind_root_parameters`)."""
     s = config.settings
     local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
     # blocks_to_swap: the swapped blocks' base weights go to CPU memory straight from disk, so the
@@ -208,6 +209,8 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
             block_modules = [transformer.get_submodule(n) for i in range(parts[stage], parts[stage + 1])
                              if i in blocks for n in layers[i].module_names]
             quantize_lora_base_layers(block_modules, model.dtype)
+    for layer in layers:
+        layer.bind_root_parameters(transformer)
 
 
 def block_layer_indices(layers) -> list[int]:

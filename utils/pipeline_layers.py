@@ -43,8 +43,10 @@ class PipelineLayer(nn.Module):
 
     Subclasses implement `run(state) -> state` on a dict of named tensors. `in_fields` and
     `out_fields` say what the layer reads and returns; fields it does not change pass through.
-    `module_names` lists the transformer submodules the layer owns, so that only the layers of
-    the local pipeline stage get their weights loaded.
+    `module_names` lists what of the transformer the layer owns, so that only the layers of the
+    local pipeline stage get their weights loaded: submodules, or parameters of the transformer
+    itself (LTX-Video's `scale_shift_table`), which the layer registers as its own parameters
+    (`bind_root_parameters`).
     """
 
     def __init__(self, in_fields: PipelineFields, out_fields: PipelineFields, module_names: list[str]):
@@ -56,6 +58,15 @@ class PipelineLayer(nn.Module):
         # matrix products in that precision too, without an fp32 copy of every input kept for
         # the backward. None: no autocast (float32 training).
         self.autocast_dtype: torch.dtype | None = None
+
+    def bind_root_parameters(self, transformer: nn.Module) -> None:
+        """Register the transformer's own parameters named in `module_names` as this layer's, so
+        that DeepSpeed trains, averages and checkpoints them with the layer. Loading replaces
+        parameter objects (a meta tensor cannot be filled in place): call this when the layer is
+        built and again once its weights are loaded (utils/engine.load_stage)."""
+        for name in self.module_names:
+            if name in transformer._parameters:
+                self.register_parameter(name, transformer._parameters[name])
 
     def run(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -81,3 +92,16 @@ class PipelineLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(self.module_names)
+
+
+def named_weights(transformer: nn.Module, module_names: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
+    """The transformer's parameters under `module_names` (submodules, or parameters of the
+    transformer itself), named as `transformer.named_parameters()` names them."""
+    out = []
+    for name in module_names:
+        if name in transformer._parameters:
+            out.append((name, transformer._parameters[name]))
+        else:
+            module = transformer.get_submodule(name) if name else transformer
+            out += list(module.named_parameters(prefix=name))
+    return out

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from utils.config import TrainConfig
 from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
+from utils.pipeline_layers import named_weights
 from utils.schema import ConfigError
 from utils.secrets import redact, redacted
 
@@ -168,18 +169,9 @@ ORIGINAL_LAYOUT_FILE = "transformer_original_layout.safetensors"
 
 def stage_weights(transformer, layers) -> list[list[str]]:
     """The transformer weight names owned by each of `layers` (pipeline layers), found through
-    their `module_names` as the weights are loaded, so a weight the layer module only reaches
-    through the transformer is still saved."""
-    out = []
-    for layer in layers:
-        names = []
-        for prefix in layer.module_names:
-            if prefix in transformer._parameters:
-                names.append(prefix)
-            else:
-                names += [n for n, _ in transformer.get_submodule(prefix).named_parameters(prefix=prefix)]
-        out.append(names)
-    return out
+    their `module_names` as the weights are loaded, named as in the transformer (the diffusers
+    keys), not as in the layer modules."""
+    return [[n for n, _ in named_weights(transformer, layer.module_names)] for layer in layers]
 
 
 def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtype, rank: int, world: int) -> list[Path]:
