@@ -485,6 +485,13 @@ class DiffusionModel:
         """The transformer as a list of pipeline layers, input embedding first."""
         raise NotImplementedError
 
+    def reference_forward(self, transformer: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The whole transformer's own forward on the first layer's named inputs
+        (`input_fields.unpack` of what `training_example` returns), called as the model's diffusers
+        pipeline calls it; the prediction in the training target's layout. What `layers` must
+        compute, and the step of the plain diffusers loop in bench/step.py."""
+        raise NotImplementedError
+
     def pipeline_layers(self, transformer: nn.Module) -> list[PipelineLayer]:
         """`layers`, set to compute in the model's dtype (autocast when it is not float32)."""
         layers = self.layers(transformer)

@@ -189,6 +189,13 @@ class FluxModel(DiffusionModel):
         layers.append(FluxFinalLayer(transformer))
         return layers
 
+    def reference_forward(self, transformer, inputs):
+        # FluxPipeline passes sigma as the timestep and the guidance scale; the forward scales both by 1000.
+        guidance = inputs["guidance"] if transformer.config.guidance_embeds else None
+        return transformer(hidden_states=inputs["latents"], encoder_hidden_states=inputs["text"],
+                           pooled_projections=inputs["pooled"], timestep=inputs["timesteps"], guidance=guidance,
+                           img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], return_dict=False)[0]
+
     def original_layout(self, state_dict):
         # The BFL release / ComfyUI layout (flux1-dev.safetensors), without a key prefix. Fused
         # tensors (qkv, linear1) join modules of one block, so a stage's part converts on its own.

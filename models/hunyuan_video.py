@@ -236,6 +236,13 @@ class HunyuanVideoModel(DiffusionModel):
         layers.append(HunyuanFinalLayer(transformer))
         return layers
 
+    def reference_forward(self, transformer, inputs):
+        # As HunyuanVideoPipeline: the timestep sigma * 1000 and the guidance * 1000, in float32.
+        guidance = inputs["guidance"] * 1000 if transformer.config.guidance_embeds else None
+        return transformer(hidden_states=inputs["latents"], timestep=inputs["timesteps"] * 1000,
+                           encoder_hidden_states=inputs["text"], encoder_attention_mask=inputs["text_mask"],
+                           pooled_projections=inputs["pooled"], guidance=guidance, return_dict=False)[0]
+
     def original_layout(self, state_dict):
         # The Tencent release / ComfyUI layout, without a key prefix as for Flux (ComfyUI's diffusion
         # model loader takes it as is; the release's own code loads the same keys from a .pt file).

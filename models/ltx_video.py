@@ -202,6 +202,14 @@ class LTXVideoModel(DiffusionModel):
         layers.append(LTXFinalLayer(transformer))
         return layers
 
+    def reference_forward(self, transformer, inputs):
+        # As LTXPipeline: packed latents, the timestep sigma * 1000, the 0/1 text mask, the token grid.
+        frames, height, width = inputs["grid"].tolist()
+        return transformer(hidden_states=inputs["latents"], encoder_hidden_states=inputs["text"],
+                           timestep=inputs["timesteps"] * 1000, encoder_attention_mask=inputs["text_mask"],
+                           num_frames=frames, height=height, width=width,
+                           rope_interpolation_scale=self.rope_interpolation_scale, return_dict=False)[0]
+
     def original_layout(self, state_dict):
         # The original (Lightricks / ComfyUI) names, renames only, without a key prefix as for Flux.
         # The release's all-in-one file puts "model.diffusion_model." before them (beside the VAE's

@@ -178,9 +178,7 @@ def eval_loss_in_process(config_path: Path, transformer) -> float:
         inputs, labels = collate(model, reader, batch, s.seed, f"eval/{eval_set.name}", 0)
         x = model.input_fields.unpack(inputs)
         with torch.no_grad():
-            prediction = transformer(hidden_states=x["latents"], encoder_hidden_states=x["text"],
-                                     pooled_projections=x["pooled"], timestep=x["timesteps"], guidance=x["guidance"],
-                                     img_ids=x["img_ids"], txt_ids=x["txt_ids"], return_dict=False)[0]
+            prediction = model.reference_forward(transformer, x)
         # DiffusionModel.loss, written out: per-sample MSE, weighted mean (eval padding has weight 0).
         target, w = labels
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2))

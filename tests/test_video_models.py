@@ -62,21 +62,9 @@ def run_layers(model, layers, batch: dict) -> torch.Tensor:
 
 
 def diffusers_forward(model, transformer, batch: dict) -> torch.Tensor:
-    """The transformer's own forward, called as diffusers' pipeline calls it, in the layout of
-    model.pack_latents (the training target's layout)."""
-    noisy, t, text = batch["noisy"], batch["timesteps"], batch["text"]
-    if model.name == "ltx-video":
-        _, _, frames, height, width = noisy.shape
-        out = transformer(hidden_states=model.pack_latents(noisy), encoder_hidden_states=text["text"],
-                          timestep=t * 1000, encoder_attention_mask=text["text_mask"].long(), num_frames=frames,
-                          height=height, width=width, rope_interpolation_scale=model.rope_interpolation_scale,
-                          return_dict=False)[0]
-    else:
-        guidance = torch.full((noisy.shape[0],), model.config.guidance * 1000)
-        out = transformer(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=text["text"],
-                          encoder_attention_mask=text["text_mask"].long(), pooled_projections=text["pooled"],
-                          guidance=guidance, return_dict=False)[0]
-    return out
+    """The transformer's own forward, called as diffusers' pipeline calls it (the model's
+    reference_forward), in the layout of model.pack_latents (the training target's layout)."""
+    return model.reference_forward(transformer, model.model_inputs(batch["noisy"], batch["timesteps"], batch["text"]))
 
 
 def engine_like_transformer(model, adapter: AdapterConfig | None = None, seed: int = 0, random_b: bool = True):
