@@ -3,7 +3,7 @@
 # then the step-time table (our engine vs a plain loop over our layers vs diffusers + peft).
 #   bash bench/run_flux_gpu.sh setup    # random FLUX.1-dev-shaped model + a dataset
 #   bash bench/run_flux_gpu.sh train    # deepspeed --num_gpus=1 train.py at 1024x1024, 8 steps
-#   bash bench/run_flux_gpu.sh step [flux_step.py args]   # the step-time table
+#   bash bench/run_flux_gpu.sh step [step.py args]   # the step-time table (bench/step.py)
 # WORK (default /tmp/bench_flux) holds the model, data and runs. train: CKPT="false true" picks the
 # activation checkpointing settings; EXTRA (top-level lines) and EXTRA_MODEL ([model] lines) add
 # config, e.g. EXTRA="blocks_to_swap = 20" EXTRA_MODEL='transformer_dtype = "float8"'; TAG names the runs.
@@ -62,7 +62,7 @@ PY
   ;;
 step)
   shift
-  python3 bench/flux_step.py "$WORK/models/flux" "$@"
+  python3 bench/step.py "$WORK/models/flux" --model flux "$@"
   ;;
 *)
   echo "usage: $0 setup|train|step [args]" >&2; exit 2 ;;

@@ -1,32 +1,124 @@
-"""The GPU benchmark stays runnable: its step-time table on the tiny model, on CPU."""
+"""The GPU benchmarks stay runnable: bench/step.py's step-time table for each model and
+bench/cache_speed.py, on tiny models on the CPU; and what the step table compares is comparable:
+each model's layer list computes what its whole diffusers transformer computes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
+from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import step  # noqa: E402
+
+NAMES = ["flux", "ltx-video", "hunyuan-video"]
+# (resolution, frames, checkpointing): both checkpointing settings are covered across the models.
+SIZES = {"flux": ("64", 1, "on"), "ltx-video": ("64x32", 9, "off"), "hunyuan-video": ("64x32", 9, "on")}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_models, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("bench_models")
+    return {"flux": tiny_models / "flux", "ltx-video": make_tiny_ltx_video(root),
+            "hunyuan-video": make_tiny_hunyuan_video(root)}
+
+
+def bench_args(name, model_dirs, **kw):
+    args = dict(model=name, model_dir=model_dirs[name], dtype="float32", text_len=16, full=False, rank=4,
+                warmup=1, steps=1, batch=2, checkpointing=False)
+    return argparse.Namespace(**{**args, **kw})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layers_equal_reference_forward(model_dirs, name):
+    """The layers row and the diffusers row of the table run the same function: with a LoRA whose
+    B is not zero, our layers and the transformer's own forward (`reference_forward`) agree on a
+    batch from `training_example`."""
+    args = bench_args(name, model_dirs)
+    model = step.make_model(args)
+    cpu = torch.device("cpu")
+    resolution, frames, _ = SIZES[name]
+    inputs, _ = step.synthetic_batch(model, *step.parse_resolution(resolution), frames, 2, cpu)
+    transformer, layers = step.our_layers(model, step.row_config(model, args), cpu)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        reference = model.reference_forward(transformer, model.input_fields.unpack(inputs))
+    assert x.shape == reference.shape
+    torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_shapes_follow_the_vae(model_dirs):
+    # The tiny VAEs compress as the released ones: Flux 8x, LTX-Video 32x and 8x in time, Hunyuan 8x and 4x.
+    shape = lambda name, w, h, f: step.latent_shape(step.make_model(bench_args(name, model_dirs)), w, h, f)  # noqa: E731
+    assert shape("flux", 1024, 512, 1) == (16, 64, 128)
+    assert shape("ltx-video", 768, 512, 49) == (16, 7, 16, 24)
+    assert shape("hunyuan-video", 512, 512, 33) == (16, 9, 64, 64)
+
+
+def run_bench(*cmd: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
 
 
 @pytest.mark.slow
-def test_flux_step_table_runs_all_three_modes(tiny_models, tmp_path):
+@pytest.mark.parametrize("name", NAMES)
+def test_step_table_runs_all_three_modes(model_dirs, tmp_path, name):
     rows_file = tmp_path / "rows.jsonl"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "flux_step.py"), str(tiny_models / "flux"), "--resolution", "64",
-         "--text_len", "32", "--dtype", "float32", "--rank", "4", "--steps", "2", "--warmup", "1",
-         "--checkpointing", "on", "--device", "cpu", "--json", str(rows_file)],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    resolution, frames, ckpt = SIZES[name]
+    proc = run_bench(str(REPO / "bench" / "step.py"), str(model_dirs[name]), "--model", name, "--resolution",
+                     resolution, "--frames", str(frames), "--text_len", "16", "--dtype", "float32", "--rank", "4",
+                     "--steps", "1", "--warmup", "1", "--checkpointing", ckpt, "--device", "cpu",
+                     "--json", str(rows_file))
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [r["mode"] for r in rows] == ["engine", "layers", "diffusers"]
     assert all("error" not in r and r["s_per_step"] > 0 for r in rows), rows
-    # The engine and the plain loop run the same layers on the same batch: the same first loss.
+    assert all(r["model"] == name and r["frames"] == frames and r["checkpointing"] == (ckpt == "on") for r in rows)
+    # The engine and the plain loop run the same layers on the same batch: the same first loss. The
+    # diffusers loop's LoRA also starts with B = 0, so its first loss is the base model's too.
     by_mode = {r["mode"]: r for r in rows}
-    assert abs(by_mode["engine"]["loss"] - by_mode["layers"]["loss"]) < 1e-4
-    # FLOPs are counted (checkpointing recomputes, so the count includes the recompute here).
-    assert by_mode["layers"]["tflop_per_step"] > 0
-    assert "mode         res  ckpt   s/step" in proc.stdout
+    assert by_mode["engine"]["first_loss"] == pytest.approx(by_mode["layers"]["first_loss"], rel=1e-5)
+    assert by_mode["diffusers"]["first_loss"] == pytest.approx(by_mode["layers"]["first_loss"], rel=1e-4)
+    # FLOPs are counted once (layers row) and stand for every row of the shape, with an MFU.
+    assert all(r["tflop_per_step"] > 0 and r["mfu"] > 0 for r in rows), rows
+    assert "model          resolution frames mode      training   ckpt   s/step" in proc.stdout
+
+
+@pytest.mark.slow
+def test_step_table_reports_a_failing_row(model_dirs, tmp_path):
+    # An odd frame count fails in every row (the latent shape does not patch): error rows, no crash.
+    rows_file = tmp_path / "rows.jsonl"
+    proc = run_bench(str(REPO / "bench" / "step.py"), str(model_dirs["flux"]), "--model", "flux", "--resolution",
+                     "40", "--mode", "layers", "--text_len", "16", "--dtype", "float32", "--checkpointing", "off",
+                     "--device", "cpu", "--json", str(rows_file))
+    (row,) = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert row["error"] and "s_per_step" not in row
+    assert "error: " in proc.stdout
+
+
+@pytest.mark.slow
+def test_cache_speed_table(model_dirs, tmp_path):
+    rows_file = tmp_path / "rows.jsonl"
+    proc = run_bench(str(REPO / "bench" / "cache_speed.py"), str(model_dirs["flux"]), "--resolution", "64",
+                     "--text_len", "16", "--batch", "1", "2", "--steps", "1", "--warmup", "1", "--dtype", "float32",
+                     "--device", "cpu", "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["stage"], r["batch"]) for r in rows] == [("text", 1), ("text", 2), ("latents", 1), ("latents", 2)]
+    assert all("error" not in r and r["items_per_s"] > 0 for r in rows), rows
+    assert "stage    batch  s/batch  items/s" in proc.stdout
