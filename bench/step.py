@@ -57,8 +57,8 @@ def make_model(args):
 def row_config(model, args):
     """The run configuration of the engine and layers rows, as train.py would read it from a TOML.
 
-    Trainer options the rows should share (a future `--compile`, say) are set here: build_engine
-    then applies them to the engine row, and `our_layers` to the layers row.
+    Trainer options the rows share (`--compile`) are set here: build_engine then applies them to
+    the engine row, and `layers_step` to the layers row.
     """
     from utils.config import AdapterConfig, OptimizerConfig, TrainConfig, TrainConfigFile
 
@@ -66,7 +66,7 @@ def row_config(model, args):
     settings = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": model.name}, adapter=adapter,
                                optimizer=OptimizerConfig(lr=1e-5), max_steps=args.warmup + args.steps,
                                micro_batch_size_per_gpu=args.batch, activation_checkpointing=args.checkpointing,
-                               seed=0)
+                               compile=args.compile, seed=0)
     return TrainConfig(file=Path(__file__), settings=settings, model=model.config, dataset=None, eval_datasets=[],
                        output_dir=Path("unused"))
 
@@ -131,8 +131,7 @@ def yardstick(device) -> dict:
 def our_layers(model, config, device):
     """The transformer as our pipeline layers on `device` (one stage), loaded as utils/engine.py
     loads a stage: what the layers row trains, built as build_engine builds the engine row's.
-    Trainer options that change the layers (a `compile` option, say) are applied here as
-    build_engine applies them, so that the two rows stay the same computation."""
+    `compile` is applied by the caller, after counting FLOPs on the eager layers."""
     from utils.engine import load_stage, plan_stages
 
     transformer, layers, _ = plan_stages(model, config)
@@ -179,6 +178,10 @@ def layers_step(model, config, device, inputs, labels, tokens):
     transformer, layers = our_layers(model, config, device)
     # Counted before any timing; printed at once, so that a step running out of memory keeps it.
     print("FLOPS " + json.dumps(count_flops(model, layers, inputs)), flush=True)
+    if s.compile:
+        from utils.engine import compile_layers
+
+        compile_layers(layers)  # as build_engine does for the engine row
     recompute = [memory.checkpointed(layer, s.activation_checkpointing, model) for layer in layers]
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, s.optimizer, s.gradient_clipping, None, seed=s.seed,
@@ -304,11 +307,11 @@ def describe(row: dict) -> str:
 
 def print_table(rows: list[dict], matmul: float, device_name: str) -> None:
     print(f"\nbf16 matmul: {matmul:.1f} TFLOP/s; {device_name}; torch {torch.__version__}")
-    head = (f"{'model':14} {'resolution':>10} {'frames':>6} {'mode':9} {'training':9} {'ckpt':>5} {'s/step':>8} "
+    head = (f"{'model':14} {'resolution':>10} {'frames':>6} {'mode':15} {'training':9} {'ckpt':>5} {'s/step':>8} "
             f"{'samples/s':>9} {'peak GiB':>9} {'TFLOP':>7} {'MFU':>5}")
     print(head)
     for r in rows:
-        lead = (f"{r['model']:14} {r['resolution']:>10} {r['frames']:>6} {r['mode']:9} {describe(r):9} "
+        lead = (f"{r['model']:14} {r['resolution']:>10} {r['frames']:>6} {r['mode']:15} {describe(r):9} "
                 f"{'on' if r['checkpointing'] else 'off':>5}")
         if "error" in r:
             print(f"{lead} error: {r['error']}")
@@ -329,6 +332,7 @@ def main():
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
+    ap.add_argument("--compile", action="store_true", help="compile = true for the engine and layers rows")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text_len", type=int, help="text tokens (model.max_sequence_length); default: the model's")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported)")
@@ -365,10 +369,12 @@ def main():
                          "--frames", str(args.frames), "--checkpointing", ckpt, "--rank", str(args.rank),
                          "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
                 extra += ["--full"] if args.full else []
+                extra += ["--compile"] if args.compile else []
                 extra += ["--text_len", str(args.text_len)] if args.text_len is not None else []
                 tagged, output = child(args, *extra, timeout=args.timeout)
                 row = {"model": args.model, "resolution": f"{resolution[0]}x{resolution[1]}", "frames": args.frames,
-                       "mode": mode, "full": args.full, "rank": None if args.full else args.rank,
+                       "mode": mode + (" compiled" if args.compile and mode != "diffusers" else ""),
+                       "full": args.full, "rank": None if args.full else args.rank,
                        "batch": args.batch, "checkpointing": ckpt == "on", "text_len": args.text_len}
                 if "FLOPS" in tagged:
                     row["tflop_per_step"] = int(tagged["FLOPS"]) / 1e12

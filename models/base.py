@@ -21,7 +21,7 @@ from torch import nn
 
 from utils.buckets import check_frame_buckets, check_resolutions
 from utils.config import AdapterConfig, Dataset, ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer, named_weights
+from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -493,10 +493,13 @@ class DiffusionModel:
         raise NotImplementedError
 
     def pipeline_layers(self, transformer: nn.Module) -> list[PipelineLayer]:
-        """`layers`, set to compute in the model's dtype (autocast when it is not float32)."""
+        """`layers`, set to compute in the model's dtype (autocast when it is not float32), and
+        to treat inputs no trainable weight touched as constants: call it once the transformer's
+        trainable weights are marked (LoRA added, or all of them for full fine-tuning)."""
         layers = self.layers(transformer)
         for layer in layers:
             layer.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
+        mark_frozen_fields(layers)
         return layers
 
 

@@ -59,6 +59,8 @@ class FluxBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer ids in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    writes = ("hidden", "encoder_hidden")
+
     def __init__(self, transformer: FluxTransformer2DModel, module_name: str):
         super().__init__(FLUX_STREAM, FLUX_STREAM, [module_name])
         self.block = transformer.get_submodule(module_name)

@@ -98,6 +98,8 @@ class HunyuanBlockLayer(PipelineLayer):
     """One dual-stream or single-stream block. Rotary embeddings and the attention mask are rebuilt
     from integer tensors in every layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    writes = ("hidden", "encoder_hidden")
+
     def __init__(self, transformer: HunyuanVideoTransformer3DModel, module_name: str):
         super().__init__(HUNYUAN_STREAM, HUNYUAN_STREAM, [module_name])
         self.block = transformer.get_submodule(module_name)

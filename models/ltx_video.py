@@ -71,6 +71,8 @@ class LTXBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer grid size in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    writes = ("hidden",)
+
     def __init__(self, transformer: LTXVideoTransformer3DModel, index: int, rope_scale: tuple[float, float, float]):
         super().__init__(LTX_STREAM, LTX_STREAM, [f"transformer_blocks.{index}"])
         self.block = transformer.transformer_blocks[index]

@@ -34,7 +34,7 @@ def model_dirs(tiny_models, tmp_path_factory) -> dict:
 
 def bench_args(name, model_dirs, **kw):
     args = dict(model=name, model_dir=model_dirs[name], dtype="float32", text_len=16, full=False, rank=4,
-                warmup=1, steps=1, batch=2, checkpointing=False)
+                warmup=1, steps=1, batch=2, checkpointing=False, compile=False)
     return argparse.Namespace(**{**args, **kw})
 
 
@@ -97,7 +97,20 @@ def test_step_table_runs_all_three_modes(model_dirs, tmp_path, name):
     assert by_mode["diffusers"]["first_loss"] == pytest.approx(by_mode["layers"]["first_loss"], rel=1e-4)
     # FLOPs are counted once (layers row) and stand for every row of the shape, with an MFU.
     assert all(r["tflop_per_step"] > 0 and r["mfu"] > 0 for r in rows), rows
-    assert "model          resolution frames mode      training   ckpt   s/step" in proc.stdout
+    assert "model          resolution frames mode            training   ckpt   s/step" in proc.stdout
+
+
+@pytest.mark.slow
+def test_step_table_with_compiled_layers(model_dirs, tmp_path):
+    # --compile: the engine and layers rows run torch.compile'd layers, and still compute the same step.
+    rows_file = tmp_path / "rows.jsonl"
+    run_bench(str(REPO / "bench" / "step.py"), str(model_dirs["flux"]), "--model", "flux", "--resolution", "64",
+              "--mode", "engine", "layers", "--text_len", "16", "--dtype", "float32", "--rank", "4", "--steps", "1",
+              "--warmup", "1", "--checkpointing", "on", "--device", "cpu", "--compile", "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["engine compiled", "layers compiled"]
+    assert all("error" not in r for r in rows), rows
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -294,6 +294,8 @@ class TrainConfigFile:
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
     activation_checkpointing: Union[bool, Literal["selective"]] = False
+    # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
+    compile: bool = False
     caching_batch_size: int = 1
     steps_per_print: int = 1
     save_dtype: DType = "bfloat16"

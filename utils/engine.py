@@ -275,6 +275,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                 "or full_finetune_dtype = 'float32'")
     load_stage(model, config, transformer, layers, parts, stage, device)
     block_swap = attach_block_swap(model, config, transformer, layers, device)
+    if s.compile:
+        compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
@@ -293,6 +295,16 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
     engine.block_swap = block_swap  # for tests and logging; the hooks do the work
     return engine, transformer
+
+
+def compile_layers(layers) -> None:
+    """`compile = true`: every given layer runs its `run` through torch.compile."""
+    # DeepSpeed's pipeline engine runs one backward per stage output, with retain_graph for all
+    # but the last; compiled graphs that donate their saved buffers to the backward refuse that.
+    # A process-wide torch setting, read when each backward runs.
+    torch._functorch.config.donated_buffer = False
+    for layer in layers:
+        layer.compile_run()
 
 
 def checkpointing_args(mode, model) -> dict:

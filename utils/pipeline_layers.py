@@ -38,6 +38,20 @@ class PipelineFields:
         return dict(zip(self.names, packed))
 
 
+class _ZeroGradient(torch.autograd.Function):
+    """Identity on `out`; gives `inputs` a zero gradient, so that they take part in the backward
+    pass without the layer computing anything for them."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.specs = [(t.shape, t.dtype, t.device) for t in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs))
+
+
 class PipelineLayer(nn.Module):
     """One entry of a model's layer list.
 
@@ -49,6 +63,10 @@ class PipelineLayer(nn.Module):
     (`bind_root_parameters`).
     """
 
+    # The output fields this layer computes; it passes the others through unchanged. None: all of
+    # them (always safe; naming fewer lets `mark_frozen_fields` find more fields without gradient).
+    writes: tuple[str, ...] | None = None
+
     def __init__(self, in_fields: PipelineFields, out_fields: PipelineFields, module_names: list[str]):
         super().__init__()
         self.in_fields = in_fields
@@ -58,6 +76,9 @@ class PipelineLayer(nn.Module):
         # matrix products in that precision too, without an fp32 copy of every input kept for
         # the backward. None: no autocast (float32 training).
         self.autocast_dtype: torch.dtype | None = None
+        self._compiled_run = None
+        # Float input fields that no trainable weight has touched (set by `mark_frozen_fields`).
+        self.frozen_fields: frozenset[str] = frozenset()
 
     def bind_root_parameters(self, transformer: nn.Module) -> None:
         """Register the transformer's own parameters named in `module_names` as this layer's, so
@@ -68,6 +89,15 @@ class PipelineLayer(nn.Module):
             if name in transformer._parameters:
                 self.register_parameter(name, transformer._parameters[name])
 
+    def compile_run(self) -> None:
+        """Run `run` through torch.compile from now on (the packing around it stays eager).
+
+        Blocks of one class share their compiled code: the module's weights are graph inputs,
+        not constants, so Flux's 57 blocks compile about three graphs, not 57. A new tensor shape
+        (another bucket) compiles once more, then shapes are treated as dynamic.
+        """
+        self._compiled_run = torch.compile(self.run)
+
     def run(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -75,11 +105,28 @@ class PipelineLayer(nn.Module):
         if isinstance(packed, torch.Tensor):
             packed = (packed,)
         state = self.in_fields.unpack(packed)
+        # A frozen field still requires grad when it crossed a stage (DeepSpeed marks every float
+        # it receives) or was marked below. Run on a detached copy: otherwise every product with
+        # it (e.g. the timestep modulation, x * (1 + scale)) keeps its other factor for a gradient
+        # nobody needs (about 12 GiB for FLUX.1 at 1024x1024 without checkpointing).
+        frozen = {k: v for k, v in state.items() if k in self.frozen_fields and v.requires_grad}
+        if frozen:
+            state = {**state, **{k: v.detach() for k, v in frozen.items()}}
         device_type = packed[0].device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            state = self.run(state)
-        out = self.out_fields.pack(state)
+            result = (self._compiled_run or self.run)(state)
+        consumed = []
+        for k, original in frozen.items():
+            if k in result and result[k] is state[k]:
+                result[k] = original  # passed through: the stage's input goes on, in the graph
+            else:
+                consumed.append(original)
+        out = self.out_fields.pack(result)
+        if consumed:
+            # DeepSpeed sends a gradient back for every float a stage received: a zero one.
+            i = next(i for i, t in enumerate(out) if t.is_floating_point())
+            out = (*out[:i], _ZeroGradient.apply(out[i], *consumed), *out[i + 1:])
         if torch.is_grad_enabled():
             # DeepSpeed calls backward on every floating-point output of a stage, so each must
             # be in the graph. An output computed only from frozen weights (e.g. the timestep
@@ -105,3 +152,20 @@ def named_weights(transformer: nn.Module, module_names: Iterable[str]) -> list[t
             module = transformer.get_submodule(name) if name else transformer
             out += list(module.named_parameters(prefix=name))
     return out
+
+
+def mark_frozen_fields(layers: list[PipelineLayer]) -> None:
+    """Set each layer's `frozen_fields`: the inputs whose value no trainable weight has touched
+    (in a LoRA run, e.g. the timestep embedding and the first block's input), which it then
+    computes with as constants. Reads `requires_grad` of the layers' parameters (meta is fine)."""
+    with_grad: set[str] = set()  # fields whose current value depends on a trainable weight
+    for layer in layers:
+        layer.frozen_fields = frozenset(n for n in layer.in_fields.names if n not in with_grad)
+        writes = layer.out_fields.names if layer.writes is None else layer.writes
+        trainable = any(p.requires_grad for p in layer.parameters())
+        if trainable or with_grad & set(layer.in_fields.names):
+            with_grad |= set(writes)
+        else:
+            with_grad -= set(writes)
+        # Fields a layer neither reads nor writes do not reach the next layer.
+        with_grad &= set(layer.out_fields.names)
