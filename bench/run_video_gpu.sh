@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # LTX-Video and HunyuanVideo LoRA at full size with random weights, through the real train.py.
-#   bash bench/run_video_gpu.sh setup                 # random released-size models + 2 videos
+#   bash bench/run_video_gpu.sh setup                 # random released-size models + 2 videos (MODELS= picks)
 #   bash bench/run_video_gpu.sh train ltx-video       # 768x512, 49 frames
 #   bash bench/run_video_gpu.sh train hunyuan-video   # 512x512, 33 frames
-# Env: WORK (default /tmp/bench_video), STEPS (default 5), CKPT (activation_checkpointing, default true).
+# Env: WORK (default /tmp/bench_video), STEPS (default 5), CKPT (activation_checkpointing, default true);
+# EXTRA (top-level lines) and EXTRA_MODEL ([model] lines) add config, e.g. EXTRA="blocks_to_swap = 20"
+# EXTRA_MODEL='transformer_dtype = "float8"'; TAG names the run folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/bench_video}
@@ -11,7 +13,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
 case "${1:-}" in
 setup)
-  python3 bench/make_full_size_video.py "$WORK/models"
+  python3 bench/make_full_size_video.py "$WORK/models" --only ${MODELS:-hunyuan-video ltx-video}
   python3 -c "
 import sys; sys.path.insert(0, 'tools')
 from make_demo_dataset import make_demo_videos
@@ -31,16 +33,18 @@ frame_buckets = [$frames]
 path = "$WORK/data"
 TOML
   cat > "$WORK/train_$model.toml" <<TOML
-output_dir = "$WORK/runs_$model"
+output_dir = "$WORK/runs_${model}_${TAG:-plain}"
 dataset = "$WORK/dataset_$model.toml"
 max_steps = ${STEPS:-5}
 micro_batch_size_per_gpu = 1
 activation_checkpointing = ${CKPT:-true}
 eval_at_start = false
+${EXTRA:-}
 [model]
 type = "$model"
 diffusers_path = "$WORK/models/$model"
 dtype = "bfloat16"
+${EXTRA_MODEL:-}
 [adapter]
 type = "lora"
 rank = 32
@@ -49,7 +53,7 @@ type = "adamw"
 lr = 1e-5
 TOML
   deepspeed --num_gpus=1 train.py --deepspeed --config "$WORK/train_$model.toml" 2>&1 | grep -v "^train:\|Loading weights" | tail -15
-  python3 - "$WORK/runs_$model" "$model" <<'PY'
+  python3 - "$WORK/runs_${model}_${TAG:-plain}" "$model ${TAG:-plain}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 run = sorted(Path(sys.argv[1]).iterdir())[-1]
