@@ -33,9 +33,15 @@ class GradNormClipping:
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
-        squared = torch.zeros((), dtype=torch.float32, device=device)
+        # One multi-tensor kernel per (device, dtype) group, not several launches per gradient:
+        # a LoRA of FLUX.1 has about 1,500 of them.
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
-            squared += g.detach().float().pow(2).sum()
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        squared = torch.zeros((), dtype=torch.float32, device=device)
+        for group in groups.values():
+            norms = torch._foreach_norm(group, 2.0, dtype=torch.float32)
+            squared += torch.stack(norms).to(device).square().sum()
         if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
             dist.all_reduce(squared, group=self.norm_group)
         norm = squared.sqrt()
@@ -46,8 +52,8 @@ class GradNormClipping:
         if self.max_grad_norm > 0:
             factor = self.max_grad_norm / (self._global_grad_norm + 1e-6)
             if factor < 1:
-                for g in grads:
-                    g.mul_(factor)
+                for group in groups.values():
+                    torch._foreach_mul_(group, factor)
         return super().step(closure)
 
 
