@@ -126,8 +126,11 @@ class DiffusionModel:
     # `checkpointable_layers`); empty: the model offers no selective mode.
     selective_checkpoint_layers: ClassVar[tuple[str, ...]] = ()
     # For the memory estimate (utils/memory.py): the activations a layer keeps for the backward
-    # pass, per token, in hidden-size vectors of the compute dtype, by layer class name.
+    # pass, per token (`tokens_per_sample`), in hidden-size vectors of the compute dtype, by layer
+    # class name; in a LoRA run, and with full fine-tuning, where the timestep embedding and every
+    # block input carry a gradient, so products keep both factors (bench/activation_factors.py).
     activation_factors: ClassVar[dict[str, float]] = {}
+    full_finetune_activation_factors: ClassVar[dict[str, float]] = {}
 
     # resolution-dependent shift: mu grows linearly with the number of image tokens
     base_seq_len: ClassVar[int] = 256
@@ -378,7 +381,11 @@ class DiffusionModel:
 
     @staticmethod
     def hidden_size(transformer: nn.Module) -> int | None:
-        """The width of the token stream between blocks, for the activation memory estimate."""
+        """The width of the token stream between blocks, for the activation memory estimate: the
+        attention width (heads x head size) of the diffusers transformers we train."""
+        cfg = transformer.config
+        if "num_attention_heads" in cfg and "attention_head_dim" in cfg:
+            return cfg.num_attention_heads * cfg.attention_head_dim
         return getattr(transformer, "inner_dim", None)
 
     # ------------------------------------------------------------------ full model saving (per model)

@@ -111,10 +111,15 @@ class FluxModel(DiffusionModel):
     # activations: about 2/3 of the block activation memory saved for 2/3 of the recompute of
     # `true` (per token both kinds keep about the same and cost about the same FLOPs).
     selective_checkpoint_layers = ("FluxSingleBlockLayer",)
-    # Measured per layer with torch.autograd.graph.saved_tensors_hooks under bf16 autocast, at
-    # width 1024 and 1152 / 3200 tokens (tests/test_memory.py re-measures them at a small size).
-    activation_factors = {"FluxInputLayer": 0.5, "FluxDoubleBlockLayer": 28.6, "FluxSingleBlockLayer": 25.6,
-                          "FluxFinalLayer": 3.0}
+    # Per token (image + text), by bench/activation_factors.py: saved_tensors_hooks on the layers as
+    # the trainer sets them up, bf16 autocast, FLUX.1-dev's width (3072) with 2 + 2 blocks at
+    # 1024x1024 and 512 text tokens; within 3% at 512x512 and at width 1024. LoRA (rank 32, float32
+    # adapter weights, the steady-state block: the first keeps less); full fine-tuning keeps 21%
+    # (double) and 13% (single) more. tests/test_memory.py re-measures them at a small size.
+    activation_factors = {"FluxInputLayer": 0.0, "FluxDoubleBlockLayer": 23.3, "FluxSingleBlockLayer": 22.3,
+                          "FluxFinalLayer": 1.0}
+    full_finetune_activation_factors = {"FluxInputLayer": 0.2, "FluxDoubleBlockLayer": 28.2,
+                                        "FluxSingleBlockLayer": 25.2, "FluxFinalLayer": 2.8}
 
 
     # ---------------------------------------------------------------- encoders

@@ -122,6 +122,15 @@ class LTXVideoModel(DiffusionModel):
     max_seq_len = 4096
     base_shift = 0.95
     max_shift = 2.05
+    # No "selective" checkpointing: DeepSpeed picks the layers to recompute by class name, and the
+    # blocks are all of one kind (a selective mode would need classes for, say, odd and even blocks).
+    # Per video token (the 128 text tokens' cross-attention keys and values are in the factor), by
+    # bench/activation_factors.py: saved_tensors_hooks on the layers as the trainer sets them up,
+    # bf16 autocast, the release's width (2048) with 2 blocks at 768x512x49 (2688 video tokens);
+    # within 2% from 1024 to 4992 video tokens. LoRA (rank 32, float32 adapter weights, the second
+    # block: the first keeps less); full fine-tuning keeps 16% more.
+    activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 37.5, "LTXFinalLayer": 1.0}
+    full_finetune_activation_factors = {"LTXInputLayer": 0.3, "LTXBlockLayer": 43.4, "LTXFinalLayer": 3.0}
 
 
     # ---------------------------------------------------------------- encoders
@@ -177,6 +186,12 @@ class LTXVideoModel(DiffusionModel):
     def image_seq_len(self, latents):
         # LTXPipeline computes the shift from latent frames x height x width.
         return latents.shape[2] * latents.shape[3] * latents.shape[4]
+
+    def tokens_per_sample(self, width, height, frames):
+        # Video tokens only: the text's (max_sequence_length) enter the blocks only as the
+        # cross-attention's keys and values, which activation_factors counts per video token.
+        patch, patch_t = self._patch
+        return ((frames - 1) // self.frame_multiple + 1) // patch_t * (height // 32 // patch) * (width // 32 // patch)
 
     def model_inputs(self, noisy, timesteps, text):
         patch, patch_t = self._patch

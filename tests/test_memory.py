@@ -2,22 +2,31 @@
 
 Weights, gradients and optimizer state are checked against the real thing: each pipeline stage
 of the tiny Flux is loaded as the engine loads it, its real optimizer takes a step, and the bytes
-of the actual tensors are summed. The activation factors are re-measured on one block of each
-kind with saved-tensor hooks.
+of the actual tensors are summed. The activation factors of every model are re-measured at a
+small size with saved-tensor hooks, and the video models' estimates count activations.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import write_configs
+from conftest import REPO, write_configs
+from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from models import get_model_class
 from utils import memory
 from utils.config import load_train_config
 from utils.engine import load_stage, plan_stages
 from utils.optimizers import build_optimizer
+from utils.schema import ConfigError
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import activation_factors  # noqa: E402
+import step  # noqa: E402
 
 CASES = {
     "LoRA, AdamW": dict(model={"dtype": "bfloat16"}),
@@ -99,7 +108,7 @@ def test_activation_estimate_follows_the_checkpointing_mode(tmp_path, tiny_model
     assert totals[False] > totals["selective"] > totals[True] > 0
     # Without checkpointing: the layer factors add up, x tokens x width x 4 bytes (float32) x 2 samples.
     width = 32
-    factors = model.activation_factors
+    factors = model.full_finetune_activation_factors
     expected = (factors["FluxInputLayer"] + 2 * factors["FluxDoubleBlockLayer"] + 2 * factors["FluxSingleBlockLayer"]
                 + factors["FluxFinalLayer"]) * 1000 * width * 4 * 2
     assert totals[False] == pytest.approx(expected, rel=1e-6)
@@ -118,49 +127,80 @@ def test_warning_when_a_stage_exceeds_the_gpu(tmp_path, tiny_models, data):
     assert "WARNING" not in memory.describe(estimates, config, 100, device_total=10 * 2**30)
 
 
-def test_flux_activation_factors_match_a_measurement():
-    """Bytes each Flux layer saves for the backward pass, per token and unit of width, measured
-    with saved-tensor hooks on a small transformer (width 512) under bfloat16 autocast, as the
-    pipeline layers run it: within 10% of FluxModel.activation_factors for the blocks."""
-    from diffusers import FluxTransformer2DModel
+# Per model: attention heads (width 512 at the released head size), (width, height, frames) and
+# text tokens, with about the released share of text tokens.
+SMALL = {"flux": (4, (256, 256, 1), 32), "ltx-video": (8, (256, 256, 25), 12), "hunyuan-video": (4, (128, 128, 9), 12)}
 
-    from models.flux import FLUX_INPUTS, FluxModel
 
-    torch.manual_seed(0)
-    heads, head_dim, img, txt = 4, 128, 512, 64
-    width = heads * head_dim
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=head_dim, num_attention_heads=heads,
-                                         joint_attention_dim=256, pooled_projection_dim=64, guidance_embeds=True,
-                                         axes_dims_rope=(16, 56, 56)).to(torch.bfloat16)
-    transformer.requires_grad_(True)
-    layers = FluxModel.layers(FluxModel.__new__(FluxModel), transformer)
-    weights = {p.untyped_storage().data_ptr() for p in transformer.parameters()}
-    state = FLUX_INPUTS.pack({
-        "latents": torch.randn(1, img, 64, dtype=torch.bfloat16), "text": torch.randn(1, txt, 256, dtype=torch.bfloat16),
-        "pooled": torch.randn(1, 64, dtype=torch.bfloat16), "timesteps": torch.rand(1), "guidance": torch.ones(1),
-        "img_ids": torch.zeros(img, 3, dtype=torch.int64), "txt_ids": torch.zeros(txt, 3, dtype=torch.int64)})
-    measured = {}
-    for layer in layers:
-        layer.autocast_dtype = torch.bfloat16
-        saved = {}
+@pytest.mark.parametrize("full", [False, True], ids=["LoRA", "full"])
+@pytest.mark.parametrize("name", list(SMALL))
+def test_activation_factors_match_a_measurement(name, full):
+    """What each layer keeps for the backward pass, measured as bench/activation_factors.py
+    measures the declared factors (saved-tensor hooks, bfloat16 autocast, layers set up as the
+    trainer sets them up), on the released architecture at width 512 with 2 blocks of each kind:
+    the blocks within 10% of the model's factors, for LoRA (rank 4) and full fine-tuning."""
+    heads, shape, text_tokens = SMALL[name]
+    measured = activation_factors.measure(name, heads=heads, blocks=2, shape=shape, text_tokens=text_tokens,
+                                          full=full, rank=4)
+    cls = get_model_class(name)
+    declared = cls.full_finetune_activation_factors if full else cls.activation_factors
+    assert set(measured) == set(declared)
+    for layer, factor in declared.items():
+        if "Block" in layer:
+            assert measured[layer] == pytest.approx(factor, rel=0.1), (layer, measured)
+        else:  # the input and final layers keep little; their factors only need the right size
+            assert measured[layer] < 5 and factor < 5, (layer, measured)
 
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in weights:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return t
 
-        inputs = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            state = layer(inputs)
-        state = state if isinstance(state, tuple) else (state,)
-        measured[layer.__class__.__name__] = sum(saved.values()) / ((img + txt) * width * 2)
-    for name in ("FluxDoubleBlockLayer", "FluxSingleBlockLayer"):
-        assert measured[name] == pytest.approx(FluxModel.activation_factors[name], rel=0.1), measured
-    # The input and final layers keep little; their factors only need the right size.
-    for name in ("FluxInputLayer", "FluxFinalLayer"):
-        assert measured[name] < 5 and FluxModel.activation_factors[name] < 5, measured
+@pytest.fixture(scope="module")
+def video_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_models")
+    return {"ltx-video": make_tiny_ltx_video(root), "hunyuan-video": make_tiny_hunyuan_video(root)}
+
+
+@pytest.mark.parametrize("name", ["ltx-video", "hunyuan-video"])
+def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
+    def config(mode, full=False):
+        table = {"type": name, "dtype": "bfloat16", "max_sequence_length": 12}
+        return load_train_config(write_configs(tmp_path / f"{mode}-{full}", video_models[name], data, model=table,
+                                               activation_checkpointing=mode, **({"adapter": None} if full else {})))
+
+    model = get_model_class(name)(config(False).model)
+    # tokens_per_sample counts what the blocks run: LTX-Video's video tokens, HunyuanVideo's video
+    # and text tokens (the text padded to max_sequence_length).
+    width, height, frames = 96, 64, 17
+    tokens = model.tokens_per_sample(width, height, frames)
+    transformer = model.transformer_class.from_pretrained(video_models[name] / "transformer")
+    latents = torch.zeros(1, *step.latent_shape(model, width, height, frames))
+    text = {"text": torch.zeros(1, 12, 32), "text_mask": torch.ones(1, 12, dtype=torch.bool),
+            "pooled": torch.zeros(1, 32)}
+    inputs = model.input_fields.pack(model.model_inputs(latents, torch.tensor([0.5]), text))
+    stream = model.layers(transformer)[0](inputs)
+    hidden, encoder_hidden = stream[0], stream[1]
+    assert tokens == hidden.shape[1] + (encoder_hidden.shape[1] if name == "hunyuan-video" else 0)
+
+    activations = {}
+    modes = (False, "selective", True) if name == "hunyuan-video" else (False, True)
+    for mode in modes:
+        for full in (False, True):
+            cfg = config(mode, full)
+            transformer, layers, parts = plan_stages(model, cfg)
+            estimates = memory.estimate(model, layers, parts, cfg, tokens, model.hidden_size(transformer))
+            printed = memory.describe(estimates, cfg, tokens)
+            assert f"x {tokens} tokens" in printed and "not estimated" not in printed, printed
+            activations[mode, full] = estimates[0].activations
+    for full in (False, True):  # less memory the more is recomputed
+        assert [activations[m, full] for m in modes] == sorted((activations[m, full] for m in modes), reverse=True)
+        assert len({activations[m, full] for m in modes}) == len(modes)
+    # Full fine-tuning keeps more per layer than a LoRA run (the timestep embedding has a gradient).
+    assert activations[False, True] > activations[False, False]
+
+
+def test_selective_checkpointing_is_refused_for_ltx_video(tmp_path, video_models, data):
+    path = write_configs(tmp_path, video_models["ltx-video"], data, activation_checkpointing="selective",
+                         model={"type": "ltx-video"})
+    with pytest.raises(ConfigError, match="'selective' is not available for model type 'ltx-video'"):
+        load_train_config(path)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])

@@ -3,11 +3,13 @@
 Weights, gradients and optimizer state follow from the parameter shapes and dtypes and are
 exact for the optimizers we build (tests/test_memory.py checks them against real optimizer
 steps). Activations are a rough model-specific figure: tokens x hidden size x bytes x a per-layer
-factor (`DiffusionModel.activation_factors`), by activation-checkpointing mode. Not counted: the
+factor measured once (`DiffusionModel.activation_factors`, or `full_finetune_activation_factors`;
+bench/activation_factors.py), by activation-checkpointing mode. Not counted: the
 CUDA context and allocator slack (often 1-2 GiB), and the pipeline's send/receive buffers.
 The total is the peak: gradients grow while the backward pass frees activations, and the step's
-scratch comes after both; on an H200 it was within 0.7 GiB of the measured peak for LoRA and
-full fine-tuning runs of FLUX-sized models (docs/full_finetune.md).
+scratch comes after both; on an H200 it was within 0.2 GiB of the measured peaks of LoRA and full
+fine-tuning runs without activation checkpointing, and up to 1.6 GiB (5%) under them with it
+(probably the backward pass's working memory in the recomputed layer; docs/full_finetune.md).
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
         est.working = est.gradients + est.step_scratch  # the optimizer step
         # 1F1B: stage k of K holds the activations of up to K - k micro-batches at once.
         est.in_flight = min(stages - stage, s.gradient_accumulation_steps)
-        factors = [model.activation_factors.get(layers[i].__class__.__name__) for i in local]
+        table = model.full_finetune_activation_factors if s.adapter is None else model.activation_factors
+        factors = [table.get(layers[i].__class__.__name__) for i in local]
         if tokens and hidden and all(f is not None for f in factors):
             unit = tokens * hidden * _size(compute) * s.micro_batch_size_per_gpu
             kept, recompute = 0, 0
