@@ -165,6 +165,29 @@ def test_hunyuan_layer_order_and_modules(video_models):
         ["single_transformer_blocks.0"], ["single_transformer_blocks.1"],
         ["norm_out", "proj_out"],
     ]
+    # Two block classes: "selective" checkpointing recomputes the single-stream ones.
+    blocks = [type(layer).__name__ for layer in layers[1:-1]]
+    assert blocks == ["HunyuanDoubleBlockLayer"] * 2 + ["HunyuanSingleBlockLayer"] * 2
+
+
+def test_partition_type_must_match_a_layer_class(video_models):
+    from utils.config import TrainConfig, TrainConfigFile
+    from utils.engine import plan_stages
+    from utils.schema import ConfigError
+
+    model = make_model("hunyuan-video", video_models)
+
+    def config(method):
+        settings = TrainConfigFile(output_dir="o", dataset="d", model={"type": model.name}, max_steps=1,
+                                   adapter=AdapterConfig(rank=4, alpha=4.0), pipeline_stages=2, partition_method=method)
+        return TrainConfig(file=Path("train.toml"), settings=settings, model=model.config, dataset=None,
+                           eval_datasets=[], output_dir=Path("o"))
+
+    assert plan_stages(model, config("type:BlockLayer"))[2] == [0, 3, 6]
+    with pytest.raises(ConfigError, match=r"'type:HunyuanBlockLayer' matches none of the hunyuan-video layer classes "
+                                          r"\(HunyuanInputLayer, HunyuanDoubleBlockLayer, HunyuanSingleBlockLayer, "
+                                          r"HunyuanFinalLayer\)"):
+        plan_stages(model, config("type:HunyuanBlockLayer"))
 
 
 def test_ltx_rope_scale_follows_frame_rate(video_models):

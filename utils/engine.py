@@ -178,7 +178,13 @@ def plan_stages(model, config: TrainConfig):
     else:
         model.add_lora(transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
-    return transformer, layers, partition(layers, config.settings.pipeline_stages, config.settings.partition_method)
+    method = config.settings.partition_method
+    names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
+    if method.startswith("type:") and not any(re.search(method[5:], n, re.IGNORECASE) for n in names):
+        # DeepSpeed would refuse it too, but only once the weights are loaded.
+        raise ConfigError(f"{config.file}: 'partition_method' = '{method}' matches none of the {model.name} "
+                          f"layer classes ({', '.join(names)})")
+    return transformer, layers, partition(layers, config.settings.pipeline_stages, method)
 
 
 def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int], stage: int,
