@@ -123,3 +123,38 @@ def launch(config: Path, *args: str, num_gpus: int = 1, timeout: int = 600, env:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     return Launch(proc, config)
+
+
+def eval_loss_through_diffusers(config_path: Path, transformer, items: int | None = None) -> float:
+    """The eval loss of `transformer` on the run's eval set, rebuilt with the repo's own data code
+    (same cache, same fixed timesteps and noise) but run through diffusers' forward (the model's
+    `reference_forward`), not our layers. `items`: the eval set's expected size, checked."""
+    import torch
+
+    from models import get_model_class
+    from utils.batches import EvalPlan, collate
+    from utils.config import load_train_config
+    from utils.prepare import prepare_dataset
+
+    config = load_train_config(config_path)
+    s = config.settings
+    model = get_model_class(config.model.type)(config.model)
+    (eval_set,) = config.eval_datasets
+    reader = prepare_dataset(eval_set.dataset, model, title="eval", micro_batch_size=s.micro_batch_size_per_gpu,
+                             caching_batch_size=1, regenerate=False, rank=0, world=1, device=torch.device("cpu"),
+                             log=lambda *_: None)
+    assert reader.encoded == 0 and (items is None or len(reader) == items)
+    total = weights = 0.0
+    transformer.eval()
+    for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(0, 1):
+        inputs, labels = collate(model, reader, batch, s.seed, f"eval/{eval_set.name}", 0)
+        with torch.no_grad():
+            prediction = model.reference_forward(transformer, model.input_fields.unpack(inputs))
+        # DiffusionModel.loss, written out: per-sample MSE, weighted mean (eval padding has weight 0).
+        target, w = labels
+        per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        loss = (per_sample * w).sum() / w.sum()
+        weight = sum(slot.weight for slot in batch)
+        total += float(loss) * weight
+        weights += weight
+    return total / weights

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, launch, write_configs
+from conftest import Launch, eval_loss_through_diffusers, launch, write_configs
 from tools.make_demo_dataset import make_demo_dataset
 
 # Every test here rides on real training launches shared through module fixtures.
@@ -157,36 +157,8 @@ def test_init_from_existing_continues_from_the_saved_adapter(run_a, run_c):
 
 
 def eval_loss_in_process(config_path: Path, transformer) -> float:
-    """The eval loss of `transformer` on the run's eval set, rebuilt with the repo's own data code
-    (same cache, same fixed timesteps and noise) but run through diffusers' forward, not ours."""
-    from models import get_model_class
-    from utils.batches import EvalPlan, collate
-    from utils.config import load_train_config
-    from utils.prepare import prepare_dataset
-
-    config = load_train_config(config_path)
-    s = config.settings
-    model = get_model_class(config.model.type)(config.model)
-    (eval_set,) = config.eval_datasets
-    reader = prepare_dataset(eval_set.dataset, model, title="eval", micro_batch_size=s.micro_batch_size_per_gpu,
-                             caching_batch_size=1, regenerate=False, rank=0, world=1, device=torch.device("cpu"),
-                             log=lambda *_: None)
-    assert reader.encoded == 0 and len(reader) == 4
-    total = weights = 0.0
-    transformer.eval()
-    for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(0, 1):
-        inputs, labels = collate(model, reader, batch, s.seed, f"eval/{eval_set.name}", 0)
-        x = model.input_fields.unpack(inputs)
-        with torch.no_grad():
-            prediction = model.reference_forward(transformer, x)
-        # DiffusionModel.loss, written out: per-sample MSE, weighted mean (eval padding has weight 0).
-        target, w = labels
-        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2))
-        loss = (per_sample * w).sum() / w.sum()
-        weight = sum(slot.weight for slot in batch)
-        total += float(loss) * weight
-        weights += weight
-    return total / weights
+    """The run's eval loss (4 held-out images) through diffusers' forward, not ours."""
+    return eval_loss_through_diffusers(config_path, transformer, items=4)
 
 
 def test_diffusers_lora_file_reproduces_the_final_eval(run_a, work):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import launch, write_configs
+from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from models import get_model_class, hunyuan_layout, ltx_layout
@@ -145,46 +145,6 @@ def evals(result) -> dict[int, float]:
     return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
-def diffusers_prediction(model, transformer, x: dict) -> torch.Tensor:
-    """diffusers' forward on the first layer's inputs (as the engine gets them), called as the
-    model's diffusers pipeline calls it."""
-    if model.name == "ltx-video":
-        frames, height, width = x["grid"].tolist()
-        return transformer(hidden_states=x["latents"], encoder_hidden_states=x["text"], timestep=x["timesteps"] * 1000,
-                           encoder_attention_mask=x["text_mask"], num_frames=frames, height=height, width=width,
-                           rope_interpolation_scale=model.rope_interpolation_scale, return_dict=False)[0]
-    return transformer(hidden_states=x["latents"], timestep=x["timesteps"] * 1000, encoder_hidden_states=x["text"],
-                       encoder_attention_mask=x["text_mask"], pooled_projections=x["pooled"],
-                       guidance=x["guidance"] * 1000, return_dict=False)[0]
-
-
-def eval_loss_in_process(config_path: Path, transformer) -> float:
-    """The run's eval loss for `transformer`, from the repo's own data code (same cache, fixed
-    timesteps and noise) but through diffusers' forward, not our layers."""
-    from utils.batches import EvalPlan, collate
-    from utils.config import load_train_config
-    from utils.prepare import prepare_dataset
-
-    config = load_train_config(config_path)
-    s = config.settings
-    model = get_model_class(config.model.type)(config.model)
-    (eval_set,) = config.eval_datasets
-    reader = prepare_dataset(eval_set.dataset, model, title="eval", micro_batch_size=s.micro_batch_size_per_gpu,
-                             caching_batch_size=1, regenerate=False, rank=0, world=1, device=torch.device("cpu"),
-                             log=lambda *_: None)
-    assert reader.encoded == 0
-    total = weights = 0.0
-    transformer.eval()
-    for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(0, 1):
-        inputs, labels = collate(model, reader, batch, s.seed, f"eval/{eval_set.name}", 0)
-        with torch.no_grad():
-            loss = model.loss(diffusers_prediction(model, transformer, model.input_fields.unpack(inputs)), labels)
-        weight = sum(slot.weight for slot in batch)
-        total += float(loss) * weight
-        weights += weight
-    return total / weights
-
-
 def from_original_layout(name: str, folder: Path):
     """The saved original-layout file as a diffusers transformer: diffusers' own single-file loader
     for LTX-Video (the config from the saved folder, nothing downloaded), our converter for
@@ -235,10 +195,10 @@ def test_saved_files_reproduce_the_final_eval(video_models, runs, name):
     history = evals(result)
     folder = run_folder(result) / "models" / "final"
     cls = transformer_class(name)
-    untrained = eval_loss_in_process(result.config, cls.from_pretrained(video_models / name / "transformer"))
+    untrained = eval_loss_through_diffusers(result.config, cls.from_pretrained(video_models / name / "transformer"))
     assert untrained == pytest.approx(history[0], rel=1e-5)  # our eval and diffusers' forward agree
     diffusers_folder = cls.from_pretrained(folder / "transformer")
-    trained = eval_loss_in_process(result.config, diffusers_folder)
+    trained = eval_loss_through_diffusers(result.config, diffusers_folder)
     assert trained == pytest.approx(history[STEPS], rel=1e-5)
     assert abs(untrained - trained) > 100 * 1e-5 * trained  # a save of the untrained weights would fail
     # The original-layout file, read back, is the same model: the same weights, the same output.
@@ -246,4 +206,4 @@ def test_saved_files_reproduce_the_final_eval(video_models, runs, name):
     reference = diffusers_folder.state_dict()
     assert single_file.state_dict().keys() == reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in single_file.state_dict().items())
-    assert eval_loss_in_process(result.config, single_file) == trained
+    assert eval_loss_through_diffusers(result.config, single_file) == trained
