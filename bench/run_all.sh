@@ -11,8 +11,9 @@
 #   MODELS     models to set up and measure (default "flux ltx-video hunyuan-video")
 #   PARTS      what to do (default "setup step cache")
 #   FLUX_RES   Flux resolutions (default "1024 512")
-#   CKPT       activation checkpointing of the Flux and LTX-Video rows: off, on or both (default both);
-#              HunyuanVideo is measured with it only (without, it does not fit)
+#   CKPT       activation checkpointing of the Flux and LTX-Video rows: off, on, both or selective, or
+#              several of them, e.g. "off selective" (default both);
+#   HUNYUAN_CKPT  the same for the HunyuanVideo rows (default on; without, it needs more than 80 GB)
 #   MODES      step.py rows (default "engine layers diffusers")
 #   FULL=1     also full fine-tuning rows (Flux 1024x1024, checkpointing on)
 #   STEP_ARGS  more step.py arguments, e.g. "--steps 3 --warmup 1"
@@ -53,10 +54,10 @@ if has "$PARTS" step; then
     step=(python3 bench/step.py "$WORK/models/$model" --model "$model" --mode $MODES --json "$RESULTS" $STEP_ARGS)
     case $model in
       flux)
-        "${step[@]}" --resolution $FLUX_RES --checkpointing "$CKPT"
+        "${step[@]}" --resolution $FLUX_RES --checkpointing $CKPT
         if [ "${FULL:-0}" = 1 ]; then "${step[@]}" --resolution 1024 --checkpointing on --full; fi ;;
-      ltx-video) "${step[@]}" --resolution 768x512 --frames 49 --checkpointing "$CKPT" ;;
-      hunyuan-video) "${step[@]}" --resolution 512x512 --frames 33 --checkpointing on ;;
+      ltx-video) "${step[@]}" --resolution 768x512 --frames 49 --checkpointing $CKPT ;;
+      hunyuan-video) "${step[@]}" --resolution 512x512 --frames 33 --checkpointing ${HUNYUAN_CKPT:-on} ;;
       *) echo "unknown model: $model" >&2; exit 2 ;;
     esac
   done

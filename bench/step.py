@@ -12,8 +12,11 @@ Each row runs in its own process, so its peak memory is its own; a row that fail
 memory is an error row. The batch comes from the model's own `training_example`: random latents of
 the VAE's latent shape, and the embeddings of one caption long enough to fill the configured text
 length, encoded by the model's own text encoders. FLOPs are counted once per shape on the layers
-row (torch.utils.flop_counter, forward and backward without checkpointing: the useful work), MFU
-against a bf16 matrix product timed in the same run. Prints a table; `--json` appends the rows.
+row (torch.utils.flop_counter, forward and backward without checkpointing: the useful work), or on
+bfloat16 layers in a child of their own when there is no layers row or it runs float8 products;
+MFU against a bf16 matrix product timed in the same run. Prints a table; `--json` appends the rows.
+Trainer options for the engine and layers rows: --compile, --float8 storage|matmul,
+--attention BACKEND, --checkpointing selective, --batch.
 Usage, on a CUDA machine (model folders from bench/make_full_size_flux.py / make_full_size_video.py):
   python bench/step.py MODEL_DIR --model ltx-video --resolution 768x512 --frames 49 --checkpointing on
 """
@@ -35,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODES = ("engine", "layers", "diffusers")
+# --checkpointing as the trainer's activation_checkpointing setting.
+CHECKPOINTING = {"off": False, "on": True, "selective": "selective"}
+CKPT_NAMES = {False: "off", True: "on", "selective": "sel"}
 # Long enough to fill any model's text length with tokens (masks all ones: the most text work).
 CAPTION = ", ".join(["a photo of a cat sitting on a red chair in a quiet library at sunrise"] * 60)
 
@@ -51,6 +57,8 @@ def make_model(args):
 
     cls = get_model_class(args.model)
     extra = {} if args.text_len is None else {"max_sequence_length": args.text_len}
+    if args.float8:  # frozen block weights stored in float8 (engine and layers rows)
+        extra.update(transformer_dtype="float8", float8_matmul=args.float8 == "matmul")
     return cls(cls.config_class(type=args.model, diffusers_path=str(args.model_dir), dtype=args.dtype, **extra))
 
 
@@ -66,7 +74,7 @@ def row_config(model, args):
     settings = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": model.name}, adapter=adapter,
                                optimizer=OptimizerConfig(lr=1e-5), max_steps=args.warmup + args.steps,
                                micro_batch_size_per_gpu=args.batch, activation_checkpointing=args.checkpointing,
-                               compile=args.compile, seed=0)
+                               compile=args.compile, attention_backend=args.attention, seed=0)
     return TrainConfig(file=Path(__file__), settings=settings, model=model.config, dataset=None, eval_datasets=[],
                        output_dir=Path("unused"))
 
@@ -255,6 +263,8 @@ def run_row(args) -> dict:
     # `tokens` sizes the activations in the engine row's printed memory estimate.
     step = ROW_STEPS[args.mode](model, row_config(model, args), device, inputs, labels,
                                 tokens=model.tokens_per_sample(width, height, args.frames))
+    if args.flops_only:  # the layers row printed its FLOPs while being built
+        return {}
     if device.type == "cuda":
         # The peak of the training steps (warm-up included), not of the text encoders or FLOP count.
         torch.cuda.empty_cache()
@@ -301,18 +311,36 @@ def error_text(output: str) -> str:
     return (lines[-1] if lines else "no output")[:160]
 
 
+def row_options(args) -> list[str]:
+    """The child's arguments that every row of this run shares."""
+    extra = ["--rank", str(args.rank), "--batch", str(args.batch), "--steps", str(args.steps),
+             "--warmup", str(args.warmup)]
+    extra += ["--full"] if args.full else []
+    extra += ["--compile"] if args.compile else []
+    extra += ["--float8", args.float8] if args.float8 else []
+    extra += ["--attention", args.attention] if args.attention else []
+    extra += ["--text_len", str(args.text_len)] if args.text_len is not None else []
+    return extra
+
+
+def variant(args) -> str:
+    """What the engine and layers rows add to the trainer's defaults, as the mode column says it."""
+    return ((" compiled" if args.compile else "") + {None: "", "storage": " fp8", "matmul": " fp8mm"}[args.float8]
+            + (f" {args.attention.strip('_').removeprefix('native_')}" if args.attention else ""))
+
+
 def describe(row: dict) -> str:
     return "full" if row["full"] else f"lora r{row['rank']}"
 
 
 def print_table(rows: list[dict], matmul: float, device_name: str) -> None:
     print(f"\nbf16 matmul: {matmul:.1f} TFLOP/s; {device_name}; torch {torch.__version__}")
-    head = (f"{'model':14} {'resolution':>10} {'frames':>6} {'mode':15} {'training':9} {'ckpt':>5} {'s/step':>8} "
+    head = (f"{'model':14} {'resolution':>10} {'frames':>6} {'mode':27} {'training':9} {'ckpt':>5} {'s/step':>8} "
             f"{'samples/s':>9} {'peak GiB':>9} {'TFLOP':>7} {'MFU':>5}")
     print(head)
     for r in rows:
-        lead = (f"{r['model']:14} {r['resolution']:>10} {r['frames']:>6} {r['mode']:15} {describe(r):9} "
-                f"{'on' if r['checkpointing'] else 'off':>5}")
+        lead = (f"{r['model']:14} {r['resolution']:>10} {r['frames']:>6} {r['mode']:27} {describe(r):9} "
+                f"{CKPT_NAMES[r['checkpointing']]:>5}")
         if "error" in r:
             print(f"{lead} error: {r['error']}")
             continue
@@ -329,10 +357,16 @@ def main():
     ap.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--resolution", nargs="+", default=["1024"], help="WxH, or one number for a square")
     ap.add_argument("--frames", type=int, default=1, help="frames per clip (video models: 8k+1 LTX, 4k+1 Hunyuan)")
-    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--checkpointing", nargs="+", choices=["off", "on", "both", "selective"], default=["both"],
+                    help="activation checkpointing settings to measure (both: off and on); selective: the "
+                         "model's selective mode (engine and layers rows)")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of a LoRA")
     ap.add_argument("--compile", action="store_true", help="compile = true for the engine and layers rows")
+    ap.add_argument("--float8", choices=["storage", "matmul"],
+                    help="transformer_dtype = 'float8' for the engine and layers rows; matmul: float8_matmul = true too")
+    ap.add_argument("--attention", help="attention_backend for the engine and layers rows (a diffusers backend "
+                                        "name, e.g. _native_cudnn); default: the trainer's")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text_len", type=int, help="text tokens (model.max_sequence_length); default: the model's")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported)")
@@ -342,6 +376,7 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", help="base weight dtype (float32 for CPU smoke runs)")
     ap.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flops_only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--matmul", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -350,7 +385,7 @@ def main():
         return
     if args.row:  # child process: one measurement
         args.mode, args.resolution = args.mode[0], parse_resolution(args.resolution[0])
-        args.checkpointing = args.checkpointing == "on"
+        args.checkpointing = CHECKPOINTING[args.checkpointing[0]]
         print("ROW " + json.dumps(run_row(args)), flush=True)
         return
 
@@ -363,20 +398,18 @@ def main():
             print(f"matmul yardstick failed: {error_text(output)}", flush=True)
     rows = []
     for resolution in map(parse_resolution, args.resolution):
-        for ckpt in {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.checkpointing]:
-            for mode in args.mode:
+        for ckpt in [c for setting in args.checkpointing for c in {"both": ["off", "on"]}.get(setting, [setting])]:
+            # diffusers' own checkpointing has no selective mode: that row would measure something else.
+            modes = [m for m in args.mode if not (m == "diffusers" and ckpt == "selective")]
+            for mode in modes:
                 extra = ["--row", "--mode", mode, "--resolution", f"{resolution[0]}x{resolution[1]}",
-                         "--frames", str(args.frames), "--checkpointing", ckpt, "--rank", str(args.rank),
-                         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                extra += ["--full"] if args.full else []
-                extra += ["--compile"] if args.compile else []
-                extra += ["--text_len", str(args.text_len)] if args.text_len is not None else []
+                         "--frames", str(args.frames), "--checkpointing", ckpt, *row_options(args)]
                 tagged, output = child(args, *extra, timeout=args.timeout)
                 row = {"model": args.model, "resolution": f"{resolution[0]}x{resolution[1]}", "frames": args.frames,
-                       "mode": mode + (" compiled" if args.compile and mode != "diffusers" else ""),
+                       "mode": mode + ("" if mode == "diffusers" else variant(args)),
                        "full": args.full, "rank": None if args.full else args.rank,
-                       "batch": args.batch, "checkpointing": ckpt == "on", "text_len": args.text_len}
-                if "FLOPS" in tagged:
+                       "batch": args.batch, "checkpointing": CHECKPOINTING[ckpt], "text_len": args.text_len}
+                if "FLOPS" in tagged and not args.float8:
                     row["tflop_per_step"] = int(tagged["FLOPS"]) / 1e12
                 if "ROW" in tagged:
                     row.update(json.loads(tagged["ROW"]))
@@ -384,6 +417,16 @@ def main():
                     row["error"] = error_text(output)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        if "layers" not in args.mode or args.float8:
+            # The useful FLOPs come from the layers row. Without one, or when its products run in float8
+            # (which the counter does not see), they are counted on bfloat16 layers in a child of their own.
+            shared = row_options(argparse.Namespace(**{**vars(args), "float8": None}))
+            tagged, output = child(args, "--row", "--flops_only", "--mode", "layers", "--resolution",
+                                   f"{resolution[0]}x{resolution[1]}", "--frames", str(args.frames),
+                                   "--checkpointing", "off", *shared, timeout=args.timeout)
+            for row in rows:
+                if "FLOPS" in tagged and row["resolution"] == f"{resolution[0]}x{resolution[1]}":
+                    row["tflop_per_step"] = int(tagged["FLOPS"]) / 1e12
     # The useful FLOPs of a shape (from its layers row) stand for every row of that shape.
     shape = lambda r: (r["resolution"], r["frames"], r["batch"], r["full"])  # noqa: E731
     flops = {shape(r): r["tflop_per_step"] for r in rows if r.get("tflop_per_step")}

@@ -34,7 +34,8 @@ def model_dirs(tiny_models, tmp_path_factory) -> dict:
 
 def bench_args(name, model_dirs, **kw):
     args = dict(model=name, model_dir=model_dirs[name], dtype="float32", text_len=16, full=False, rank=4,
-                warmup=1, steps=1, batch=2, checkpointing=False, compile=False)
+                warmup=1, steps=1, batch=2, checkpointing=False, compile=False, float8=None,
+                attention=None)
     return argparse.Namespace(**{**args, **kw})
 
 
@@ -97,7 +98,7 @@ def test_step_table_runs_all_three_modes(model_dirs, tmp_path, name):
     assert by_mode["diffusers"]["first_loss"] == pytest.approx(by_mode["layers"]["first_loss"], rel=1e-4)
     # FLOPs are counted once (layers row) and stand for every row of the shape, with an MFU.
     assert all(r["tflop_per_step"] > 0 and r["mfu"] > 0 for r in rows), rows
-    assert "model          resolution frames mode            training   ckpt   s/step" in proc.stdout
+    assert "model          resolution frames mode" in proc.stdout and "training   ckpt   s/step" in proc.stdout
 
 
 @pytest.mark.slow
@@ -111,6 +112,22 @@ def test_step_table_with_compiled_layers(model_dirs, tmp_path):
     assert [r["mode"] for r in rows] == ["engine compiled", "layers compiled"]
     assert all("error" not in r for r in rows), rows
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_step_table_trainer_options(model_dirs, tmp_path):
+    # Engine rows with float8 products, a named attention backend, and two checkpointing settings
+    # (selective too); no layers row, so the FLOPs come from a child of their own.
+    rows_file = tmp_path / "rows.jsonl"
+    run_bench(str(REPO / "bench" / "step.py"), str(model_dirs["flux"]), "--model", "flux", "--resolution", "64",
+              "--mode", "engine", "--text_len", "16", "--dtype", "bfloat16", "--rank", "4", "--steps", "1",
+              "--warmup", "1", "--checkpointing", "off", "selective", "--float8", "matmul",
+              "--attention", "_native_math", "--device", "cpu", "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [(r["mode"], r["checkpointing"]) for r in rows] == [("engine fp8mm math", False),
+                                                                ("engine fp8mm math", "selective")]
+    assert all("error" not in r and r["tflop_per_step"] > 0 for r in rows), rows
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -172,6 +172,50 @@ def test_float8_linear_matches_its_dequantized_weight():
     assert fp8.state_dict() == {}  # derived from the base weights: never in checkpoints
 
 
+def test_float8_matmul_multiplies_float8_operands():
+    # float8_matmul: the product of the per-token float8 input and the stored float8 weight, their
+    # scales applied to the float32 result; the backward the same with the gradient.
+    from utils.float8 import FLOAT8, quantize_tokens
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    fp8 = Float8Linear(linear, torch.bfloat16, matmul=True)
+    storage_only = Float8Linear(linear, torch.bfloat16)
+    assert fp8.matmul and "float8 matmul" in repr(fp8)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = fp8(x)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    w = fp8.weight_fp8.float()
+    x8, x_scale = quantize_tokens(x.detach().reshape(6, 64))
+    assert x8.dtype == FLOAT8
+    emulated = (x8.float() @ w.t()) * x_scale * fp8.weight_scale.t() + linear.bias.float()
+    torch.testing.assert_close(out.reshape(6, 48).float(), emulated, rtol=1e-2, atol=1e-2)
+    # The input really went through float8: not the storage-only result (bfloat16 input).
+    assert not torch.equal(out, storage_only(x))
+    grad = torch.randn(2, 3, 48, dtype=torch.bfloat16)
+    out.backward(grad)
+    g8, g_scale = quantize_tokens(grad.reshape(6, 48).float() * fp8.weight_scale.t())
+    torch.testing.assert_close(x.grad.reshape(6, 64).float(), (g8.float() @ w) * g_scale, rtol=1e-2, atol=1e-2)
+    exact = (grad.reshape(6, 48).float() @ linear.weight.float())
+    assert (x.grad.reshape(6, 64).float() - exact).norm() / exact.norm() < 0.08
+    # Shapes _scaled_mm cannot take (not multiples of 16) keep the dequantizing path.
+    assert not Float8Linear(torch.nn.Linear(40, 48), torch.bfloat16, matmul=True).matmul
+
+
+def test_float8_matmul_config_checks(tmp_path, tiny_models, data):
+    with pytest.raises(ConfigError, match="model.float8_matmul.*transformer_dtype = 'float8'"):
+        load_train_config(write_configs(tmp_path / "a", tiny_models / "flux", data,
+                                        model={"dtype": "bfloat16", "float8_matmul": True}))
+    with pytest.raises(ConfigError, match="model.float8_matmul.*bfloat16.*float32"):
+        load_train_config(write_configs(tmp_path / "b", tiny_models / "flux", data,
+                                        model={"dtype": "float32", "transformer_dtype": "float8",
+                                               "float8_matmul": True}))
+    _, _, transformer, _ = loaded(tmp_path / "c", tiny_models, data, model={
+        "dtype": "bfloat16", "transformer_dtype": "float8", "float8_matmul": True})
+    fp8 = [m for m in transformer.modules() if isinstance(m, Float8Linear)]
+    assert fp8 and all(m.matmul for m in fp8)
+
+
 # ------------------------------------------------------------------------ launches
 
 
@@ -203,6 +247,7 @@ def runs(tmp_path_factory, tiny_models, data):
         "swap_ckpt": dict(blocks_to_swap=2, activation_checkpointing=True),
         "bf16": dict(model={"dtype": "bfloat16"}),
         "fp8": dict(model={"dtype": "bfloat16", "transformer_dtype": "float8"}, blocks_to_swap=2),
+        "fp8_matmul": dict(model={"dtype": "bfloat16", "transformer_dtype": "float8", "float8_matmul": True}),
     }
     out = {}
     for name, overrides in variants.items():
@@ -226,7 +271,10 @@ def test_float8_quality_cost(runs):
     # Tiny Flux LoRA, 6 steps, bfloat16 compute, eval loss on 4 held-out images (CPU): bf16
     # base weights 1.3937, float8 base weights (with blocks_to_swap = 2) 1.3939 (+0.014%).
     # Recorded in docs/benchmarks.md ("float8 quality cost").
-    bf16, fp8 = final_eval(runs["bf16"]), final_eval(runs["fp8"])
-    print(f"final eval loss: bfloat16 base weights {bf16:.4f}, float8 {fp8:.4f}")
+    # float8_matmul (inputs and gradients in float8 too): see the print; recorded there as well.
+    bf16, fp8, fp8_matmul = final_eval(runs["bf16"]), final_eval(runs["fp8"]), final_eval(runs["fp8_matmul"])
+    print(f"final eval loss: bfloat16 base weights {bf16:.4f}, float8 {fp8:.4f}, float8 matmul {fp8_matmul:.4f}")
     assert abs(fp8 - bf16) / bf16 < 0.03
+    assert abs(fp8_matmul - bf16) / bf16 < 0.03
     assert runs["fp8"].losses() != runs["bf16"].losses()  # float8 really was used
+    assert runs["fp8_matmul"].losses() != runs["fp8"].losses()  # and the float8 products

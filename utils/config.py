@@ -192,6 +192,8 @@ class ModelConfig:
     resolution_dependent_shift: bool = False
     # Storage of the frozen transformer-block linear weights in LoRA runs; None: `dtype`.
     transformer_dtype: Optional[Literal["float8"]] = None
+    # With transformer_dtype = "float8": the frozen linears' products run in float8 (utils/float8.py).
+    float8_matmul: bool = False
 
     def validate(self, file, prefix):
         if self.shift is not None:
@@ -296,6 +298,9 @@ class TrainConfigFile:
     activation_checkpointing: Union[bool, Literal["selective"]] = False
     # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
     compile: bool = False
+    # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
+    # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (utils/engine.py).
+    attention_backend: Optional[str] = None
     caching_batch_size: int = 1
     steps_per_print: int = 1
     save_dtype: DType = "bfloat16"
@@ -330,6 +335,12 @@ class TrainConfigFile:
             _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]
         check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
+        if self.attention_backend is not None:
+            from diffusers.models.attention_dispatch import AttentionBackendName
+
+            known = [b.value for b in AttentionBackendName]
+            check(self.attention_backend in known, file, "attention_backend",
+                  f"= '{self.attention_backend}' is not a diffusers attention backend; one of: {', '.join(known)}")
 
 
 def _check_regex(pattern: str, file, where: str) -> None:
@@ -409,6 +420,11 @@ def load_train_config(path: Path | str) -> TrainConfig:
         check(settings.adapter is not None, path, "model.transformer_dtype",
               f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
               f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
+    if model_config.float8_matmul:
+        check(model_config.transformer_dtype == "float8", path, "model.float8_matmul",
+              "= true multiplies by float8 base weights, so it needs model.transformer_dtype = 'float8'")
+        check(model_config.dtype == "bfloat16", path, "model.float8_matmul",
+              f"= true computes in bfloat16, but model.dtype is '{model_config.dtype}'")
     trained = trained_dtype(settings, model_config)
     if settings.optimizer.stochastic_rounding:
         check(trained == "bfloat16", path, "optimizer.stochastic_rounding",

@@ -214,7 +214,9 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
             blocks = set(block_layer_indices(layers))
             block_modules = [transformer.get_submodule(n) for i in range(parts[stage], parts[stage + 1])
                              if i in blocks for n in layers[i].module_names]
-            quantize_lora_base_layers(block_modules, model.dtype)
+            quantize_lora_base_layers(block_modules, model.dtype, config.model.float8_matmul)
+    if s.attention_backend is not None:
+        transformer.set_attention_backend(s.attention_backend)
     for layer in layers:
         layer.bind_root_parameters(transformer)
 

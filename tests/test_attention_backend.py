@@ -1,0 +1,62 @@
+"""`attention_backend`: the transformer's attention runs through the diffusers backend the config
+names (on GPUs, "_native_cudnn" is the fast one: docs/benchmarks.md); a name diffusers does not
+know is a config error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName
+
+from conftest import write_configs
+from models import get_model_class
+from utils.config import load_train_config
+from utils.engine import load_stage, plan_stages
+from utils.schema import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tools.make_demo_dataset import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("attention") / "data", count=4, seed=0)
+
+
+def stage(tmp_path, tiny_models, data, **overrides):
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides))
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
+    return model, transformer, layers
+
+
+def backends(transformer) -> set:
+    return {m.processor._attention_backend for m in transformer.modules()
+            if hasattr(getattr(m, "processor", None), "_attention_backend")}
+
+
+def loss(model, layers) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 16, 4, 4, generator=g)
+    text = {"text": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
+    inputs, labels = model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
+    with torch.no_grad():
+        return model.loss(torch.nn.Sequential(*layers)(inputs), labels)
+
+
+def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny_models, data):
+    model, transformer, layers = stage(tmp_path / "default", tiny_models, data)
+    assert backends(transformer) == {None}  # diffusers' default: torch's scaled-dot-product attention
+    reference = loss(model, layers)
+    model, transformer, layers = stage(tmp_path / "math", tiny_models, data, attention_backend="_native_math")
+    try:
+        assert backends(transformer) == {AttentionBackendName._NATIVE_MATH}
+        torch.testing.assert_close(loss(model, layers), reference, rtol=1e-5, atol=1e-6)
+    finally:
+        transformer.set_attention_backend("native")  # diffusers keeps the last choice process-wide
+
+
+def test_unknown_backend_is_a_config_error(tmp_path, tiny_models, data):
+    with pytest.raises(ConfigError, match=r"train.toml: 'attention_backend' = 'cudnn' is not a diffusers attention "
+                                          r"backend; one of: .*_native_cudnn"):
+        load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"))
