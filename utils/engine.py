@@ -118,7 +118,9 @@ def configure_attention() -> None:
     """Keep scaled-dot-product attention off the cuDNN backend.
 
     On an H200 with torch 2.11 + CUDA 13, cuDNN attention failed at Flux's shapes and left the
-    CUDA context broken (bench/attention_backends.py shows it); flash attention ran as fast.
+    CUDA context broken (bench/attention_backends.py shows it). `attention_backend =
+    "_native_cudnn"` opts in through diffusers' backend, which ran and is the fastest there
+    (docs/benchmarks.md, "Fast settings").
     """
     torch.backends.cuda.enable_cudnn_sdp(False)
 
