@@ -62,6 +62,15 @@ def test_compiled_layers_with_float8_base_weights(tmp_path, tiny_models, data):
 
 
 @pytest.mark.slow
+def test_compiled_layers_with_float8_products(tmp_path, tiny_models, data):
+    # float8_matmul computes in bfloat16: compiled and eager differ by bfloat16 round-off only.
+    _, model, transformer, layers = loaded(tmp_path, tiny_models, data, model={
+        "dtype": "bfloat16", "transformer_dtype": "float8", "float8_matmul": True})
+    lift_lora_b(transformer)
+    compiled_matches_eager(model, layers, checkpointed=True, atol=3e-2)
+
+
+@pytest.mark.slow
 def test_train_py_with_compile_matches_eager_on_two_stages(tmp_path, tiny_models, data):
     from safetensors.torch import load_file
 
