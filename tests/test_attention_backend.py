@@ -9,25 +9,9 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from conftest import write_configs
-from models import get_model_class
+from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
 from utils.config import load_train_config
-from utils.engine import load_stage, plan_stages
 from utils.schema import ConfigError
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from tools.make_demo_dataset import make_demo_dataset
-
-    return make_demo_dataset(tmp_path_factory.mktemp("attention") / "data", count=4, seed=0)
-
-
-def stage(tmp_path, tiny_models, data, **overrides):
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides))
-    model = get_model_class("flux")(config.model)
-    transformer, layers, parts = plan_stages(model, config)
-    load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
-    return model, transformer, layers
 
 
 def backends(transformer) -> set:
@@ -45,10 +29,10 @@ def loss(model, layers) -> torch.Tensor:
 
 
 def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny_models, data):
-    model, transformer, layers = stage(tmp_path / "default", tiny_models, data)
+    _, model, transformer, layers = loaded(tmp_path / "default", tiny_models, data)
     assert backends(transformer) == {None}  # diffusers' default: torch's scaled-dot-product attention
     reference = loss(model, layers)
-    model, transformer, layers = stage(tmp_path / "math", tiny_models, data, attention_backend="_native_math")
+    _, model, transformer, layers = loaded(tmp_path / "math", tiny_models, data, attention_backend="_native_math")
     try:
         assert backends(transformer) == {AttentionBackendName._NATIVE_MATH}
         torch.testing.assert_close(loss(model, layers), reference, rtol=1e-5, atol=1e-6)
