@@ -9,7 +9,9 @@
 # One command may have to fit a time limit: run it in parts with these variables, e.g.
 #   PARTS=setup MODELS=flux bash bench/run_all.sh; PARTS=step MODELS=flux FLUX_RES=1024 bash bench/run_all.sh
 #   MODELS     models to set up and measure (default "flux ltx-video hunyuan-video")
-#   PARTS      what to do (default "setup step cache")
+#   PARTS      what to do (default "setup step fast cache"); "fast": our engine rows with the speed
+#              options of docs/benchmarks.md ("Fast settings": compile, cuDNN attention, float8
+#              products, larger batches), beside the plain loop's rows of "step"
 #   FLUX_RES   Flux resolutions (default "1024 512")
 #   CKPT       activation checkpointing of the Flux and LTX-Video rows: off, on, both or selective, or
 #              several of them, e.g. "off selective" (default both);
@@ -23,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/bench}
 MODELS=${MODELS:-flux ltx-video hunyuan-video}
-PARTS=${PARTS:-setup step cache}
+PARTS=${PARTS:-setup step fast cache}
 FLUX_RES=${FLUX_RES:-1024 512}
 CKPT=${CKPT:-both}
 MODES=${MODES:-engine layers diffusers}
@@ -59,6 +61,27 @@ if has "$PARTS" step; then
       ltx-video) "${step[@]}" --resolution 768x512 --frames 49 --checkpointing $CKPT ;;
       hunyuan-video) "${step[@]}" --resolution 512x512 --frames 33 --checkpointing ${HUNYUAN_CKPT:-on} ;;
       *) echo "unknown model: $model" >&2; exit 2 ;;
+    esac
+  done
+fi
+
+if has "$PARTS" fast; then
+  for model in $MODELS; do
+    fast=(python3 bench/step.py "$WORK/models/$model" --model "$model" --mode engine --compile
+          --attention _native_cudnn --json "$RESULTS" $STEP_ARGS)
+    case $model in
+      flux)
+        for res in $FLUX_RES; do
+          if [ "$res" = 1024 ]; then
+            "${fast[@]}" --resolution 1024 --checkpointing off on
+            # Within 30 GiB (and within 24 GB with full checkpointing): float8 weights and products.
+            "${fast[@]}" --resolution 1024 --checkpointing selective on --float8 matmul
+          else
+            "${fast[@]}" --resolution "$res" --checkpointing off --batch 4
+          fi
+        done ;;
+      ltx-video) "${fast[@]}" --resolution 768x512 --frames 49 --checkpointing off --batch 8 ;;
+      hunyuan-video) "${fast[@]}" --resolution 512x512 --frames 33 --checkpointing selective on ;;
     esac
   done
 fi
