@@ -44,3 +44,13 @@ def test_unknown_backend_is_a_config_error(tmp_path, tiny_models, data):
     with pytest.raises(ConfigError, match=r"train.toml: 'attention_backend' = 'cudnn' is not a diffusers attention "
                                           r"backend; one of: .*_native_cudnn"):
         load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"))
+
+
+def test_backend_that_cannot_run_here_is_a_config_error(tmp_path, tiny_models, data):
+    # cuDNN attention has no CPU kernel: one line naming the key when the stage loads.
+    with pytest.raises(ConfigError, match=r"train.toml: 'attention_backend' = '_native_cudnn' cannot run on this cpu "
+                                          r"device with float32: No viable backend"):
+        loaded(tmp_path / "cudnn", tiny_models, data, attention_backend="_native_cudnn")
+    # ... and leaves diffusers' process-wide choice as it was: a default model still runs on the CPU.
+    _, model, _, layers = loaded(tmp_path / "default", tiny_models, data)
+    assert torch.isfinite(loss(model, layers))

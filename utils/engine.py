@@ -218,9 +218,28 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
                              if i in blocks for n in layers[i].module_names]
             quantize_lora_base_layers(block_modules, model.dtype, config.model.float8_matmul)
     if s.attention_backend is not None:
-        transformer.set_attention_backend(s.attention_backend)
+        apply_attention_backend(transformer, s.attention_backend, device, model.dtype, config.file)
     for layer in layers:
         layer.bind_root_parameters(transformer)
+
+
+def apply_attention_backend(transformer, name: str, device: torch.device, dtype: torch.dtype, config_file) -> None:
+    """Run the transformer's attention through the diffusers backend `name`, after one tiny
+    attention call through it on `device`: a backend that cannot run here (its package missing,
+    a GPU kernel on the CPU, a dtype it does not take) is a config error naming the key, not a
+    traceback at the first step."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    try:
+        transformer.set_attention_backend(name)
+        # (batch, tokens, heads, head dim), as the models' attention processors call it
+        probe = torch.randn(1, 128, 2, 64, device=device, dtype=dtype)
+        dispatch_attention_fn(probe, probe, probe, backend=AttentionBackendName(name))
+    except (RuntimeError, ImportError, ValueError, TypeError) as e:
+        transformer.set_attention_backend("native")  # diffusers also keeps the choice process-wide
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{config_file}: 'attention_backend' = '{name}' cannot run on this {device.type} device "
+                          f"with {str(dtype).removeprefix('torch.')}: {reason}") from None
 
 
 def block_layer_indices(layers) -> list[int]:
