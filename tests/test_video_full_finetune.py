@@ -23,22 +23,12 @@ from safetensors.torch import load_file
 
 from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from models import get_model_class, hunyuan_layout, ltx_layout
+from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
 from utils.saving import ORIGINAL_LAYOUT_FILE, stage_weights
 
 NAMES = ["ltx-video", "hunyuan-video"]
-ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
-                 "hunyuan-video": "hunyuan-video-tiny-original.safetensors"}
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def video_models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("video_models")
-    make_tiny_ltx_video(root)
-    make_tiny_hunyuan_video(root)
-    return root
 
 
 @pytest.fixture(scope="module")
