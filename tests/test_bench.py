@@ -152,3 +152,15 @@ def test_cache_speed_table(model_dirs, tmp_path):
     assert [(r["stage"], r["batch"]) for r in rows] == [("text", 1), ("text", 2), ("latents", 1), ("latents", 2)]
     assert all("error" not in r and r["items_per_s"] > 0 for r in rows), rows
     assert "stage    batch  s/batch  items/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_kernel_rates_table():
+    # bench/kernel_rates.py at tiny shapes on the CPU: every linear variant timed, attention through
+    # each SDPA backend in its own process, a backend with no kernel here a "failed" row, not a crash.
+    proc = run_bench(str(REPO / "bench" / "kernel_rates.py"), "--small", "--device", "cpu")
+    lines = proc.stdout.splitlines()
+    linear = [line.split()[3:-2] for line in lines if line.startswith("linear small")]
+    assert [" ".join(v) for v in linear] == ["bf16", "fp8 storage", "fp8 matmul"]
+    assert any(line.startswith("attention small") and "flash_attention fwd+bwd" in line for line in lines)
+    assert any("cudnn_attention" in line and "failed:" in line for line in lines)
