@@ -175,7 +175,7 @@ def test_float8_linear_matches_its_dequantized_weight():
 def test_float8_matmul_multiplies_float8_operands():
     # float8_matmul: the product of the per-token float8 input and the stored float8 weight, their
     # scales applied to the float32 result; the backward the same with the gradient.
-    from utils.float8 import FLOAT8, quantize_tokens
+    from utils.float8 import FLOAT8, quantize_rows
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
@@ -186,7 +186,7 @@ def test_float8_matmul_multiplies_float8_operands():
     out = fp8(x)
     assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
     w = fp8.weight_fp8.float()
-    x8, x_scale = quantize_tokens(x.detach().reshape(6, 64))
+    x8, x_scale = quantize_rows(x.detach().reshape(6, 64))
     assert x8.dtype == FLOAT8
     emulated = (x8.float() @ w.t()) * x_scale * fp8.weight_scale.t() + linear.bias.float()
     torch.testing.assert_close(out.reshape(6, 48).float(), emulated, rtol=1e-2, atol=1e-2)
@@ -194,7 +194,7 @@ def test_float8_matmul_multiplies_float8_operands():
     assert not torch.equal(out, storage_only(x))
     grad = torch.randn(2, 3, 48, dtype=torch.bfloat16)
     out.backward(grad)
-    g8, g_scale = quantize_tokens(grad.reshape(6, 48).float() * fp8.weight_scale.t())
+    g8, g_scale = quantize_rows(grad.reshape(6, 48).float() * fp8.weight_scale.t())
     torch.testing.assert_close(x.grad.reshape(6, 64).float(), (g8.float() @ w) * g_scale, rtol=1e-2, atol=1e-2)
     exact = (grad.reshape(6, 48).float() @ linear.weight.float())
     assert (x.grad.reshape(6, 64).float() - exact).norm() / exact.norm() < 0.08

@@ -24,21 +24,16 @@ FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max  # 448
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 weight, float32 scale of shape (rows, 1)) with weight ~ w8 * scale."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FLOAT8_MAX
-    return (w / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
+def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 rows, float32 scale of shape (rows, 1)) with t ~ t8 * scale, for a 2-D weight,
+    activation or gradient: each row gets its own scale."""
+    t = t.detach().float()
+    scale = t.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / FLOAT8_MAX
+    return (t / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
 
 
 def dequantize(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (w8.to(torch.float32) * scale).to(dtype)
-
-
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 rows, float32 scale of shape (rows, 1)) of a 2-D activation or gradient."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FLOAT8_MAX
-    return (x.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
 
 
 def supports_float8_matmul(in_features: int, out_features: int) -> bool:
@@ -49,7 +44,7 @@ def supports_float8_matmul(in_features: int, out_features: int) -> bool:
 def float8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, bias, out_dtype) -> torch.Tensor:
     """x @ (w8 * scale).T (+ bias) as one float8 product: x quantized per row (token)."""
     rows = x.reshape(-1, x.shape[-1])
-    x8, x_scale = quantize_tokens(rows)
+    x8, x_scale = quantize_rows(rows)
     # _scaled_mm wants the second operand column-major: w8 (out, in) transposed is exactly that.
     out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=out_dtype)
     out = out if bias is None else out + bias  # not _scaled_mm's bias: not every backend takes it with row scales
@@ -60,7 +55,7 @@ def float8_matmul_grad_input(grad: torch.Tensor, w8: torch.Tensor, scale: torch.
     """grad @ (w8 * scale) as one float8 product: the weight's row scales go into the gradient
     (they lie along the reduced dimension, where _scaled_mm takes no scale)."""
     rows = grad.reshape(-1, grad.shape[-1])
-    g8, g_scale = quantize_tokens(rows.float() * scale.t())
+    g8, g_scale = quantize_rows(rows.float() * scale.t())
     # The second operand must be column-major: a transposed float8 copy (1 byte per weight, freed after).
     w8_cols = w8.t().contiguous().t()
     ones = torch.ones(1, w8.shape[1], device=w8.device, dtype=torch.float32)
