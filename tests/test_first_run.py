@@ -55,3 +55,75 @@ def test_cpu_comm_op_build_needs_a_compiler_and_is_announced(monkeypatch, tmp_pa
     said.clear()
     prepare_cpu_comm_op(log=said.append)
     assert said == []
+
+
+def start(cmd: list[str], log) -> subprocess.Popen:
+    """Start `cmd` in a process group of its own, as a shell starts a foreground job."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def wait_group_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        proc.poll()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run did not exit")
+
+
+def wait_for_steps(runs: Path, steps: int, proc: subprocess.Popen, log_path: Path) -> None:
+    """Until the run under `runs` has logged `steps` steps."""
+    deadline = time.time() + 300
+    while not any(len(p.read_text().splitlines()) >= steps for p in runs.glob("*/metrics.jsonl")):
+        assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_through_the_launcher_checkpoints_and_says_where(tmp_path, tiny_models, image_dataset):
+    cfg = write_configs(tmp_path / "t", tiny_models / "flux", image_dataset, max_steps=400,
+                        checkpoint_every_n_steps=1000)
+    runs = cfg.parent / "runs"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = start(["deepspeed", "--num_gpus=1", f"--master_port={free_port()}", str(REPO / "train.py"),
+                      "--deepspeed", "--config", str(cfg)], log)
+        wait_for_steps(runs, 3, proc, log_path)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals every process of the foreground job
+        returncode = proc.wait(timeout=120)
+        wait_group_gone(proc)
+    output = log_path.read_text()
+    # DeepSpeed's launcher dies of the SIGINT itself (a shell shows 130), whatever the trainer did.
+    assert returncode == -signal.SIGINT, output[-3000:]
+    (run_dir,) = runs.iterdir()
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 3 <= step < 400
+    assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
+    assert (f"stopped by a signal (SIGINT, Ctrl-C) at step {step}: checkpoint {run_dir / 'checkpoints' / tag} "
+            f"saved; continue from it with --resume_from_checkpoint") in output
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_plain_process_checkpoints_and_exits_143(tmp_path, tiny_models, image_dataset):
+    cfg = write_configs(tmp_path / "t", tiny_models / "flux", image_dataset, max_steps=400,
+                        checkpoint_every_n_steps=1000)
+    runs = cfg.parent / "runs"
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = start([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], log)
+        wait_for_steps(runs, 3, proc, log_path)
+        proc.send_signal(signal.SIGTERM)  # what a job scheduler sends
+        returncode = proc.wait(timeout=120)
+    output = log_path.read_text()
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    (run_dir,) = runs.iterdir()
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert 3 <= int(tag.removeprefix("step")) < 400
+    assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
+    assert f"stopped by a signal (SIGTERM) at step {int(tag.removeprefix('step'))}: checkpoint " in output
