@@ -118,6 +118,12 @@ def report_error(error: BaseException) -> int | None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C before training began (training itself stops at a step boundary, with a checkpoint).
+        if os.environ.get("RANK", "0") == "0":
+            print("error: interrupted (SIGINT, Ctrl-C) before training started: nothing was trained; the cache "
+                  "entries encoded so far are kept", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         code = report_error(e)
         if code is None:

@@ -127,3 +127,20 @@ def test_sigterm_to_a_plain_process_checkpoints_and_exits_143(tmp_path, tiny_mod
     assert 3 <= int(tag.removeprefix("step")) < 400
     assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
     assert f"stopped by a signal (SIGTERM) at step {int(tag.removeprefix('step'))}: checkpoint " in output
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_training_is_one_line(tmp_path, tiny_models, image_dataset):
+    cfg = write_configs(tmp_path / "t", tiny_models / "flux", image_dataset)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the bucket table comes just before the encoders load
+        if line.startswith("training dataset:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("error: interrupted (SIGINT, Ctrl-C) before training started: nothing "
+                                               "was trained; the cache entries encoded so far are kept")
