@@ -248,7 +248,7 @@ def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):
 def test_launch_with_misspelt_key_prints_one_error_line(tmp_path):
     # Before any model loads: an empty model folder is enough to show the error comes first.
     config = write(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_stesp = 10"))
-    result = launch(config)
+    result = launch(config, launcher=True)
     assert result.returncode == 2, result.output[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {config}: unknown key 'max_stesp' (did you mean 'max_steps'?)"]

@@ -1,4 +1,5 @@
-"""Flux LoRA training end to end, launched as users launch it (`deepspeed ... train.py`).
+"""Flux LoRA training end to end, launched as users launch it (`deepspeed ... train.py`, or
+`python3 train.py` for one process).
 
 Launches are expensive (~16 s each on CPU), so they are module fixtures shared by the tests:
 
@@ -82,7 +83,7 @@ def configure(work, name: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def cache_only(work):
     config = configure(work, "a")
-    result = ok(launch(config, "--cache_only"))
+    result = ok(launch(config, "--cache_only", launcher=True))
     # Checked now: run_a creates the run folder next.
     result.created_output = (config.parent / "runs").exists()
     return result
@@ -90,7 +91,8 @@ def cache_only(work):
 
 @pytest.fixture(scope="module")
 def run_a(cache_only):
-    return ok(launch(cache_only.config))
+    # Through DeepSpeed's launcher, as the README's demo runs; the other launches here are one plain process.
+    return ok(launch(cache_only.config, launcher=True))
 
 
 @pytest.fixture(scope="module")
