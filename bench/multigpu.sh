@@ -9,6 +9,9 @@
 #            f4 (2 stages x 2 replicas, gas 4)  f4g8 (2x2, gas 8)  f4r (4 replicas, gas 2)
 #            f2sN (2 stages, gas N: the bubble table); STEPS (default 8); EXTRA: top-level config
 #            lines added to every row (e.g. 'partition_method = "uniform"'); TAG suffixes row names
+#   compare  the issue's table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
+#            changed as they ran before them (TAG _before: partition_method = "parameters" and
+#            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
 #   profile  the same rows for PSTEPS steps with bench/profile_rank.py (torch.profiler per rank,
 #            BENCH_PROFILE steps): summaries under $OUT
 set -uo pipefail
@@ -56,15 +59,19 @@ launch() { # name ngpus port script
   ( nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > $W/$1.smi ) & local smi=$!
   ( sleep 45; nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader > $W/$1.apps ) & local apps=$!
   local t0=$(date +%s)
-  timeout ${LAUNCH_LIMIT:-300} python3 -m deepspeed.launcher.runner --master_port $3 --num_gpus=$2 ${4:-train.py} \
-    --deepspeed --config $W/$1.toml > $W/$1.log 2>&1
-  local rc=$?; kill $smi $apps 2>/dev/null
+  # In a session of its own, so that a row over its time limit takes every rank with it: a rank
+  # left behind spins on its GPU and slows the next rows.
+  setsid -w python3 -m deepspeed.launcher.runner --master_port $3 --num_gpus=$2 ${4:-train.py} \
+    --deepspeed --config $W/$1.toml > $W/$1.log 2>&1 & local job=$!
+  ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) 2>/dev/null & local watchdog=$!
+  wait $job; local rc=$?
+  kill -9 -- -$job 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
   echo "$1: rc=$rc wall=$(( $(date +%s) - t0 ))s"
   [ $rc = 0 ] || { tr '\r' '\n' < $W/$1.log | grep -v "^\s*$\|it/s\|s/it" | tail -25; }
-  python3 - $W $1 <<'PY'
+  python3 - $W $1 $2 <<'PY'
 import json, statistics, sys
 from pathlib import Path
-W, name = Path(sys.argv[1]), sys.argv[2]
+W, name, gpus = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 peak, util = {}, {}
 for line in (W / f"{name}.smi").read_text().splitlines():
     try: i, m, u = [int(x) for x in line.split(",")]
@@ -79,10 +86,12 @@ sec = [r["seconds"] for r in rows[2:]] or [r["seconds"] for r in rows]
 print(f"  {name}: {len(rows)} steps, s/step {[round(r['seconds'], 2) for r in rows]}, median(3..) {statistics.median(sec):.3f}; "
       f"nvidia-smi peak MiB {peak}; mean util% {({i: round(statistics.mean(u)) for i, u in util.items()})}")
 print(f"  {name}: GPU processes at 45 s: {apps}")
-print("  ROW " + json.dumps({"row": name, "s_per_step": statistics.median(sec), "smi_peak_mib": peak,
-      "losses": [round(r["train/loss"], 6) for r in rows]}))
+row = {"row": name, "gpus": gpus, "s_per_step": statistics.median(sec), "smi_peak_mib": peak,
+       "losses": [round(r["train/loss"], 6) for r in rows]}
+print("  ROW " + json.dumps(row))
+with open(W / "rows.jsonl", "a") as f:
+    f.write(json.dumps(row) + "\n")
 PY
-  cp $W/$1.log $OUT/ 2>/dev/null
 }
 
 row() { # row-name steps script
@@ -110,6 +119,27 @@ for part in ${PARTS:-${PART:-flux}}; do
   flux)
     for r in ${ROWS:-f1 f2s f2r}; do row $r ${STEPS:-8} train.py; done
     ;;
+  compare)
+    rm -f $W/rows.jsonl
+    for r in ${ROWS:-f1 f2s f2s_before f4r f4r_before f4g8 f2r f4}; do
+      case $r in
+        *_before) ( export TAG=_before EXTRA='partition_method = "parameters"' OMP_NUM_THREADS=$(nproc)
+                    row ${r%_before} ${STEPS:-5} train.py );;
+        *) row $r ${STEPS:-5} train.py;;
+      esac
+    done
+    python3 - $W <<'PY'
+import json, sys
+from pathlib import Path
+rows = [json.loads(l) for l in (Path(sys.argv[1]) / "rows.jsonl").read_text().splitlines()]
+one = next((r["s_per_step"] for r in rows if r["row"] == "f1"), None)
+print("| row | GPUs | s/step | x one GPU | efficiency | peak MiB (nvidia-smi) |")
+for r in rows:
+    speed = one / r["s_per_step"] if one else float("nan")
+    print(f"| {r['row']} | {r['gpus']} | {r['s_per_step']:.2f} | {speed:.2f} | {speed / r['gpus']:.0%} | "
+          f"{max(r['smi_peak_mib'].values()) if r['smi_peak_mib'] else '-'} |")
+PY
+    ;;
   profile)
     for r in ${ROWS:-f1 f2s f4r}; do
       rm -rf /tmp/prof; BENCH_PROFILE=${BENCH_PROFILE:-3:plain,4:stack} BENCH_PROFILE_DIR=/tmp/prof row $r ${PSTEPS:-5} bench/profile_rank.py
@@ -120,3 +150,4 @@ for part in ${PARTS:-${PART:-flux}}; do
     ;;
   esac
 done
+tar czf $OUT/logs.tgz -C $W $(cd $W && ls *.log 2>/dev/null) 2>/dev/null
