@@ -23,7 +23,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
 from utils import memory
-from utils.config import TrainConfig
+from utils.config import TrainConfig, pipeline_summary
 from utils.optimizers import build_optimizer, build_scheduler
 from utils.schema import ConfigError
 
@@ -328,6 +328,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
     if rank == 0:
+        if s.pipeline_stages > 1:
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
