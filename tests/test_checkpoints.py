@@ -122,6 +122,10 @@ def test_sigterm_checkpoints_then_exits(tmp_path, tiny_models, image_dataset):
     step = int(tag.removeprefix("step"))
     assert 3 <= step < 400
     assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
+    # before saving, the run says which checkpoint stands if the save is cut short
+    said = output.index(f"stop signal: saving a checkpoint of step {step}; until a line 'checkpoint ... saved' "
+                        f"follows, the last complete checkpoint is none (this run has none)")
+    assert said < output.index(f"step {step}: checkpoint {run_dir / 'checkpoints' / tag} saved")
 
 
 @pytest.mark.slow

@@ -219,6 +219,12 @@ class Trainer:
             self.log_eval()
         while self.step < self.total:
             if self.stop_requested():
+                previous = self.checkpoints.latest()
+                # Said before saving: DeepSpeed's launcher kills the processes 30 s after it
+                # forwards the signal, and a save cut short must not look like one that finished.
+                self.metrics.print(f"stop signal: saving a checkpoint of step {self.step}; until a line "
+                                   f"'checkpoint ... saved' follows, the last complete checkpoint is "
+                                   + (str(self.checkpoints.root / previous) if previous else "none (this run has none)"))
                 self.checkpoint()
                 self.metrics.print(f"stopped by a signal at step {self.step}; the checkpoint above resumes it "
                                    f"(--resume_from_checkpoint)")
