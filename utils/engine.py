@@ -22,7 +22,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
-from utils import memory
+from utils import memory, memory_plan
 from utils.config import TrainConfig
 from utils.optimizers import build_optimizer, build_scheduler
 from utils.schema import ConfigError
@@ -293,8 +293,13 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
+    # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
+    plan = memory_plan.plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                   memory_plan.device_budget(config, device, world),
+                                   lambda stages: partition(layers, stages, s.partition_method))
     if rank == 0:
         log(describe_partition(layers, parts))
+        log(plan)
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from utils.config import TrainConfig
 from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
+# Steps after the first whose median the start-up report compares the first step with.
+STARTUP_STEADY_STEPS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +53,7 @@ class Schedule:
 class Trainer:
     def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
                  evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
-                 plan: TrainPlan, total: int, resume: str | None = None):
+                 plan: TrainPlan, total: int, resume: str | None = None, launched: float | None = None):
         self.model, self.config, self.engine, self.transformer = model, config, engine, transformer
         self.train, self.evals, self.run_dir = train, evals, run_dir
         self.rank, self.world, self.device = rank, world, device
@@ -71,6 +74,9 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
         self.stop_signal: int | None = None
+        # time.time() when train.py started: the start-up report measures from there.
+        self.launched = launched if launched is not None else time.time()
+        self.step_seconds: list[float] = []  # this process's steps, for the start-up report
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
         self.losses: list[float] = self._read_history("losses.json")[:start_step]
         self.eval_history: list[dict] = [e for e in self._read_history("eval.json") if e["step"] <= start_step]
@@ -119,6 +125,28 @@ class Trainer:
             self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in results.items()})
             self.metrics.print(f"step {self.step}: " + ", ".join(f"eval {k} loss {v:.5f}" for k, v in results.items()))
         return results
+
+    def report_startup(self) -> None:
+        """Print and record (startup.json, TensorBoard) the time from the launch to the end of
+        the first training step; once later steps ran, also how much longer the first took than
+        their median: compiling (compile = true), autotuning and allocator warm-up."""
+        first = self.step_seconds[0]
+        if len(self.step_seconds) == 1:
+            self.startup_seconds = time.time() - self.launched
+        report = {"seconds_to_first_step": round(self.startup_seconds, 3), "first_step_seconds": round(first, 3),
+                  "compile": self.config.settings.compile}
+        if len(self.step_seconds) == 1:
+            self.metrics.print(f"start-up: {self.startup_seconds:.1f} s from launch to the end of the first training "
+                               f"step (the step itself {first:.1f} s)")
+        else:
+            steady = statistics.median(self.step_seconds[1:])
+            report.update(steady_step_seconds=round(steady, 3), first_step_extra_seconds=round(first - steady, 3))
+            self.metrics.print(f"start-up: the first step took {first:.2f} s, the next {len(self.step_seconds) - 1} "
+                               f"{steady:.2f} s (median): {first - steady:.2f} s of "
+                               + ("compiling and " if self.config.settings.compile else "") + "warm-up")
+        self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if k != "compile"})
+        if self.rank == 0:
+            (self.run_dir / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
 
     def save(self, name: str) -> None:
         s = self.config.settings
@@ -238,6 +266,9 @@ class Trainer:
                       "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
             self.metrics.record({"step": self.step, "seconds": elapsed, **values})
+            self.step_seconds.append(elapsed)
+            if len(self.step_seconds) in (1, STARTUP_STEADY_STEPS + 1):
+                self.report_startup()
             self.metrics.step({"loss": loss, "lr": values["train/lr"]})
             if self.step % s.steps_per_print == 0:
                 self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
@@ -251,6 +282,8 @@ class Trainer:
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
                 self.checkpoint()
+        if 1 < len(self.step_seconds) <= STARTUP_STEADY_STEPS:
+            self.report_startup()  # a run too short for the full report: what it has
         if self.evals:
             self.log_eval()
         self.save("final")
