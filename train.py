@@ -14,6 +14,11 @@ import time
 # The start-up report (utils/trainer.py) measures from here, before the heavy imports.
 LAUNCHED = time.time()
 
+# torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels) in the user's cache
+# folder, not /tmp/torchinductor_<user>, which reboots and fresh containers empty: a later run
+# loads the compiled layers instead of compiling them again (docs/benchmarks.md, "Start-up").
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torchinductor"))
 # Quiet third-party start-up chatter before they are imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -50,6 +50,17 @@ class Schedule:
                     and (step // steps_per_epoch) % self.every_epochs == 0)
 
 
+def compile_counters() -> dict:
+    """What torch.compile did in this process so far: graphs traced, and Inductor's FX graph cache
+    hits (compiled code loaded from an earlier run) and misses (compiled now)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"], "compile_cache_dir": cache_dir()}
+
+
 class Trainer:
     def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
                  evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
@@ -138,15 +149,22 @@ class Trainer:
         if len(self.step_seconds) == 1:
             self.metrics.print(f"start-up: {self.startup_seconds:.1f} s from launch to the end of the first training "
                                f"step (the step itself {first:.1f} s)")
+            if self.config.settings.compile:
+                report.update(compile_counters())
+                self.metrics.print(f"compiled graphs: {report['compiled_graphs']} (Inductor's cache in "
+                                   f"{report['compile_cache_dir']}: {report['fx_graph_cache_hits']} graphs loaded, "
+                                   f"{report['fx_graph_cache_misses']} compiled)")
         else:
             steady = statistics.median(self.step_seconds[1:])
             report.update(steady_step_seconds=round(steady, 3), first_step_extra_seconds=round(first - steady, 3))
             self.metrics.print(f"start-up: the first step took {first:.2f} s, the next {len(self.step_seconds) - 1} "
                                f"{steady:.2f} s (median): {first - steady:.2f} s of "
                                + ("compiling and " if self.config.settings.compile else "") + "warm-up")
-        self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if k != "compile"})
+        self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if isinstance(v, float)})
         if self.rank == 0:
-            (self.run_dir / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
+            path = self.run_dir / "startup.json"
+            previous = json.loads(path.read_text()) if path.exists() and len(self.step_seconds) > 1 else {}
+            path.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
 
     def save(self, name: str) -> None:
         s = self.config.settings
