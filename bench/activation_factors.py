@@ -169,9 +169,9 @@ def measure(name: str, heads: int | None = None, blocks: int = 2, shape: tuple[i
 
 def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing: bool | str = False,
              full: bool = False, rank: int = 32, blocks: int | tuple[int, int] | None = None,
-             optimizer: dict | None = None, **settings) -> list:
+             optimizer: dict | None = None, heads: int | None = None, **settings) -> list:
     """The memory estimate train.py prints at start (utils/memory.py) for the released transformer
-    (or `blocks` of each kind) at this shape, batch 1, bfloat16, from configs alone: a
+    (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
     from utils import memory
     from utils.config import OptimizerConfig, TrainConfig, TrainConfigFile
@@ -179,7 +179,7 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
-        model = config_only_model(name, transformer_config(name, blocks=blocks), Path(folder), TEXT_TOKENS[name])
+        model = config_only_model(name, transformer_config(name, heads, blocks), Path(folder), TEXT_TOKENS[name])
         file = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": name},
                                adapter=None if full else AdapterConfig(rank=rank, alpha=float(rank)),
                                optimizer=OptimizerConfig(lr=1e-5, **(optimizer or {})), max_steps=1,
