@@ -168,8 +168,11 @@ class Trainer:
         self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if isinstance(v, float)})
         if self.rank == 0:
             path = self.run_dir / "startup.json"
-            previous = json.loads(path.read_text()) if path.exists() and len(self.step_seconds) > 1 else {}
-            path.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
+            try:
+                previous = json.loads(path.read_text()) if path.exists() and len(self.step_seconds) > 1 else {}
+                path.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
+            except OSError:
+                pass  # only a report: a full disk stops the run at the next checkpoint or save, with its message
 
     def save(self, name: str) -> None:
         s = self.config.settings
