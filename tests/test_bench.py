@@ -164,3 +164,13 @@ def test_kernel_rates_table():
     assert [" ".join(v) for v in linear] == ["bf16", "fp8 storage", "fp8 matmul"]
     assert any(line.startswith("attention small") and "flash_attention fwd+bwd" in line for line in lines)
     assert any("cudnn_attention" in line and "failed:" in line for line in lines)
+
+
+def test_peak_breakdown_runs_on_cpu():
+    # The GPU check of the memory estimate (bench/peak_breakdown.py), at a tiny width on the CPU:
+    # both checkpointing modes print a measured peak beside the estimate.
+    out = run_bench(str(REPO / "bench" / "peak_breakdown.py"), "--model", "flux", "--device", "cpu", "--heads", "1", "--shape", "128", "128",
+                    "1", "--blocks", "2", "2").stdout
+    lines = [line for line in out.splitlines() if line.startswith("checkpointing ")]
+    assert [line.split(":")[0] for line in lines] == ["checkpointing false", "checkpointing true"], out
+    assert all("measured peak" in line and "estimate without optimizer state" in line for line in lines)
