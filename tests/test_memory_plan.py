@@ -13,7 +13,7 @@ from conftest import launch, write_configs
 from models import get_model_class
 from utils import memory_plan
 from utils.config import load_train_config
-from utils.engine import partition, plan_stages
+from utils.engine import partition, plan_stages, resolve_partition_method
 from utils.memory_plan import HEADROOM, Plan
 from utils.schema import ConfigError
 
@@ -45,7 +45,8 @@ def budget_for(need: int) -> int:
 
 
 def choose(config, model, layers, parts, hidden, budget):
-    split = lambda k: partition(layers, k, config.settings.partition_method)  # noqa: E731
+    method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
+    split = lambda k: partition(layers, k, method)  # noqa: E731
     return memory_plan.choose(model, layers, parts, config, TOKENS, hidden, budget, split)[0]
 
 
