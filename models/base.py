@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from utils.buckets import check_frame_buckets, check_resolutions
+from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
@@ -218,19 +219,17 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ objective (shared)
     def sample_timesteps(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
-        """One timestep in (0, 1) per sample: 0 is data, 1 is noise."""
+        """One timestep in (0, 1) per sample: 0 is data, 1 is noise. Drawn from the configured
+        density, shifted (fixed or by resolution), then scaled into [min_timestep, max_timestep]."""
         cfg = self.config
-        if cfg.timestep_sample_method == "logit_normal":
-            t = torch.cat([torch.randn(1, generator=g) for g in generators]).mul(cfg.sigmoid_scale).sigmoid()
-        else:
-            t = torch.cat([torch.rand(1, generator=g) for g in generators])
+        t = objective.sample_density(cfg.timestep_sample_method, generators, logit_mean=cfg.logit_mean,
+                                     logit_std=cfg.sigmoid_scale, mode_scale=cfg.mode_scale)
         if cfg.resolution_dependent_shift:
             slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
-            mu = self.base_shift + slope * (seq_len - self.base_seq_len)
-            t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+            t = objective.resolution_shift(t, self.base_shift + slope * (seq_len - self.base_seq_len))
         elif cfg.shift is not None:
-            t = cfg.shift * t / (1 + (cfg.shift - 1) * t)
-        return t
+            t = objective.shift_timesteps(t, cfg.shift)
+        return objective.scale_to_range(t, cfg.min_timestep, cfg.max_timestep)
 
     def training_example(self, latents: torch.Tensor, text: dict[str, torch.Tensor],
                          generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
@@ -253,11 +252,11 @@ class DiffusionModel:
             weights = torch.ones(latents.shape[0])
         return self.input_fields.pack(inputs), (target, weights)
 
-    @staticmethod
-    def loss(prediction: torch.Tensor, labels) -> torch.Tensor:
-        """Weighted mean over samples of each sample's mean squared error, in float32."""
+    def loss(self, prediction: torch.Tensor, labels) -> torch.Tensor:
+        """Weighted mean over samples of each sample's mean element loss (`loss_type`: MSE by
+        default; see utils/objective.elementwise_loss), in float32."""
         target, weights = labels
-        err = (prediction.float() - target.float()).pow(2)
+        err = objective.elementwise_loss(prediction, target, self.config.loss_type, self.config.huber_delta)
         per_sample = err.mean(dim=tuple(range(1, err.dim())))
         weights = weights.to(per_sample)
         # Eval padding has weight 0; an all-padding batch gives 0, not NaN.

@@ -8,6 +8,7 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -186,16 +187,33 @@ class ModelConfig:
     diffusers_path: str = required()
     transformer_path: Optional[str] = None
     dtype: DType = "bfloat16"
-    timestep_sample_method: Literal["logit_normal", "uniform"] = "logit_normal"
+    timestep_sample_method: Literal["logit_normal", "uniform", "mode", "cosmap"] = "logit_normal"
     sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    mode_scale: float = 1.29
     shift: Optional[float] = None
     resolution_dependent_shift: bool = False
+    # Sampled timesteps are scaled into [min_timestep, max_timestep] (utils/objective.py).
+    min_timestep: float = 0.0
+    max_timestep: float = 1.0
+    loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
+    huber_delta: float = 0.1
     # Storage of the frozen transformer-block linear weights in LoRA runs; None: `dtype`.
     transformer_dtype: Optional[Literal["float8"]] = None
     # With transformer_dtype = "float8": the frozen linears' products run in float8 (utils/float8.py).
     float8_matmul: bool = False
 
     def validate(self, file, prefix):
+        check(self.sigmoid_scale > 0, file, key(prefix, "sigmoid_scale"), "must be > 0")
+        check(0.0 <= self.min_timestep < 1.0, file, key(prefix, "min_timestep"), "must be in [0, 1)")
+        check(0.0 < self.max_timestep <= 1.0, file, key(prefix, "max_timestep"), "must be in (0, 1]")
+        check(self.min_timestep < self.max_timestep, file, key(prefix, "min_timestep"),
+              f"({self.min_timestep}) must be less than max_timestep ({self.max_timestep})")
+        check(self.huber_delta > 0, file, key(prefix, "huber_delta"), "must be > 0")
+        # Outside this range the "mode" density's map from u to t is not monotonic (no density).
+        check(-1.0 <= self.mode_scale <= 2.0 / (math.pi - 2), file, key(prefix, "mode_scale"),
+              f"must be in [-1, {2.0 / (math.pi - 2):.3f}] (beyond, t(u) = 1 - u - scale * (cos(pi u / 2)^2 - 1 + u) "
+              f"is not monotonic)")
         if self.shift is not None:
             check(self.shift > 0, file, key(prefix, "shift"), "must be > 0")
             check(not self.resolution_dependent_shift, file, key(prefix, "shift"),
