@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -294,8 +295,9 @@ class DiffusionModel:
                                   f"{self.name} model (a single-file transformer goes in model.transformer_path)")
             transformer = self.build_empty_transformer()
             self.check_weight_files(transformer)
+            if adapter is not None:
+                self.add_lora(transformer, adapter)  # target patterns that find nothing fail here
             if adapter is not None and adapter.init_from_existing:
-                self.add_lora(transformer, adapter)
                 self.check_lora_file(transformer, Path(adapter.init_from_existing), adapter)
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
@@ -396,10 +398,15 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ LoRA (shared)
     def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:
-        """Inject LoRA layers (on the meta device until their layer is materialised)."""
+        """Inject LoRA layers (on the meta device until their layer is materialised) into the
+        modules `lora_targets` names."""
         from peft import LoraConfig
 
         targets = adapter.target_modules or self.default_lora_targets
+        if adapter.target_include or adapter.target_exclude:
+            # Whole names, as one regex: a list entry would also match every name ending in it.
+            names = self.lora_targets(transformer, adapter)
+            targets = "|".join(re.escape(n) for n in names)
         lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                                  target_modules=targets, init_lora_weights=True)
         try:
@@ -407,6 +414,34 @@ class DiffusionModel:
                 transformer.add_adapter(lora_config)
         except ValueError as e:
             raise ConfigError(f"adapter.target_modules: {e}") from None
+
+    def lora_targets(self, transformer: nn.Module, adapter: AdapterConfig) -> list[str]:
+        """The names of the modules that get a LoRA, in the transformer's order: those
+        target_modules (or the model's default) names as peft matches them, plus the linear
+        modules a target_include regex finds anywhere in their name, less those a target_exclude
+        regex finds. A pattern that finds nothing is a ConfigError naming it."""
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        base = LoraConfig(target_modules=adapter.target_modules or self.default_lora_targets)
+        modules = [(n, m) for n, m in transformer.named_modules() if n]
+        chosen = {n for n, _ in modules if check_target_module_exists(base, n)}
+        linear = [n for n, m in modules if isinstance(m, nn.Linear)]
+        for i, pattern in enumerate(adapter.target_include):
+            found = [n for n in linear if re.search(pattern, n)]
+            if not found:
+                raise ConfigError(f"adapter.target_include[{i}]: {pattern!r} matches no linear module of the "
+                                  f"{self.name} transformer (names look like {_examples(linear, 3)})")
+            chosen.update(found)
+        for i, pattern in enumerate(adapter.target_exclude):
+            found = [n for n in chosen if re.search(pattern, n)]
+            if not found:
+                raise ConfigError(f"adapter.target_exclude[{i}]: {pattern!r} matches none of the {len(chosen)} "
+                                  f"targeted modules (names look like {_examples(sorted(chosen), 3)})")
+            chosen.difference_update(found)
+        if not chosen:
+            raise ConfigError("adapter.target_exclude: leaves no module to train")
+        return [n for n, _ in modules if n in chosen]
 
     def init_lora(self, transformer: nn.Module, module_names: list[str], adapter: AdapterConfig,
                   device: torch.device, seed: int) -> None:

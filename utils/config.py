@@ -228,6 +228,9 @@ class AdapterConfig:
     dropout: float = 0.0
     dtype: DType = "float32"
     target_modules: Optional[Union[str, list[str]]] = None
+    # Regexes searched in module names: linear modules to add, targeted modules to leave out.
+    target_include: list[str] = field(default_factory=list)
+    target_exclude: list[str] = field(default_factory=list)
     init_from_existing: Optional[str] = None
 
     def validate(self, file, prefix):
@@ -240,6 +243,9 @@ class AdapterConfig:
             check(len(self.target_modules) > 0, file, key(prefix, "target_modules"), "must not be empty")
             if isinstance(self.target_modules, str):
                 _check_regex(self.target_modules, file, key(prefix, "target_modules"))
+        for name in ("target_include", "target_exclude"):
+            for i, pattern in enumerate(getattr(self, name)):
+                _check_regex(pattern, file, f"{key(prefix, name)}[{i}]")
 
 
 @dataclass

@@ -94,7 +94,9 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
     # Redacted: trainer_state.json lands in the run folder.
     return {"model": redacted(f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}"),
             "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
-                                              f"targets={a.target_modules} dtype={a.dtype}",
+                                              f"targets={a.target_modules} dtype={a.dtype}"
+                                              + (f" include={a.target_include} exclude={a.target_exclude}"
+                                                 if a.target_include or a.target_exclude else ""),
             # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
             "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
             "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",

@@ -1,0 +1,61 @@
+"""Adapter options: which modules get the adapter (target_include / target_exclude), LoRA+ (a larger
+learning rate for lora_B) and EMA of the trained weights. Each changes what it names and nothing
+else; the defaults build exactly what they built before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.flux import FluxConfig, FluxModel
+from utils.config import AdapterConfig
+from utils.engine import describe_targets
+from utils.schema import ConfigError
+
+CONFIG = Path("/configs/train.toml")  # only named in the messages
+
+
+def flux(tiny_models) -> FluxModel:
+    return FluxModel(FluxConfig(type="flux", diffusers_path=str(tiny_models / "flux"), dtype="float32"))
+
+
+def lora_modules(model, adapter) -> list[str]:
+    transformer = model.build_empty_transformer()
+    model.add_lora(transformer, adapter)
+    return [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")], transformer
+
+
+def test_include_and_exclude_select_modules(tiny_models):
+    model = flux(tiny_models)
+    default, _ = lora_modules(model, AdapterConfig(rank=4, alpha=4.0))
+    # only the single blocks, plus their modulation layers
+    chosen, transformer = lora_modules(model, AdapterConfig(rank=4, alpha=4.0, target_include=[r"norm\.linear$"],
+                                                            target_exclude=[r"^transformer_blocks\."]))
+    expected = [n for n in default if n.startswith("single_transformer_blocks.")]
+    expected += [f"single_transformer_blocks.{i}.norm.linear" for i in range(2)]
+    assert sorted(chosen) == sorted(expected)
+    # a whole name never matches another module that ends with it (the final proj_out is not a
+    # single block's proj_out)
+    only_final, _ = lora_modules(model, AdapterConfig(rank=4, alpha=4.0, target_modules=["to_q"],
+                                                      target_include=["^proj_out$"]))
+    assert "proj_out" in only_final and "single_transformer_blocks.0.proj_out" not in only_final
+    text = describe_targets(transformer)
+    assert text.splitlines()[0] == f"adapter on {len(expected)} modules:"
+    assert "single_transformer_blocks.{0-1}: norm.linear, proj_mlp, proj_out, attn.to_q, attn.to_k, attn.to_v" in text
+    # the default is unchanged by the options' existence
+    assert AdapterConfig().target_include == [] and AdapterConfig().target_exclude == []
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"target_include": [r"norm\.linear$", "modulation"]},
+     "adapter.target_include[1]: 'modulation' matches no linear module of the flux transformer"),
+    ({"target_exclude": ["norm_out"]}, "adapter.target_exclude[0]: 'norm_out' matches none of the 34 targeted"),
+    ({"target_exclude": ["."]}, "adapter.target_exclude: leaves no module to train"),
+])
+def test_a_pattern_that_finds_nothing_is_a_config_error(tiny_models, keys, message):
+    with pytest.raises(ConfigError) as info:
+        flux(tiny_models).check_inputs(CONFIG, AdapterConfig(rank=4, alpha=4.0, **keys))
+    assert str(info.value).startswith(f"{CONFIG}: {message}")
+    assert "\n" not in str(info.value)
