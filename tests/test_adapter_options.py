@@ -59,3 +59,25 @@ def test_a_pattern_that_finds_nothing_is_a_config_error(tiny_models, keys, messa
         flux(tiny_models).check_inputs(CONFIG, AdapterConfig(rank=4, alpha=4.0, **keys))
     assert str(info.value).startswith(f"{CONFIG}: {message}")
     assert "\n" not in str(info.value)
+
+
+def test_lora_plus_gives_lora_b_a_larger_learning_rate():
+    from utils.config import OptimizerConfig
+    from utils.optimizers import build_optimizer, lora_plus_groups
+
+    def first_step(ratio):
+        a, b = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3, 4))
+        names = {id(a): "x.to_q.lora_A.default.weight", id(b): "x.to_q.lora_B.default.weight"}
+        groups = lora_plus_groups([a, b], names, 1e-2, ratio)
+        opt = build_optimizer(groups, OptimizerConfig(lr=1e-2, weight_decay=0.0), 0.0, None)
+        a.grad, b.grad = torch.full_like(a, 0.5), torch.full_like(b, 0.5)
+        opt.step()
+        return (1 - a.detach()).abs().max().item(), (1 - b.detach()).abs().max().item(), groups
+
+    params = [torch.nn.Parameter(torch.ones(1))]
+    assert lora_plus_groups(params, {}, 1e-2, None) is params  # no LoRA+: one group, as before
+    a_step, b_step, _ = first_step(None)
+    a_plus, b_plus, groups = first_step(16.0)
+    assert [len(g["params"]) for g in groups] == [1, 1]
+    assert a_plus == pytest.approx(a_step) and a_step == pytest.approx(1e-2, rel=1e-4)  # Adam's first step: lr
+    assert b_plus == pytest.approx(16 * b_step, rel=1e-4)

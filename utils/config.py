@@ -232,8 +232,12 @@ class AdapterConfig:
     target_include: list[str] = field(default_factory=list)
     target_exclude: list[str] = field(default_factory=list)
     init_from_existing: Optional[str] = None
+    # LoRA+: lora_B's learning rate is this times optimizer.lr (utils/optimizers.lora_plus_groups).
+    lora_plus_ratio: Optional[float] = None
 
     def validate(self, file, prefix):
+        if self.lora_plus_ratio is not None:
+            check(self.lora_plus_ratio > 0, file, key(prefix, "lora_plus_ratio"), "must be > 0")
         check(self.rank >= 1, file, key(prefix, "rank"), "must be at least 1")
         check(0.0 <= self.dropout < 1.0, file, key(prefix, "dropout"), "must be in [0, 1)")
         if self.alpha is None:

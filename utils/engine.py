@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from utils import memory
 from utils.config import TrainConfig
-from utils.optimizers import build_optimizer, build_scheduler
+from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
 
 
@@ -355,6 +355,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
     names = {id(p): n for n, p in transformer.named_parameters()}
+    if not full:
+        trainable = lora_plus_groups(trainable, names, s.optimizer.lr, s.adapter.lora_plus_ratio)
     optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
