@@ -288,6 +288,21 @@ def adamw8bit_missing() -> str:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the trained weights (utils/ema.py)."""
+
+    decay: float = 0.999
+    update_every: int = 1
+    device: Literal["gpu", "cpu"] = "gpu"
+    # Also evaluate the averaged weights (eval/<name>/ema).
+    eval: bool = False
+
+    def validate(self, file, prefix):
+        check(0.0 < self.decay < 1.0, file, key(prefix, "decay"), "must be in (0, 1)")
+        check(self.update_every >= 1, file, key(prefix, "update_every"), "must be at least 1")
+
+
+@dataclass
 class EvalDatasetConfig:
     name: str = required()
     config: str = required()
@@ -302,6 +317,8 @@ class TrainConfigFile:
     adapter: Optional[AdapterConfig] = None
     full_finetune_dtype: Optional[DType] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # No [ema] table: no moving average.
+    ema: Optional[EmaConfig] = None
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
     epochs: Optional[int] = None
     max_steps: Optional[int] = None
@@ -335,6 +352,8 @@ class TrainConfigFile:
     seed: int = 42
 
     def validate(self, file, prefix):
+        check(self.ema is None or self.adapter is not None, file, "ema",
+              "is for LoRA runs ([adapter] table); full fine-tuning has no EMA yet")
         check(self.full_finetune_dtype is None or self.adapter is None, file, "full_finetune_dtype",
               "is for full fine-tuning (no [adapter] table); the LoRA weights' dtype is adapter.dtype")
         check(self.epochs is not None or self.max_steps is not None, file, "epochs",

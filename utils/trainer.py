@@ -15,6 +15,7 @@ import torch.distributed as dist
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
+from utils.ema import EMA
 from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
@@ -60,10 +61,15 @@ class Trainer:
         s = config.settings
         self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
         self.fingerprint = run_fingerprint(config, train.samples)
+        self.ema = None
+        if s.ema is not None:
+            trained = {n: p for n, p in transformer.named_parameters() if p.requires_grad and not p.is_meta}
+            self.ema = EMA(trained, s.ema.decay, s.ema.update_every,
+                           torch.device("cpu") if s.ema.device == "cpu" else None)
         self.step = 0
         if resume is not None:
             tag = None if resume in ("latest", run_dir.name) else resume
-            self.step = self.checkpoints.load(engine, tag, self.fingerprint)
+            self.step = self.checkpoints.load(engine, tag, self.fingerprint, ema=self.ema)
         start_step = self.step
         self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
         self.eval_schedule = Schedule(s.eval_every_n_steps, s.eval_every_n_epochs)
@@ -113,6 +119,9 @@ class Trainer:
 
     def log_eval(self):
         results = self.evaluate()
+        if self.ema is not None and self.config.settings.ema.eval and self.evals:
+            with self.ema.applied():
+                results.update({f"{name}/ema": loss for name, loss in self.evaluate().items()})
         if results:
             self.eval_history.append({"step": self.step, **results})
             self._write_history()
@@ -127,13 +136,14 @@ class Trainer:
                                     DTYPES[s.save_dtype], self.rank, self.world)
         else:
             files = save_adapter(self.model, self.transformer, self.engine, s.adapter,
-                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world)
+                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world,
+                                 ema=self.ema)
         if files:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 
     def checkpoint(self) -> None:
         self._write_history()
-        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint)
+        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint, ema=self.ema)
         self.last_checkpoint_time = time.monotonic()
         self.metrics.print(f"step {self.step}: checkpoint {self.checkpoints.root / tag} saved")
 
@@ -231,6 +241,8 @@ class Trainer:
             self.step += 1
             if self.non_finite(loss):
                 self.stop_non_finite(loss, epoch, step_in_epoch)
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                       "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
