@@ -408,7 +408,7 @@ class DiffusionModel:
             names = self.lora_targets(transformer, adapter)
             targets = "|".join(re.escape(n) for n in names)
         lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                                 target_modules=targets, init_lora_weights=True)
+                                 target_modules=targets, init_lora_weights=True, use_dora=adapter.use_dora)
         try:
             with init_empty_weights(include_buffers=False):
                 transformer.add_adapter(lora_config)
@@ -445,7 +445,9 @@ class DiffusionModel:
 
     def init_lora(self, transformer: nn.Module, module_names: list[str], adapter: AdapterConfig,
                   device: torch.device, seed: int) -> None:
-        """Materialise the LoRA weights of the named submodules: A seeded per module, B zero.
+        """Materialise the LoRA weights of the named submodules: A seeded per module, B zero;
+        with DoRA, each magnitude the norm of its base weight's rows (the base weights of these
+        modules are loaded already), so that the adapted layer starts as the base layer.
 
         Seeding by module name makes the initial adapter identical for any pipeline split.
         """
@@ -455,6 +457,11 @@ class DiffusionModel:
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
             elif "lora_B" in name:
                 weight = torch.zeros(param.shape, dtype=torch.float32)
+            elif "lora_magnitude_vector" in name:
+                # DoRA (Liu et al., arXiv:2402.09353, eq. 5): m = ||W0||_c, one norm per output row
+                # of the base weight, as peft's DoraLinearLayer.update_layer sets it.
+                base = transformer.get_submodule(name.split(".lora_magnitude_vector.")[0]).base_layer.weight
+                weight = torch.linalg.vector_norm(base.detach().float(), dim=1).cpu()
             else:
                 continue
             _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
@@ -511,6 +518,8 @@ class DiffusionModel:
         save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
                   metadata={"format": "pt", "trainer_model_type": self.name})
         written = [diffusers_file]
+        if adapter.use_dora:
+            return written  # the original layout has no DoRA magnitudes (examples/flux.toml)
         for filename, tensors in self.extra_lora_formats(scaled).items():
             save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out_dir / filename,
                       metadata={"format": "pt"})
@@ -550,8 +559,10 @@ def _base_name(param_name: str) -> str:
 
 
 def _lora_file_name(param_name: str) -> str:
-    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming)
-    return param_name.replace(".default.", ".")
+    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
+    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it.
+    name = param_name.replace(".default.", ".")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def _set_parameter(root: nn.Module, name: str, value: torch.Tensor, trainable: bool) -> None:

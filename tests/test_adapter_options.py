@@ -81,3 +81,51 @@ def test_lora_plus_gives_lora_b_a_larger_learning_rate():
     assert [len(g["params"]) for g in groups] == [1, 1]
     assert a_plus == pytest.approx(a_step) and a_step == pytest.approx(1e-2, rel=1e-4)  # Adam's first step: lr
     assert b_plus == pytest.approx(16 * b_step, rel=1e-4)
+
+
+def dora_setup(tiny_models, adapter):
+    """The tiny Flux transformer with its weights loaded and the adapter initialised, as a stage loads."""
+    from models.base import generator_for
+
+    model = flux(tiny_models)
+    transformer = model.build_empty_transformer()
+    model.add_lora(transformer, adapter)
+    names = [n for n, _ in transformer.named_children()]
+    model.load_weights(transformer, names, torch.device("cpu"))
+    model.init_lora(transformer, names, adapter, torch.device("cpu"), seed=0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator_for(1))
+    text = {"text": torch.randn(2, 6, 32, generator=generator_for(2)), "pooled": torch.randn(2, 32, generator=generator_for(3))}
+    inputs, _ = model.training_example(latents, text, [generator_for(4, i) for i in range(2)])
+    return model, transformer, model.input_fields.unpack(inputs)
+
+
+def test_dora_starts_as_the_base_model_and_loads_back_through_diffusers(tiny_models, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    adapter = AdapterConfig(rank=4, alpha=8.0, use_dora=True)
+    model, transformer, inputs = dora_setup(tiny_models, adapter)
+    base = FluxTransformer2DModel.from_pretrained(tiny_models / "flux" / "transformer")
+    with torch.no_grad():
+        # B = 0 and m = the base rows' norms: the adapted model is the base model
+        torch.testing.assert_close(model.reference_forward(transformer, inputs), model.reference_forward(base, inputs))
+        # a trained adapter: B and the magnitudes moved
+        g = torch.Generator().manual_seed(5)
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n or "lora_magnitude_vector" in n:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        ours = model.reference_forward(transformer, inputs)
+    files = model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "dora", torch.float32)
+    # DoRA: the diffusers file only (the original layout has no magnitudes)
+    assert [f.name for f in files] == ["pytorch_lora_weights.safetensors"]
+    base.load_lora_adapter(str(tmp_path / "dora" / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    assert any("lora_magnitude_vector" in n for n, _ in base.named_parameters())
+    with torch.no_grad():
+        theirs = model.reference_forward(base, inputs)
+    assert not torch.allclose(ours, model.reference_forward(FluxTransformer2DModel.from_pretrained(
+        tiny_models / "flux" / "transformer"), inputs), atol=1e-4)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # and it starts a run again (init_from_existing) with the same weights
+    _, again, _ = dora_setup(tiny_models, adapter)
+    model.load_lora_into(again, tmp_path / "dora", adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model.reference_forward(again, inputs), ours, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """The training options that touch the step, all on at once, train the same on every layout: 1
 process, 2 pipeline stages and 2 data-parallel replicas give the same losses, adapter, averaged
 (EMA) adapter and eval losses. The options: a robust loss, a timestep density and range,
-modulation layers added to the adapter and the double blocks left out, LoRA+ and EMA."""
+modulation layers added to the adapter and a double block left out, LoRA+, DoRA and EMA."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ OPTIONS = dict(
     model={"loss_type": "pseudo_huber", "huber_delta": 0.5, "timestep_sample_method": "mode",
            "min_timestep": 0.2, "max_timestep": 0.9},
     adapter={"target_include": [r"norm\.linear$"], "target_exclude": [r"^transformer_blocks\.1\."],
-             "lora_plus_ratio": 4.0},
+             "lora_plus_ratio": 4.0, "use_dora": True},
     ema={"decay": 0.5, "update_every": 2, "eval": True},
 )
 
@@ -37,6 +37,7 @@ def test_options_train_the_same_on_every_layout(tmp_path, tiny_models, image_dat
     # double block 1; the averaged adapter and its eval loss
     assert "single_transformer_blocks.{0-1}: norm.linear, proj_mlp" in output
     assert any("norm.linear.lora_B" in k for k in weights)
+    assert any(k.endswith(".lora_magnitude_vector") for k in weights)  # DoRA
     assert not any(k.startswith("transformer.transformer_blocks.1.") for k in weights)
     run_dirs = {name: sorted((tmp_path / name.replace(" ", "_")).glob("runs/*"))[-1] for name in LAYOUTS}
     averaged = {name: load_file(d / "adapters" / "final" / "ema" / "pytorch_lora_weights.safetensors")

@@ -234,6 +234,8 @@ class AdapterConfig:
     init_from_existing: Optional[str] = None
     # LoRA+: lora_B's learning rate is this times optimizer.lr (utils/optimizers.lora_plus_groups).
     lora_plus_ratio: Optional[float] = None
+    # DoRA (peft's use_dora): a trained magnitude per output row besides the LoRA.
+    use_dora: bool = False
 
     def validate(self, file, prefix):
         if self.lora_plus_ratio is not None:
@@ -467,6 +469,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
         check(settings.adapter is not None, path, "model.transformer_dtype",
               f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
               f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
+    if settings.adapter is not None and settings.adapter.use_dora:
+        check(model_config.transformer_dtype is None, path, "adapter.use_dora",
+              "= true needs the base weights in model.dtype: DoRA normalises them, which float8 storage "
+              "(model.transformer_dtype) does not offer")
     if model_config.float8_matmul:
         check(model_config.transformer_dtype == "float8", path, "model.float8_matmul",
               "= true multiplies by float8 base weights, so it needs model.transformer_dtype = 'float8'")

@@ -64,3 +64,9 @@ class EMA:
             raise ValueError(f"the EMA state lacks {len(missing)} weights, e.g. {missing[:2]}")
         for n, t in self.average.items():
             t.copy_(state[n])
+
+
+def ema_for(transformer: torch.nn.Module, config) -> EMA:
+    """The EMA an [ema] table (utils/config.EmaConfig) asks for, of this process's trained weights."""
+    trained = {n: p for n, p in transformer.named_parameters() if p.requires_grad and not p.is_meta}
+    return EMA(trained, config.decay, config.update_every, torch.device("cpu") if config.device == "cpu" else None)

@@ -99,7 +99,8 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
                                                  if a.target_include or a.target_exclude else "")
                                               # the optimizer state has a param group per learning rate
                                               + (f" lora_plus={a.lora_plus_ratio}"
-                                                 if a.lora_plus_ratio not in (None, 1) else ""),
+                                                 if a.lora_plus_ratio not in (None, 1) else "")
+                                              + (" dora" if a.use_dora else ""),
             # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
             "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
             "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
-from utils.ema import EMA
+from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
@@ -61,11 +61,7 @@ class Trainer:
         s = config.settings
         self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
         self.fingerprint = run_fingerprint(config, train.samples)
-        self.ema = None
-        if s.ema is not None:
-            trained = {n: p for n, p in transformer.named_parameters() if p.requires_grad and not p.is_meta}
-            self.ema = EMA(trained, s.ema.decay, s.ema.update_every,
-                           torch.device("cpu") if s.ema.device == "cpu" else None)
+        self.ema = None if s.ema is None else ema_for(transformer, s.ema)
         self.step = 0
         if resume is not None:
             tag = None if resume in ("latest", run_dir.name) else resume
