@@ -1,7 +1,8 @@
 """The training options that touch the step, all on at once, train the same on every layout: 1
 process, 2 pipeline stages and 2 data-parallel replicas give the same losses, adapter, averaged
 (EMA) adapter and eval losses. The options: a robust loss, a timestep density and range,
-modulation layers added to the adapter and a double block left out, LoRA+, DoRA and EMA."""
+modulation layers added to the adapter and a double block left out, LoRA+, DoRA, EMA and caption
+dropout."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ OPTIONS = dict(
     adapter={"target_include": [r"norm\.linear$"], "target_exclude": [r"^transformer_blocks\.1\."],
              "lora_plus_ratio": 4.0, "use_dora": True},
     ema={"decay": 0.5, "update_every": 2, "eval": True},
+    dataset={"caption_dropout": 0.5},
 )
 
 # Each layout trains on 2 micro-batches of 1 sample per optimizer step.

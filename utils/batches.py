@@ -109,9 +109,21 @@ class EvalPlan:
         return out
 
 
-def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int):
-    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by the model."""
-    loaded = [reader.load(s.index) for s in batch]
+def caption_dropped(reader: CacheReader, slot: Slot, seed: int, epoch: int) -> bool:
+    """Whether this training step sees the sample uncaptioned (its directory's caption_dropout): a
+    draw seeded by the sample, its repeat and the epoch, never the rank, so every layout makes the
+    same choices; a generator of its own, so the noise and timesteps stay as without dropout."""
+    dropout = reader.samples[slot.index].sample.caption_dropout
+    if dropout <= 0:
+        return False
+    draw = torch.rand(1, generator=generator_for(seed, "caption_dropout", epoch, slot.index, slot.repeat))
+    return draw.item() < dropout
+
+
+def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int, train: bool = False):
+    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by the model.
+    `train`: caption dropout applies (evaluation always sees the captions)."""
+    loaded = [reader.load(s.index, train and caption_dropped(reader, s, seed, epoch)) for s in batch]
     latents = torch.stack([lat["latents"] for lat, _ in loaded])
     text = {k: torch.stack([txt[k] for _, txt in loaded]) for k in loaded[0][1]}
     generators = [generator_for(seed, tag, epoch, s.index, s.repeat, s.timestep) for s in batch]

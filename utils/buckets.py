@@ -56,6 +56,8 @@ class Sample:
     resolution: Optional[Resolution] = None
     outside_ar_range: bool = False
     clip_start: int = 0
+    # The probability that a training step sees this sample with the empty caption.
+    caption_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -305,7 +307,8 @@ def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
         for resolution, buckets in shapes_per_directory[item.directory_index].items():
             bucket = replace(nearest_bucket(aspect, buckets), frames=frames)
             for start in starts:
-                samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start))
+                samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start,
+                                      settings.caption_dropout or 0.0))
     return samples
 
 

@@ -18,6 +18,7 @@ most that much work, and the next run encodes only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -88,12 +89,14 @@ def content_hashes(paths: list[Path], cache_root: Path) -> dict[Path, str]:
 
 @dataclass(frozen=True)
 class CachedSample:
-    """A training sample and where its tensors live in the cache."""
+    """A training sample and where its tensors live in the cache; `empty_key`, for a sample with
+    caption dropout, is the empty caption's entry (one per folder)."""
 
     sample: Sample
     latent_key: str
     text_key: str
     folder: Path
+    empty_key: str | None = None
 
 
 class DatasetCache:
@@ -123,7 +126,8 @@ class DatasetCache:
             b = s.bucket
             # Clips of one video differ by their first frame: each is an entry of its own.
             latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}@{s.clip_start}", latent_sig)
-            out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent))
+            empty_key = _sha("", text_sig) if s.caption_dropout > 0 else None
+            out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent, empty_key))
         return out
 
     def build(self, device: torch.device, batch_size: int, rank: int, world: int, log=None) -> "CacheReader":
@@ -147,7 +151,11 @@ class DatasetCache:
 
         # Unique per folder: each folder has its own stores, so a caption (or image) that two
         # folders share is encoded for each of them.
-        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed if c.text_key not in text_stores[c.folder]))
+        # Caption dropout: the empty caption, encoded once per folder as an entry of its own.
+        empty = [dataclasses.replace(c, text_key=c.empty_key, sample=dataclasses.replace(
+                 c.sample, item=dataclasses.replace(c.sample.item, caption=""))) for c in keyed if c.empty_key]
+        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed + empty
+                             if c.text_key not in text_stores[c.folder]))
         if todo_text:
             self.model.load_text_encoders(device)
             _encode_distributed(
@@ -182,7 +190,8 @@ class DatasetCache:
                    + sum(c.latent_key in latent_stores[c.folder] for c in todo_latents))
         bad = {p for p, _ in problems}
         usable = [c for c in keyed if c.sample.item.path not in bad
-                  and c.latent_key in latent_stores[c.folder] and c.text_key in text_stores[c.folder]]
+                  and c.latent_key in latent_stores[c.folder] and c.text_key in text_stores[c.folder]
+                  and (c.empty_key is None or c.empty_key in text_stores[c.folder])]
         return CacheReader(usable, latent_stores, text_stores, problems, encoded)
 
 
@@ -278,6 +287,8 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def load(self, index: int, drop_caption: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The sample's latents and text embeddings; with `drop_caption`, the empty caption's."""
         c = self.samples[index]
-        return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(c.text_key)
+        text_key = c.empty_key if drop_caption else c.text_key
+        return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(text_key)

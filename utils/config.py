@@ -86,8 +86,12 @@ class BucketSettings:
     # What to do with a media file that has no caption file: stop ("error"), train it with an
     # empty caption ("empty"), or leave it out and list it ("skip").
     missing_caption: Optional[MissingCaption] = None
+    # The probability of training a sample with the empty caption at a step (per sample and epoch).
+    caption_dropout: Optional[float] = None
 
     def validate(self, file, prefix):
+        if self.caption_dropout is not None:
+            check(0.0 <= self.caption_dropout <= 1.0, file, key(prefix, "caption_dropout"), "must be in [0, 1]")
         if self.resolutions is not None:
             check(len(self.resolutions) > 0, file, key(prefix, "resolutions"), "must list at least one resolution")
             for i, r in enumerate(self.resolutions):
@@ -119,7 +123,8 @@ class BucketSettings:
 
 BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
                                  num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
-                                 video_clip_mode="single_beginning", missing_caption="skip")
+                                 video_clip_mode="single_beginning", missing_caption="skip",
+                                 caption_dropout=0.0)
 
 
 # kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.

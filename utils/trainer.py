@@ -94,7 +94,7 @@ class Trainer:
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
-            yield collate(self.model, self.train, batch, s.seed, "train", epoch)
+            yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
