@@ -1,8 +1,8 @@
 """The training options that touch the step, all on at once, train the same on every layout: 1
 process, 2 pipeline stages and 2 data-parallel replicas give the same losses, adapter, averaged
 (EMA) adapter and eval losses. The options: a robust loss, a timestep density and range,
-modulation layers added to the adapter and a double block left out, LoRA+, DoRA, EMA and caption
-dropout."""
+modulation layers added to the adapter and a double block left out, LoRA+, DoRA, EMA, caption
+dropout and caption shuffling."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ OPTIONS = dict(
     adapter={"target_include": [r"norm\.linear$"], "target_exclude": [r"^transformer_blocks\.1\."],
              "lora_plus_ratio": 4.0, "use_dora": True},
     ema={"decay": 0.5, "update_every": 2, "eval": True},
-    dataset={"caption_dropout": 0.5},
+    dataset={"caption_dropout": 0.5, "caption_shuffle_variants": 2, "keep_tokens": 1},
 )
 
 # Each layout trains on 2 micro-batches of 1 sample per optimizer step.
@@ -31,6 +31,8 @@ LAYOUTS = {
 
 @pytest.mark.slow
 def test_options_train_the_same_on_every_layout(tmp_path, tiny_models, image_dataset):
+    for i, caption in enumerate(sorted(image_dataset.glob("*.txt"))):  # tags to shuffle
+        caption.write_text(f"{caption.read_text().strip()}, style {i}, sharp, bright")
     results = {name: run_layout(tmp_path, tiny_models, image_dataset, name, **settings, **OPTIONS)
                for name, settings in LAYOUTS.items()}
     reference = results["1 stage"]

@@ -88,10 +88,17 @@ class BucketSettings:
     missing_caption: Optional[MissingCaption] = None
     # The probability of training a sample with the empty caption at a step (per sample and epoch).
     caption_dropout: Optional[float] = None
+    # Train on shuffled orders of the comma-separated tags of each caption (utils/cache.py).
+    caption_shuffle_variants: Optional[int] = None
+    keep_tokens: Optional[int] = None
 
     def validate(self, file, prefix):
         if self.caption_dropout is not None:
             check(0.0 <= self.caption_dropout <= 1.0, file, key(prefix, "caption_dropout"), "must be in [0, 1]")
+        if self.caption_shuffle_variants is not None:
+            check(self.caption_shuffle_variants >= 0, file, key(prefix, "caption_shuffle_variants"), "must be >= 0")
+        if self.keep_tokens is not None:
+            check(self.keep_tokens >= 0, file, key(prefix, "keep_tokens"), "must be >= 0")
         if self.resolutions is not None:
             check(len(self.resolutions) > 0, file, key(prefix, "resolutions"), "must list at least one resolution")
             for i, r in enumerate(self.resolutions):
@@ -124,7 +131,7 @@ class BucketSettings:
 BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
                                  num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
                                  video_clip_mode="single_beginning", missing_caption="skip",
-                                 caption_dropout=0.0)
+                                 caption_dropout=0.0, caption_shuffle_variants=0, keep_tokens=0)
 
 
 # kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.
