@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from utils.schema import ConfigError, build, check, key, required
+from utils.schema import ConfigError, build, check, described, key, required
 
+# A square side (512: 512x512) or [width, height].
 Resolution = Union[int, tuple[int, int]]
 VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
 MissingCaption = Literal["error", "empty", "skip"]
@@ -33,13 +34,40 @@ def read_toml(path: Path) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {_explain_toml_error(str(e), path)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+
+
+_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
+
+
+def _explain_toml_error(message: str, path: Path) -> str:
+    """tomllib's message, with the key or table named where it does not name it (a key set twice
+    in one table: the key is read from the line the message points at)."""
+    declared = re.fullmatch(r"Cannot declare \((.*)\) twice (\(at line \d+, column \d+\))", message)
+    if declared:
+        table = ".".join(part.strip(" '\"") for part in declared.group(1).split(",") if part.strip())
+        return f"the table [{table}] is declared twice {declared.group(2)}; put all its keys under one [{table}] header"
+    found = re.fullmatch(r"Cannot overwrite a value (\(at (?:line (\d+), column \d+|end of document)\))", message)
+    if not found:
+        return message
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = lines[:int(found.group(2))] if found.group(2) else lines
+    except (OSError, ValueError):
+        return message
+    written = re.match(rf"\s*({_TOML_KEY})\s*=", lines[-1]) if lines else None
+    if not written:
+        return message
+    table = next((m.group(1) for line in reversed(lines[:-1])
+                  if (m := re.match(rf"\s*\[\[?\s*({_TOML_KEY})\s*\]\]?\s*(#.*)?$", line))), None)
+    name = ".".join(part.strip("'\"") for part in re.split(r"\s*\.\s*", written.group(1)))
+    return f"'{f'{table}.{name}' if table else name}' is set twice {found.group(1)}; a key may be set only once"
 
 
 def _path_is(path: Path, kind: str) -> bool:
@@ -73,7 +101,8 @@ def _resolve_path(base: Path, value: str, file: Optional[Path] = None, where: st
 class BucketSettings:
     """Settings that decide the shapes items are trained at; per-directory tables may override."""
 
-    resolutions: Optional[list[Resolution]] = None
+    resolutions: Optional[described(list[described(Resolution, "a size like 512 or [1280, 720]")],
+                                    "a list like [512] or [[1280, 720]]")] = None
     enable_ar_bucket: Optional[bool] = None
     min_ar: Optional[float] = None
     max_ar: Optional[float] = None
@@ -462,12 +491,16 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
     model_cls = get_model_class(model_type, path)
-    model_config = build(model_cls.config_class, model_table, path, "model")
+    model_config = build(model_cls.config_class, model_table, path, "model",
+                         frozenset(f.name for f in dataclasses.fields(TrainConfigFile)))
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
             resolved = _resolve_path(path.parent, value, path, f"model.{name}")
             check(_path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
+            check(name != "transformer_path" or not _path_is(resolved, "dir"), path, f"model.{name}",
+                  f"is a folder: {resolved}; expected the transformer's single .safetensors file (a diffusers "
+                  f"folder goes in model.diffusers_path)")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
         resolved = _resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")
