@@ -17,7 +17,8 @@ bfloat16 layers in a child of their own when there is no layers row or it runs f
 MFU against a bf16 matrix product timed in the same run. Prints a table; `--json` appends the rows.
 Trainer options for the engine and layers rows: --compile, --float8 storage|matmul,
 --attention BACKEND, --checkpointing selective, --batch; for every row: --dora (DoRA); for the
-engine row: --ema gpu|cpu (the trainer's moving average, updated every step).
+engine row: --ema gpu|cpu (the trainer's moving average, updated every step; the row also gives
+the update's own time). --no_flops skips the FLOP count's own child when there is no layers row.
 Usage, on a CUDA machine (model folders from bench/make_full_size_flux.py / make_full_size_video.py):
   python bench/step.py MODEL_DIR --model ltx-video --resolution 768x512 --frames 49 --checkpointing on
 """
@@ -179,12 +180,19 @@ def engine_step(model, config, device, inputs, labels, tokens):
     # --ema: the trainer's moving average, updated after every step as utils/trainer.py does
     ema = None if config.settings.ema is None else ema_for(transformer, config.settings.ema)
 
+    ema_times = []
+
     def step():
         loss = engine.train_batch(iter([(inputs, labels)])).item()
         if ema is not None:
+            sync(device)
+            start = time.perf_counter()
             ema.update(1)
+            sync(device)
+            ema_times.append(time.perf_counter() - start)  # also inside the step's time
         return loss
 
+    step.ema_times = ema_times
     return step
 
 
@@ -293,7 +301,8 @@ def run_row(args) -> dict:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return {"s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_gib": peak,
+    ema = {"ema_s_per_update": statistics.median(step.ema_times[args.warmup:])} if getattr(step, "ema_times", None) else {}
+    return {**ema, "s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_gib": peak,
             "first_loss": losses[0], "loss": losses[-1], "steps_timed": len(times),
             "text_len": getattr(model.config, "max_sequence_length", None)}
 
@@ -369,7 +378,8 @@ def print_table(rows: list[dict], matmul: float, device_name: str) -> None:
         tflop = r.get("tflop_per_step")
         tflop = "-" if not tflop else f"{tflop:.1f}" if tflop >= 0.1 else f"{tflop:.1e}"
         mfu = f"{r['mfu'] * 100:.0f}%" if r.get("mfu") else "-"
-        print(f"{lead} {r['s_per_step']:>8.3f} {r['samples_per_s']:>9.2f} {r['peak_gib']:>9.1f} {tflop:>7} {mfu:>5}")
+        ema = f"  (EMA update {r['ema_s_per_update'] * 1000:.1f} ms of it)" if "ema_s_per_update" in r else ""
+        print(f"{lead} {r['s_per_step']:>8.3f} {r['samples_per_s']:>9.2f} {r['peak_gib']:>9.1f} {tflop:>7} {mfu:>5}{ema}")
 
 
 def main():
@@ -393,6 +403,8 @@ def main():
                     help="an [ema] table for the engine row (updated every step), kept on the GPU or in CPU memory")
     ap.add_argument("--dora", action="store_true", help="DoRA: adapter.use_dora = true for the engine and layers "
                                                          "rows, peft's use_dora for the diffusers row")
+    ap.add_argument("--no_flops", action="store_true",
+                    help="without a layers row, skip counting FLOPs in a child of its own (no TFLOP or MFU column)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text_len", type=int, help="text tokens (model.max_sequence_length); default: the model's")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported)")
@@ -443,7 +455,7 @@ def main():
                     row["error"] = error_text(output)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        if "layers" not in args.mode or args.float8:
+        if ("layers" not in args.mode or args.float8) and not args.no_flops:
             # The useful FLOPs come from the layers row. Without one, or when its products run in float8
             # (which the counter does not see), they are counted on bfloat16 layers in a child of their own.
             shared = row_options(argparse.Namespace(**{**vars(args), "float8": None}))

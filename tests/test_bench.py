@@ -178,4 +178,5 @@ def test_step_table_with_dora_and_ema(model_dirs, tmp_path):
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert [r["mode"] for r in rows] == ["engine ema-cpu dora", "layers dora"]
     assert all("error" not in r for r in rows), rows
+    assert 0 < rows[0]["ema_s_per_update"] < rows[0]["s_per_step"] and "ema_s_per_update" not in rows[1]
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
