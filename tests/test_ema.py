@@ -3,8 +3,13 @@ using it (saving, evaluating) leaves the trained weights exactly as they were.""
 
 from __future__ import annotations
 
-import torch
+import shutil
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import launch, write_configs
 from utils.ema import EMA
 
 
@@ -58,3 +63,24 @@ def test_state_round_trip_and_restart():
     ema.restart()
     for n in p:
         assert torch.equal(ema.average[n], p[n].detach().float())
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_average(tmp_path, tiny_models, image_dataset):
+    # The average is in every checkpoint: resumed from step 2, the run ends with the same averaged
+    # adapter (and losses) as the uninterrupted one.
+    settings = dict(max_steps=4, micro_batch_size_per_gpu=1, checkpoint_every_n_steps=2, ema={"decay": 0.5})
+    config = write_configs(tmp_path / "a", tiny_models / "flux", image_dataset, **settings)
+    whole = launch(config)
+    assert whole.returncode == 0, whole.output[-3000:]
+    original = whole.run_dirs()[-1]
+    assert (original / "checkpoints" / "step00000002" / "ema_rank0000.pt").is_file()
+    resumed_config = write_configs(tmp_path / "b", tiny_models / "flux", image_dataset, **settings)
+    copy = resumed_config.parent / "runs" / original.name
+    shutil.copytree(original, copy)
+    resumed = launch(resumed_config, "--resume_from_checkpoint", "step00000002")
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert resumed.losses(copy) == whole.losses(original)
+    final = "adapters/final/ema/pytorch_lora_weights.safetensors"
+    a, b = load_file(original / final), load_file(copy / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
