@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import load_train_config
+from utils.config import (accumulation_for_efficiency, load_train_config, pipeline_efficiency,
+                          pipeline_summary)
 from utils.schema import ConfigError
 
 from conftest import launch
@@ -290,14 +291,21 @@ def test_regular_expressions_are_checked(tmp_path):
     assert message.startswith(f"{tmp_path / 'train.toml'}: 'adapter.target_modules' is not a valid regular expression")
 
 
-def test_gradient_accumulation_below_the_pipeline_stages_is_a_warning(tmp_path):
+def test_pipeline_efficiency_below_75_percent_is_a_warning_naming_the_accumulation_to_use(tmp_path):
     config = load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4")))
     assert config.warnings == [
-        f"{tmp_path / 'train.toml'}: 'gradient_accumulation_steps' = 1 is less than 'pipeline_stages' = 4: each step "
-        f"pushes 1 micro-batch(es) through 4 stages, so each GPU idles 75% of the time; set it to at least 4 (more is "
-        f"better: the idle share is (stages - 1) / (accumulation + stages - 1))"]
-    fine = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4\ngradient_accumulation_steps = 8")
+        f"{tmp_path / 'train.toml'}: 'gradient_accumulation_steps' = 1 with 'pipeline_stages' = 4: each GPU idles 75% "
+        f"of each step (a pipeline fills and drains once a step: the idle share is (stages - 1) / (accumulation + "
+        f"stages - 1)); set gradient_accumulation_steps to at least 9 for 75% busy (more is better)"]
+    # 8 / (8 + 3) = 73%: still below
+    eight = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4\ngradient_accumulation_steps = 8")
+    assert "at least 9 for 75% busy" in load_train_config(write(tmp_path, eight)).warnings[0]
+    fine = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 2\ngradient_accumulation_steps = 3")
     assert load_train_config(write(tmp_path, fine)).warnings == []
+    for stages in (2, 3, 4, 8):
+        m = accumulation_for_efficiency(stages, 0.75)
+        assert pipeline_efficiency(stages, m) >= 0.75 > pipeline_efficiency(stages, m - 1)
+    assert pipeline_summary(2, 8).startswith("pipeline: 2 stages, 8 micro-batches a step: each GPU computes at most 89%")
 
 
 def test_eval_set_that_is_the_training_set_is_a_warning(tmp_path):

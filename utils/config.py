@@ -369,7 +369,7 @@ class TrainConfigFile:
     pipeline_stages: int = 1
     # The last N transformer blocks keep their frozen weights in CPU memory (utils/block_swap.py).
     blocks_to_swap: int = 0
-    partition_method: str = "parameters"
+    partition_method: str = "auto"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
     warmup_steps: int = 0
@@ -419,8 +419,9 @@ class TrainConfigFile:
                   "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
         check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
-        check(self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'parameters', 'uniform' or 'type:<regex>'")
+        check(self.partition_method in ("auto", "blocks", "parameters", "uniform")
+              or self.partition_method.startswith("type:"),
+              file, "partition_method", "must be 'auto', 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
         if self.partition_method.startswith("type:"):
             _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]
@@ -542,15 +543,42 @@ def load_train_config(path: Path | str) -> TrainConfig:
                        warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets))
 
 
+# Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).
+PIPELINE_EFFICIENCY_WARNING = 0.75
+
+
+def pipeline_efficiency(stages: int, accumulation: int) -> float:
+    """The most of a step each GPU can compute under DeepSpeed's 1F1B schedule: the first
+    micro-batch takes stages - 1 slots to reach the last stage and the last one as long to
+    drain, so accumulation / (accumulation + stages - 1) (1.0 without a pipeline)."""
+    return accumulation / (accumulation + stages - 1)
+
+
+def accumulation_for_efficiency(stages: int, target: float) -> int:
+    """The fewest accumulation steps whose pipeline efficiency reaches `target`."""
+    m = math.ceil(target * (stages - 1) / (1 - target) - 1e-9)
+    return max(1, m)
+
+
+def pipeline_summary(stages: int, accumulation: int) -> str:
+    """The line printed at the start of a pipelined run."""
+    return (f"pipeline: {stages} stages, {accumulation} micro-batches a step: each GPU computes at most "
+            f"{pipeline_efficiency(stages, accumulation):.0%} of the time (1F1B: accumulation / (accumulation + "
+            f"stages - 1))")
+
+
 def _pipeline_warnings(path: Path, settings: TrainConfigFile) -> list[str]:
-    """A pipeline of K stages needs K micro-batches in flight to keep every stage busy: with fewer
-    accumulation steps than stages, most GPUs wait most of the time (allowed, but rarely meant)."""
+    """A pipeline of K stages needs many more than K micro-batches in flight to keep every stage
+    busy: below PIPELINE_EFFICIENCY_WARNING, say so and which accumulation reaches it (allowed:
+    memory or the samples per step may decide)."""
     k, m = settings.pipeline_stages, settings.gradient_accumulation_steps
-    if k > m:
-        idle = (k - 1) / (m + k - 1)
-        return [f"{path}: 'gradient_accumulation_steps' = {m} is less than 'pipeline_stages' = {k}: each step pushes "
-                f"{m} micro-batch(es) through {k} stages, so each GPU idles {idle:.0%} of the time; set it to at "
-                f"least {k} (more is better: the idle share is (stages - 1) / (accumulation + stages - 1))"]
+    efficiency = pipeline_efficiency(k, m)
+    if k > 1 and efficiency < PIPELINE_EFFICIENCY_WARNING:
+        target = PIPELINE_EFFICIENCY_WARNING
+        return [f"{path}: 'gradient_accumulation_steps' = {m} with 'pipeline_stages' = {k}: each GPU idles "
+                f"{1 - efficiency:.0%} of each step (a pipeline fills and drains once a step: the idle share is "
+                f"(stages - 1) / (accumulation + stages - 1)); set gradient_accumulation_steps to at least "
+                f"{accumulation_for_efficiency(k, target)} for {target:.0%} busy (more is better)"]
     return []
 
 

@@ -25,7 +25,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
 from utils import memory
-from utils.config import TrainConfig
+from utils.config import TrainConfig, pipeline_summary
 from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
 
@@ -47,6 +47,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ["MASTER_PORT"] = str(_free_port())
     rendezvous = local_rendezvous()
     local_rank = int(os.environ["LOCAL_RANK"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cpu_threads_per_process(os.environ, cores))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         configure_attention()
@@ -70,6 +72,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         raise
     _unlink_shared_memory_name(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_threads_per_process(env, cores: int) -> int:
+    """torch's CPU threads for one process: OMP_NUM_THREADS when set, else this machine's cores
+    shared among its processes of the launch.
+
+    Each process would otherwise start a thread per core: 4 processes on a 64-core machine
+    make 256 threads, which spin after every CPU operation (noise, packing) and slow the other
+    processes' Python thread, the one that launches the GPU work.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, cores // max(1, local))
 
 
 def torch_extensions_dir() -> Path:
@@ -184,6 +200,24 @@ def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallel
     return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
 
 
+def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
+    """`partition_method` as DeepSpeed's PipelineModule takes it.
+
+    "blocks" balances the transformer blocks, the layers' compute: the input and output layers
+    weigh almost nothing, and an MMDiT double-stream block applies twice a single-stream block's
+    weights to the two halves of the same tokens, so the same work (balancing parameters instead
+    put 18 of FLUX.1's 57 blocks on the first of 2 stages and 39 on the second). "auto" is
+    "blocks" for a LoRA and "parameters" for full fine-tuning, where the weights, their
+    gradients and optimizer state fill the GPUs and must be spread evenly.
+    """
+    if method == "auto":
+        method = "parameters" if full_finetune else "blocks"
+    if method == "blocks":
+        names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
+        return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return method
+
+
 def partition(layers, stages: int, method: str) -> list[int]:
     """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
     if method == "uniform":
@@ -259,7 +293,7 @@ def plan_stages(model, config: TrainConfig):
     else:
         model.add_lora(transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
-    method = config.settings.partition_method
+    method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
     names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
     if method.startswith("type:") and not any(re.search(method[5:], n, re.IGNORECASE) for n in names):
         # DeepSpeed would refuse it too, but only once the weights are loaded.
@@ -373,6 +407,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
     if rank == 0:
+        if s.pipeline_stages > 1:
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
         if not full:
             log(describe_targets(transformer))
@@ -389,7 +425,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
-        layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
+        layers=layers, loss_fn=model.loss, topology=topology,
+        partition_method=resolve_partition_method(s.partition_method, layers, full),
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),

@@ -242,6 +242,12 @@ class Trainer:
         while self.step < self.total:
             signum = self.stop_requested()
             if signum:
+                previous = self.checkpoints.latest()
+                # Said before saving: DeepSpeed's launcher kills the processes 30 s after a
+                # Ctrl-C, and a save cut short must not look like one that finished.
+                self.metrics.print(f"stop signal: saving a checkpoint of step {self.step}; until a line "
+                                   f"'checkpoint ... saved' follows, the last complete checkpoint is "
+                                   + (str(self.checkpoints.root / previous) if previous else "none (this run has none)"))
                 self.checkpoint()
                 name = {signal.SIGINT: "SIGINT, Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
                 self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
