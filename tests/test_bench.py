@@ -180,3 +180,13 @@ def test_step_table_with_dora_and_ema(model_dirs, tmp_path):
     assert all("error" not in r for r in rows), rows
     assert 0 < rows[0]["ema_s_per_update"] < rows[0]["s_per_step"] and "ema_s_per_update" not in rows[1]
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+
+
+def test_peak_breakdown_runs_on_cpu():
+    # The GPU check of the memory estimate (bench/peak_breakdown.py), at a tiny width on the CPU:
+    # both checkpointing modes print a measured peak beside the estimate.
+    out = run_bench(str(REPO / "bench" / "peak_breakdown.py"), "--model", "flux", "--device", "cpu", "--heads", "1", "--shape", "128", "128",
+                    "1", "--blocks", "2", "2").stdout
+    lines = [line for line in out.splitlines() if line.startswith("checkpointing ")]
+    assert [line.split(":")[0] for line in lines] == ["checkpointing false", "checkpointing true"], out
+    assert all("measured peak" in line and "estimate without optimizer state" in line for line in lines)

@@ -115,8 +115,10 @@ WRONG_TYPES = {
     "number for list": ("dataset", 'path = "data"', 'path = "data"\nresolutions = 128',
                         "'directory[0].resolutions' must be a list like [512] or [[1280, 720]], got 128"),
     "pair": ("train", "lr = 1e-4", "lr = 1e-4\nbetas = 0.9", "'optimizer.betas' must be a list of 2 finite numbers"),
+    # typing keeps one Union per set of types, in the order it was first written anywhere
     "list of strings": ("train", "rank = 8", "rank = 8\ntarget_modules = 1",
-                        "'adapter.target_modules' must be a list of strings or a string, got 1"),
+                        ("'adapter.target_modules' must be a list of strings or a string, got 1",
+                         "'adapter.target_modules' must be a string or a list of strings, got 1")),
 }
 
 
@@ -128,7 +130,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, case):
     else:
         message = error(tmp_path, dataset=edit(DATASET, old, new))
     assert message.startswith(f"{tmp_path / (which + '.toml')}: ")
-    assert expected in message
+    assert any(e in message for e in ((expected,) if isinstance(expected, str) else expected)), message
 
 
 def test_missing_required_keys(tmp_path):

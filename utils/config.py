@@ -239,8 +239,9 @@ class ModelConfig:
     max_timestep: float = 1.0
     loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
     huber_delta: float = 0.1
-    # Storage of the frozen transformer-block linear weights in LoRA runs; None: `dtype`.
-    transformer_dtype: Optional[Literal["float8"]] = None
+    # Storage of the frozen transformer-block linear weights in LoRA runs: "float8", or `dtype`
+    # (also what None means, but then the memory plan may choose float8: utils/memory_plan.py).
+    transformer_dtype: Optional[Literal["float8", "float32", "bfloat16", "float16"]] = None
     # With transformer_dtype = "float8": the frozen linears' products run in float8 (utils/float8.py).
     float8_matmul: bool = False
 
@@ -384,6 +385,9 @@ class TrainConfigFile:
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
     activation_checkpointing: Union[bool, Literal["selective"]] = False
+    # Pretend each GPU has this many GiB (and on CUDA, limit the process to it): the memory plan
+    # (utils/memory_plan.py) chooses for this size; also makes the plan work on CPU.
+    memory_budget_gib: Optional[float] = None
     # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
     compile: bool = False
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
@@ -410,6 +414,7 @@ class TrainConfigFile:
             check(value is None or value >= 1, file, name, f"must be at least 1, got {value}")
         check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
               "checkpoint_every_n_minutes", "must be > 0")
+        check(self.memory_budget_gib is None or self.memory_budget_gib > 0, file, "memory_budget_gib", "must be > 0")
         check(self.blocks_to_swap >= 0, file, "blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
         if self.blocks_to_swap:
             check(self.pipeline_stages == 1, file, "blocks_to_swap",
@@ -459,6 +464,9 @@ class TrainConfig:
     output_dir: Path
     # Things that are allowed but probably not meant (printed at start): "file: message".
     warnings: list[str] = field(default_factory=list)
+    # The keys the file sets, dotted ("model.transformer_dtype"): a key left out may be chosen by
+    # the memory plan; one set to its default value is kept.
+    given: frozenset[str] = frozenset()
 
     def __getattr__(self, name):
         # Top-level keys read like attributes of the config (config.epochs, ...).
@@ -511,12 +519,16 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if settings.activation_checkpointing == "selective":
         check(bool(model_cls.selective_checkpoint_layers), path, "activation_checkpointing",
               f"= 'selective' is not available for model type '{model_type}' (use true or false)")
-    if model_config.transformer_dtype is not None:
+    if model_config.transformer_dtype not in (None, "float8"):
+        check(model_config.transformer_dtype == model_config.dtype, path, "model.transformer_dtype",
+              f"= '{model_config.transformer_dtype}' must be 'float8' or model.dtype ('{model_config.dtype}'): "
+              f"other storage dtypes are not available")
+    if model_config.transformer_dtype == "float8":
         check(settings.adapter is not None, path, "model.transformer_dtype",
               f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
               f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
     if settings.adapter is not None and settings.adapter.use_dora:
-        check(model_config.transformer_dtype is None, path, "adapter.use_dora",
+        check(model_config.transformer_dtype != "float8", path, "adapter.use_dora",
               "= true needs the base weights in model.dtype: DoRA normalises them, which float8 storage "
               "(model.transformer_dtype) does not offer")
     if model_config.float8_matmul:
@@ -539,8 +551,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
           f"is a file, not a folder: {output_dir}")
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
+    given = frozenset(raw) | {f"model.{k}" for k in model_table}
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
-                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets))
+                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
+                       given=given)
 
 
 # Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).

@@ -24,7 +24,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
-from utils import memory
+from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
 from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
@@ -406,10 +406,16 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
+    method = resolve_partition_method(s.partition_method, layers, full)
+    # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
+    plan = memory_plan.plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                   memory_plan.device_budget(config, device, world),
+                                   lambda stages: partition(layers, stages, method))
     if rank == 0:
         if s.pipeline_stages > 1:
             log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
+        log(plan)
         if not full:
             log(describe_targets(transformer))
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
@@ -426,7 +432,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology,
-        partition_method=resolve_partition_method(s.partition_method, layers, full),
+        partition_method=method,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
