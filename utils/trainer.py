@@ -16,6 +16,7 @@ import torch.distributed as dist
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
+from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
@@ -74,11 +75,12 @@ class Trainer:
         s = config.settings
         self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
         self.fingerprint = run_fingerprint(config, train.samples)
+        self.ema = None if s.ema is None else ema_for(transformer, s.ema)
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint loaded
         if resume is not None:
             tag = None if resume in ("latest", run_dir.name) else resume
-            self.step = self.checkpoints.load(engine, tag, self.fingerprint)
+            self.step = self.checkpoints.load(engine, tag, self.fingerprint, ema=self.ema)
             self.resumed_from = self.checkpoints.root / (tag or self.checkpoints.latest())
         start_step = self.step
         self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
@@ -114,7 +116,7 @@ class Trainer:
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
-            yield collate(self.model, self.train, batch, s.seed, "train", epoch)
+            yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
@@ -135,6 +137,9 @@ class Trainer:
 
     def log_eval(self):
         results = self.evaluate()
+        if self.ema is not None and self.config.settings.ema.eval and self.evals:
+            with self.ema.applied():
+                results.update({f"{name}/ema": loss for name, loss in self.evaluate().items()})
         if results:
             self.eval_history.append({"step": self.step, **results})
             self._write_history()
@@ -181,13 +186,14 @@ class Trainer:
                                     DTYPES[s.save_dtype], self.rank, self.world)
         else:
             files = save_adapter(self.model, self.transformer, self.engine, s.adapter,
-                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world)
+                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world,
+                                 ema=self.ema)
         if files:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 
     def checkpoint(self) -> None:
         self._write_history()
-        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint)
+        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint, ema=self.ema)
         self.last_checkpoint_time = time.monotonic()
         self.metrics.print(f"step {self.step}: checkpoint {self.checkpoints.root / tag} saved")
 
@@ -306,6 +312,8 @@ class Trainer:
             self.step += 1
             if self.non_finite(loss):
                 self.stop_non_finite(loss, epoch, step_in_epoch)
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                       "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
