@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
     from utils.prepare import prepare_dataset
+    from utils.sampling import sample_prompts
     from utils.saving import create_run_dir
     from utils.trainer import Trainer, total_steps
 
@@ -56,7 +57,9 @@ def main(argv=None) -> int:
     model.check_inputs(config.file, s.adapter)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
                   regenerate=args.regenerate_cache, rank=rank, world=world, device=device)
-    train = prepare_dataset(config.dataset, model, title="training dataset", **common)
+    # The sample prompts are embedded with the training captions, before the text encoders go.
+    train = prepare_dataset(config.dataset, model, title="training dataset", **common,
+                            prompts=sample_prompts(config.samples, model))
     evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
              for e in config.eval_datasets}
     if args.cache_only:

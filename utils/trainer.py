@@ -16,6 +16,7 @@ from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.metrics import Metrics, peak_memory_gib
+from utils.sampling import Sampler
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +71,10 @@ class Trainer:
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
+        sample = s.sample
+        self.sampler = Sampler(model, engine, config.samples, train, run_dir / "samples", rank, device,
+                               log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
+        self.sample_schedule = Schedule(sample.every_n_steps, sample.every_n_epochs) if sample else None
         self.stop_signal: int | None = None
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
         self.losses: list[float] = self._read_history("losses.json")[:start_step]
@@ -217,6 +222,8 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         if s.eval_at_start and self.step == 0:
             self.log_eval()
+        if self.sampler and s.sample.at_start and self.step == 0:
+            self.sampler.run(0)
         while self.step < self.total:
             if self.stop_requested():
                 self.checkpoint()
@@ -247,12 +254,16 @@ class Trainer:
                 break
             if self.eval_schedule.due(self.step, spe):
                 self.log_eval()
+            if self.sampler and self.sample_schedule.due(self.step, spe):
+                self.sampler.run(self.step)
             if self.save_schedule.due(self.step, spe):
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
                 self.checkpoint()
         if self.evals:
             self.log_eval()
+        if self.sampler:
+            self.sampler.run(self.step)
         self.save("final")
         if self.checkpoints_enabled():
             self.checkpoint()  # so a longer run can resume from the end of this one

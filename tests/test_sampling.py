@@ -1,0 +1,100 @@
+"""Samples during training ([sample], utils/sampling.py), checked against diffusers' own pipeline.
+
+One launch per pipeline layout (1 stage, 2 stages) trains a tiny FLUX.1 LoRA and draws its samples
+at the start (the base model) and at the end (with the trained adapter). `FluxPipeline`, given the
+same seed, steps and guidance, with no LoRA and then with our saved diffusers-format LoRA, must
+reproduce the latents and the decoded pictures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import launch, write_configs
+from tools.make_demo_dataset import make_demo_dataset
+
+SAMPLE = {"prompts": ["a red circle on a blue background",
+                      {"prompt": "a green square", "seed": 7, "width": 96, "height": 48, "guidance": 5.0}],
+          "steps": 4, "at_start": True, "every_n_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("sampling")
+    return {"root": root, "data": make_demo_dataset(root / "data", count=4, seed=0), "model": tiny_models / "flux"}
+
+
+def train_with_samples(work, name: str, num_gpus: int, **overrides):
+    config = write_configs(work["root"] / name, work["model"], work["data"], max_steps=4, sample=SAMPLE,
+                           optimizer={"lr": 3e-2}, **overrides)
+    result = launch(config, num_gpus=num_gpus)
+    assert result.returncode == 0, result.output[-5000:]
+    (run,) = result.run_dirs()
+    return run, result
+
+
+@pytest.fixture(scope="module")
+def one_stage(work):
+    return train_with_samples(work, "one", 1)
+
+
+@pytest.fixture(scope="module")
+def two_stages(work):
+    return train_with_samples(work, "two", 2, pipeline_stages=2, gradient_accumulation_steps=2)
+
+
+def pipeline_latents(model_dir, adapter_dir, request):
+    """FluxPipeline's latents (packed, as output_type="latent" returns them) and picture."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        pipe.load_lora_weights(adapter_dir)
+    common = dict(prompt=request["prompt"], height=request["height"], width=request["width"],
+                  num_inference_steps=request["steps"], guidance_scale=request["guidance"], max_sequence_length=32)
+    latents = pipe(**common, generator=torch.Generator().manual_seed(request["seed"]), output_type="latent").images
+    picture = pipe(**common, generator=torch.Generator().manual_seed(request["seed"]), output_type="np").images[0]
+    return latents, (picture * 255).round().astype("uint8")
+
+
+def check_against_pipeline(work, run):
+    from diffusers import FluxPipeline
+
+    steps = sorted(p.name for p in (run / "samples").iterdir())
+    assert steps == ["step00000000", "step00000003", "step00000004"]
+    for step, adapter in (("step00000000", None), ("step00000004", run / "adapters" / "final")):
+        folder = run / "samples" / step
+        index = json.loads((folder / "index.json").read_text())
+        assert [e["file"] for e in index] == ["0.png", "1.png"]
+        ours = load_file(folder / "latents.safetensors")
+        for entry in index:
+            theirs, picture = pipeline_latents(work["model"], adapter, entry)
+            mine = FluxPipeline._pack_latents(ours[str(entry["index"])], *ours[str(entry["index"])].shape)
+            assert mine.shape == theirs.shape
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+            drawn = np.asarray(Image.open(folder / entry["file"]))
+            assert drawn.shape == picture.shape
+            assert np.abs(drawn.astype(int) - picture.astype(int)).max() <= 1
+    # The adapter changed what the model draws (else the comparison above would prove little).
+    start = load_file(run / "samples" / "step00000000" / "latents.safetensors")
+    end = load_file(run / "samples" / "step00000004" / "latents.safetensors")
+    assert not torch.allclose(start["0"], end["0"], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_samples_equal_the_diffusers_pipeline_at_one_stage(work, one_stage):
+    run, result = one_stage
+    check_against_pipeline(work, run)
+    assert "2 sample(s) in" in result.output
+
+
+@pytest.mark.slow
+def test_samples_equal_the_diffusers_pipeline_at_two_stages(work, one_stage, two_stages):
+    run, _ = two_stages
+    check_against_pipeline(work, run)
