@@ -531,10 +531,11 @@ class DiffusionModel:
         scheduler.set_begin_index(0)
         return scheduler, timesteps
 
-    def sample_timestep(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """The `timesteps` input (sigma) for scheduler timestep `t`: the pipeline passes it in the
-        latents' dtype, and the transformer multiplies sigma by 1000 again."""
-        return t.expand(batch).to(self.dtype) / 1000
+    def sample_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The `timesteps` input (sigma) for scheduler timestep `t`: the pipelines pass it in the
+        dtype of the latents they step (FLUX.1 divides by 1000 there; the input layers multiply
+        by 1000 again)."""
+        return t.expand(latents.shape[0]).to(latents.dtype) / 1000
 
     def sample_inputs(self, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
                       negative: dict[str, torch.Tensor] | None, guidance: float) -> dict[str, torch.Tensor]:
@@ -542,7 +543,7 @@ class DiffusionModel:
         if self.sample_guidance == "classifier_free":
             latents = torch.cat([latents, latents])
             text = {k: torch.cat([negative[k], text[k]]) for k in text}
-        inputs = self.model_inputs(latents.to(self.dtype), self.sample_timestep(t, latents.shape[0]), text)
+        inputs = self.model_inputs(latents.to(self.dtype), self.sample_timestep(t, latents), text)
         if self.sample_guidance == "embedded":
             inputs["guidance"] = torch.full((latents.shape[0],), float(guidance))
         return inputs
