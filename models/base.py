@@ -144,6 +144,9 @@ class DiffusionModel:
         self.root = Path(config.diffusers_path)
         self.vae = None  # loaded only while caching
         self.text_encoders = None
+        # Where the transformer's diffusers folder is, when not the model folder's transformer/
+        # (a full fine-tune's save, for tools/sample.py).
+        self.transformer_dir: Path | None = None
 
     @classmethod
     def check_dataset(cls, dataset: Dataset) -> None:
@@ -265,7 +268,7 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ transformer (shared)
     def transformer_folder(self) -> Path:
-        return self.root / "transformer"
+        return self.transformer_dir or self.root / "transformer"
 
     def build_empty_transformer(self) -> nn.Module:
         """The transformer with its parameters on the meta device: no memory, shapes only."""

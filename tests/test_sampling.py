@@ -98,3 +98,42 @@ def test_samples_equal_the_diffusers_pipeline_at_one_stage(work, one_stage):
 def test_samples_equal_the_diffusers_pipeline_at_two_stages(work, one_stage, two_stages):
     run, _ = two_stages
     check_against_pipeline(work, run)
+
+
+def sample_tool(config, *args):
+    """tools/sample.py as a user runs it on one process (no launcher needed)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), "--config", str(config), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc
+
+
+@pytest.mark.slow
+def test_sample_tool_redraws_the_training_samples_from_the_saved_adapter_and_the_base_model(work, one_stage):
+    run, _ = one_stage
+    config = work["root"] / "one" / "train.toml"
+    adapter = run / "adapters" / "final"
+    proc = sample_tool(config, "--adapter", str(adapter))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = load_file(adapter / "samples" / "step00000000" / "latents.safetensors")
+    trained = load_file(run / "samples" / "step00000004" / "latents.safetensors")
+    assert drawn.keys() == trained.keys()
+    for k in drawn:
+        torch.testing.assert_close(drawn[k], trained[k], rtol=1e-5, atol=1e-6)
+
+    proc = sample_tool(config, "--base", "--out", str(work["root"] / "base"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = load_file(work["root"] / "base" / "step00000000" / "latents.safetensors")
+    start = load_file(run / "samples" / "step00000000" / "latents.safetensors")
+    for k in drawn:
+        torch.testing.assert_close(drawn[k], start[k], rtol=1e-5, atol=1e-6)
+
+    proc = sample_tool(config, "--adapter", str(work["root"] / "nowhere"))
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and errors == [f"error: {work['root'] / 'nowhere'}: not found"]

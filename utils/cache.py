@@ -110,13 +110,14 @@ class DatasetCache:
 
     `prompts` (the [sample] prompts and negative prompt) are embedded with the captions, into the
     first folder's text store, keyed as a caption: a prompt that is also a caption is stored once.
+    Without samples, `text_folder` is that folder (prompts only: tools/sample.py).
     """
 
-    def __init__(self, model, samples: list[Sample], prompts: list[str] = ()):
+    def __init__(self, model, samples: list[Sample], prompts: list[str] = (), text_folder: Path | None = None):
         self.model = model
         self.samples = samples
         self.prompts = list(dict.fromkeys(prompts))
-        self.folders = sorted({s.item.path.parent for s in samples})
+        self.folders = sorted({s.item.path.parent for s in samples}) or [text_folder]
 
     def cache_dir(self, folder: Path) -> Path:
         return folder / "cache" / self.model.name

@@ -176,29 +176,30 @@ class Sampler:
         save_file({str(i): t.contiguous() for i, t in sorted(latents.items())}, folder / "latents.safetensors")
         return failed
 
-    def run(self, step: int) -> None:
+    def run(self, step: int) -> bool:
         """Draw and write every sample for `step`; a failure is reported in one line and the run
-        goes on. Call on every rank together."""
+        goes on (returns False on rank 0). Call on every rank together."""
         start = time.perf_counter()
         try:
             latents = self.denoise()
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report, keep training
             _free_memory()
             self.log(f"step {step}: samples failed: {_one_line(e)}; training goes on")
-            return
+            return False
         if self.rank != 0:
-            return
+            return True
         try:
             failed = self.write(step, latents)
         except Exception as e:  # noqa: BLE001
             _free_memory()
             self.log(f"step {step}: samples failed: {_one_line(e)}; training goes on")
-            return
+            return False
         for line in failed:
             self.log(f"step {step}: {line}; training goes on")
         done = len(self.requests) - len(failed)
         self.log(f"step {step}: {done} sample(s) in {self.out_dir / f'step{step:08d}'} "
                  f"({time.perf_counter() - start:.1f} s)")
+        return not failed
 
 
 def _one_line(error: BaseException) -> str:
