@@ -102,3 +102,26 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     model.free_encoders()
     assert drawn.shape == expected.shape == (frames, height, width, 3)
     assert abs(drawn.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
+    """The estimate printed at start has a line for drawing samples: the stage's weights,
+    optimizer state and gradients, plus one layer's activations for the largest sample."""
+    from conftest import write_configs
+    from models import get_model_class
+    from utils import memory
+    from utils.config import load_train_config
+    from utils.engine import plan_stages
+
+    sample = {"prompts": ["a cat", {"prompt": "a dog", "width": 128, "height": 96}], "width": 64, "height": 64}
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample))
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    tokens = max(model.tokens_per_sample(r.width, r.height, r.frames) for r in config.samples)
+    assert tokens == (128 // 16) * (96 // 16) + 32
+    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
+    transient = max(model.activation_factors.values()) * tokens * 32 * 4
+    assert est.sampling == int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
+    assert "while drawing samples: stage 0 " in memory.describe([est], config, 100)
+    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
+    assert est.sampling is None and "drawing samples" not in memory.describe([est], config, 100)

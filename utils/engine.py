@@ -295,7 +295,11 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     stage = topology.get_coord(rank).pipe
     if rank == 0:
         log(describe_partition(layers, parts))
-        estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
+        samples = getattr(config, "samples", None) or []
+        sample_tokens = max((model.tokens_per_sample(r.width, r.height, r.frames) or 0 for r in samples),
+                            default=0) or None
+        estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                    sample_tokens=sample_tokens)
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))
         if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:
