@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from conftest import launch, write_configs
 from tools.make_demo_dataset import make_demo_dataset
 
+# Two prompts of one shape (with two replicas, one each) and one of another shape and guidance.
 SAMPLE = {"prompts": ["a red circle on a blue background",
-                      {"prompt": "a green square", "seed": 7, "width": 96, "height": 48, "guidance": 5.0}],
+                      {"prompt": "a green square", "seed": 7, "width": 96, "height": 48, "guidance": 5.0},
+                      {"prompt": "a yellow triangle", "seed": 5}],
           "steps": 4, "at_start": True, "every_n_steps": 3}
 
 
@@ -46,7 +48,8 @@ def one_stage(work):
 
 @pytest.fixture(scope="module")
 def two_stages(work):
-    return train_with_samples(work, "two", 2, pipeline_stages=2, gradient_accumulation_steps=2)
+    # 2 replicas of a 2-stage pipeline: the two prompts are shared out, one to each replica.
+    return train_with_samples(work, "two", 4, pipeline_stages=2, gradient_accumulation_steps=2)
 
 
 def pipeline_latents(model_dir, adapter_dir, request):
@@ -71,7 +74,7 @@ def check_against_pipeline(work, run):
     for step, adapter in (("step00000000", None), ("step00000004", run / "adapters" / "final")):
         folder = run / "samples" / step
         index = json.loads((folder / "index.json").read_text())
-        assert [e["file"] for e in index] == ["0.png", "1.png"]
+        assert [e["file"] for e in index] == ["0.png", "1.png", "2.png"]
         ours = load_file(folder / "latents.safetensors")
         for entry in index:
             theirs, picture = pipeline_latents(work["model"], adapter, entry)
@@ -91,11 +94,11 @@ def check_against_pipeline(work, run):
 def test_samples_equal_the_diffusers_pipeline_at_one_stage(work, one_stage):
     run, result = one_stage
     check_against_pipeline(work, run)
-    assert "2 sample(s) in" in result.output
+    assert "3 sample(s) in" in result.output
 
 
 @pytest.mark.slow
-def test_samples_equal_the_diffusers_pipeline_at_two_stages(work, one_stage, two_stages):
+def test_samples_equal_the_diffusers_pipeline_at_two_stages_and_two_replicas(work, two_stages):
     run, _ = two_stages
     check_against_pipeline(work, run)
 

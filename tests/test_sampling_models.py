@@ -125,3 +125,53 @@ def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
     assert "while drawing samples: stage 0 " in memory.describe([est], config, 100)
     (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
     assert est.sampling is None and "drawing samples" not in memory.describe([est], config, 100)
+
+
+def test_share_out_gives_every_replica_the_same_number_of_forwards():
+    from utils.sampling import share_out
+
+    def request(i, width):
+        return SampleRequest(index=i, prompt=f"p{i}", seed=0, width=width, height=64, frames=1, steps=4,
+                             guidance=1.0, negative_prompt="")
+
+    requests = [request(0, 64), request(1, 96), request(2, 64), request(3, 64)]
+    rounds = share_out(requests, 2)
+    # One round per shape; in each, the replicas hold the same count (None pads).
+    assert [[[r and r.index for r in slots] for slots in rnd] for rnd in rounds] == [[[0, 3], [2, None]],
+                                                                                   [[1], [None]]]
+
+
+def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_models):
+    from models.flux import FluxModel
+
+    class DecodeFailsForWidePictures(FluxModel):
+        def decode_latents(self, latents):
+            if latents.shape[-1] == 96 // 8:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\n(details)")
+            return super().decode_latents(latents)
+
+    model = make_model("flux", tiny_models, max_sequence_length=32)
+    model = DecodeFailsForWidePictures(model.config)
+    transformer, layers = engine_like_transformer(model, AdapterConfig(rank=4, alpha=4.0))
+    requests = [SampleRequest(index=i, prompt=p, seed=0, width=w, height=48, frames=1, steps=2, guidance=3.5,
+                              negative_prompt="") for i, (p, w) in enumerate([("a cat", 64), ("a dog", 96)])]
+    texts = Texts(model, [r.prompt for r in requests])
+    lines = []
+    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    assert sampler.run(3) is False
+    assert lines[0] == ("step 3: sample 1 ('a dog'): OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                        "9.00 GiB; training goes on")
+    assert lines[1].startswith(f"step 3: 1 sample(s) in {tmp_path / 'step00000003'}")
+    assert sorted(p.name for p in (tmp_path / "step00000003").iterdir()) == ["0.png", "index.json",
+                                                                             "latents.safetensors"]
+    assert model.vae is None  # freed after decoding, failure or not
+
+    class FailingEngine(LayersEngine):
+        def eval_batch(self, *_, **__):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    lines.clear()
+    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    assert sampler.run(4) is False
+    assert lines == ["step 4: samples failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB; "
+                     "training goes on"]
