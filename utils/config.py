@@ -8,14 +8,16 @@ model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from utils.schema import ConfigError, build, check, key, required
+from utils.schema import ConfigError, build, check, described, key, required
 
+# A square side (512: 512x512) or [width, height].
 Resolution = Union[int, tuple[int, int]]
 VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
 MissingCaption = Literal["error", "empty", "skip"]
@@ -32,13 +34,40 @@ def read_toml(path: Path) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {_explain_toml_error(str(e), path)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+
+
+_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
+
+
+def _explain_toml_error(message: str, path: Path) -> str:
+    """tomllib's message, with the key or table named where it does not name it (a key set twice
+    in one table: the key is read from the line the message points at)."""
+    declared = re.fullmatch(r"Cannot declare \((.*)\) twice (\(at line \d+, column \d+\))", message)
+    if declared:
+        table = ".".join(part.strip(" '\"") for part in declared.group(1).split(",") if part.strip())
+        return f"the table [{table}] is declared twice {declared.group(2)}; put all its keys under one [{table}] header"
+    found = re.fullmatch(r"Cannot overwrite a value (\(at (?:line (\d+), column \d+|end of document)\))", message)
+    if not found:
+        return message
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = lines[:int(found.group(2))] if found.group(2) else lines
+    except (OSError, ValueError):
+        return message
+    written = re.match(rf"\s*({_TOML_KEY})\s*=", lines[-1]) if lines else None
+    if not written:
+        return message
+    table = next((m.group(1) for line in reversed(lines[:-1])
+                  if (m := re.match(rf"\s*\[\[?\s*({_TOML_KEY})\s*\]\]?\s*(#.*)?$", line))), None)
+    name = ".".join(part.strip("'\"") for part in re.split(r"\s*\.\s*", written.group(1)))
+    return f"'{f'{table}.{name}' if table else name}' is set twice {found.group(1)}; a key may be set only once"
 
 
 def _path_is(path: Path, kind: str) -> bool:
@@ -72,7 +101,8 @@ def _resolve_path(base: Path, value: str, file: Optional[Path] = None, where: st
 class BucketSettings:
     """Settings that decide the shapes items are trained at; per-directory tables may override."""
 
-    resolutions: Optional[list[Resolution]] = None
+    resolutions: Optional[described(list[described(Resolution, "a size like 512 or [1280, 720]")],
+                                    "a list like [512] or [[1280, 720]]")] = None
     enable_ar_bucket: Optional[bool] = None
     min_ar: Optional[float] = None
     max_ar: Optional[float] = None
@@ -349,7 +379,7 @@ class TrainConfigFile:
     pipeline_stages: int = 1
     # The last N transformer blocks keep their frozen weights in CPU memory (utils/block_swap.py).
     blocks_to_swap: int = 0
-    partition_method: str = "parameters"
+    partition_method: str = "auto"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
     warmup_steps: int = 0
@@ -398,8 +428,9 @@ class TrainConfigFile:
                   "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
         check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
-        check(self.partition_method in ("parameters", "uniform") or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'parameters', 'uniform' or 'type:<regex>'")
+        check(self.partition_method in ("auto", "blocks", "parameters", "uniform")
+              or self.partition_method.startswith("type:"),
+              file, "partition_method", "must be 'auto', 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
         if self.partition_method.startswith("type:"):
             _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]
@@ -472,12 +503,16 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
     model_cls = get_model_class(model_type, path)
-    model_config = build(model_cls.config_class, model_table, path, "model")
+    model_config = build(model_cls.config_class, model_table, path, "model",
+                         frozenset(f.name for f in dataclasses.fields(TrainConfigFile)))
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
             resolved = _resolve_path(path.parent, value, path, f"model.{name}")
             check(_path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
+            check(name != "transformer_path" or not _path_is(resolved, "dir"), path, f"model.{name}",
+                  f"is a folder: {resolved}; expected the transformer's single .safetensors file (a diffusers "
+                  f"folder goes in model.diffusers_path)")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
         resolved = _resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")
@@ -568,15 +603,42 @@ def resolve_samples(sample: SampleConfig, model_cls, path: Path, seed: int) -> l
     return requests
 
 
+# Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).
+PIPELINE_EFFICIENCY_WARNING = 0.75
+
+
+def pipeline_efficiency(stages: int, accumulation: int) -> float:
+    """The most of a step each GPU can compute under DeepSpeed's 1F1B schedule: the first
+    micro-batch takes stages - 1 slots to reach the last stage and the last one as long to
+    drain, so accumulation / (accumulation + stages - 1) (1.0 without a pipeline)."""
+    return accumulation / (accumulation + stages - 1)
+
+
+def accumulation_for_efficiency(stages: int, target: float) -> int:
+    """The fewest accumulation steps whose pipeline efficiency reaches `target`."""
+    m = math.ceil(target * (stages - 1) / (1 - target) - 1e-9)
+    return max(1, m)
+
+
+def pipeline_summary(stages: int, accumulation: int) -> str:
+    """The line printed at the start of a pipelined run."""
+    return (f"pipeline: {stages} stages, {accumulation} micro-batches a step: each GPU computes at most "
+            f"{pipeline_efficiency(stages, accumulation):.0%} of the time (1F1B: accumulation / (accumulation + "
+            f"stages - 1))")
+
+
 def _pipeline_warnings(path: Path, settings: TrainConfigFile) -> list[str]:
-    """A pipeline of K stages needs K micro-batches in flight to keep every stage busy: with fewer
-    accumulation steps than stages, most GPUs wait most of the time (allowed, but rarely meant)."""
+    """A pipeline of K stages needs many more than K micro-batches in flight to keep every stage
+    busy: below PIPELINE_EFFICIENCY_WARNING, say so and which accumulation reaches it (allowed:
+    memory or the samples per step may decide)."""
     k, m = settings.pipeline_stages, settings.gradient_accumulation_steps
-    if k > m:
-        idle = (k - 1) / (m + k - 1)
-        return [f"{path}: 'gradient_accumulation_steps' = {m} is less than 'pipeline_stages' = {k}: each step pushes "
-                f"{m} micro-batch(es) through {k} stages, so each GPU idles {idle:.0%} of the time; set it to at "
-                f"least {k} (more is better: the idle share is (stages - 1) / (accumulation + stages - 1))"]
+    efficiency = pipeline_efficiency(k, m)
+    if k > 1 and efficiency < PIPELINE_EFFICIENCY_WARNING:
+        target = PIPELINE_EFFICIENCY_WARNING
+        return [f"{path}: 'gradient_accumulation_steps' = {m} with 'pipeline_stages' = {k}: each GPU idles "
+                f"{1 - efficiency:.0%} of each step (a pipeline fills and drains once a step: the idle share is "
+                f"(stages - 1) / (accumulation + stages - 1)); set gradient_accumulation_steps to at least "
+                f"{accumulation_for_efficiency(k, target)} for {target:.0%} busy (more is better)"]
     return []
 
 

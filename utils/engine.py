@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
 from utils import memory
-from utils.config import TrainConfig
+from utils.config import TrainConfig, pipeline_summary
 from utils.optimizers import build_optimizer, build_scheduler
 from utils.schema import ConfigError
 
@@ -45,6 +47,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ["MASTER_PORT"] = str(_free_port())
     rendezvous = local_rendezvous()
     local_rank = int(os.environ["LOCAL_RANK"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cpu_threads_per_process(os.environ, cores))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         configure_attention()
@@ -53,6 +57,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        prepare_cpu_comm_op(log=print if os.environ["RANK"] == "0" else lambda *_: None)
     try:
         if rendezvous is None:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -67,6 +72,61 @@ def init_distributed() -> tuple[int, int, torch.device]:
         raise
     _unlink_shared_memory_name(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_threads_per_process(env, cores: int) -> int:
+    """torch's CPU threads for one process: OMP_NUM_THREADS when set, else this machine's cores
+    shared among its processes of the launch.
+
+    Each process would otherwise start a thread per core: 4 processes on a 64-core machine
+    make 256 threads, which spin after every CPU operation (noise, packing) and slow the other
+    processes' Python thread, the one that launches the GPU work.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, cores // max(1, local))
+
+
+def torch_extensions_dir() -> Path:
+    """Where torch builds C++ extensions (DeepSpeed's JIT-compiled ops) for this run: the user's
+    TORCH_EXTENSIONS_DIR, else a folder in this Python environment (set in the environment for
+    the build). torch's own default, ~/.cache/torch_extensions, is shared by every environment
+    of the user, so two environments would rebuild an op for each other at every start."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # Unset (a read-only environment): torch's default, in a folder per Python version and device.
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def prepare_cpu_comm_op(log=print) -> None:
+    """DeepSpeed on the CPU compiles its shared-memory communication op, deepspeed_shm_comm, when
+    it starts (deepspeed.comm.torch.build_shm_op: on Linux, whenever the op was not built at
+    install time; no setting skips it). Before that: a missing C++ compiler is one line saying
+    what to install, and a build that is about to run is announced, as it takes a minute."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or installed_ops.get(builder.NAME) or not builder.is_compatible():
+        return
+    folder = torch_extensions_dir() / builder.NAME
+    if (folder / f"{builder.NAME}.so").is_file():
+        return  # built before in this environment
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise ConfigError(f"a C++ compiler is needed: on a CPU, DeepSpeed compiles its communication op "
+                          f"({builder.NAME}) once per Python environment, and the compiler {compiler!r} was not "
+                          f"found; install one (Debian/Ubuntu: apt-get install g++; Fedora/RHEL: dnf install "
+                          f"gcc-c++; or set CXX to a compiler) and run again")
+    if not is_ninja_available():
+        raise ConfigError(f"the ninja build tool is needed: on a CPU, DeepSpeed compiles its communication op "
+                          f"({builder.NAME}) once per Python environment; install it (pip install ninja) and run again")
+    log(f"compiling DeepSpeed's CPU communication op ({builder.NAME}) into {folder}: once for this Python "
+        f"environment, about a minute")
 
 
 def _unlink_shared_memory_name(rank: int, world: int) -> None:
@@ -140,6 +200,24 @@ def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallel
     return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
 
 
+def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
+    """`partition_method` as DeepSpeed's PipelineModule takes it.
+
+    "blocks" balances the transformer blocks, the layers' compute: the input and output layers
+    weigh almost nothing, and an MMDiT double-stream block applies twice a single-stream block's
+    weights to the two halves of the same tokens, so the same work (balancing parameters instead
+    put 18 of FLUX.1's 57 blocks on the first of 2 stages and 39 on the second). "auto" is
+    "blocks" for a LoRA and "parameters" for full fine-tuning, where the weights, their
+    gradients and optimizer state fill the GPUs and must be spread evenly.
+    """
+    if method == "auto":
+        method = "parameters" if full_finetune else "blocks"
+    if method == "blocks":
+        names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
+        return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return method
+
+
 def partition(layers, stages: int, method: str) -> list[int]:
     """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
     if method == "uniform":
@@ -180,7 +258,7 @@ def plan_stages(model, config: TrainConfig):
     else:
         model.add_lora(transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
-    method = config.settings.partition_method
+    method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
     names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
     if method.startswith("type:") and not any(re.search(method[5:], n, re.IGNORECASE) for n in names):
         # DeepSpeed would refuse it too, but only once the weights are loaded.
@@ -294,6 +372,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
     if rank == 0:
+        if s.pipeline_stages > 1:
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
         samples = getattr(config, "samples", None) or []
         sample_tokens = max((model.tokens_per_sample(r.width, r.height, r.frames) or 0 for r in samples),
@@ -312,7 +392,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
-        layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
+        layers=layers, loss_fn=model.loss, topology=topology,
+        partition_method=resolve_partition_method(s.partition_method, layers, full),
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
