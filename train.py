@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
     from utils.prepare import cache_summary, prepare_dataset, regenerate_caches
+    from utils.sampling import sample_prompts
     from utils.saving import create_run_dir
     from utils.trainer import Trainer, total_steps
 
@@ -67,7 +68,9 @@ def main(argv=None) -> int:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, rank, world)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
                   regenerate=False, rank=rank, world=world, device=device)
-    train = prepare_dataset(config.dataset, model, title="training dataset", **common)
+    # The sample prompts are embedded with the training captions, before the text encoders go.
+    train = prepare_dataset(config.dataset, model, title="training dataset", **common,
+                            prompts=sample_prompts(config.samples, model))
     evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
              for e in config.eval_datasets}
     if args.cache_only:

@@ -146,6 +146,9 @@ class DiffusionModel:
         self.root = Path(config.diffusers_path)
         self.vae = None  # loaded only while caching
         self.text_encoders = None
+        # Where the transformer's diffusers folder is, when not the model folder's transformer/
+        # (a full fine-tune's save, for tools/sample.py).
+        self.transformer_dir: Path | None = None
 
     @classmethod
     def check_dataset(cls, dataset: Dataset) -> None:
@@ -265,7 +268,7 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ transformer (shared)
     def transformer_folder(self) -> Path:
-        return self.root / "transformer"
+        return self.transformer_dir or self.root / "transformer"
 
     def build_empty_transformer(self) -> nn.Module:
         """The transformer with its parameters on the meta device: no memory, shapes only."""
@@ -529,6 +532,83 @@ class DiffusionModel:
     def extra_lora_formats(self, lora: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Other LoRA files to write beside the diffusers one: {file name: tensors}."""
         return {}
+
+    # ------------------------------------------------------------------ sampling (utils/sampling.py)
+    # The model's diffusers pipeline defaults for [sample]: width, height, frames, steps, guidance.
+    sample_defaults: ClassVar[dict] = {}
+    # How the pipeline applies the guidance scale: "embedded" (a transformer input: FLUX.1,
+    # HunyuanVideo) or "classifier_free" (an unconditional pass on the negative prompt beside the
+    # conditional one, in one batch of two: LTX-Video).
+    sample_guidance: ClassVar[str] = "embedded"
+    # Decode in tiles (video VAEs at full size do not fit otherwise); the tiny test sizes are below
+    # one tile, so tiling changes nothing there.
+    decode_tiled: ClassVar[bool] = False
+
+    def sample_latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
+        """The unpacked latent shape of one sample (no batch dimension), as the pipeline makes it."""
+        raise NotImplementedError
+
+    def sample_noise(self, width: int, height: int, frames: int, seed: int) -> torch.Tensor:
+        """The starting latents of one sample, (1, ...): drawn as the pipeline draws them with
+        `generator=torch.Generator("cpu").manual_seed(seed)`, in the model's dtype."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (1, *self.sample_latent_shape(width, height, frames))
+        return randn_tensor(shape, generator=torch.Generator().manual_seed(seed), dtype=self.dtype)
+
+    def sample_sigmas(self, steps: int):
+        """The sigmas the pipeline hands its scheduler (before the scheduler's shift)."""
+        import numpy as np
+
+        return np.linspace(1.0, 1 / steps, steps)
+
+    def sample_scheduler(self, steps: int, latents: torch.Tensor):
+        """The model's own scheduler (from the `scheduler/` folder) set up as its pipeline sets it:
+        the pipeline's sigmas, and the shift mu from the token count (ignored by schedulers with a
+        fixed shift). Returns (scheduler, timesteps)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root / "scheduler")
+        c = scheduler.config
+        mu = calculate_shift(self.image_seq_len(latents), c.get("base_image_seq_len", 256),
+                             c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=self.sample_sigmas(steps), mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler, timesteps
+
+    def sample_timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The `timesteps` input (sigma) for scheduler timestep `t`: the pipelines pass it in the
+        dtype of the latents they step (FLUX.1 divides by 1000 there; the input layers multiply
+        by 1000 again)."""
+        return t.expand(latents.shape[0]).to(latents.dtype) / 1000
+
+    def sample_inputs(self, latents: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor],
+                      negative: dict[str, torch.Tensor] | None, guidance: float) -> dict[str, torch.Tensor]:
+        """The first layer's named inputs for one denoising step, guidance applied as the pipeline does."""
+        if self.sample_guidance == "classifier_free":
+            latents = torch.cat([latents, latents])
+            text = {k: torch.cat([negative[k], text[k]]) for k in text}
+        inputs = self.model_inputs(latents.to(self.dtype), self.sample_timestep(t, latents), text)
+        if self.sample_guidance == "embedded":
+            inputs["guidance"] = torch.full((latents.shape[0],), float(guidance))
+        return inputs
+
+    def guided_prediction(self, prediction: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The velocity the scheduler steps with, from the transformer's prediction (unpacked)."""
+        if self.sample_guidance == "classifier_free":
+            uncond, cond = prediction.float().chunk(2)
+            return uncond + guidance * (cond - uncond)
+        return prediction
+
+    def unpack_latents(self, packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """`pack_latents` undone: the prediction in the layout of latents of `shape` (batch first)."""
+        return packed.reshape(shape)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents (batch, ...) through the loaded VAE (`load_vae`): pixels (batch, 3,
+        frames, height, width) in [-1, 1], as the pipeline decodes them."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ layers (per model)
     def layers(self, transformer: nn.Module) -> list[PipelineLayer]:

@@ -120,6 +120,8 @@ class FluxModel(DiffusionModel):
                           "FluxFinalLayer": 1.0}
     full_finetune_activation_factors = {"FluxInputLayer": 0.2, "FluxDoubleBlockLayer": 28.2,
                                         "FluxSingleBlockLayer": 25.2, "FluxFinalLayer": 2.8}
+    # FluxPipeline's: 1024x1024 (its default sample size), 28 steps, embedded guidance 3.5.
+    sample_defaults = {"width": 1024, "height": 1024, "frames": 1, "steps": 28, "guidance": 3.5}
 
 
     # ---------------------------------------------------------------- encoders
@@ -175,6 +177,22 @@ class FluxModel(DiffusionModel):
         return {"latents": self.pack_latents(noisy), "text": text["text"], "pooled": text["pooled"],
                 "timesteps": timesteps.float(), "guidance": torch.full((b,), float(self.config.guidance)),
                 "img_ids": img_ids, "txt_ids": txt_ids}
+
+    # ---------------------------------------------------------------- sampling
+    def sample_latent_shape(self, width, height, frames):
+        # FluxPipeline.prepare_latents: 16 channels at 1/8 size, rounded down to whole 2x2 patches.
+        channels = self._transformer_config()["in_channels"] // 4
+        return channels, 2 * (height // 16), 2 * (width // 16)
+
+    def unpack_latents(self, packed, shape):
+        b, c, h, w = shape
+        x = packed.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(b, c, h, w)
+
+    def decode_latents(self, latents):
+        cfg = self.vae.config
+        latents = latents.to(self.device, self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+        return self.vae.decode(latents, return_dict=False)[0].unsqueeze(2)
 
     # ---------------------------------------------------------------- transformer
     def read_weights(self, keys):

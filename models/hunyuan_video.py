@@ -174,6 +174,9 @@ class HunyuanVideoModel(DiffusionModel):
                           "HunyuanSingleBlockLayer": 24.3, "HunyuanFinalLayer": 1.0}
     full_finetune_activation_factors = {"HunyuanInputLayer": 1.1, "HunyuanDoubleBlockLayer": 28.2,
                                         "HunyuanSingleBlockLayer": 26.2, "HunyuanFinalLayer": 3.0}
+    # HunyuanVideoPipeline's: 1280x720, 129 frames, 50 steps, embedded guidance 6.
+    sample_defaults = {"width": 1280, "height": 720, "frames": 129, "steps": 50, "guidance": 6.0}
+    decode_tiled = True
 
 
     # ---------------------------------------------------------------- encoders
@@ -243,6 +246,25 @@ class HunyuanVideoModel(DiffusionModel):
         return {"latents": noisy, "text": text["text"], "text_mask": text["text_mask"].long(),
                 "pooled": text["pooled"], "timesteps": timesteps.float(),
                 "guidance": torch.full((noisy.shape[0],), float(self.config.guidance))}
+
+    # ---------------------------------------------------------------- sampling
+    def sample_latent_shape(self, width, height, frames):
+        # HunyuanVideoPipeline.prepare_latents: 4x fewer frames (plus the first), 8x smaller.
+        channels = self._transformer_config()["in_channels"]
+        return channels, (frames - 1) // self.frame_multiple + 1, height // 8, width // 8
+
+    def sample_noise(self, width, height, frames, seed):
+        # HunyuanVideoPipeline draws and steps its latents in float32.
+        return super().sample_noise(width, height, frames, seed).float()
+
+    def sample_sigmas(self, steps):
+        import numpy as np
+
+        return np.linspace(1.0, 0.0, steps + 1)[:-1]
+
+    def decode_latents(self, latents):
+        latents = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents, return_dict=False)[0]
 
     # ---------------------------------------------------------------- transformer
     def read_weights(self, keys):

@@ -131,6 +131,10 @@ class LTXVideoModel(DiffusionModel):
     # block: the first keeps less); full fine-tuning keeps 16% more.
     activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 37.5, "LTXFinalLayer": 1.0}
     full_finetune_activation_factors = {"LTXInputLayer": 0.3, "LTXBlockLayer": 43.4, "LTXFinalLayer": 3.0}
+    # LTXPipeline's: 704x512, 161 frames, 50 steps, classifier-free guidance 3 on a negative prompt.
+    sample_defaults = {"width": 704, "height": 512, "frames": 161, "steps": 50, "guidance": 3.0}
+    sample_guidance = "classifier_free"
+    decode_tiled = True
 
 
     # ---------------------------------------------------------------- encoders
@@ -200,6 +204,30 @@ class LTXVideoModel(DiffusionModel):
                 "timesteps": timesteps.float(),
                 # the token grid after patching: the rotary positions enumerate tokens
                 "grid": torch.tensor([frames // patch_t, height // patch, width // patch])}
+
+    # ---------------------------------------------------------------- sampling
+    def sample_latent_shape(self, width, height, frames):
+        # LTXPipeline.prepare_latents: 8x fewer frames (plus the first), 32x smaller.
+        channels = self._transformer_config()["in_channels"]
+        return channels, (frames - 1) // self.frame_multiple + 1, height // 32, width // 32
+
+    def sample_noise(self, width, height, frames, seed):
+        # LTXPipeline draws and steps its latents in float32, whatever the transformer's dtype.
+        return super().sample_noise(width, height, frames, seed).float()
+
+    def unpack_latents(self, packed, shape):
+        patch, patch_t = self._patch
+        b, c, f, h, w = shape
+        return LTXPipeline._unpack_latents(packed, f // patch_t, h // patch, w // patch, patch, patch_t)
+
+    def decode_latents(self, latents):
+        vae = self.vae
+        latents = LTXPipeline._denormalize_latents(latents.to(self.device, torch.float32), vae.latents_mean,
+                                                   vae.latents_std, vae.config.scaling_factor).to(self.dtype)
+        # The pipeline's default decode_timestep 0 with noise scale 0: the latents as they are.
+        timestep = torch.zeros(latents.shape[0], device=self.device, dtype=latents.dtype) \
+            if vae.config.timestep_conditioning else None
+        return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
 
     # ---------------------------------------------------------------- transformer
     def read_weights(self, keys):

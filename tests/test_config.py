@@ -370,3 +370,38 @@ def test_run_folder_config_copies_never_hold_a_token(tmp_path, monkeypatch):
     assert printed == [f"warning: {tmp_path / name}: {n} token or key value(s) replaced by <redacted> in the run "
                        f"folder's copy; keep secrets out of config files (set HF_TOKEN in the environment, or run "
                        f"`hf auth login`)" for name, n in (("train.toml", 2), ("dataset.toml", 2))]
+
+
+def test_sample_table_resolves_every_setting(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\n  a dog on a hill  \n")
+    train = TRAIN + '''
+[sample]
+prompts = ["a red fox", { prompt = "a ship", seed = 7, width = 512, guidance = 5.0 }]
+prompts_file = "prompts.txt"
+height = 768
+every_n_steps = 100
+'''
+    config = load_train_config(write(tmp_path, train))
+    requests = config.samples
+    assert [r.prompt for r in requests] == ["a red fox", "a ship", "a cat", "a dog on a hill"]
+    assert [r.index for r in requests] == [0, 1, 2, 3]
+    # The prompt's own value, else [sample]'s, else FluxPipeline's default (seed: the top-level one).
+    assert [(r.width, r.height, r.seed, r.guidance) for r in requests[:2]] == [(1024, 768, 42, 3.5),
+                                                                              (512, 768, 7, 5.0)]
+    assert {(r.steps, r.frames) for r in requests} == {(28, 1)}
+    assert config.settings.sample.every_n_steps == 100
+
+
+@pytest.mark.parametrize("sample, expected", [
+    ('prompts = []', "'sample.prompts' lists no prompt"),
+    ('prompts = ["a cat", "  "]', "'sample.prompts[1]' is an empty prompt"),
+    ('prompts = ["a cat"]\nwidth = 1000', "'sample.width' = 1000 is not a multiple of 16"),
+    ('prompts = ["a cat", { prompt = "x", height = 40 }]', "'sample.prompts[1].height' = 40 is not a multiple of 16"),
+    ('prompts = ["a cat"]\nframes = 9', "'sample.frames' = 9: model type 'flux' makes images (1 frame)"),
+    ('prompts = ["a cat"]\nsteps = 0', "'sample.steps' must be at least 1, got 0"),
+    ('prompts_file = "missing.txt"', "'sample.prompts_file' is not a file"),
+    ('prompts = ["a cat"]\nevery_n_step = 3', "unknown key 'sample.every_n_step' (did you mean 'every_n_steps'?)"),
+])
+def test_bad_sample_settings_are_one_line_errors_naming_the_key(tmp_path, sample, expected):
+    message = error(tmp_path, TRAIN + f"\n[sample]\n{sample}\n")
+    assert message.startswith(str(tmp_path / "train.toml")) and expected in message and "\n" not in message

@@ -19,7 +19,8 @@ from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
 from models import MODEL_CLASSES, get_model_class
 from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EmaConfig, EvalDatasetConfig,
-                          ModelConfig, OptimizerConfig, TrainConfigFile, load_train_config)
+                          ModelConfig, OptimizerConfig, SampleConfig, SamplePrompt, TrainConfigFile,
+                          load_train_config)
 
 EXAMPLES = REPO / "examples"
 FLUX = EXAMPLES / "flux.toml"
@@ -33,6 +34,8 @@ DOCUMENTED_IN = {
     OptimizerConfig: (FLUX, "optimizer"),
     EmaConfig: (FLUX, "ema"),
     EvalDatasetConfig: (FLUX, "eval_datasets"),
+    SampleConfig: (FLUX, "sample"),
+    SamplePrompt: (FLUX, "sample.prompts"),
     DatasetConfig: (DATASET, ""),
     BucketSettings: (DATASET, ""),
     DirectoryConfig: (DATASET, "directory"),

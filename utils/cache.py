@@ -128,13 +128,28 @@ def remove_caches(folders, model_name: str) -> None:
         shutil.rmtree(cache_dir(folder, model_name), ignore_errors=True)
 
 
-class DatasetCache:
-    """The cache stores of every dataset folder a run uses, for one model type."""
+@dataclass(frozen=True)
+class _Text:
+    """A text to embed: a caption, or a sample prompt; stored in `folder`'s text store."""
 
-    def __init__(self, model, samples: list[Sample]):
+    caption: str
+    text_key: str
+    folder: Path
+
+
+class DatasetCache:
+    """The cache stores of every dataset folder a run uses, for one model type.
+
+    `prompts` (the [sample] prompts and negative prompt) are embedded with the captions, into the
+    first folder's text store, keyed as a caption: a prompt that is also a caption is stored once.
+    Without samples, `text_folder` is that folder (prompts only: tools/sample.py).
+    """
+
+    def __init__(self, model, samples: list[Sample], prompts: list[str] = (), text_folder: Path | None = None):
         self.model = model
         self.samples = samples
-        self.folders = sorted({s.item.path.parent for s in samples})
+        self.prompts = list(dict.fromkeys(prompts))
+        self.folders = sorted({s.item.path.parent for s in samples}) or [text_folder]
 
     def cache_dir(self, folder: Path) -> Path:
         return cache_dir(folder, self.model.name)
@@ -181,14 +196,16 @@ class DatasetCache:
         # The empty caption (caption dropout, once per folder) and shuffled captions: entries of their own.
         extra = [_with_caption(c, "", c.empty_key) for c in keyed if c.empty_key]
         extra += [_with_caption(c, caption, key) for c in keyed for caption, key in c.variants]
-        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed + extra
-                             if c.text_key not in text_stores[c.folder]))
+        text_sig = self.model.text_cache_signature()
+        texts = [_Text(c.sample.item.caption, c.text_key, c.folder) for c in keyed + extra]
+        texts += [_Text(p, _sha(p, text_sig), self.folders[0]) for p in self.prompts]
+        todo_text = _unique((((c.folder, c.text_key), c) for c in texts if c.text_key not in text_stores[c.folder]))
         if todo_text:
             self.model.load_text_encoders(device)
             _encode_distributed(
                 todo_text, text_stores, batch_size, rank, world, "Caching text embeddings",
                 group_of=lambda c: "",
-                encode=lambda batch: self.model.encode_captions([c.sample.item.caption for c in batch]),
+                encode=lambda batch: self.model.encode_captions([c.caption for c in batch]),
                 problems=problems)
             self.model.free_encoders()
 
@@ -218,7 +235,8 @@ class DatasetCache:
         bad = {p for p, _ in problems}
         usable = [c for c in keyed if c.sample.item.path not in bad
                   and c.latent_key in latent_stores[c.folder] and all(k in text_stores[c.folder] for k in _text_keys(c))]
-        return CacheReader(usable, latent_stores, text_stores, problems, encoded)
+        prompt_keys = {p: (self.folders[0], _sha(p, text_sig)) for p in self.prompts}
+        return CacheReader(usable, latent_stores, text_stores, problems, encoded, prompt_keys)
 
 
 def _text_keys(c: CachedSample) -> list[str]:
@@ -314,8 +332,10 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
 class CacheReader:
     """Cached tensors of the usable samples, read from the memory-mapped stores."""
 
-    def __init__(self, samples: list[CachedSample], latent_stores, text_stores, problems, encoded: int):
+    def __init__(self, samples: list[CachedSample], latent_stores, text_stores, problems, encoded: int,
+                 prompt_keys: dict[str, tuple[Path, str]] | None = None):
         self.samples = samples
+        self.prompt_keys = prompt_keys or {}
         self.latent_stores = latent_stores
         self.text_stores = text_stores
         self.problems = problems
@@ -329,3 +349,8 @@ class CacheReader:
         empty caption's or a shuffled variant's entry)."""
         c = self.samples[index]
         return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(text_key or c.text_key)
+
+    def prompt_text(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The cached text embedding of a sample prompt (one given to the cache as `prompts`)."""
+        folder, text_key = self.prompt_keys[prompt]
+        return self.text_stores[folder].get(text_key)

@@ -418,7 +418,10 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         log(plan)
         if not full:
             log(describe_targets(transformer))
-        estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
+        sample_tokens = max((model.tokens_per_sample(r.width, r.height, r.frames) or 0 for r in config.samples),
+                            default=0) or None
+        estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                    sample_tokens=sample_tokens)
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))
         if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:

@@ -320,3 +320,26 @@ def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 
     if frames != 1 or clip_start != 0:
         raise ValueError(f"{path}: an image has one frame; asked for {frames} from frame {clip_start}")
     return fit_to_bucket(load_image(path), width, height).unsqueeze(1)
+
+
+def write_video(path: Path | str, frames: np.ndarray, fps: float) -> None:
+    """Write RGB frames (frames, height, width, 3; uint8) as an MP4: H.264 when PyAV's FFmpeg
+    has an encoder for it, else MPEG-4. Even sizes only (yuv420p)."""
+    codec = None
+    for name in ("libx264", "mpeg4"):
+        try:
+            av.codec.Codec(name, "w")
+            codec = name
+            break
+        except (av.FFmpegError, ValueError):
+            continue
+    if codec is None:
+        raise RuntimeError("PyAV's FFmpeg can encode neither H.264 (libx264) nor MPEG-4")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

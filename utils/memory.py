@@ -67,6 +67,9 @@ class StageEstimate:
     # While the weights load: with float8 storage they arrive in model.dtype and are quantized
     # once all are there (utils/engine.load_stage), so this peak can exceed training's.
     loading: int = 0
+    # Drawing [sample]s between steps (utils/sampling.py): the weights, optimizer state and
+    # gradients stay; a forward without gradients holds about one layer's activations at a time.
+    sampling: int | None = None
 
     @property
     def training(self) -> int:
@@ -149,8 +152,10 @@ def checkpointed(layer, mode, model) -> bool:
     return False
 
 
-def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden: int | None) -> list[StageEstimate]:
-    """The estimate for every pipeline stage; `tokens`: the most tokens one sample gives."""
+def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden: int | None,
+             sample_tokens: int | None = None) -> list[StageEstimate]:
+    """The estimate for every pipeline stage; `tokens`: the most tokens one sample gives;
+    `sample_tokens`: the most one [sample] request gives (None: no samples)."""
     s = config.settings
     infos = param_infos(model, layers, config)
     compute = model.dtype
@@ -222,6 +227,12 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
             else:
                 during = max(sum(grads[j:]) + kept_j + recompute_j for j, (kept_j, recompute_j) in enumerate(sweep))
             est.working = int(max(est.working, during))
+            if sample_tokens:
+                # One micro-batch per sample, two rows with classifier-free guidance; the largest
+                # layer's kept-activation factor stands for its forward's transient memory.
+                rows = 2 if model.sample_guidance == "classifier_free" else 1
+                transient = max(factors, default=0) * sample_tokens * hidden * _size(compute) * rows
+                est.sampling = int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
         result.append(est)
     return result
 
@@ -246,6 +257,10 @@ def describe(estimates: list[StageEstimate], config, tokens: int | None, device_
                      + (f" (while the weights load, before float8 quantization; training {g(e.training)})"
                         if e.loading > e.training else "")
                      + (f"; plus {g(e.swapped)} of swapped blocks' weights in CPU memory" if e.swapped else ""))
+    sampling = [e for e in estimates if e.sampling is not None]
+    if sampling:
+        lines.append("  while drawing samples: " + ", ".join(f"stage {e.stage} {g(e.sampling)}" for e in sampling)
+                     + "; rank 0 also loads the VAE to decode them (its weights and decoding activations)")
     if device_total:
         for e in estimates:
             if e.total > device_total:

@@ -16,12 +16,14 @@ _UPSCALE_NOTE_BELOW = 0.5
 
 
 def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: int, caching_batch_size: int,
-                    regenerate: bool, rank: int, world: int, device: torch.device, log=print) -> CacheReader:
+                    regenerate: bool, rank: int, world: int, device: torch.device, log=print,
+                    prompts: list[str] = ()) -> CacheReader:
     """Scan `dataset`, print its bucket table, and return a reader over its cached tensors.
 
     Items that cannot be used (no caption, unreadable file, video shorter than every frame
     bucket, a file that fails to encode) are listed by path in one summary after caching, never
-    silently dropped; the rest train. Raises DataError, the same on every rank, when nothing is
+    silently dropped; the rest train. `prompts` (sample prompts) are embedded into the text cache
+    too (`CacheReader.prompt_text`). Raises DataError, the same on every rank, when nothing is
     left to train on, when a directory has missing_caption = "error" and a caption is missing,
     or when the dataset is `strict` and any file cannot be used.
     """
@@ -47,7 +49,7 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
             log(note)
         if skipped:
             log(f"note: {len(skipped)} file(s) cannot be used; they are listed once the cache is filled")
-    cache = DatasetCache(model, samples)
+    cache = DatasetCache(model, samples, prompts)
     if regenerate:
         regenerate_caches([dataset], model, rank, world, log=lambda *_: None)
     reader = cache.build(device, caching_batch_size, rank, world, log=log)

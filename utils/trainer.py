@@ -18,6 +18,7 @@ from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
+from utils.sampling import Sampler
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
 # Steps after the first whose median the start-up report compares the first step with.
@@ -89,6 +90,10 @@ class Trainer:
         self.last_checkpoint_time = time.monotonic()
         # A finished run resumed trains nothing: it leaves the logs as they are.
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total)
+        sample = s.sample
+        self.sampler = Sampler(model, engine, config.samples, train, run_dir / "samples", rank, device,
+                               log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
+        self.sample_schedule = Schedule(sample.every_n_steps, sample.every_n_epochs) if sample else None
         self.stop_signal: int | None = None
         # time.time() when train.py started: the start-up report measures from there.
         self.launched = launched if launched is not None else time.time()
@@ -288,6 +293,8 @@ class Trainer:
             return self.losses
         if s.eval_at_start and self.step == 0:
             self.log_eval()
+        if self.sampler and s.sample.at_start and self.step == 0:
+            self.sampler.run(0)
         while self.step < self.total:
             signum = self.stop_requested()
             if signum:
@@ -333,6 +340,8 @@ class Trainer:
                 break
             if self.eval_schedule.due(self.step, spe):
                 self.log_eval()
+            if self.sampler and self.sample_schedule.due(self.step, spe):
+                self.sampler.run(self.step)
             if self.save_schedule.due(self.step, spe):
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
@@ -341,6 +350,8 @@ class Trainer:
             self.report_startup()  # a run too short for the full report: what it has
         if self.evals:
             self.log_eval()
+        if self.sampler:
+            self.sampler.run(self.step)
         self.save("final")
         if self.checkpoints_enabled():
             self.checkpoint()  # so a longer run can resume from the end of this one

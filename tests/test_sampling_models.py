@@ -1,0 +1,177 @@
+"""Each model's sampling pieces (models/*.py `sample_*`, utils/sampling.Sampler) against its own
+diffusers pipeline, in one process: the Sampler's loop driving the model's pipeline layers (with
+a LoRA) in place of the DeepSpeed engine, beside the pipeline with that LoRA saved and loaded.
+The DeepSpeed path itself is tests/test_sampling.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
+from test_video_models import engine_like_transformer, make_model
+from utils.config import AdapterConfig, SampleRequest
+from utils.sampling import Sampler, sample_prompts, to_uint8
+
+MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video}
+SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5)}
+
+
+class LayersEngine:
+    """What Sampler needs of DeepSpeed's PipelineEngine: one stage, one replica, eval_batch
+    running the layers in order on each micro-batch."""
+
+    num_stages, stage_id = 1, 0
+
+    def __init__(self, layers):
+        self.layers = layers
+
+        class Grid:
+            get_data_parallel_rank = staticmethod(lambda: 0)
+            get_data_parallel_world_size = staticmethod(lambda: 1)
+
+        self.grid = Grid()
+
+    def eval_batch(self, batches, num_micro_batches, **_):
+        outputs = []
+        with torch.no_grad():
+            for inputs, _labels in batches:
+                x = inputs
+                for layer in self.layers:
+                    x = layer(x)
+                outputs.append(x)
+        assert len(outputs) == num_micro_batches
+        return outputs
+
+
+class Texts:
+    """CacheReader.prompt_text, from the model's encoders directly."""
+
+    def __init__(self, model, prompts):
+        model.load_text_encoders(torch.device("cpu"))
+        with torch.no_grad():
+            self.embedded = dict(zip(prompts, model.encode_captions(prompts)))
+        model.free_encoders()
+
+    def prompt_text(self, prompt):
+        return self.embedded[prompt]
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
+    root = tmp_path / "models"
+    MAKERS[name](root)
+    model = make_model(name, root, max_sequence_length=32)
+    adapter = AdapterConfig(rank=4, alpha=8.0)
+    transformer, layers = engine_like_transformer(model, adapter)
+    model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
+
+    width, height, frames = SHAPES[name]
+    guidance = 2.5 if model.sample_guidance == "classifier_free" else 4.0
+    request = SampleRequest(index=0, prompt="a red circle", seed=3, width=width, height=height, frames=frames,
+                            steps=3, guidance=guidance, negative_prompt="blurry")
+    texts = Texts(model, sample_prompts([request], model))
+    sampler = Sampler(model, LayersEngine(layers), [request], texts, tmp_path / "samples", 0, torch.device("cpu"))
+    ours = sampler.denoise()[0]
+
+    pipe = model.pipeline_class.from_pretrained(root / name, dtype=torch.float32)
+    pipe.load_lora_weights(tmp_path / "lora")
+    call = dict(prompt=request.prompt, width=width, height=height, num_inference_steps=request.steps,
+                guidance_scale=guidance, max_sequence_length=32)
+    if frames > 1:
+        call["num_frames"] = frames
+    if model.sample_guidance == "classifier_free":
+        call["negative_prompt"] = request.negative_prompt
+    if name == "hunyuan-video":
+        # The pipeline crops the release tokenizer's template length (95); the model measures it
+        # for the tokenizer it has (template_crop_start), here the tiny one's.
+        call["prompt_template"] = {"template": model.prompt_template, "crop_start": model.crop_start}
+    theirs = pipe(**call, generator=torch.Generator().manual_seed(request.seed), output_type="latent")
+    theirs = theirs.images if name == "flux" else theirs.frames
+    # FLUX.1 and LTX-Video return their packed latents, HunyuanVideo its unpacked ones.
+    expected = theirs if theirs.dim() == 3 else model.pack_latents(theirs)
+    torch.testing.assert_close(model.pack_latents(ours), expected, rtol=1e-4, atol=1e-5)
+
+    # Decoded as the pipeline decodes, to the same 8-bit pixels.
+    picture = pipe(**call, generator=torch.Generator().manual_seed(request.seed), output_type="pt")
+    picture = picture.images.unsqueeze(1) if name == "flux" else picture.frames  # (1, frames, 3, h, w)
+    expected = (picture[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    model.load_vae(torch.device("cpu"))
+    with torch.no_grad():
+        drawn = to_uint8(model.decode_latents(ours)[0])
+    model.free_encoders()
+    assert drawn.shape == expected.shape == (frames, height, width, 3)
+    assert abs(drawn.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
+    """The estimate printed at start has a line for drawing samples: the stage's weights,
+    optimizer state and gradients, plus one layer's activations for the largest sample."""
+    from conftest import write_configs
+    from models import get_model_class
+    from utils import memory
+    from utils.config import load_train_config
+    from utils.engine import plan_stages
+
+    sample = {"prompts": ["a cat", {"prompt": "a dog", "width": 128, "height": 96}], "width": 64, "height": 64}
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample))
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    tokens = max(model.tokens_per_sample(r.width, r.height, r.frames) for r in config.samples)
+    assert tokens == (128 // 16) * (96 // 16) + 32
+    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
+    transient = max(model.activation_factors.values()) * tokens * 32 * 4
+    assert est.sampling == int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
+    assert "while drawing samples: stage 0 " in memory.describe([est], config, 100)
+    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
+    assert est.sampling is None and "drawing samples" not in memory.describe([est], config, 100)
+
+
+def test_share_out_gives_every_replica_the_same_number_of_forwards():
+    from utils.sampling import share_out
+
+    def request(i, width):
+        return SampleRequest(index=i, prompt=f"p{i}", seed=0, width=width, height=64, frames=1, steps=4,
+                             guidance=1.0, negative_prompt="")
+
+    requests = [request(0, 64), request(1, 96), request(2, 64), request(3, 64)]
+    rounds = share_out(requests, 2)
+    # One round per shape; in each, the replicas hold the same count (None pads).
+    assert [[[r and r.index for r in slots] for slots in rnd] for rnd in rounds] == [[[0, 3], [2, None]],
+                                                                                   [[1], [None]]]
+
+
+def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_models):
+    from models.flux import FluxModel
+
+    class DecodeFailsForWidePictures(FluxModel):
+        def decode_latents(self, latents):
+            if latents.shape[-1] == 96 // 8:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\n(details)")
+            return super().decode_latents(latents)
+
+    model = make_model("flux", tiny_models, max_sequence_length=32)
+    model = DecodeFailsForWidePictures(model.config)
+    transformer, layers = engine_like_transformer(model, AdapterConfig(rank=4, alpha=4.0))
+    requests = [SampleRequest(index=i, prompt=p, seed=0, width=w, height=48, frames=1, steps=2, guidance=3.5,
+                              negative_prompt="") for i, (p, w) in enumerate([("a cat", 64), ("a dog", 96)])]
+    texts = Texts(model, [r.prompt for r in requests])
+    lines = []
+    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    assert sampler.run(3) is False
+    assert lines[0] == ("step 3: sample 1 ('a dog'): OutOfMemoryError: CUDA out of memory. Tried to allocate "
+                        "9.00 GiB; training goes on")
+    assert lines[1].startswith(f"step 3: 1 sample(s) in {tmp_path / 'step00000003'}")
+    assert sorted(p.name for p in (tmp_path / "step00000003").iterdir()) == ["0.png", "index.json",
+                                                                             "latents.safetensors"]
+    assert model.vae is None  # freed after decoding, failure or not
+
+    class FailingEngine(LayersEngine):
+        def eval_batch(self, *_, **__):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+
+    lines.clear()
+    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    assert sampler.run(4) is False
+    assert lines == ["step 4: samples failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB; "
+                     "training goes on"]
