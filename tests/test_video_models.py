@@ -184,10 +184,10 @@ def test_partition_type_must_match_a_layer_class(video_models):
                            eval_datasets=[], output_dir=Path("o"))
 
     assert plan_stages(model, config("type:BlockLayer"))[2] == [0, 3, 6]
-    # "auto" for a LoRA: "blocks", the same number of blocks per stage (their compute)
-    transformer, layers, parts = plan_stages(model, config("auto"))
+    # "blocks": the same number of blocks per stage
+    transformer, layers, parts = plan_stages(model, config("blocks"))
     assert parts == [0, 3, 6]
-    assert resolve_partition_method("auto", layers, full_finetune=True) == "parameters"
+    assert resolve_partition_method("parameters", layers, full_finetune=True) == "parameters"
     assert resolve_partition_method("blocks", layers, full_finetune=True) == \
         "type:^(HunyuanDoubleBlockLayer|HunyuanSingleBlockLayer)$"
     with pytest.raises(ConfigError, match=r"'type:HunyuanBlockLayer' matches none of the hunyuan-video layer classes "

@@ -438,7 +438,7 @@ class TrainConfigFile:
     pipeline_stages: int = 1
     # The last N transformer blocks keep their frozen weights in CPU memory (utils/block_swap.py).
     blocks_to_swap: int = 0
-    partition_method: str = "auto"
+    partition_method: str = "parameters"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
     warmup_steps: int = 0
@@ -493,9 +493,9 @@ class TrainConfigFile:
                   "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
         check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
-        check(self.partition_method in ("auto", "blocks", "parameters", "uniform")
+        check(self.partition_method in ("blocks", "parameters", "uniform")
               or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'auto', 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
+              file, "partition_method", "must be 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
         if self.partition_method.startswith("type:"):
             _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]

@@ -203,15 +203,10 @@ def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallel
 def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
     """`partition_method` as DeepSpeed's PipelineModule takes it.
 
-    "blocks" balances the transformer blocks, the layers' compute: the input and output layers
-    weigh almost nothing, and an MMDiT double-stream block applies twice a single-stream block's
-    weights to the two halves of the same tokens, so the same work (balancing parameters instead
-    put 18 of FLUX.1's 57 blocks on the first of 2 stages and 39 on the second). "auto" is
-    "blocks" for a LoRA and "parameters" for full fine-tuning, where the weights, their
-    gradients and optimizer state fill the GPUs and must be spread evenly.
+    "blocks" puts the same number of transformer blocks on every stage (the input and output
+    layers count as nothing). Not the default: on 2 H100s a FLUX.1 LoRA ran slower split by blocks
+    (29 + 28) than by parameters (18 + 39), see docs/benchmarks.md.
     """
-    if method == "auto":
-        method = "parameters" if full_finetune else "blocks"
     if method == "blocks":
         names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
         return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"
