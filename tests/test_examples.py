@@ -19,7 +19,7 @@ from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
 from models import MODEL_CLASSES, get_model_class
 from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EvalDatasetConfig,
-                          ModelConfig, OptimizerConfig, TrainConfigFile, load_train_config)
+                          ModelConfig, MonitoringConfig, OptimizerConfig, TrainConfigFile, load_train_config)
 
 EXAMPLES = REPO / "examples"
 FLUX = EXAMPLES / "flux.toml"
@@ -32,6 +32,7 @@ DOCUMENTED_IN = {
     AdapterConfig: (FLUX, "adapter"),
     OptimizerConfig: (FLUX, "optimizer"),
     EvalDatasetConfig: (FLUX, "eval_datasets"),
+    MonitoringConfig: (FLUX, "monitoring"),
     DatasetConfig: (DATASET, ""),
     BucketSettings: (DATASET, ""),
     DirectoryConfig: (DATASET, "directory"),

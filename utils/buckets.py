@@ -1,6 +1,7 @@
 """Buckets: the shapes items are trained at, which item goes where, and batching.
 
-Each configured resolution gives a set of bucket shapes of about the same area. Every item goes
+Each configured resolution is an area (a side r: r x r pixels; a pair [w, h]: w x h pixels, as in
+diffusion-pipe) and gives a set of bucket shapes of about that area. Every item goes
 to the bucket nearest its aspect ratio for every resolution of its directory. Its frame count
 comes from the directory's `frame_buckets`: the largest one that fits the item (an image is a
 one-frame video), with clips cut from longer videos by `video_clip_mode`. Only an item shorter
@@ -98,13 +99,18 @@ def _aspect_ratios(settings: BucketSettings) -> list[float]:
     return [math.exp(math.log(low) + i * step) for i in range(count)]
 
 
+def resolution_area(resolution: Optional[Resolution]) -> int:
+    """Pixels of a configured resolution: r * r for a side, w * h for a pair (0 for none)."""
+    if resolution is None:
+        return 0
+    return resolution * resolution if isinstance(resolution, int) else resolution[0] * resolution[1]
+
+
 def _shapes_for(resolution: Resolution, settings: BucketSettings, size_multiple: int) -> list[Bucket]:
-    if not isinstance(resolution, int):
-        width, height = resolution
-        return [Bucket(width, height)]
+    area = resolution_area(resolution)
     if not settings.enable_ar_bucket:
-        return [Bucket(resolution, resolution)]
-    area = resolution * resolution
+        side = _round_to_multiple(math.sqrt(area), size_multiple)
+        return [Bucket(side, side)]
     shapes = {Bucket(_round_to_multiple(math.sqrt(area * ar), size_multiple),
                      _round_to_multiple(math.sqrt(area / ar), size_multiple))
               for ar in _aspect_ratios(settings)}
@@ -114,10 +120,10 @@ def _shapes_for(resolution: Resolution, settings: BucketSettings, size_multiple:
 def bucket_shapes(settings: BucketSettings, size_multiple: int) -> dict[Resolution, list[Bucket]]:
     """Bucket shapes per configured resolution, each list sorted by aspect ratio.
 
-    An int resolution r gives shapes of area about r*r at `num_ar_buckets` aspect ratios spaced
-    evenly in log space over [min_ar, max_ar] (or just r x r without AR buckets), with sides
-    rounded to multiples of `size_multiple`; duplicates after rounding are removed. A (w, h)
-    resolution gives exactly that shape.
+    A resolution r gives shapes of area about r*r, a (w, h) resolution of area about w*h, at
+    `num_ar_buckets` aspect ratios spaced evenly in log space over [min_ar, max_ar] (or one square
+    of that area without AR buckets), with sides rounded to multiples of `size_multiple`;
+    duplicates after rounding are removed.
     """
     if size_multiple < 1:
         raise ValueError(f"size_multiple must be at least 1, got {size_multiple}")
@@ -137,8 +143,10 @@ def _nearest_multiples(value: int, multiple: int) -> str:
 
 def _check_resolution(resolution: Resolution, size_multiple: int, model_name: str,
                       file, where: str, is_default: bool = False) -> None:
-    sides = [("", resolution)] if isinstance(resolution, int) else \
-        [("width ", resolution[0]), ("height ", resolution[1])]
+    # A pair is an area: its sides are no bucket's, and the buckets are rounded anyway.
+    sides = [("", resolution)] if isinstance(resolution, int) else []
+    if not isinstance(resolution, int) and min(resolution) <= 0:
+        raise ConfigError(f"{file}: '{where}' must be positive, got {list(resolution)!r}")
     # Shown as written in TOML: a (w, h) pair is a list there.
     shown = resolution if isinstance(resolution, int) else list(resolution)
     value_text = f"is not set, and the default is {shown!r}" if is_default else f"is {shown!r}"
@@ -164,8 +172,9 @@ def _resolution_source(dataset: Dataset, directory_index: int) -> tuple[str, Opt
 
 
 def check_resolutions(dataset: Dataset, size_multiple: int, model_name: str) -> None:
-    """Raise ConfigError naming the dataset file and key of the first resolution that is not a
-    positive multiple of `size_multiple` (the model's patch/latent granularity)."""
+    """Raise ConfigError naming the dataset file and key of the first side resolution that is not a
+    positive multiple of `size_multiple` (the model's patch/latent granularity); a (w, h) pair is an
+    area and only needs to be positive."""
     raw: Optional[DatasetConfig] = dataset.raw
     # Dataset-level values are checked even where every directory overrides them: they are
     # still wrong in the file.
@@ -377,11 +386,6 @@ def format_bucket_table(samples: list[Sample], micro_batch_size: int,
     item_resolutions = len(clips)
     # Some item gives more than one sample per resolution: it was cut into several clips.
     several_clips = item_resolutions < len(samples)
-
-    def resolution_area(resolution: Optional[Resolution]) -> int:
-        if resolution is None:
-            return 0
-        return resolution * resolution if isinstance(resolution, int) else resolution[0] * resolution[1]
 
     # Rows grouped by configured resolution (smallest first), then by aspect ratio.
     def row_order(bucket: Bucket):

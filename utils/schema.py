@@ -119,6 +119,50 @@ def _convert_item(value, tp, where, file):
         raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {redacted(repr(value))}") from None
 
 
+def _table_types(tp) -> tuple[type | None, bool]:
+    """The dataclass a field of type `tp` holds as a table (or None), and whether it is a list of them."""
+    if dataclasses.is_dataclass(tp):
+        return tp, False
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            found = _table_types(option)
+            if found[0] is not None:
+                return found
+    if origin is list and get_args(tp) and dataclasses.is_dataclass(get_args(tp)[0]):
+        return get_args(tp)[0], True
+    return None, False
+
+
+def unknown_keys(cls, table: dict, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Every key of `table` and of its nested tables that `cls` does not have, as (dotted key,
+    the valid names beside it), so that all of them can be reported at once."""
+    hints = typing.get_type_hints(cls)
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    found = []
+    for key, value in table.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            found.append((where, fields))
+            continue
+        inner, is_list = _table_types(hints[key])
+        if inner is None:
+            continue
+        if is_list and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    found += unknown_keys(inner, item, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            found += unknown_keys(inner, value, where)
+    return found
+
+
+def near_name_hint(key: str, valid: list[str]) -> str:
+    """' (did you mean ...?)' for the nearest valid name, or the list of valid names."""
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(valid))}"
+
+
 def build(cls, table: dict, file: Path | str, prefix: str = ""):
     """Build dataclass `cls` from a TOML table, validating keys and types.
 
@@ -132,9 +176,7 @@ def build(cls, table: dict, file: Path | str, prefix: str = ""):
     for key, value in table.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(fields))}"
-            raise ConfigError(f"{file}: unknown key '{where}'{hint}")
+            raise ConfigError(f"{file}: unknown key '{where}'{near_name_hint(key, list(fields))}")
         kwargs[key] = _convert_item(value, hints[key], where, file)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

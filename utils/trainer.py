@@ -69,7 +69,7 @@ class Trainer:
         self.eval_schedule = Schedule(s.eval_every_n_steps, s.eval_every_n_epochs)
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
-        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0)
+        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0, monitoring=s.monitoring)
         self.stop_signal: int | None = None
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
         self.losses: list[float] = self._read_history("losses.json")[:start_step]
