@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from models.base import DiffusionModel
-from models.flux_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
+from models.flux_layout import FluxLayout, diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -211,6 +211,10 @@ class FluxModel(DiffusionModel):
     def extra_lora_formats(self, lora):
         # ComfyUI and the original inference code load LoRAs against the original key layout.
         return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
+
+    def original_key_layout(self):
+        config = self._transformer_config()
+        return FluxLayout.for_config(config), FluxLayout.dims(config)
 
     def _transformer_config(self):
         return self.transformer_class.load_config(self.transformer_folder())
