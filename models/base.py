@@ -496,8 +496,9 @@ class DiffusionModel:
                   metadata={"format": "pt", "trainer_model_type": self.name})
         written = [diffusers_file]
         for filename, tensors in self.extra_lora_formats(scaled).items():
-            save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out_dir / filename,
-                      metadata={"format": "pt"})
+            # kohya's alpha scalars stay float32: exact at any rank.
+            save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
+                      out_dir / filename, metadata={"format": "pt"})
             written.append(out_dir / filename)
         return written
 

@@ -197,3 +197,33 @@ def test_an_untrained_comfyui_file_loads_as_zero_changes(tmp_path, tiny_models):
     model.save_lora(lora, adapter, tmp_path / "zero", torch.float32)
     got = loaded_changes(model, transformer, tmp_path / "zero" / "lora_comfyui.safetensors", adapter)
     assert_same_changes(changes(lora, 1.0), got)
+
+
+def test_flux_comfyui_file_loads_in_diffusers_exactly_at_the_released_width(tmp_path):
+    # diffusers' kohya FLUX.1 converter hard-codes the released width (3072; linear1 split 3072 x 3 +
+    # 12288), so the check runs there: one double and one single block, weights allocated, never
+    # initialised (only the LoRA values are compared).
+    from accelerate import init_empty_weights
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    config = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True)
+    (tmp_path / "model" / "transformer").mkdir(parents=True)
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel(**config)
+    transformer.save_config(tmp_path / "model" / "transformer")
+    model = FluxModel(FluxConfig(type="flux", diffusers_path=str(tmp_path / "model"), dtype="float32"))
+    adapter = AdapterConfig(rank=2, alpha=4.0)
+    _, lora = materialised(model, adapter, seed=4)
+    files = model.save_lora(lora, adapter, tmp_path / "final", torch.float32)
+    comfy = tmp_path / "final" / "lora_comfyui.safetensors"
+    assert comfy in files
+
+    converted = FluxPipeline.lora_state_dict(comfy)  # raises on any key it cannot place
+    transformer = transformer.to_empty(device="cpu")
+    FluxPipeline.load_lora_into_transformer(converted, network_alphas=None, transformer=transformer)
+    loaded = {n.replace(".default_0.", "."): p for n, p in transformer.named_parameters() if "lora_" in n}
+    # Every module of our LoRA, nothing else, and the same weight change (scale 2 inside B).
+    assert_same_changes(changes(lora, 2.0), changes(loaded, 1.0))
+    # The diffusers file of the same save loads to the same modules.
+    assert sorted(FluxPipeline.lora_state_dict(files[0])) == sorted(converted)
