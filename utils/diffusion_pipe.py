@@ -62,6 +62,10 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
                              "same number of transformer blocks; " + _REMOVE,
     ("model", "ckpt_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo"),
     ("model", "single_file_path"): _DATA_IN_DIFFUSERS.format(repo="Lightricks/LTX-Video"),
+    # The VAE and text encoders come from the diffusers folder here; only the transformer may be a single file.
+    ("model", "vae_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
+    ("model", "llm_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
+    ("model", "clip_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
     ("model", "bypass_guidance_embedding"): "the guidance embedding is always used here (see guidance): " + _REMOVE,
     ("model", "first_frame_conditioning_p"): "image-to-video conditioning is not trained here: " + _REMOVE,
     ("adapter", "fuse_adapters"): "not available here: merge those LoRAs into the base weights first, and " + _REMOVE,
