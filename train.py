@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     from utils.batches import TrainPlan
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
-    from utils.prepare import prepare_dataset
+    from utils.prepare import cache_summary, prepare_dataset, regenerate_caches
     from utils.saving import create_run_dir
     from utils.trainer import Trainer, total_steps
 
@@ -56,12 +56,16 @@ def main(argv=None) -> int:
     model = get_model_class(config.model.type)(config.model)
     # The model files and the LoRA to start from, by their headers: before hours of caching.
     model.check_inputs(config.file, s.adapter)
+    if args.regenerate_cache:
+        regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, rank, world)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=args.regenerate_cache, rank=rank, world=world, device=device)
+                  regenerate=False, rank=rank, world=world, device=device)
     train = prepare_dataset(config.dataset, model, title="training dataset", **common)
     evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
              for e in config.eval_datasets}
     if args.cache_only:
+        if rank == 0:
+            print(cache_summary([train, *evals.values()], model))
         dist.destroy_process_group()
         return 0
 
@@ -76,10 +80,12 @@ def main(argv=None) -> int:
     trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
                       resume=args.resume_from_checkpoint)
     if rank == 0:
-        print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}")
+        print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}"
+              + (f" (resumed from {trainer.resumed_from})" if trainer.resumed_from else ""))
     trainer.run()
     dist.destroy_process_group()
-    return 0
+    # Stopped by a signal: the shell's code for it (130 for Ctrl-C), as DeepSpeed's launcher exits.
+    return 128 + trainer.stopped_by if trainer.stopped_by else 0
 
 
 def report_error(error: BaseException) -> int | None:
@@ -114,6 +120,12 @@ def report_error(error: BaseException) -> int | None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C before training began (training itself stops at a step boundary, with a checkpoint).
+        if os.environ.get("RANK", "0") == "0":
+            print("error: interrupted (SIGINT, Ctrl-C) before training started: nothing was trained; the cache "
+                  "entries encoded so far are kept", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         code = report_error(e)
         if code is None:

@@ -116,10 +116,20 @@ class Launch:
         return json.loads((run_dir / "losses.json").read_text())
 
 
-def launch(config: Path, *args: str, num_gpus: int = 1, timeout: int = 600, env: dict | None = None) -> Launch:
-    """Run training exactly as users do: `deepspeed --num_gpus=N train.py --deepspeed --config X`."""
-    cmd = ["deepspeed", f"--num_gpus={num_gpus}", f"--master_port={free_port()}", str(REPO / "train.py"),
-           "--deepspeed", "--config", str(config), *args]
+def launch(config: Path, *args: str, num_gpus: int = 1, timeout: int = 600, env: dict | None = None,
+           launcher: bool | None = None) -> Launch:
+    """Run training as users do: `deepspeed --num_gpus=N train.py --deepspeed --config X` for
+    several processes (or `launcher=True`), and `python3 train.py --config X`, the README's one
+    plain process, for one: DeepSpeed's launcher costs about 4 s more per launch on 2 cores
+    (two more Python processes importing torch and DeepSpeed)."""
+    if launcher is None:
+        launcher = num_gpus > 1
+    if launcher:
+        cmd = ["deepspeed", f"--num_gpus={num_gpus}", f"--master_port={free_port()}", str(REPO / "train.py"),
+               "--deepspeed", "--config", str(config), *args]
+    else:
+        assert num_gpus == 1, "several processes need DeepSpeed's launcher"
+        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(config), *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     return Launch(proc, config)

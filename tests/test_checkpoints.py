@@ -1,10 +1,13 @@
-"""Checkpoints: exact resume, kill -9 during a save, SIGTERM, and refusing a changed config."""
+"""Checkpoints: exact resume, kill -9 during a save, resuming a finished run, and refusing a
+changed config. (SIGINT and SIGTERM: tests/test_first_run.py.)"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, free_port, launch, write_configs
+from tools.make_demo_dataset import make_demo_dataset
 
 
 def adapter(run_dir, name="final"):
@@ -54,29 +58,58 @@ def wait_for(path_fn, timeout=120):
     raise AssertionError("timed out waiting")
 
 
-@pytest.fixture
-def reference(tmp_path, tiny_models, image_dataset):
-    """An uninterrupted 8-step run with a checkpoint every 2 steps."""
-    cfg = write_configs(tmp_path / "ref", tiny_models / "flux", image_dataset, max_steps=8,
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_models):
+    """An uninterrupted 8-step run with a checkpoint every 2 steps, launched once for the module."""
+    root = tmp_path_factory.mktemp("reference")
+    data = make_demo_dataset(root / "data", count=8, seed=0)
+    cfg = write_configs(root / "ref", tiny_models / "flux", data, max_steps=8,
                         checkpoint_every_n_steps=2, checkpoints_to_keep=2, adapter={"dropout": 0.0})
     run = launch(cfg)
     assert run.returncode == 0, run.output[-3000:]
     return cfg, run
 
 
+@pytest.fixture
+def reference(reference_run, tmp_path):
+    """The reference run's config and run folder, copied for a test to resume and change at will."""
+    cfg, run = reference_run
+    folder = tmp_path / "ref"
+    shutil.copytree(cfg.parent, folder)
+    copy = folder / cfg.name
+    copy.write_text(cfg.read_text().replace(str(cfg.parent), str(folder)))
+    return copy, run
+
+
 def test_resume_is_exact_and_old_checkpoints_are_pruned(reference):
     cfg, ref = reference
-    run_dir = ref.run_dirs()[-1]
+    run_dir = next((cfg.parent / "runs").iterdir())
     # keep 2: steps 2 and 4 were deleted once 6 and 8 were complete
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000006", "step00000008"]
     ref_losses = ref.losses()
-    ref_adapter = adapter(run_dir)
+    ref_adapter = adapter(ref.run_dirs()[-1])
     resumed = launch(cfg, "--resume_from_checkpoint", "step00000006")
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert "starting at step 6" in resumed.output
+    assert f"starting at step 6 (resumed from {run_dir / 'checkpoints' / 'step00000006'})" in resumed.output
     # losses.json: steps 1-6 kept from before, 7-8 trained again: identical to the uninterrupted run
     assert resumed.losses(run_dir) == pytest.approx(ref_losses, rel=1e-6, abs=0)
     assert_same_adapter(adapter(run_dir), ref_adapter)
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_says_so_and_writes_nothing(reference):
+    # `python3 train.py`: one process without DeepSpeed's launcher, as the README offers.
+    cfg, _ = reference
+    run_dir = next((cfg.parent / "runs").iterdir())
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg), "--resume_from_checkpoint"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"starting at step 8 (resumed from {run_dir / 'checkpoints' / 'step00000008'})" in result.stdout
+    assert ("nothing to train: the checkpoint is at step 8, the end of this config's 8 steps, so nothing was "
+            "trained or saved (raise max_steps or epochs to train longer)") in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.slow
@@ -105,26 +138,6 @@ def test_kill_9_during_a_save_loses_nothing_before_it(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_then_exits(tmp_path, tiny_models, image_dataset):
-    cfg = write_configs(tmp_path / "t", tiny_models / "flux", image_dataset, max_steps=400,
-                        checkpoint_every_n_steps=1000)
-    log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        proc = start(cfg, log=log)
-        wait_for(lambda: any((p / "metrics.jsonl").is_file() and len((p / "metrics.jsonl").read_text().splitlines()) >= 3
-                             for p in (cfg.parent / "runs").glob("*")))
-        os.killpg(proc.pid, signal.SIGTERM)  # what a job scheduler or `kill -TERM -<pgid>` sends
-        wait_group_gone(proc)
-    output = log_path.read_text()
-    assert "stopped by a signal at step" in output, output[-3000:]
-    run_dir = next((cfg.parent / "runs").iterdir())
-    tag = (run_dir / "checkpoints" / "latest").read_text()
-    step = int(tag.removeprefix("step"))
-    assert 3 <= step < 400
-    assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
-
-
-@pytest.mark.slow
 def test_resume_refuses_a_changed_adapter_but_allows_a_new_learning_rate(reference):
     cfg, ref = reference
     text = cfg.read_text()
@@ -137,7 +150,7 @@ def test_resume_refuses_a_changed_adapter_but_allows_a_new_learning_rate(referen
     allowed = launch(cfg, "--resume_from_checkpoint")
     assert allowed.returncode == 0, allowed.output[-3000:]
     assert "starting at step 8" in allowed.output
-    assert len(allowed.losses(ref.run_dirs()[-1])) == 10
+    assert len(allowed.losses()) == 10
 
 
 @pytest.mark.slow

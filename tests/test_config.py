@@ -110,9 +110,12 @@ WRONG_TYPES = {
                         "'eval_at_start' must be true or false, got 'yes'"),
     "choice": ("train", 'type = "lora"', 'type = "loha"', "'adapter.type' must be 'lora', got 'loha'"),
     "resolution": ("dataset", "resolutions = [64]", 'resolutions = ["a"]',
-                   "'resolutions[0]' must be an integer or a list of 2 (an integer, an integer), got 'a'"),
-    "table for list": ("dataset", 'path = "data"', 'path = "data"\nresolutions = 64',
-                       "'directory[0].resolutions' must be a list of"),
+                   "'resolutions[0]' must be a size like 512 or [1280, 720], got 'a'"),
+    "number for list": ("dataset", 'path = "data"', 'path = "data"\nresolutions = 128',
+                        "'directory[0].resolutions' must be a list like [512] or [[1280, 720]], got 128"),
+    "pair": ("train", "lr = 1e-4", "lr = 1e-4\nbetas = 0.9", "'optimizer.betas' must be a list of 2 finite numbers"),
+    "list of strings": ("train", "rank = 8", "rank = 8\ntarget_modules = 1",
+                        "'adapter.target_modules' must be a list of strings or a string, got 1"),
 }
 
 
@@ -149,6 +152,10 @@ def test_missing_paths(tmp_path):
     assert message == f"{tmp_path / 'train.toml'}: 'model.diffusers_path' does not exist: {tmp_path / 'no_model'}"
     message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux"\ntransformer_path = "x.safetensors"'))
     assert message.startswith(f"{tmp_path / 'train.toml'}: 'model.transformer_path' does not exist")
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux"\ntransformer_path = "data"'))
+    assert message == (f"{tmp_path / 'train.toml'}: 'model.transformer_path' is a folder: {tmp_path / 'data'}; "
+                       f"expected the transformer's single .safetensors file (a diffusers folder goes in "
+                       f"model.diffusers_path)")
     message = error(tmp_path, train=edit(TRAIN, 'rank = 8', 'rank = 8\ninit_from_existing = "old_lora"'))
     assert message.startswith(f"{tmp_path / 'train.toml'}: 'adapter.init_from_existing' does not exist")
     message = error(tmp_path, train=edit(TRAIN, 'dataset = "dataset.toml"', 'dataset = "datset.toml"'))
@@ -187,6 +194,30 @@ def test_bad_toml_syntax_names_the_file_and_line(tmp_path):
     assert "line 4" in message
 
 
+def test_a_key_or_table_set_twice_is_named(tmp_path):
+    train = tmp_path / "train.toml"
+    message = error(tmp_path, train=edit(TRAIN, "lr = 1e-4", "lr = 1e-4\n  lr  = 1e-3  # again"))
+    assert message == f"{train}: not valid TOML: 'optimizer.lr' is set twice (at line 15, column 13); a key may be set only once"
+    message = error(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_steps = 10\nmax_steps = 20"))
+    assert message == f"{train}: not valid TOML: 'max_steps' is set twice (at line 4, column 15); a key may be set only once"
+    message = error(tmp_path, train=TRAIN + "\n[adapter]\ndropout = 0.1\n")
+    assert message == (f"{train}: not valid TOML: the table [adapter] is declared twice (at line 16, column 9); "
+                       f"put all its keys under one [adapter] header")
+
+
+def test_a_top_level_key_below_a_table_header_gets_the_toml_table_rule(tmp_path):
+    eval_table = '[[eval_datasets]]\nname = "val"\nconfig = "dataset.toml"\nepochs = 3\n'
+    message = error(tmp_path, train=edit(TRAIN, "[optimizer]", eval_table + "\n[optimizer]"))
+    assert message == (f"{tmp_path / 'train.toml'}: unknown key 'eval_datasets[0].epochs': 'epochs' is a top-level "
+                       f"key, but TOML puts every key written after the [[eval_datasets]] header into that table; "
+                       f"move 'epochs' above the first [table] header of the file")
+    message = error(tmp_path, train=edit(TRAIN, 'diffusers_path = "model"', 'diffusers_path = "model"\nseed = 1'))
+    assert "unknown key 'model.seed': 'seed' is a top-level key" in message and "after the [model] header" in message
+    message = error(tmp_path, dataset=DATASET + "strict = true\n")
+    assert "unknown key 'directory[0].strict': 'strict' is a top-level key" in message
+    assert "after the [[directory]] header" in message
+
+
 def test_training_length_is_required(tmp_path):
     message = error(tmp_path, train=edit(TRAIN, "max_steps = 10\n", ""))
     assert message == f"{tmp_path / 'train.toml'}: 'epochs' or 'max_steps' must be set (how long to train)"
@@ -217,7 +248,7 @@ def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):
 def test_launch_with_misspelt_key_prints_one_error_line(tmp_path):
     # Before any model loads: an empty model folder is enough to show the error comes first.
     config = write(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_stesp = 10"))
-    result = launch(config)
+    result = launch(config, launcher=True)
     assert result.returncode == 2, result.output[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {config}: unknown key 'max_stesp' (did you mean 'max_steps'?)"]

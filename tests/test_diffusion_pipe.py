@@ -154,3 +154,22 @@ def test_wandb_key_in_the_config_is_not_in_the_run_folder(tmp_path):
     run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=lambda _: None)
     assert all(key not in p.read_text() for p in run_dir.rglob("*") if p.is_file())
     assert "wandb_api_key = \"<redacted>\"" in (run_dir / "config" / "train.toml").read_text()
+
+
+def test_wandb_offline_logs_every_step_and_writes_no_key(tmp_path, monkeypatch):
+    # wandb is optional (not in requirements.txt): this runs where it is installed.
+    pytest.importorskip("wandb")
+    from utils.config import MonitoringConfig
+    from utils.metrics import Metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    key = "0123456789abcdef0123456789abcdef01234567"
+    metrics = Metrics(tmp_path, 3, 0, True, MonitoringConfig(enable_wandb=True, wandb_api_key=key,
+                                                             wandb_tracker_name="proj", wandb_run_name="run"))
+    for step in range(1, 4):
+        metrics.scalars(step, {"train/loss": 1.0 / step})
+    metrics.close()
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert log.read_bytes().count(b"train/loss") >= 3
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]

@@ -1,11 +1,13 @@
-"""Flux LoRA training end to end, launched as users launch it (`deepspeed ... train.py`).
+"""Flux LoRA training end to end, launched as users launch it (`deepspeed ... train.py`, or
+`python3 train.py` for one process).
 
 Launches are expensive (~16 s each on CPU), so they are module fixtures shared by the tests:
 
     cache_only  --cache_only on a fresh dataset: encodes, no run folder
     run_a       the reference run: eval set, eval at start, LoRA rank 4 / alpha 8
     run_b       as run_a, but the transformer read from the original-layout single file
-    run_c       init_from_existing = run_a's final adapter, with --regenerate_cache
+    run_c       init_from_existing = run_a's final adapter, with --regenerate_cache, and a second
+                eval set that reads the training folder
     overfit     2 images, 600 steps
 
 The test functions only read what those launches left behind (and recompute eval losses in
@@ -81,7 +83,7 @@ def configure(work, name: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def cache_only(work):
     config = configure(work, "a")
-    result = ok(launch(config, "--cache_only"))
+    result = ok(launch(config, "--cache_only", launcher=True))
     # Checked now: run_a creates the run folder next.
     result.created_output = (config.parent / "runs").exists()
     return result
@@ -89,7 +91,8 @@ def cache_only(work):
 
 @pytest.fixture(scope="module")
 def run_a(cache_only):
-    return ok(launch(cache_only.config))
+    # Through DeepSpeed's launcher, as the README's demo runs; the other launches here are one plain process.
+    return ok(launch(cache_only.config, launcher=True))
 
 
 @pytest.fixture(scope="module")
@@ -101,23 +104,30 @@ def run_b(work, run_a):
 @pytest.fixture(scope="module")
 def run_c(work, run_a):
     adapter = run_dir(run_a) / "adapters" / "final"
-    config = configure(work, "c", max_steps=1, adapter={"init_from_existing": str(adapter)})
+    config = configure(work, "c", max_steps=1, adapter={"init_from_existing": str(adapter)},
+                       eval_datasets=[{"name": EVAL_NAME, "config": str(work["root"] / "eval.toml")},
+                                      {"name": "training_folder", "config": "dataset.toml"}])
     return ok(launch(config, "--regenerate_cache"))
 
 
 # ------------------------------------------------------------------------------------ tests
 
 
-def test_cache_only_then_reuse_then_regenerate(cache_only, run_a, run_c):
+def test_cache_only_then_reuse_then_regenerate(work, cache_only, run_a, run_c):
     # Fresh data: 8 texts + 8 latents for the training set, 4 + 4 for the eval set.
     assert cache_reports(cache_only) == [(16, 8), (8, 4)]
     assert not cache_only.created_output
     assert "run folder" not in cache_only.output
+    caches = f"{work['data'] / 'cache' / 'flux'}, {work['root'] / 'eval_data' / 'cache' / 'flux'}"
+    assert (f"--cache_only: the cache is complete: 24 entries encoded now, 12 samples cached in {caches}; "
+            f"not training (run without --cache_only to train)") in cache_only.stdout
     # The next launch encodes nothing.
     assert cache_reports(run_a) == [(0, 8), (0, 4)]
     assert "cache: 0 new entries encoded" in run_a.output
-    # --regenerate_cache starts over.
-    assert cache_reports(run_c) == [(16, 8), (8, 4)]
+    # --regenerate_cache starts over, deleting each folder's cache once: the second eval set reads
+    # the training folder, whose entries the training set has just encoded again.
+    assert f"--regenerate_cache: deleted the flux cache of 2 folder(s): {caches}" in run_c.stdout
+    assert cache_reports(run_c) == [(16, 8), (8, 4), (0, 8)]
 
 
 def test_run_folder_contents(run_a):

@@ -96,6 +96,17 @@ class CachedSample:
     folder: Path
 
 
+def cache_dir(folder: Path, model_name: str) -> Path:
+    """Where model type `model_name` caches the items of dataset folder `folder`."""
+    return folder / "cache" / model_name
+
+
+def remove_caches(folders, model_name: str) -> None:
+    """Delete model type `model_name`'s cache in each of `folders` (for --regenerate_cache)."""
+    for folder in folders:
+        shutil.rmtree(cache_dir(folder, model_name), ignore_errors=True)
+
+
 class DatasetCache:
     """The cache stores of every dataset folder a run uses, for one model type."""
 
@@ -105,12 +116,7 @@ class DatasetCache:
         self.folders = sorted({s.item.path.parent for s in samples})
 
     def cache_dir(self, folder: Path) -> Path:
-        return folder / "cache" / self.model.name
-
-    def remove(self) -> None:
-        """Delete this model's cache in every folder (for --regenerate_cache)."""
-        for folder in self.folders:
-            shutil.rmtree(self.cache_dir(folder), ignore_errors=True)
+        return cache_dir(folder, self.model.name)
 
     def _keys(self) -> list[CachedSample]:
         latent_sig, text_sig = self.model.latent_cache_signature(), self.model.text_cache_signature()

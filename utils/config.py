@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from utils.diffusion_pipe import replacement_for_key, translate_dataset, translate_train
-from utils.schema import ConfigError, build, check, key, near_name_hint, required, unknown_keys
+from utils.schema import (ConfigError, build, check, described, key, near_name_hint, required, table_rule,
+                          unknown_keys)
 
+# A square side (512: 512x512) or [width, height].
 Resolution = Union[int, tuple[int, int]]
 VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
 MissingCaption = Literal["error", "empty", "skip"]
@@ -33,13 +35,40 @@ def read_toml(path: Path) -> dict:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {_explain_toml_error(str(e), path)}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
+
+
+_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
+
+
+def _explain_toml_error(message: str, path: Path) -> str:
+    """tomllib's message, with the key or table named where it does not name it (a key set twice
+    in one table: the key is read from the line the message points at)."""
+    declared = re.fullmatch(r"Cannot declare \((.*)\) twice (\(at line \d+, column \d+\))", message)
+    if declared:
+        table = ".".join(part.strip(" '\"") for part in declared.group(1).split(",") if part.strip())
+        return f"the table [{table}] is declared twice {declared.group(2)}; put all its keys under one [{table}] header"
+    found = re.fullmatch(r"Cannot overwrite a value (\(at (?:line (\d+), column \d+|end of document)\))", message)
+    if not found:
+        return message
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = lines[:int(found.group(2))] if found.group(2) else lines
+    except (OSError, ValueError):
+        return message
+    written = re.match(rf"\s*({_TOML_KEY})\s*=", lines[-1]) if lines else None
+    if not written:
+        return message
+    table = next((m.group(1) for line in reversed(lines[:-1])
+                  if (m := re.match(rf"\s*\[\[?\s*({_TOML_KEY})\s*\]\]?\s*(#.*)?$", line))), None)
+    name = ".".join(part.strip("'\"") for part in re.split(r"\s*\.\s*", written.group(1)))
+    return f"'{f'{table}.{name}' if table else name}' is set twice {found.group(1)}; a key may be set only once"
 
 
 def _path_is(path: Path, kind: str) -> bool:
@@ -73,7 +102,8 @@ def _resolve_path(base: Path, value: str, file: Optional[Path] = None, where: st
 class BucketSettings:
     """Settings that decide the shapes items are trained at; per-directory tables may override."""
 
-    resolutions: Optional[list[Resolution]] = None
+    resolutions: Optional[described(list[described(Resolution, "a size like 512 or [1280, 720]")],
+                                    "a list like [512] or [[1280, 720]]")] = None
     enable_ar_bucket: Optional[bool] = None
     min_ar: Optional[float] = None
     max_ar: Optional[float] = None
@@ -165,13 +195,20 @@ class Dataset:
 
 
 def check_keys(file: Path, problems: list[tuple[str, str]], unknown: list[tuple[str, list[str]]],
-               dataset_file: bool = False) -> None:
-    """One ConfigError listing every unknown key (with the nearest name, or what to write instead
-    of a diffusion-pipe key) and every other problem found before building: all at once."""
+               dataset_file: bool = False, top_level: frozenset = frozenset()) -> None:
+    """One ConfigError listing every unknown key (with the nearest name, what to write instead of
+    a diffusion-pipe key, or TOML's table rule for a top-level key written below a table header)
+    and every other problem found before building: all at once."""
     lines = []
     for where, valid in unknown:
+        table, _, name = where.rpartition(".")
         instead = replacement_for_key(where, dataset_file)
-        hint = f" (diffusion-pipe's; {instead})" if instead else near_name_hint(where.rsplit(".", 1)[-1], valid)
+        if instead:
+            hint = f" (diffusion-pipe's; {instead})"
+        elif table and name in top_level:
+            hint = f": {table_rule(table, name)}"
+        else:
+            hint = near_name_hint(name, valid)
         lines.append(f"unknown key '{where}'{hint}")
     lines += [f"'{where}' {message}" for where, message in problems]
     if len(lines) == 1:
@@ -192,7 +229,8 @@ def load_dataset_config(path: Path) -> Dataset:
     path = Path(path)
     raw = read_toml(path)
     notes, problems = translate_dataset(raw)
-    check_keys(path, problems, unknown_keys(DatasetConfig, raw), dataset_file=True)
+    check_keys(path, problems, unknown_keys(DatasetConfig, raw), dataset_file=True,
+               top_level=frozenset(f.name for f in dataclasses.fields(DatasetConfig)))
     cfg = build(DatasetConfig, raw, path)
     base = BUCKET_DEFAULTS.overridden_by(cfg)
     directories = []
@@ -468,15 +506,19 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
     model_cls = get_model_class(model_type, path)
+    top_level = frozenset(f.name for f in dataclasses.fields(TrainConfigFile))
     check_keys(path, problems, unknown_keys(TrainConfigFile, raw) + unknown_keys(model_cls.config_class, model_table,
-                                                                                     "model"))
+                                                                                     "model"), top_level=top_level)
     settings = build(TrainConfigFile, raw, path)
-    model_config = build(model_cls.config_class, model_table, path, "model")
+    model_config = build(model_cls.config_class, model_table, path, "model", top_level)
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
             resolved = _resolve_path(path.parent, value, path, f"model.{name}")
             check(_path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
+            check(name != "transformer_path" or not _path_is(resolved, "dir"), path, f"model.{name}",
+                  f"is a folder: {resolved}; expected the transformer's single .safetensors file (a diffusers "
+                  f"folder goes in model.diffusers_path)")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
         resolved = _resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,6 +55,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        prepare_cpu_comm_op(log=print if os.environ["RANK"] == "0" else lambda *_: None)
     try:
         if rendezvous is None:
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -67,6 +70,47 @@ def init_distributed() -> tuple[int, int, torch.device]:
         raise
     _unlink_shared_memory_name(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def torch_extensions_dir() -> Path:
+    """Where torch builds C++ extensions (DeepSpeed's JIT-compiled ops) for this run: the user's
+    TORCH_EXTENSIONS_DIR, else a folder in this Python environment (set in the environment for
+    the build). torch's own default, ~/.cache/torch_extensions, is shared by every environment
+    of the user, so two environments would rebuild an op for each other at every start."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # Unset (a read-only environment): torch's default, in a folder per Python version and device.
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def prepare_cpu_comm_op(log=print) -> None:
+    """DeepSpeed on the CPU compiles its shared-memory communication op, deepspeed_shm_comm, when
+    it starts (deepspeed.comm.torch.build_shm_op: on Linux, whenever the op was not built at
+    install time; no setting skips it). Before that: a missing C++ compiler is one line saying
+    what to install, and a build that is about to run is announced, as it takes a minute."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or installed_ops.get(builder.NAME) or not builder.is_compatible():
+        return
+    folder = torch_extensions_dir() / builder.NAME
+    if (folder / f"{builder.NAME}.so").is_file():
+        return  # built before in this environment
+    compiler = get_cxx_compiler()
+    if shutil.which(compiler) is None:
+        raise ConfigError(f"a C++ compiler is needed: on a CPU, DeepSpeed compiles its communication op "
+                          f"({builder.NAME}) once per Python environment, and the compiler {compiler!r} was not "
+                          f"found; install one (Debian/Ubuntu: apt-get install g++; Fedora/RHEL: dnf install "
+                          f"gcc-c++; or set CXX to a compiler) and run again")
+    if not is_ninja_available():
+        raise ConfigError(f"the ninja build tool is needed: on a CPU, DeepSpeed compiles its communication op "
+                          f"({builder.NAME}) once per Python environment; install it (pip install ninja) and run again")
+    log(f"compiling DeepSpeed's CPU communication op ({builder.NAME}) into {folder}: once for this Python "
+        f"environment, about a minute")
 
 
 def _unlink_shared_memory_name(rank: int, world: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from utils.buckets import Sample, assign_buckets, format_bucket_table
-from utils.cache import CacheReader, DatasetCache
+from utils.cache import CacheReader, DatasetCache, cache_dir, remove_caches
 from utils.config import Dataset
 from utils.dataset import DataError, format_problems, scan_dataset
 
@@ -48,10 +48,8 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
         if skipped:
             log(f"note: {len(skipped)} file(s) cannot be used; they are listed once the cache is filled")
     cache = DatasetCache(model, samples)
-    if regenerate and rank == 0:
-        cache.remove()
-    if regenerate and world > 1:
-        torch.distributed.barrier()
+    if regenerate:
+        regenerate_caches([dataset], model, rank, world, log=lambda *_: None)
     reader = cache.build(device, caching_batch_size, rank, world, log=log)
     # Every rank has the same problems (rank 0 broadcasts the encoding ones), so all stop together.
     problems = skipped + reader.problems
@@ -68,6 +66,28 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
                          "fix them and run again to include them (strict = true stops on any of these)"))
         log(f"cache: {reader.encoded} new entries encoded, {len(reader)} samples ready")
     return reader
+
+
+def regenerate_caches(datasets: list[Dataset], model, rank: int, world: int, log=print) -> None:
+    """--regenerate_cache: delete `model`'s cache in every folder of `datasets`, each once (an
+    eval dataset that reads a training folder must not delete what the training dataset just
+    encoded), before any of them is prepared."""
+    folders = list(dict.fromkeys(d.path for ds in datasets for d in ds.directories))
+    if rank == 0:
+        remove_caches(folders, model.name)
+        log(f"--regenerate_cache: deleted the {model.name} cache of {len(folders)} folder(s): "
+            + ", ".join(str(cache_dir(f, model.name)) for f in folders))
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def cache_summary(readers: list[CacheReader], model) -> str:
+    """The closing line of --cache_only: what was encoded now, and where the cache is."""
+    folders = list(dict.fromkeys(c.folder for r in readers for c in r.samples))
+    samples = len({(c.folder, c.latent_key, c.text_key) for r in readers for c in r.samples})
+    return (f"--cache_only: the cache is complete: {sum(r.encoded for r in readers)} entries encoded now, "
+            f"{samples} samples cached in {', '.join(str(cache_dir(f, model.name)) for f in folders)}; "
+            f"not training (run without --cache_only to train)")
 
 
 def _summary(headline: str, problems: list[tuple[Path, str]], advice: str) -> str:

@@ -14,7 +14,7 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from utils.secrets import redacted
 
@@ -28,40 +28,61 @@ def required():
     return dataclasses.field(default=dataclasses.MISSING)
 
 
-def _type_name(tp) -> str:
+_NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+          str: ("a string", "strings"), bool: ("true or false", "true/false values"), dict: ("a table", "tables")}
+
+
+def described(tp, description: str):
+    """`tp`, named in error messages by `description` (e.g. "a size like 512 or [1280, 720]")
+    instead of its spelled-out type."""
+    return Annotated[tp, description]
+
+
+def _type_name(tp, plural: bool = False) -> str:
+    """How an error message names type `tp`: "a list of integers", "a string or a list of strings"."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        return tp.__metadata__[0]
     if tp is type(None):
         return "nothing"
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+        return " or ".join(_type_name(a, plural) for a in get_args(tp) if a is not type(None))
     if origin in (list, tuple):
         args = get_args(tp)
+        lists = "lists" if plural else "a list"
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+            if len(set(args)) == 1:
+                return f"{lists} of {len(args)} {_type_name(args[0], plural=True)}"
+            return f"{lists} of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"{lists} of {_type_name(args[0], plural=True)}" if args else lists
     if dataclasses.is_dataclass(tp):
-        return "a table"
-    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
-            dict: "a table"}.get(tp, getattr(tp, "__name__", str(tp)))
+        return "tables" if plural else "a table"
+    names = _NAMES.get(tp)
+    if names:
+        return names[plural]
+    return getattr(tp, "__name__", str(tp))
 
 
 class _Mismatch(Exception):
     pass
 
 
-def _convert(value: Any, tp, where: str, file: Path):
-    """Convert a TOML value to `tp`, raising ConfigError (nested tables) or _Mismatch (type)."""
+def _convert(value: Any, tp, where: str, file: Path, top_level: frozenset = frozenset()):
+    """Convert a TOML value to `tp`, raising ConfigError (nested tables) or _Mismatch (type).
+    `top_level`: the keys of the file's top level, for the hint on a key written under the wrong table."""
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:
+        return _convert(value, get_args(tp)[0], where, file, top_level)
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
             if option is type(None):
                 continue
             try:
-                return _convert(value, option, where, file)
+                return _convert(value, option, where, file, top_level)
             except _Mismatch:
                 continue
         raise _Mismatch
@@ -73,20 +94,20 @@ def _convert(value: Any, tp, where: str, file: Path):
         if not isinstance(value, list):
             raise _Mismatch
         (item_tp,) = get_args(tp) or (Any,)
-        return [_convert_item(v, item_tp, f"{where}[{i}]", file) for i, v in enumerate(value)]
+        return [_convert_item(v, item_tp, f"{where}[{i}]", file, top_level) for i, v in enumerate(value)]
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, list):
             raise _Mismatch
         if args and args[-1] is Ellipsis:
-            return tuple(_convert_item(v, args[0], f"{where}[{i}]", file) for i, v in enumerate(value))
+            return tuple(_convert_item(v, args[0], f"{where}[{i}]", file, top_level) for i, v in enumerate(value))
         if len(value) != len(args):
             raise _Mismatch
-        return tuple(_convert_item(v, a, f"{where}[{i}]", file) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_convert_item(v, a, f"{where}[{i}]", file, top_level) for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _Mismatch
-        return build(tp, value, file, where)
+        return build(tp, value, file, where, top_level)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -111,9 +132,9 @@ def _convert(value: Any, tp, where: str, file: Path):
     raise TypeError(f"unsupported config type {tp!r} for {where}")
 
 
-def _convert_item(value, tp, where, file):
+def _convert_item(value, tp, where, file, top_level=frozenset()):
     try:
-        return _convert(value, tp, where, file)
+        return _convert(value, tp, where, file, top_level)
     except _Mismatch:
         # A token pasted into the wrong key must not end up in a log.
         raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {redacted(repr(value))}") from None
@@ -163,21 +184,26 @@ def near_name_hint(key: str, valid: list[str]) -> str:
     return f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(valid))}"
 
 
-def build(cls, table: dict, file: Path | str, prefix: str = ""):
+def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: frozenset = frozenset()):
     """Build dataclass `cls` from a TOML table, validating keys and types.
 
     Dataclasses may define `validate(self, file, prefix)` for range checks; it runs after the
-    fields are converted.
+    fields are converted. `top_level`: the file's top-level keys, when `cls` is a table inside
+    it (they default to `cls`'s own keys at the top level).
     """
     file = Path(file)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    if not prefix:
+        top_level = frozenset(fields)
     kwargs = {}
     for key, value in table.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in fields:
+            if prefix and key in top_level:
+                raise ConfigError(f"{file}: unknown key '{where}': {table_rule(prefix, key)}")
             raise ConfigError(f"{file}: unknown key '{where}'{near_name_hint(key, list(fields))}")
-        kwargs[key] = _convert_item(value, hints[key], where, file)
+        kwargs[key] = _convert_item(value, hints[key], where, file, top_level)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             where = f"{prefix}.{name}" if prefix else name
@@ -186,6 +212,15 @@ def build(cls, table: dict, file: Path | str, prefix: str = ""):
     if hasattr(obj, "validate"):
         obj.validate(file, prefix)
     return obj
+
+
+def table_rule(prefix: str, name: str) -> str:
+    """Why a top-level key landed in table `prefix`: in TOML, every key after a table header
+    belongs to that table, up to the next header."""
+    table = prefix.split(".")[0]
+    header = f"[[{table.split('[')[0]}]]" if table.endswith("]") else f"[{table}]"
+    return (f"'{name}' is a top-level key, but TOML puts every key written after the {header} header into that "
+            f"table; move '{name}' above the first [table] header of the file")
 
 
 def check(condition: bool, file: Path, where: str, message: str) -> None:

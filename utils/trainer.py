@@ -61,16 +61,22 @@ class Trainer:
         self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
         self.fingerprint = run_fingerprint(config, train.samples)
         self.step = 0
+        self.resumed_from: Path | None = None  # the checkpoint loaded
         if resume is not None:
             tag = None if resume in ("latest", run_dir.name) else resume
             self.step = self.checkpoints.load(engine, tag, self.fingerprint)
+            self.resumed_from = self.checkpoints.root / (tag or self.checkpoints.latest())
         start_step = self.step
         self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
         self.eval_schedule = Schedule(s.eval_every_n_steps, s.eval_every_n_epochs)
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
-        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0, monitoring=s.monitoring)
+        # A finished run resumed trains nothing: it leaves the logs as they are.
+        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total,
+                               monitoring=s.monitoring)
         self.stop_signal: int | None = None
+        # The signal that stopped training (every rank agrees), for the exit code; None otherwise.
+        self.stopped_by: int | None = None
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
         self.losses: list[float] = self._read_history("losses.json")[:start_step]
         self.eval_history: list[dict] = [e for e in self._read_history("eval.json") if e["step"] <= start_step]
@@ -138,15 +144,18 @@ class Trainer:
         self.metrics.print(f"step {self.step}: checkpoint {self.checkpoints.root / tag} saved")
 
     def _on_signal(self, signum, frame):
-        # Only note it: the step in flight finishes, then every rank checkpoints together.
-        self.stop_signal = signum
+        # Only note it: the step in flight finishes, then every rank checkpoints together. The
+        # first one counts: after Ctrl-C, DeepSpeed's launcher sends SIGTERM too.
+        if self.stop_signal is None:
+            self.stop_signal = signum
 
-    def stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGINT/SIGTERM (one tiny all-reduce a step)."""
-        flag = torch.tensor([1 if self.stop_signal is not None else 0], dtype=torch.int32, device=self.device)
+    def stop_requested(self) -> int:
+        """The signal number (SIGINT/SIGTERM) on every rank once any rank got one, else 0 (one
+        tiny all-reduce a step)."""
+        flag = torch.tensor([self.stop_signal or 0], dtype=torch.int32, device=self.device)
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
     def non_finite(self, loss: float) -> bool:
         """Whether this step's loss or gradient was NaN or infinite (then the optimizer skipped
@@ -215,14 +224,26 @@ class Trainer:
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        if self.step >= self.total:
+            # A finished run resumed: its final save and checkpoint exist already.
+            if self.rank == 0:
+                print(f"nothing to train: the checkpoint is at step {self.step}, "
+                      f"{'the end' if self.step == self.total else 'past the end'} of this config's "
+                      f"{self.total} steps, so nothing was trained or saved (raise max_steps or epochs to train "
+                      f"longer)")
+            return self.losses
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         while self.step < self.total:
-            if self.stop_requested():
+            signum = self.stop_requested()
+            if signum:
                 self.checkpoint()
-                self.metrics.print(f"stopped by a signal at step {self.step}; the checkpoint above resumes it "
-                                   f"(--resume_from_checkpoint)")
+                name = {signal.SIGINT: "SIGINT, Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+                self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
+                                   f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
+                                   f"with --resume_from_checkpoint")
                 self.metrics.close()
+                self.stopped_by = signum
                 return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
             start = time.perf_counter()
