@@ -48,7 +48,11 @@ def _type_name(tp, plural: bool = False) -> str:
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a, plural) for a in get_args(tp) if a is not type(None))
+        # Lists first, whatever order the Union was written in: typing caches equal Unions, so the
+        # order of get_args depends on which module spelt the Union first.
+        options = sorted((a for a in get_args(tp) if a is not type(None)),
+                         key=lambda a: get_origin(a) not in (list, tuple))
+        return " or ".join(_type_name(a, plural) for a in options)
     if origin in (list, tuple):
         args = get_args(tp)
         lists = "lists" if plural else "a list"
