@@ -283,6 +283,18 @@ def nearest_bucket(aspect: float, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: abs(math.log(b.aspect) - log_aspect))
 
 
+def bucket_for(aspect: float, resolution: Resolution, settings: BucketSettings, size_multiple: int) -> Bucket:
+    """The bucket of an item of this aspect ratio at `resolution`: the configured aspect ratio
+    nearest it in log space (first one on a tie), as diffusion-pipe picks, then that ratio's
+    rounded shape. Picking by the configured ratio, not by the rounded shape's, keeps the choice
+    the same at every size multiple."""
+    ratios = _aspect_ratios(settings) if settings.enable_ar_bucket else [1.0]
+    ratio = min(ratios, key=lambda r: abs(math.log(r) - math.log(aspect)))
+    area = resolution_area(resolution)
+    return Bucket(_round_to_multiple(math.sqrt(area * ratio), size_multiple),
+                  _round_to_multiple(math.sqrt(area / ratio), size_multiple))
+
+
 def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
                    too_short: Optional[list[tuple[Path, str]]] = None) -> list[Sample]:
     """Samples of every item: per resolution of its directory, in the bucket nearest its aspect
@@ -312,7 +324,7 @@ def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
         # Without AR buckets every shape is fixed, so there is no range to be outside of.
         outside = bool(settings.enable_ar_bucket) and not (settings.min_ar <= aspect <= settings.max_ar)
         for resolution, buckets in shapes_per_directory[item.directory_index].items():
-            bucket = replace(nearest_bucket(aspect, buckets), frames=frames)
+            bucket = replace(bucket_for(aspect, resolution, settings, size_multiple), frames=frames)
             for start in starts:
                 samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start))
     return samples

@@ -99,7 +99,7 @@ def _foreign_value(section: str, key: str, value) -> Optional[str]:
     if (section, key) == ("", "partition_method") and value == "manual":
         return ("'manual' (with partition_split) is not available here: 'type:BlockLayer' gives every stage the "
                 "same number of transformer blocks, 'uniform' the same number of layers")
-    if (section, key) == ("model", "transformer_dtype") and isinstance(value, str) and value.startswith("float8"):
+    if (section, key) == ("model", "transformer_dtype") and isinstance(value, str) and value.startswith("float8_"):
         return "only float8_e4m3fn storage here: write 'float8'"
     if (section, key) == ("optimizer", "type") and isinstance(value, str):
         lowered = value.lower()
