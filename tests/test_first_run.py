@@ -124,9 +124,14 @@ def test_sigterm_to_a_plain_process_checkpoints_and_exits_143(tmp_path, tiny_mod
     assert returncode == 128 + signal.SIGTERM, output[-3000:]
     (run_dir,) = runs.iterdir()
     tag = (run_dir / "checkpoints" / "latest").read_text()
-    assert 3 <= int(tag.removeprefix("step")) < 400
+    step = int(tag.removeprefix("step"))
+    assert 3 <= step < 400
     assert (run_dir / "checkpoints" / tag / "trainer_state.json").is_file()
-    assert f"stopped by a signal (SIGTERM) at step {int(tag.removeprefix('step'))}: checkpoint " in output
+    assert f"stopped by a signal (SIGTERM) at step {step}: checkpoint " in output
+    # before saving, the run said which checkpoint stands if the save were cut off
+    said = output.index(f"stop signal: saving a checkpoint of step {step}; until a line 'checkpoint ... saved' "
+                        f"follows, the last complete checkpoint is none (this run has none)")
+    assert said < output.index(f"step {step}: checkpoint {run_dir / 'checkpoints' / tag} saved")
 
 
 @pytest.mark.slow

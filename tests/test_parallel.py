@@ -66,3 +66,13 @@ def test_data_parallel_and_hybrid_layouts_match(tmp_path, tiny_models, image_dat
     reference = results.pop(list(LAYOUTS)[0])
     for name, other in results.items():
         compare(reference, other, name)
+
+
+def test_each_local_process_takes_its_share_of_the_cpu_cores():
+    from utils.engine import cpu_threads_per_process
+
+    # 4 processes a thread per core each would be 256 spinning threads on 64 cores
+    assert cpu_threads_per_process({"LOCAL_SIZE": "4"}, 64) == 16
+    assert cpu_threads_per_process({"LOCAL_WORLD_SIZE": "8"}, 4) == 1
+    assert cpu_threads_per_process({}, 64) == 64
+    assert cpu_threads_per_process({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "2"}, 64) == 2  # the user's choice wins

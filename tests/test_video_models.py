@@ -172,7 +172,7 @@ def test_hunyuan_layer_order_and_modules(video_models):
 
 def test_partition_type_must_match_a_layer_class(video_models):
     from utils.config import TrainConfig, TrainConfigFile
-    from utils.engine import plan_stages
+    from utils.engine import plan_stages, resolve_partition_method
     from utils.schema import ConfigError
 
     model = make_model("hunyuan-video", video_models)
@@ -184,6 +184,12 @@ def test_partition_type_must_match_a_layer_class(video_models):
                            eval_datasets=[], output_dir=Path("o"))
 
     assert plan_stages(model, config("type:BlockLayer"))[2] == [0, 3, 6]
+    # "auto" for a LoRA: "blocks", the same number of blocks per stage (their compute)
+    transformer, layers, parts = plan_stages(model, config("auto"))
+    assert parts == [0, 3, 6]
+    assert resolve_partition_method("auto", layers, full_finetune=True) == "parameters"
+    assert resolve_partition_method("blocks", layers, full_finetune=True) == \
+        "type:^(HunyuanDoubleBlockLayer|HunyuanSingleBlockLayer)$"
     with pytest.raises(ConfigError, match=r"'type:HunyuanBlockLayer' matches none of the hunyuan-video layer classes "
                                           r"\(HunyuanInputLayer, HunyuanDoubleBlockLayer, HunyuanSingleBlockLayer, "
                                           r"HunyuanFinalLayer\)"):

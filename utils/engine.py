@@ -24,9 +24,9 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
-from utils import memory
-from utils.config import TrainConfig
-from utils.optimizers import build_optimizer, build_scheduler
+from utils import memory, memory_plan
+from utils.config import TrainConfig, pipeline_summary
+from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
 
 
@@ -47,6 +47,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ["MASTER_PORT"] = str(_free_port())
     rendezvous = local_rendezvous()
     local_rank = int(os.environ["LOCAL_RANK"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cpu_threads_per_process(os.environ, cores))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         configure_attention()
@@ -70,6 +72,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
         raise
     _unlink_shared_memory_name(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def cpu_threads_per_process(env, cores: int) -> int:
+    """torch's CPU threads for one process: OMP_NUM_THREADS when set, else this machine's cores
+    shared among its processes of the launch.
+
+    Each process would otherwise start a thread per core: 4 processes on a 64-core machine
+    make 256 threads, which spin after every CPU operation (noise, packing) and slow the other
+    processes' Python thread, the one that launches the GPU work.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return max(1, int(env["OMP_NUM_THREADS"]))
+    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, cores // max(1, local))
 
 
 def torch_extensions_dir() -> Path:
@@ -184,6 +200,24 @@ def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallel
     return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
 
 
+def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
+    """`partition_method` as DeepSpeed's PipelineModule takes it.
+
+    "blocks" balances the transformer blocks, the layers' compute: the input and output layers
+    weigh almost nothing, and an MMDiT double-stream block applies twice a single-stream block's
+    weights to the two halves of the same tokens, so the same work (balancing parameters instead
+    put 18 of FLUX.1's 57 blocks on the first of 2 stages and 39 on the second). "auto" is
+    "blocks" for a LoRA and "parameters" for full fine-tuning, where the weights, their
+    gradients and optimizer state fill the GPUs and must be spread evenly.
+    """
+    if method == "auto":
+        method = "parameters" if full_finetune else "blocks"
+    if method == "blocks":
+        names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
+        return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return method
+
+
 def partition(layers, stages: int, method: str) -> list[int]:
     """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
     if method == "uniform":
@@ -214,6 +248,41 @@ def describe_partition(layers, parts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def describe_targets(transformer) -> str:
+    """The modules that carry an adapter, compactly: names that differ only in their first block
+    index share a line, "transformer_blocks.{0-18}: attn.to_q, attn.to_k, ...", per set of names."""
+    names = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    per_block: dict[tuple[str, int], list[str]] = {}
+    alone = []
+    for name in names:
+        match = re.match(r"^(.*?)\.(\d+)\.(.+)$", name)
+        if match:
+            per_block.setdefault((match.group(1), int(match.group(2))), []).append(match.group(3))
+        else:
+            alone.append(name)
+    for (stem, index), rests in per_block.items():
+        groups.setdefault((stem, tuple(rests)), []).append(index)
+    lines = [f"adapter on {len(names)} modules:"]
+    for (stem, rests), indices in groups.items():
+        lines.append(f"  {stem}.{{{_ranges(indices)}}}: {', '.join(rests)}")
+    if alone:
+        lines.append(f"  {', '.join(alone)}")
+    return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts, start = [], None
+    numbers = sorted(numbers)
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
+
+
 def plan_stages(model, config: TrainConfig):
     """The transformer on the meta device, set up for LoRA or full fine-tuning, as pipeline layers
     and their stage boundaries: (transformer, layers, parts)."""
@@ -224,7 +293,7 @@ def plan_stages(model, config: TrainConfig):
     else:
         model.add_lora(transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
-    method = config.settings.partition_method
+    method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
     names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
     if method.startswith("type:") and not any(re.search(method[5:], n, re.IGNORECASE) for n in names):
         # DeepSpeed would refuse it too, but only once the weights are loaded.
@@ -337,8 +406,18 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
+    method = resolve_partition_method(s.partition_method, layers, full)
+    # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
+    plan = memory_plan.plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                   memory_plan.device_budget(config, device, world),
+                                   lambda stages: partition(layers, stages, method))
     if rank == 0:
+        if s.pipeline_stages > 1:
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
+        log(plan)
+        if not full:
+            log(describe_targets(transformer))
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))
@@ -352,7 +431,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
-        layers=layers, loss_fn=model.loss, topology=topology, partition_method=s.partition_method,
+        layers=layers, loss_fn=model.loss, topology=topology,
+        partition_method=method,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
@@ -362,6 +442,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
     names = {id(p): n for n, p in transformer.named_parameters()}
+    if not full:
+        trainable = lora_plus_groups(trainable, names, s.optimizer.lr, s.adapter.lora_plus_ratio)
     optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
