@@ -538,9 +538,6 @@ class TrainConfig:
     warnings: list[str] = field(default_factory=list)
     # Things said at start: translated diffusion-pipe names, behaviour that differs from it on purpose.
     notes: list[str] = field(default_factory=list)
-
-
-@dataclass
     # The keys the file sets, dotted ("model.transformer_dtype"): a key left out may be chosen by
     # the memory plan; one set to its default value is kept.
     given: frozenset[str] = frozenset()
@@ -654,9 +651,6 @@ def _difference_notes(path: Path, raw: dict, settings: TrainConfigFile) -> list[
         notes.append(f"{path}: checkpoints_to_keep is not set: the newest {settings.checkpoints_to_keep} checkpoints are "
                      f"kept and older ones deleted (diffusion-pipe keeps them all); set it to keep more")
     return notes
-
-
-@dataclass
     given = frozenset(raw) | {f"model.{k}" for k in model_table}
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
                        warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
