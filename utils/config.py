@@ -639,7 +639,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
         notes += [n for n in ds.notes if n not in notes]
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
                        warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
-                       notes=notes)
+                       notes=notes, given=frozenset(raw) | {f"model.{k}" for k in model_table})
 
 
 def _difference_notes(path: Path, raw: dict, settings: TrainConfigFile) -> list[str]:
@@ -651,10 +651,6 @@ def _difference_notes(path: Path, raw: dict, settings: TrainConfigFile) -> list[
         notes.append(f"{path}: checkpoints_to_keep is not set: the newest {settings.checkpoints_to_keep} checkpoints are "
                      f"kept and older ones deleted (diffusion-pipe keeps them all); set it to keep more")
     return notes
-    given = frozenset(raw) | {f"model.{k}" for k in model_table}
-    return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
-                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
-                       given=given)
 
 
 # Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).
