@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     rank, world, device = init_distributed()
     s = config.settings
     if rank == 0:
+        for note in config.notes:
+            print(f"note: {note}", file=sys.stderr)
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     # Needs the GPU count, so not part of loading the config; still before any model loads.

@@ -337,32 +337,67 @@ class DiffusionModel:
     def check_lora_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
         """The LoRA file for `init_from_existing` must be this model's, with this adapter's rank
         and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
-        file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        self.read_lora_file(transformer, path, adapter)
+
+    # ------------------------------------------------------------------ LoRA files of other layouts
+    def original_key_layout(self):
+        """(the models/key_layout.Layout of this transformer's original release, its part sizes),
+        to read LoRAs saved with original module names; (None, {}) when the model has none."""
+        return None, {}
+
+    def original_module_name_to_diffusers(self, name: str) -> str | None:
+        """A model whose layouts differ by names only maps an original module name here."""
+        return None
+
+    def read_lora_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, tuple]:
+        """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
+        adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
+        applies exactly the file's weight change. Any layout models/lora_import.py reads."""
+        from models.lora_import import lora_file_in, read_lora_as_diffusers, suggested_targets
+
+        file = lora_file_in(path)
         if not file.is_file():
             raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
         with open_safetensors(file, "adapter.init_from_existing") as st:
             model_type = (st.metadata() or {}).get("trainer_model_type")
-            found = {k.removeprefix("transformer."): tuple(st.get_slice(k).get_shape()) for k in st.keys()}
         if model_type is not None and model_type != self.name:
             raise ConfigError(f"adapter.init_from_existing: {file} is a LoRA for model type '{model_type}' "
                               f"(its metadata says so), but model.type = '{self.name}'")
-        if found and all(k.startswith(("diffusion_model.", "lora_unet_", "lora_transformer_")) for k in found):
-            raise ConfigError(f"adapter.init_from_existing: {file} is in the ComfyUI / original key layout; "
-                              f"expected the diffusers format (pytorch_lora_weights.safetensors, saved beside it)")
-        expected = {_lora_file_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        if missing or extra:
-            raise ConfigError(f"adapter.init_from_existing: {file} is not a LoRA of this {self.name} adapter "
-                              f"(rank {adapter.rank}, target_modules): expected {len(expected)} LoRA weights such as "
-                              f"{_examples(sorted(expected), 1)}, found {len(found)} such as {_examples(sorted(found), 1)}"
-                              f"; {len(missing)} missing, {len(extra)} unexpected")
-        for k in sorted(expected):
-            if found[k] != expected[k]:
-                rank = found[k][0] if ".lora_A." in k else found[k][-1]
-                raise ConfigError(f"adapter.init_from_existing: {k} in {file} has shape {_shape_text(found[k])}, "
-                                  f"this adapter's is {_shape_text(expected[k])}: the file has rank {rank}, "
-                                  f"adapter.rank = {adapter.rank}")
+        linears = {n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+        layout, dims = self.original_key_layout()
+        found = read_lora_as_diffusers(file, linears, layout, dims, self.original_module_name_to_diffusers)
+        ours = {n.removesuffix(".lora_A.default.weight"): p for n, p in transformer.named_parameters()
+                if n.endswith(".lora_A.default.weight")}
+        # A part of a fused module without a LoRA comes out of the file with rank 0.
+        extra = sorted(m for m in set(found) - set(ours) if found[m][0].shape[0])
+        missing = sorted(set(ours) - set(found))
+        if extra or missing:
+            wanted = sorted(m for m in found if found[m][0].shape[0])
+            raise ConfigError(f"adapter.init_from_existing: {file} is not a LoRA of this {self.name} adapter's "
+                              f"target_modules: {len(missing)} of its {len(ours)} modules missing (e.g. "
+                              f"{_examples(missing, 1) or 'none'}), {len(extra)} more in the file (e.g. "
+                              f"{_examples(extra, 1) or 'none'}); for the file's modules write adapter.target_modules "
+                              f"= '{suggested_targets(wanted)}'")
+        ranks = {m: found[m][0].shape[0] for m in ours}
+        too_high = {m: r for m, r in ranks.items() if r > adapter.rank}
+        if too_high:
+            m = sorted(too_high)[0]
+            raise ConfigError(f"adapter.init_from_existing: {file} has rank {max(too_high.values())} LoRAs (e.g. {m}), "
+                              f"adapter.rank = {adapter.rank}: set adapter.rank = {max(too_high.values())}")
+        scale = adapter.alpha / adapter.rank
+        out = {}
+        for m, (a, b) in found.items():
+            if m not in ours:
+                continue
+            pad = adapter.rank - a.shape[0]
+            if pad:
+                # Fewer directions in the file than the rank: fresh A rows with zero B columns add
+                # nothing to the weight change and train like a new LoRA's.
+                fresh = torch.empty(pad, a.shape[1])
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator_for("lora pad", m))
+                a, b = torch.cat([a, fresh]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+            out[m] = (a, b / scale)
+        return out
 
     def read_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The transformer's base weights for `keys` (diffusers naming), read lazily from disk."""
@@ -470,33 +505,16 @@ class DiffusionModel:
             _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
 
     def load_lora_into(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
-        """Start from an existing LoRA file (diffusers format, as we save it) for `init_from_existing`.
-
-        Saved files carry the alpha/rank scale inside lora_B; it is divided out again here.
-        """
-        from safetensors.torch import load_file
-
-        file = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-        scale = adapter.alpha / adapter.rank
-        loaded = {k.removeprefix("transformer."): (v / scale if ".lora_B." in k else v)
-                  for k, v in load_file(file).items()}
-        ours = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
-        expected = {_lora_file_name(n): n for n in ours}
-        unknown = sorted(set(loaded) - set(expected))
-        absent = sorted(set(expected) - set(loaded))
-        if unknown or absent:
-            raise ConfigError(f"adapter.init_from_existing: {file} does not match this {self.name} LoRA "
-                              f"(rank and target_modules): {len(unknown)} unexpected keys (e.g. {unknown[:2]}), "
-                              f"{len(absent)} missing (e.g. {absent[:2]})")
-        for key, name in expected.items():
-            param = ours[name]
-            if param.is_meta:
-                continue
-            if loaded[key].shape != param.shape:
-                raise ConfigError(f"adapter.init_from_existing: {key} has shape {tuple(loaded[key].shape)}, "
-                                  f"this adapter has {tuple(param.shape)} (a different rank?)")
-            with torch.no_grad():
-                param.copy_(loaded[key])
+        """Start from an existing LoRA for `init_from_existing` (any layout `read_lora_file` reads):
+        the materialised (this stage's) LoRA weights take the file's."""
+        loaded = self.read_lora_file(transformer, path, adapter)
+        for module, (a, b) in loaded.items():
+            for name, value in ((f"{module}.lora_A.default.weight", a), (f"{module}.lora_B.default.weight", b)):
+                param = transformer.get_parameter(name)
+                if param.is_meta:
+                    continue
+                with torch.no_grad():
+                    param.copy_(value)
 
     @staticmethod
     def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
@@ -524,8 +542,9 @@ class DiffusionModel:
         if adapter.use_dora:
             return written  # the original layout has no DoRA magnitudes (examples/flux.toml)
         for filename, tensors in self.extra_lora_formats(scaled).items():
-            save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out_dir / filename,
-                      metadata={"format": "pt"})
+            # kohya's alpha scalars stay float32: exact at any rank.
+            save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
+                      out_dir / filename, metadata={"format": "pt"})
             written.append(out_dir / filename)
         return written
 

@@ -10,7 +10,8 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from models.base import DiffusionModel
-from models.flux_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
+from models.key_layout import kohya_lora
+from models.flux_layout import FluxLayout, diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -227,8 +228,15 @@ class FluxModel(DiffusionModel):
         return diffusers_to_original(state_dict)
 
     def extra_lora_formats(self, lora):
-        # ComfyUI and the original inference code load LoRAs against the original key layout.
-        return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
+        # The original key layout (fused q/k/v and linear1, as ComfyUI's model) in kohya's naming:
+        # ComfyUI loads it, and so does diffusers' FluxPipeline.load_lora_weights through its kohya
+        # converter (which splits the block-diagonal fused LoRAs back exactly, at FLUX.1's width).
+        original = lora_to_original(lora, self._transformer_config(), prefix="")
+        return {"lora_comfyui.safetensors": kohya_lora(original)}
+
+    def original_key_layout(self):
+        config = self._transformer_config()
+        return FluxLayout.for_config(config), FluxLayout.dims(config)
 
     def _transformer_config(self):
         return self.transformer_class.load_config(self.transformer_folder())

@@ -19,7 +19,8 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from models.base import DiffusionModel
-from models.hunyuan_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
+from models.hunyuan_layout import (HunyuanLayout, diffusers_to_original, load_diffusers_keys_from_original,
+                                    lora_to_original)
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -307,6 +308,10 @@ class HunyuanVideoModel(DiffusionModel):
     def extra_lora_formats(self, lora):
         # ComfyUI and the original inference code load LoRAs against the original (fused) key layout.
         return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
+
+    def original_key_layout(self):
+        config = self._transformer_config()
+        return HunyuanLayout.for_config(config), HunyuanLayout.dims(config)
 
     def _transformer_config(self):
         return self.transformer_class.load_config(self.transformer_folder())

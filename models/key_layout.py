@@ -37,6 +37,7 @@ __all__ = [
     "single_stream_dims",
     "detect_original_prefix",
     "parse_lora_keys",
+    "kohya_lora",
 ]
 
 # (diffusers parameter name, original parameter name)
@@ -134,6 +135,22 @@ def detect_original_prefix(keys: Iterable[str]) -> str:
         if any(k.startswith(prefix) for k in keys):
             return prefix
     return ""
+
+
+def kohya_lora(original_lora: Mapping[str, torch.Tensor], prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+    """An original-layout LoRA (unprefixed "<module>.lora_A.weight" / ".lora_B.weight", scale 1)
+    in kohya's naming: "lora_unet_<module with _ for .>" with .lora_down.weight, .lora_up.weight and
+    an .alpha equal to the rank (scale 1). ComfyUI and diffusers' kohya converters both read it."""
+    out = {}
+    for key, value in original_lora.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = prefix + module.replace(".", "_")
+        if kind == "A.weight":
+            out[f"{name}.lora_down.weight"] = value
+            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+        else:
+            out[f"{name}.lora_up.weight"] = value
+    return out
 
 
 def parse_lora_keys(keys: Iterable[str]) -> tuple[list[tuple[str, str, str]], list[str]]:

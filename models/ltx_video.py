@@ -19,7 +19,8 @@ from torch import nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from models.base import DiffusionModel
-from models.ltx_layout import diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
+from models.ltx_layout import (diffusers_to_original, load_diffusers_keys_from_original, lora_to_original,
+                               original_to_diffusers_key)
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
@@ -266,6 +267,10 @@ class LTXVideoModel(DiffusionModel):
     def extra_lora_formats(self, lora):
         # ComfyUI loads LTX-Video LoRAs against the original key layout.
         return {"lora_comfyui.safetensors": lora_to_original(lora)}
+
+    def original_module_name_to_diffusers(self, name):
+        # The layouts differ by module names only.
+        return original_to_diffusers_key(name)
 
     def _transformer_config(self):
         return self.transformer_class.load_config(self.transformer_folder())

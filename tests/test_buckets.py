@@ -51,11 +51,13 @@ def test_single_bucket_is_square_or_the_geometric_mean():
     assert (wide.width, wide.height) == (336, 192)
 
 
-def test_without_ar_buckets_and_explicit_shapes():
-    shapes = bucket_shapes(_settings(resolutions=[512, (768, 512)], enable_ar_bucket=False), 16)
-    assert shapes == {512: [Bucket(512, 512)], (768, 512): [Bucket(768, 512)]}
-    # An explicit (w, h) is taken as is even with AR buckets on.
-    assert bucket_shapes(_settings(resolutions=[(640, 384)]), 64) == {(640, 384): [Bucket(640, 384)]}
+def test_a_pair_is_an_area_as_in_diffusion_pipe():
+    # Without AR buckets: one square of the pair's area (1280 x 720 = 960 x 960), rounded.
+    shapes = bucket_shapes(_settings(resolutions=[512, (1280, 720), (768, 512)], enable_ar_bucket=False), 16)
+    assert shapes == {512: [Bucket(512, 512)], (1280, 720): [Bucket(960, 960)], (768, 512): [Bucket(624, 624)]}
+    # With AR buckets: the same shapes as the square resolution of that area.
+    with_ar = bucket_shapes(_settings(resolutions=[(1024, 256), 512]), 16)
+    assert with_ar[(1024, 256)] == with_ar[512] and len(with_ar[512]) == 7
 
 
 def test_small_resolution_rounds_to_at_least_the_multiple_without_duplicates():
@@ -89,7 +91,7 @@ def test_assign_picks_nearest_ar_per_resolution_and_counts_outside_range(tmp_pat
         ("square", 256, (256, 256), 3, False),
         ("strip", 512, (720, 368), 3, True),   # aspect 10: widest bucket, cropped more
         ("strip", 256, (368, 176), 3, True),
-        ("tall", (768, 512), (768, 512), 1, False),
+        ("tall", (768, 512), (496, 784), 1, False),  # a pair is an area: the tall bucket of 768 x 512 pixels
     ]
 
 
@@ -111,20 +113,20 @@ def test_check_resolutions_names_dataset_level_key(tmp_path):
     assert "496 or 512" in message
 
 
-def test_check_resolutions_names_directory_key_and_side(tmp_path):
+def test_check_resolutions_names_directory_key(tmp_path):
     path = _write_dataset(tmp_path, 'resolutions = [512]\n'
                                     '[[directory]]\npath = "images"\n'
-                                    '[[directory]]\npath = "images"\nresolutions = [256, [768, 520]]\n')
+                                    '[[directory]]\npath = "images"\nresolutions = [[768, 520], 250]\n')
     with pytest.raises(ConfigError) as error:
         check_resolutions(load_dataset_config(path), 16, "flux")
     message = str(error.value)
-    assert message.startswith(f"{path.resolve()}: 'directory[1].resolutions[1]' is [768, 520]")
-    assert "the height 520 is not a multiple of 16" in message
+    # The pair is an area (its sides need not be multiples); the side 250 must be one.
+    assert message.startswith(f"{path.resolve()}: 'directory[1].resolutions[1]' is 250")
 
 
 def test_check_resolutions_accepts_multiples_and_datasets_built_in_code(tmp_path):
-    path = _write_dataset(tmp_path, 'resolutions = [256, [768, 512]]\n[[directory]]\npath = "images"\n')
-    check_resolutions(load_dataset_config(path), 16, "flux")  # all multiples of 16: no error
+    path = _write_dataset(tmp_path, 'resolutions = [256, [768, 520]]\n[[directory]]\npath = "images"\n')
+    check_resolutions(load_dataset_config(path), 16, "flux")  # sides multiples of 16, a pair any area: no error
 
     built = Dataset(tmp_path / "made.toml", [ResolvedDirectory(tmp_path, _settings(resolutions=[512, 1000]))])
     expected = r"made.toml: 'directory\[0\].resolutions\[1\]' is 1000.*sdxl takes multiples of 64"

@@ -177,8 +177,8 @@ def test_resolution_not_a_multiple_of_16_names_the_dataset_key(tmp_path):
     message = error(tmp_path, dataset=edit(DATASET, "resolutions = [64]", "resolutions = [64, 100]"))
     assert message.startswith(f"{dataset_file}: 'resolutions[1]' is 100: ")
     assert "not a multiple of 16" in message and "nearest: 96 or 112" in message
-    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"', 'path = "data"\nresolutions = [64, [96, 72]]'))
-    assert message.startswith(f"{dataset_file}: 'directory[0].resolutions[1]' is [96, 72]: the height 72 ")
+    message = error(tmp_path, dataset=edit(DATASET, 'path = "data"', 'path = "data"\nresolutions = [[96, 72], 72]'))
+    assert message.startswith(f"{dataset_file}: 'directory[0].resolutions[1]' is 72: ")
 
 
 def test_eval_dataset_errors_name_the_eval_dataset_file(tmp_path):

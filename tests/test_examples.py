@@ -19,8 +19,8 @@ from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
 from models import MODEL_CLASSES, get_model_class
 from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EmaConfig, EvalDatasetConfig,
-                          ModelConfig, OptimizerConfig, SampleConfig, SamplePrompt, TrainConfigFile,
-                          load_train_config)
+                          ModelConfig, MonitoringConfig, OptimizerConfig, SampleConfig, SamplePrompt,
+                          TrainConfigFile, load_train_config)
 
 EXAMPLES = REPO / "examples"
 FLUX = EXAMPLES / "flux.toml"
@@ -36,6 +36,7 @@ DOCUMENTED_IN = {
     EvalDatasetConfig: (FLUX, "eval_datasets"),
     SampleConfig: (FLUX, "sample"),
     SamplePrompt: (FLUX, "sample.prompts"),
+    MonitoringConfig: (FLUX, "monitoring"),
     DatasetConfig: (DATASET, ""),
     BucketSettings: (DATASET, ""),
     DirectoryConfig: (DATASET, "directory"),

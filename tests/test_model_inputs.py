@@ -145,25 +145,16 @@ def test_a_lora_of_another_architecture(tmp_path, tiny_models):
     # Another model's LoRA has other module names (no metadata to tell: made by another trainer).
     lora = _lora(tmp_path, tiny_models, rename=lambda k: k.replace("transformer_blocks", "blocks"))
     message = check(tiny_models / "flux", AdapterConfig(rank=4, alpha=4.0, init_from_existing=str(lora)))
-    assert message.startswith(f"{CONFIG}: adapter.init_from_existing: {lora} is not a LoRA of this flux adapter "
-                              f"(rank 4, target_modules): expected ")
-    assert "such as 'single_transformer_blocks." in message and "such as 'blocks." in message
-    expected = len(load_file(lora))
-    assert message.endswith(f"; {expected} missing, {expected} unexpected")
+    assert message.startswith(f"{CONFIG}: adapter.init_from_existing: {lora} has LoRAs on ")
+    assert message.endswith("modules this transformer does not have (e.g. 'blocks.0.attn.add_k_proj'): a LoRA of "
+                            "another model?")
 
 
 def test_a_lora_of_another_rank(tmp_path, tiny_models):
     lora = _lora(tmp_path, tiny_models, rank=8)
     message = check(tiny_models / "flux", AdapterConfig(rank=4, alpha=4.0, init_from_existing=str(lora)))
-    assert message.startswith(f"{CONFIG}: adapter.init_from_existing: ")
-    assert "has shape (8, " in message and message.endswith(": the file has rank 8, adapter.rank = 4")
-
-
-def test_a_lora_in_the_comfyui_layout(tmp_path, tiny_models):
-    lora = _lora(tmp_path, tiny_models, rename=lambda k: "diffusion_model." + k.removeprefix("transformer."))
-    message = check(tiny_models / "flux", AdapterConfig(rank=4, alpha=4.0, init_from_existing=str(lora)))
-    assert message == (f"{CONFIG}: adapter.init_from_existing: {lora} is in the ComfyUI / original key layout; "
-                       f"expected the diffusers format (pytorch_lora_weights.safetensors, saved beside it)")
+    assert message.startswith(f"{CONFIG}: adapter.init_from_existing: {lora} has rank 8 LoRAs")
+    assert message.endswith(", adapter.rank = 4: set adapter.rank = 8")
 
 
 @pytest.mark.slow

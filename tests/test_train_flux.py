@@ -139,7 +139,7 @@ def test_run_folder_contents(run_a):
     diffusers_keys = load_file(folder / "adapters" / "final" / "pytorch_lora_weights.safetensors")
     assert diffusers_keys and all(k.startswith("transformer.") for k in diffusers_keys)
     comfy_keys = load_file(folder / "adapters" / "final" / "lora_comfyui.safetensors")
-    assert comfy_keys and all(k.startswith("diffusion_model.") for k in comfy_keys)
+    assert comfy_keys and all(k.startswith("lora_unet_") for k in comfy_keys)  # kohya naming
 
 
 def test_eval_is_deterministic_across_launches(run_a, run_b):
@@ -195,14 +195,19 @@ def test_original_layout_lora_file_reproduces_the_final_eval(run_a, work):
     folder = run_dir(run_a)
     base = load_file(work["model"] / "flux1-tiny-original.safetensors")
     lora = load_file(folder / "adapters" / "final" / "lora_comfyui.safetensors")
-    modules = {k.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
-               for k in lora if k.endswith(".lora_A.weight")}
-    assert len(lora) == 2 * len(modules) and all(k.startswith("diffusion_model.") for k in lora)
-    for module in modules:
-        a = lora[f"diffusion_model.{module}.lora_A.weight"].double()
-        b = lora[f"diffusion_model.{module}.lora_B.weight"].double()
+    # As ComfyUI reads it: "lora_unet_" + the original module name with "_" for ".", scale alpha / rank.
+    by_kohya_name = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k.removesuffix(".weight")
+                     for k in base if k.endswith(".weight")}
+    names = {k.removesuffix(".lora_down.weight") for k in lora if k.endswith(".lora_down.weight")}
+    assert len(lora) == 3 * len(names) and names <= set(by_kohya_name)
+    for name in names:
+        module = by_kohya_name[name]
+        a = lora[f"{name}.lora_down.weight"].double()
+        b = lora[f"{name}.lora_up.weight"].double()
+        scale = lora[f"{name}.alpha"].item() / a.shape[0]
+        assert scale == 1.0  # alpha is inside B already
         weight = base[f"{module}.weight"]
-        base[f"{module}.weight"] = (weight.double() + b @ a).to(weight.dtype)  # scale 1: alpha is inside B
+        base[f"{module}.weight"] = (weight.double() + scale * b @ a).to(weight.dtype)
 
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     transformer = FluxTransformer2DModel.from_config(config)

@@ -392,7 +392,9 @@ def test_cache_has_one_entry_per_clip_keyed_by_clip_start(tmp_path, videos):
     video.write_bytes((videos / "clip_001.mp4").read_bytes())  # 17 frames, 64x48
     (folder / "clip.txt").write_text("a moving shape")
     dataset = Dataset(tmp_path / "d.toml", [ResolvedDirectory(folder, _settings(
-        resolutions=[(64, 48)], frame_buckets=[1, 9], video_clip_mode="multiple_overlapping"))])
+        # A pair is an area: one aspect-ratio bucket at the pair's own ratio gives exactly 64x48.
+        resolutions=[(64, 48)], min_ar=64 / 48, max_ar=64 / 48, num_ar_buckets=1, frame_buckets=[1, 9],
+        video_clip_mode="multiple_overlapping"))])
     samples = assign_buckets(scan_dataset(dataset).items, dataset, 16)
     model = PooledVideoModel()
 

@@ -1,6 +1,7 @@
 """Buckets: the shapes items are trained at, which item goes where, and batching.
 
-Each configured resolution gives a set of bucket shapes of about the same area. Every item goes
+Each configured resolution is an area (a side r: r x r pixels; a pair [w, h]: w x h pixels, as in
+diffusion-pipe) and gives a set of bucket shapes of about that area. Every item goes
 to the bucket nearest its aspect ratio for every resolution of its directory. Its frame count
 comes from the directory's `frame_buckets`: the largest one that fits the item (an image is a
 one-frame video), with clips cut from longer videos by `video_clip_mode`. Only an item shorter
@@ -104,13 +105,18 @@ def _aspect_ratios(settings: BucketSettings) -> list[float]:
     return [math.exp(math.log(low) + i * step) for i in range(count)]
 
 
+def resolution_area(resolution: Optional[Resolution]) -> int:
+    """Pixels of a configured resolution: r * r for a side, w * h for a pair (0 for none)."""
+    if resolution is None:
+        return 0
+    return resolution * resolution if isinstance(resolution, int) else resolution[0] * resolution[1]
+
+
 def _shapes_for(resolution: Resolution, settings: BucketSettings, size_multiple: int) -> list[Bucket]:
-    if not isinstance(resolution, int):
-        width, height = resolution
-        return [Bucket(width, height)]
+    area = resolution_area(resolution)
     if not settings.enable_ar_bucket:
-        return [Bucket(resolution, resolution)]
-    area = resolution * resolution
+        side = _round_to_multiple(math.sqrt(area), size_multiple)
+        return [Bucket(side, side)]
     shapes = {Bucket(_round_to_multiple(math.sqrt(area * ar), size_multiple),
                      _round_to_multiple(math.sqrt(area / ar), size_multiple))
               for ar in _aspect_ratios(settings)}
@@ -120,10 +126,10 @@ def _shapes_for(resolution: Resolution, settings: BucketSettings, size_multiple:
 def bucket_shapes(settings: BucketSettings, size_multiple: int) -> dict[Resolution, list[Bucket]]:
     """Bucket shapes per configured resolution, each list sorted by aspect ratio.
 
-    An int resolution r gives shapes of area about r*r at `num_ar_buckets` aspect ratios spaced
-    evenly in log space over [min_ar, max_ar] (or just r x r without AR buckets), with sides
-    rounded to multiples of `size_multiple`; duplicates after rounding are removed. A (w, h)
-    resolution gives exactly that shape.
+    A resolution r gives shapes of area about r*r, a (w, h) resolution of area about w*h, at
+    `num_ar_buckets` aspect ratios spaced evenly in log space over [min_ar, max_ar] (or one square
+    of that area without AR buckets), with sides rounded to multiples of `size_multiple`;
+    duplicates after rounding are removed.
     """
     if size_multiple < 1:
         raise ValueError(f"size_multiple must be at least 1, got {size_multiple}")
@@ -143,8 +149,10 @@ def _nearest_multiples(value: int, multiple: int) -> str:
 
 def _check_resolution(resolution: Resolution, size_multiple: int, model_name: str,
                       file, where: str, is_default: bool = False) -> None:
-    sides = [("", resolution)] if isinstance(resolution, int) else \
-        [("width ", resolution[0]), ("height ", resolution[1])]
+    # A pair is an area: its sides are no bucket's, and the buckets are rounded anyway.
+    sides = [("", resolution)] if isinstance(resolution, int) else []
+    if not isinstance(resolution, int) and min(resolution) <= 0:
+        raise ConfigError(f"{file}: '{where}' must be positive, got {list(resolution)!r}")
     # Shown as written in TOML: a (w, h) pair is a list there.
     shown = resolution if isinstance(resolution, int) else list(resolution)
     value_text = f"is not set, and the default is {shown!r}" if is_default else f"is {shown!r}"
@@ -170,8 +178,9 @@ def _resolution_source(dataset: Dataset, directory_index: int) -> tuple[str, Opt
 
 
 def check_resolutions(dataset: Dataset, size_multiple: int, model_name: str) -> None:
-    """Raise ConfigError naming the dataset file and key of the first resolution that is not a
-    positive multiple of `size_multiple` (the model's patch/latent granularity)."""
+    """Raise ConfigError naming the dataset file and key of the first side resolution that is not a
+    positive multiple of `size_multiple` (the model's patch/latent granularity); a (w, h) pair is an
+    area and only needs to be positive."""
     raw: Optional[DatasetConfig] = dataset.raw
     # Dataset-level values are checked even where every directory overrides them: they are
     # still wrong in the file.
@@ -280,6 +289,18 @@ def nearest_bucket(aspect: float, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: abs(math.log(b.aspect) - log_aspect))
 
 
+def bucket_for(aspect: float, resolution: Resolution, settings: BucketSettings, size_multiple: int) -> Bucket:
+    """The bucket of an item of this aspect ratio at `resolution`: the configured aspect ratio
+    nearest it in log space (first one on a tie), as diffusion-pipe picks, then that ratio's
+    rounded shape. Picking by the configured ratio, not by the rounded shape's, keeps the choice
+    the same at every size multiple."""
+    ratios = _aspect_ratios(settings) if settings.enable_ar_bucket else [1.0]
+    ratio = min(ratios, key=lambda r: abs(math.log(r) - math.log(aspect)))
+    area = resolution_area(resolution)
+    return Bucket(_round_to_multiple(math.sqrt(area * ratio), size_multiple),
+                  _round_to_multiple(math.sqrt(area / ratio), size_multiple))
+
+
 def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
                    too_short: Optional[list[tuple[Path, str]]] = None) -> list[Sample]:
     """Samples of every item: per resolution of its directory, in the bucket nearest its aspect
@@ -309,7 +330,7 @@ def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
         # Without AR buckets every shape is fixed, so there is no range to be outside of.
         outside = bool(settings.enable_ar_bucket) and not (settings.min_ar <= aspect <= settings.max_ar)
         for resolution, buckets in shapes_per_directory[item.directory_index].items():
-            bucket = replace(nearest_bucket(aspect, buckets), frames=frames)
+            bucket = replace(bucket_for(aspect, resolution, settings, size_multiple), frames=frames)
             for start in starts:
                 samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start,
                                       settings.caption_dropout or 0.0, settings.caption_shuffle_variants or 0,
@@ -385,11 +406,6 @@ def format_bucket_table(samples: list[Sample], micro_batch_size: int,
     item_resolutions = len(clips)
     # Some item gives more than one sample per resolution: it was cut into several clips.
     several_clips = item_resolutions < len(samples)
-
-    def resolution_area(resolution: Optional[Resolution]) -> int:
-        if resolution is None:
-            return 0
-        return resolution * resolution if isinstance(resolution, int) else resolution[0] * resolution[1]
 
     # Rows grouped by configured resolution (smallest first), then by aspect ratio.
     def row_order(bucket: Bucket):

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from utils.schema import ConfigError, build, check, described, key, required
+from utils.diffusion_pipe import replacement_for_key, translate_dataset, translate_train
+from utils.schema import (ConfigError, build, check, described, key, near_name_hint, required, table_rule,
+                          unknown_keys)
 
 # A square side (512: 512x512) or [width, height].
 Resolution = Union[int, tuple[int, int]]
@@ -196,6 +198,8 @@ class Dataset:
     directories: list[ResolvedDirectory]
     # The file as written: dataset-level keys before defaults were applied, for error messages.
     raw: Optional[DatasetConfig] = None
+    # Things printed at start: translated diffusion-pipe names, defaults that differ from it.
+    notes: list[str] = field(default_factory=list)
 
     @property
     def strict(self) -> bool:
@@ -203,17 +207,59 @@ class Dataset:
         return bool(self.raw is not None and self.raw.strict)
 
 
+def check_keys(file: Path, problems: list[tuple[str, str]], unknown: list[tuple[str, list[str]]],
+               dataset_file: bool = False, top_level: frozenset = frozenset()) -> None:
+    """One ConfigError listing every unknown key (with the nearest name, what to write instead of
+    a diffusion-pipe key, or TOML's table rule for a top-level key written below a table header)
+    and every other problem found before building: all at once."""
+    lines = []
+    for where, valid in unknown:
+        table, _, name = where.rpartition(".")
+        instead = replacement_for_key(where, dataset_file)
+        if instead:
+            hint = f" (diffusion-pipe's; {instead})"
+        elif table and name in top_level:
+            hint = f": {table_rule(table, name)}"
+        else:
+            hint = near_name_hint(name, valid)
+        lines.append(f"unknown key '{where}'{hint}")
+    lines += [f"'{where}' {message}" for where, message in problems]
+    if len(lines) == 1:
+        raise ConfigError(f"{file}: {lines[0]}")
+    if lines:
+        raise ConfigError(f"{file}: {len(lines)} keys to change:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _set_by(raw_dataset: DatasetConfig, directory: DirectoryConfig, index: int, name: str) -> str:
+    """Which key of the dataset TOML gave a directory its value of `name`."""
+    if getattr(directory, name) is not None:
+        return f"directory[{index}].{name}"
+    return name if getattr(raw_dataset, name) is not None else f"{name}, by default"
+
+
 def load_dataset_config(path: Path) -> Dataset:
     """Read a dataset TOML and resolve each directory's effective settings and path."""
     path = Path(path)
-    cfg = build(DatasetConfig, read_toml(path), path)
+    raw = read_toml(path)
+    notes, problems = translate_dataset(raw)
+    check_keys(path, problems, unknown_keys(DatasetConfig, raw), dataset_file=True,
+               top_level=frozenset(f.name for f in dataclasses.fields(DatasetConfig)))
+    cfg = build(DatasetConfig, raw, path)
     base = BUCKET_DEFAULTS.overridden_by(cfg)
     directories = []
     for i, d in enumerate(cfg.directory):
         dir_path = _resolve_path(path.parent, d.path, path, f"directory[{i}].path")
         check(_path_is(dir_path, "dir"), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
-        directories.append(ResolvedDirectory(dir_path.resolve(), base.overridden_by(d), raw=d))
-    return Dataset(path.resolve(), directories, raw=cfg)
+        settings = base.overridden_by(d)
+        # Each table's own pair is checked as it is built; a pair split over two tables only here.
+        check(settings.min_ar <= settings.max_ar, path, _set_by(cfg, d, i, "min_ar"),
+              f"gives directory[{i}] min_ar = {settings.min_ar}, above its max_ar = {settings.max_ar} "
+              f"(from '{_set_by(cfg, d, i, 'max_ar')}'); min_ar must not exceed max_ar")
+        directories.append(ResolvedDirectory(dir_path.resolve(), settings, raw=d))
+    if cfg.enable_ar_bucket is None and any(d.enable_ar_bucket is None for d in cfg.directory):
+        notes.append("enable_ar_bucket is not set: aspect-ratio buckets are on (diffusion-pipe's default is off, "
+                     "which trains every item square); set enable_ar_bucket to choose")
+    return Dataset(path.resolve(), directories, raw=cfg, notes=[f"{path}: {n}" for n in notes])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +375,31 @@ def adamw8bit_missing() -> str:
     if not torch.cuda.is_available():
         lacking.append("a CUDA GPU, and none is available")
     return " and ".join(lacking)
+
+
+@dataclass
+class MonitoringConfig:
+    """Weights & Biases logging beside TensorBoard, with diffusion-pipe's key names."""
+
+    enable_wandb: bool = False
+    # Better left empty: `wandb login` or the WANDB_API_KEY environment variable keep it out of files.
+    wandb_api_key: str = ""
+    wandb_tracker_name: str = ""
+    wandb_run_name: str = ""
+
+    def validate(self, file, prefix):
+        if self.enable_wandb:
+            check(wandb_missing() == "", file, key(prefix, "enable_wandb"), wandb_missing())
+
+
+def wandb_missing() -> str:
+    """Why Weights & Biases logging cannot run here ('' when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return ("= true needs the wandb package, which is not installed: pip install wandb "
+                "(or set enable_wandb = false)")
+    return ""
 
 
 @dataclass
@@ -466,6 +537,7 @@ class TrainConfigFile:
     save_dtype: DType = "bfloat16"
     seed: int = 42
     sample: Optional[SampleConfig] = None
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def validate(self, file, prefix):
         check(self.ema is None or self.adapter is not None, file, "ema",
@@ -533,6 +605,8 @@ class TrainConfig:
     output_dir: Path
     # Things that are allowed but probably not meant (printed at start): "file: message".
     warnings: list[str] = field(default_factory=list)
+    # Things said at start: translated diffusion-pipe names, behaviour that differs from it on purpose.
+    notes: list[str] = field(default_factory=list)
     # The keys the file sets, dotted ("model.transformer_dtype"): a key left out may be chosen by
     # the memory plan; one set to its default value is kept.
     given: frozenset[str] = frozenset()
@@ -565,14 +639,19 @@ def load_train_config(path: Path | str) -> TrainConfig:
 
     path = _resolve_path(Path.cwd(), str(path), Path(path), "--config")
     raw = read_toml(path)
-    settings = build(TrainConfigFile, raw, path)
-    model_table = settings.model
-    model_type = model_table.get("type")
+    optimizer_table = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
+    kahan_optimizer = optimizer_table.get("type") == "adamw_optimi" and "stochastic_rounding" not in optimizer_table
+    notes, problems = translate_train(raw)
+    model_table = raw.get("model")
+    model_type = model_table.get("type") if isinstance(model_table, dict) else None
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
     model_cls = get_model_class(model_type, path)
-    model_config = build(model_cls.config_class, model_table, path, "model",
-                         frozenset(f.name for f in dataclasses.fields(TrainConfigFile)))
+    top_level = frozenset(f.name for f in dataclasses.fields(TrainConfigFile))
+    check_keys(path, problems, unknown_keys(TrainConfigFile, raw) + unknown_keys(model_cls.config_class, model_table,
+                                                                                     "model"), top_level=top_level)
+    settings = build(TrainConfigFile, raw, path)
+    model_config = build(model_cls.config_class, model_table, path, "model", top_level)
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
@@ -608,6 +687,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
         check(model_config.dtype == "bfloat16", path, "model.float8_matmul",
               f"= true computes in bfloat16, but model.dtype is '{model_config.dtype}'")
     trained = trained_dtype(settings, model_config)
+    if kahan_optimizer and trained == "bfloat16":
+        settings.optimizer.stochastic_rounding = True
+        notes.append("optimizer.type 'adamw_optimi' keeps small updates of bfloat16 weights with Kahan summation; "
+                     "here stochastic rounding does that: read as stochastic_rounding = true")
     if settings.optimizer.stochastic_rounding:
         check(trained == "bfloat16", path, "optimizer.stochastic_rounding",
               f"rounds into bfloat16 weights, but the trained weights are {trained} ("
@@ -624,9 +707,12 @@ def load_train_config(path: Path | str) -> TrainConfig:
         model_cls.check_dataset(ds)
     given = frozenset(raw) | {f"model.{k}" for k in model_table}
     samples = resolve_samples(settings.sample, model_cls, path, settings.seed) if settings.sample else []
+    notes = [f"{path}: {n}" for n in notes] + _difference_notes(path, raw, settings)
+    for ds in [dataset] + [e.dataset for e in eval_datasets]:
+        notes += [n for n in ds.notes if n not in notes]
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
                        warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
-                       given=given, samples=samples)
+                       notes=notes, given=given, samples=samples)
 
 
 def resolve_samples(sample: SampleConfig, model_cls, path: Path, seed: int) -> list[SampleRequest]:
@@ -678,6 +764,17 @@ def resolve_samples(sample: SampleConfig, model_cls, path: Path, seed: int) -> l
                   f"= {request.frames}: model type '{model_cls.name}' takes {k}k+1 frames (1, {k + 1}, {2 * k + 1}, ...)")
         requests.append(request)
     return requests
+
+
+def _difference_notes(path: Path, raw: dict, settings: TrainConfigFile) -> list[str]:
+    """Notes on defaults that differ from diffusion-pipe's on purpose, where the config relies on them."""
+    notes = []
+    checkpointing = any(getattr(settings, k) is not None for k in
+                        ("checkpoint_every_n_minutes", "checkpoint_every_n_epochs", "checkpoint_every_n_steps"))
+    if checkpointing and "checkpoints_to_keep" not in raw:
+        notes.append(f"{path}: checkpoints_to_keep is not set: the newest {settings.checkpoints_to_keep} checkpoints are "
+                     f"kept and older ones deleted (diffusion-pipe keeps them all); set it to keep more")
+    return notes
 
 
 # Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).

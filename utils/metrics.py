@@ -1,4 +1,4 @@
-"""TensorBoard scalars and the console progress bar (rank 0 only)."""
+"""TensorBoard scalars, optionally Weights & Biases, and the console progress bar (rank 0 only)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,24 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-class Metrics:
-    """Writes scalars to TensorBoard and shows a progress bar with loss and ETA."""
+def start_wandb(monitoring, run_dir: Path):
+    """A Weights & Biases run for `monitoring` ([monitoring] of the config), its files in
+    <run>/wandb/. The API key goes to wandb in memory only (wandb.Settings), never into a file
+    this trainer writes; without one, wandb uses `wandb login` or WANDB_API_KEY."""
+    import wandb
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    settings = wandb.Settings(api_key=monitoring.wandb_api_key) if monitoring.wandb_api_key else None
+    return wandb.init(project=monitoring.wandb_tracker_name or None, name=monitoring.wandb_run_name or run_dir.name,
+                      dir=str(run_dir), settings=settings)
+
+
+class Metrics:
+    """Writes scalars to TensorBoard (and W&B when configured) and shows a progress bar with loss and ETA."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, monitoring=None):
         self.enabled = enabled
         self.writer = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self.wandb = start_wandb(monitoring, run_dir) if enabled and monitoring and monitoring.enable_wandb else None
         self.jsonl_path = run_dir / "metrics.jsonl"
         if enabled and self.jsonl_path.exists():
             # A resumed run: drop the lines of steps after the checkpoint, they are trained again.
@@ -39,6 +51,8 @@ class Metrics:
             return
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def record(self, values: dict[str, float]) -> None:
         """Append one step's values to metrics.jsonl (machine-readable, e.g. for benchmarks)."""
@@ -59,3 +73,5 @@ class Metrics:
         if self.enabled:
             self.bar.close()
             self.writer.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -48,7 +48,11 @@ def _type_name(tp, plural: bool = False) -> str:
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a, plural) for a in get_args(tp) if a is not type(None))
+        # Lists first, whatever order the Union was written in: typing caches equal Unions, so the
+        # order of get_args depends on which module spelt the Union first.
+        options = sorted((a for a in get_args(tp) if a is not type(None)),
+                         key=lambda a: get_origin(a) not in (list, tuple))
+        return " or ".join(_type_name(a, plural) for a in options)
     if origin in (list, tuple):
         args = get_args(tp)
         lists = "lists" if plural else "a list"
@@ -140,6 +144,50 @@ def _convert_item(value, tp, where, file, top_level=frozenset()):
         raise ConfigError(f"{file}: '{where}' must be {_type_name(tp)}, got {redacted(repr(value))}") from None
 
 
+def _table_types(tp) -> tuple[type | None, bool]:
+    """The dataclass a field of type `tp` holds as a table (or None), and whether it is a list of them."""
+    if dataclasses.is_dataclass(tp):
+        return tp, False
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            found = _table_types(option)
+            if found[0] is not None:
+                return found
+    if origin is list and get_args(tp) and dataclasses.is_dataclass(get_args(tp)[0]):
+        return get_args(tp)[0], True
+    return None, False
+
+
+def unknown_keys(cls, table: dict, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Every key of `table` and of its nested tables that `cls` does not have, as (dotted key,
+    the valid names beside it), so that all of them can be reported at once."""
+    hints = typing.get_type_hints(cls)
+    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    found = []
+    for key, value in table.items():
+        where = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            found.append((where, fields))
+            continue
+        inner, is_list = _table_types(hints[key])
+        if inner is None:
+            continue
+        if is_list and isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    found += unknown_keys(inner, item, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            found += unknown_keys(inner, value, where)
+    return found
+
+
+def near_name_hint(key: str, valid: list[str]) -> str:
+    """' (did you mean ...?)' for the nearest valid name, or the list of valid names."""
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(valid))}"
+
+
 def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: frozenset = frozenset()):
     """Build dataclass `cls` from a TOML table, validating keys and types.
 
@@ -156,11 +204,9 @@ def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: froze
     for key, value in table.items():
         where = f"{prefix}.{key}" if prefix else key
         if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
             if prefix and key in top_level:
-                raise ConfigError(f"{file}: unknown key '{where}': {_table_rule(prefix, key)}")
-            hint = f" (did you mean '{near[0]}'?)" if near else f"; valid keys here: {', '.join(sorted(fields))}"
-            raise ConfigError(f"{file}: unknown key '{where}'{hint}")
+                raise ConfigError(f"{file}: unknown key '{where}': {table_rule(prefix, key)}")
+            raise ConfigError(f"{file}: unknown key '{where}'{near_name_hint(key, list(fields))}")
         kwargs[key] = _convert_item(value, hints[key], where, file, top_level)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -172,7 +218,7 @@ def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: froze
     return obj
 
 
-def _table_rule(prefix: str, name: str) -> str:
+def table_rule(prefix: str, name: str) -> str:
     """Why a top-level key landed in table `prefix`: in TOML, every key after a table header
     belongs to that table, up to the next header."""
     table = prefix.split(".")[0]

@@ -89,7 +89,8 @@ class Trainer:
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
         # A finished run resumed trains nothing: it leaves the logs as they are.
-        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total)
+        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total,
+                               monitoring=s.monitoring)
         sample = s.sample
         self.sampler = Sampler(model, engine, config.samples, train, run_dir / "samples", rank, device,
                                log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
