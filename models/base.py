@@ -25,6 +25,7 @@ from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
+from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -353,8 +354,6 @@ class DiffusionModel:
         """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
         adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
         applies exactly the file's weight change. Any layout models/lora_import.py reads."""
-        from models.lora_import import lora_file_in, read_lora_as_diffusers, suggested_targets
-
         file = lora_file_in(path)
         if not file.is_file():
             raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
@@ -508,8 +507,15 @@ class DiffusionModel:
         """Start from an existing LoRA for `init_from_existing` (any layout `read_lora_file` reads):
         the materialised (this stage's) LoRA weights take the file's."""
         loaded = self.read_lora_file(transformer, path, adapter)
+        magnitudes = read_dora_magnitudes(lora_file_in(path))
+        if magnitudes and not adapter.use_dora:
+            raise ConfigError(f"adapter.init_from_existing: {path} is a DoRA adapter (it has magnitudes): "
+                              f"set adapter.use_dora = true")
         for module, (a, b) in loaded.items():
-            for name, value in ((f"{module}.lora_A.default.weight", a), (f"{module}.lora_B.default.weight", b)):
+            values = [(f"{module}.lora_A.default.weight", a), (f"{module}.lora_B.default.weight", b)]
+            if module in magnitudes:
+                values.append((f"{module}.lora_magnitude_vector.default.weight", magnitudes[module]))
+            for name, value in values:
                 param = transformer.get_parameter(name)
                 if param.is_meta:
                     continue

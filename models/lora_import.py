@@ -60,6 +60,26 @@ def read_lora_modules(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, di
     return modules, other
 
 
+DORA_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def read_dora_magnitudes(file: Path) -> dict[str, torch.Tensor]:
+    """The DoRA magnitudes in a diffusers/peft LoRA file, {module name: magnitude}, prefixes
+    stripped; empty for a plain LoRA."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(file), "pt") as st:
+        for key in st.keys():
+            name = key.removesuffix(".weight")
+            if name.endswith(DORA_MAGNITUDE):
+                name = name[: -len(DORA_MAGNITUDE)]
+                for prefix in _PREFIXES:
+                    name = name.removeprefix(prefix)
+                out[name] = st.get_tensor(key).float()
+    return out
+
+
 def with_scale_in_b(parts: dict[str, torch.Tensor], file: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) in float32 with a kohya .alpha (alpha / rank) multiplied into B."""
     if "A" not in parts or "B" not in parts:
@@ -132,6 +152,7 @@ def read_lora_as_diffusers(file: Path, diffusers_modules, layout,
     except Exception as e:  # SafetensorError, OSError
         raise ConfigError(f"adapter.init_from_existing: {file} is not a readable .safetensors file ({e})") from None
     modules, other = read_lora_modules(tensors)
+    other = [k for k in other if not k.removesuffix(".weight").endswith(DORA_MAGNITUDE)]
     if other:
         raise ConfigError(f"adapter.init_from_existing: {file} holds {len(other)} tensors that are no LoRA weight "
                           f"(e.g. {other[0]!r}): is it a LoRA file?")
