@@ -9,7 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
+# The start-up report (utils/trainer.py) measures from here, before the heavy imports.
+LAUNCHED = time.time()
+
+# torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels) in the user's cache
+# folder, not /tmp/torchinductor_<user>, which reboots and fresh containers empty: a later run
+# loads the compiled layers instead of compiling them again (docs/benchmarks.md, "Start-up").
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torchinductor"))
 # Quiet third-party start-up chatter before they are imported.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -76,7 +85,7 @@ def main(argv=None) -> int:
                   for c in train.samples), default=0) or None
     engine, transformer = build_engine(model, config, rank, world, device, steps, tokens=tokens)
     trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
-                      resume=args.resume_from_checkpoint)
+                      resume=args.resume_from_checkpoint, launched=LAUNCHED)
     if rank == 0:
         print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}"
               + (f" (resumed from {trainer.resumed_from})" if trainer.resumed_from else ""))

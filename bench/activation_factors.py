@@ -19,6 +19,7 @@ their measured peaks. Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -169,9 +170,9 @@ def measure(name: str, heads: int | None = None, blocks: int = 2, shape: tuple[i
 
 def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing: bool | str = False,
              full: bool = False, rank: int = 32, blocks: int | tuple[int, int] | None = None,
-             optimizer: dict | None = None, **settings) -> list:
+             optimizer: dict | None = None, heads: int | None = None, float8: bool = False, **settings) -> list:
     """The memory estimate train.py prints at start (utils/memory.py) for the released transformer
-    (or `blocks` of each kind) at this shape, batch 1, bfloat16, from configs alone: a
+    (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
     from utils import memory
     from utils.config import OptimizerConfig, TrainConfig, TrainConfigFile
@@ -179,12 +180,13 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
-        model = config_only_model(name, transformer_config(name, blocks=blocks), Path(folder), TEXT_TOKENS[name])
+        model = config_only_model(name, transformer_config(name, heads, blocks), Path(folder), TEXT_TOKENS[name])
         file = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": name},
                                adapter=None if full else AdapterConfig(rank=rank, alpha=float(rank)),
                                optimizer=OptimizerConfig(lr=1e-5, **(optimizer or {})), max_steps=1,
                                micro_batch_size_per_gpu=1, activation_checkpointing=checkpointing, **settings)
-        config = TrainConfig(file=Path(__file__), settings=file, model=model.config, dataset=None,
+        model_config = dataclasses.replace(model.config, transformer_dtype="float8") if float8 else model.config
+        config = TrainConfig(file=Path(__file__), settings=file, model=model_config, dataset=None,
                              eval_datasets=[], output_dir=Path("unused"))
         transformer, layers, parts = plan_stages(model, config)
         return memory.estimate(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
@@ -203,6 +205,12 @@ MEASURED = [
     ("flux", dict(checkpointing=True, full=True, blocks=(6, 12), optimizer=ADAFACTOR_SR), 15.10),
     ("flux", dict(checkpointing="selective", full=True, blocks=(6, 12), optimizer=ADAFACTOR_SR), 15.52),
     ("flux", dict(checkpointing=False, full=True, blocks=(6, 12)), 33.92),
+    # train.py, eager, 2026-11-25: float8 storage and block swapping (docs/benchmarks.md)
+    ("flux", dict(checkpointing=True, float8=True), 23.0),
+    ("flux", dict(checkpointing=True, float8=True, blocks_to_swap=20), 17.7),
+    ("flux", dict(checkpointing=True, blocks_to_swap=30), 19.1),
+    ("hunyuan-video", dict(checkpointing=True, float8=True), 24.8),
+    ("hunyuan-video", dict(checkpointing=True, float8=True, blocks_to_swap=20), 20.3),
 ]
 
 

@@ -16,7 +16,9 @@ row (torch.utils.flop_counter, forward and backward without checkpointing: the u
 bfloat16 layers in a child of their own when there is no layers row or it runs float8 products;
 MFU against a bf16 matrix product timed in the same run. Prints a table; `--json` appends the rows.
 Trainer options for the engine and layers rows: --compile, --float8 storage|matmul,
---attention BACKEND, --checkpointing selective, --batch.
+--attention BACKEND, --checkpointing selective, --batch; for every row: --dora (DoRA); for the
+engine row: --ema gpu|cpu (the trainer's moving average, updated every step; the row also gives
+the update's own time). --no_flops skips the FLOP count's own child when there is no layers row.
 Usage, on a CUDA machine (model folders from bench/make_full_size_flux.py / make_full_size_video.py):
   python bench/step.py MODEL_DIR --model ltx-video --resolution 768x512 --frames 49 --checkpointing on
 """
@@ -68,15 +70,18 @@ def row_config(model, args):
     Trainer options the rows share (`--compile`) are set here: build_engine then applies them to
     the engine row, and `layers_step` to the layers row.
     """
-    from utils.config import AdapterConfig, OptimizerConfig, TrainConfig, TrainConfigFile
+    from utils.config import AdapterConfig, EmaConfig, OptimizerConfig, TrainConfig, TrainConfigFile
+    from utils.memory_plan import LEVERS
 
-    adapter = None if args.full else AdapterConfig(rank=args.rank, alpha=float(args.rank))
+    adapter = None if args.full else AdapterConfig(rank=args.rank, alpha=float(args.rank), use_dora=args.dora)
+    ema = None if args.ema is None else EmaConfig(device=args.ema)
     settings = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": model.name}, adapter=adapter,
-                               optimizer=OptimizerConfig(lr=1e-5), max_steps=args.warmup + args.steps,
+                               ema=ema, optimizer=OptimizerConfig(lr=1e-5), max_steps=args.warmup + args.steps,
                                micro_batch_size_per_gpu=args.batch, activation_checkpointing=args.checkpointing,
                                compile=args.compile, attention_backend=args.attention, seed=0)
+    # Each row's settings are its own: the memory plan leaves them as they are.
     return TrainConfig(file=Path(__file__), settings=settings, model=model.config, dataset=None, eval_datasets=[],
-                       output_dir=Path("unused"))
+                       output_dir=Path("unused"), given=frozenset(LEVERS))
 
 
 def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]:
@@ -170,10 +175,27 @@ def count_flops(model, layers, inputs) -> int:
 
 def engine_step(model, config, device, inputs, labels, tokens):
     from utils.engine import build_engine, init_distributed
+    from utils.ema import ema_for
 
     init_distributed()
-    engine, _ = build_engine(model, config, 0, 1, device, config.settings.max_steps, tokens=tokens)
-    return lambda: engine.train_batch(iter([(inputs, labels)])).item()
+    engine, transformer = build_engine(model, config, 0, 1, device, config.settings.max_steps, tokens=tokens)
+    # --ema: the trainer's moving average, updated after every step as utils/trainer.py does
+    ema = None if config.settings.ema is None else ema_for(transformer, config.settings.ema)
+
+    ema_times = []
+
+    def step():
+        loss = engine.train_batch(iter([(inputs, labels)])).item()
+        if ema is not None:
+            sync(device)
+            start = time.perf_counter()
+            ema.update(1)
+            sync(device)
+            ema_times.append(time.perf_counter() - start)  # also inside the step's time
+        return loss
+
+    step.ema_times = ema_times
+    return step
 
 
 def layers_step(model, config, device, inputs, labels, tokens):
@@ -221,7 +243,8 @@ def diffusers_step(model, config, device, inputs, labels, tokens):
         transformer = model.transformer_class.from_pretrained(model.transformer_folder(), torch_dtype=model.dtype)
         transformer.requires_grad_(False)
         transformer.add_adapter(LoraConfig(r=s.adapter.rank, lora_alpha=s.adapter.alpha, init_lora_weights="gaussian",
-                                           target_modules=s.adapter.target_modules or model.default_lora_targets))
+                                           target_modules=s.adapter.target_modules or model.default_lora_targets,
+                                           use_dora=s.adapter.use_dora))
         trainable = [p for p in transformer.parameters() if p.requires_grad]
         for p in trainable:
             p.data = p.data.float()  # fp32 LoRA weights, as the diffusers scripts keep them
@@ -280,7 +303,8 @@ def run_row(args) -> dict:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return {"s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_gib": peak,
+    ema = {"ema_s_per_update": statistics.median(step.ema_times[args.warmup:])} if getattr(step, "ema_times", None) else {}
+    return {**ema, "s_per_step": seconds, "samples_per_s": args.batch / seconds, "peak_gib": peak,
             "first_loss": losses[0], "loss": losses[-1], "steps_timed": len(times),
             "text_len": getattr(model.config, "max_sequence_length", None)}
 
@@ -319,6 +343,8 @@ def row_options(args) -> list[str]:
     extra += ["--compile"] if args.compile else []
     extra += ["--float8", args.float8] if args.float8 else []
     extra += ["--attention", args.attention] if args.attention else []
+    extra += ["--ema", args.ema] if args.ema else []
+    extra += ["--dora"] if args.dora else []
     extra += ["--text_len", str(args.text_len)] if args.text_len is not None else []
     return extra
 
@@ -327,6 +353,13 @@ def variant(args) -> str:
     """What the engine and layers rows add to the trainer's defaults, as the mode column says it."""
     return ((" compiled" if args.compile else "") + {None: "", "storage": " fp8", "matmul": " fp8mm"}[args.float8]
             + (f" {args.attention.strip('_').removeprefix('native_')}" if args.attention else ""))
+
+
+def mode_label(mode: str, args) -> str:
+    """The mode column: the row, the trainer options it runs with, EMA (engine row) and DoRA (every row)."""
+    label = mode + ("" if mode == "diffusers" else variant(args))
+    label += f" ema-{args.ema}" if args.ema and mode == "engine" else ""
+    return label + (" dora" if args.dora else "")
 
 
 def describe(row: dict) -> str:
@@ -347,7 +380,8 @@ def print_table(rows: list[dict], matmul: float, device_name: str) -> None:
         tflop = r.get("tflop_per_step")
         tflop = "-" if not tflop else f"{tflop:.1f}" if tflop >= 0.1 else f"{tflop:.1e}"
         mfu = f"{r['mfu'] * 100:.0f}%" if r.get("mfu") else "-"
-        print(f"{lead} {r['s_per_step']:>8.3f} {r['samples_per_s']:>9.2f} {r['peak_gib']:>9.1f} {tflop:>7} {mfu:>5}")
+        ema = f"  (EMA update {r['ema_s_per_update'] * 1000:.1f} ms of it)" if "ema_s_per_update" in r else ""
+        print(f"{lead} {r['s_per_step']:>8.3f} {r['samples_per_s']:>9.2f} {r['peak_gib']:>9.1f} {tflop:>7} {mfu:>5}{ema}")
 
 
 def main():
@@ -367,6 +401,12 @@ def main():
                     help="transformer_dtype = 'float8' for the engine and layers rows; matmul: float8_matmul = true too")
     ap.add_argument("--attention", help="attention_backend for the engine and layers rows (a diffusers backend "
                                         "name, e.g. _native_cudnn); default: the trainer's")
+    ap.add_argument("--ema", choices=["gpu", "cpu"],
+                    help="an [ema] table for the engine row (updated every step), kept on the GPU or in CPU memory")
+    ap.add_argument("--dora", action="store_true", help="DoRA: adapter.use_dora = true for the engine and layers "
+                                                         "rows, peft's use_dora for the diffusers row")
+    ap.add_argument("--no_flops", action="store_true",
+                    help="without a layers row, skip counting FLOPs in a child of its own (no TFLOP or MFU column)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--text_len", type=int, help="text tokens (model.max_sequence_length); default: the model's")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported)")
@@ -406,7 +446,7 @@ def main():
                          "--frames", str(args.frames), "--checkpointing", ckpt, *row_options(args)]
                 tagged, output = child(args, *extra, timeout=args.timeout)
                 row = {"model": args.model, "resolution": f"{resolution[0]}x{resolution[1]}", "frames": args.frames,
-                       "mode": mode + ("" if mode == "diffusers" else variant(args)),
+                       "mode": mode_label(mode, args),
                        "full": args.full, "rank": None if args.full else args.rank,
                        "batch": args.batch, "checkpointing": CHECKPOINTING[ckpt], "text_len": args.text_len}
                 if "FLOPS" in tagged and not args.float8:
@@ -417,7 +457,7 @@ def main():
                     row["error"] = error_text(output)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        if "layers" not in args.mode or args.float8:
+        if ("layers" not in args.mode or args.float8) and not args.no_flops:
             # The useful FLOPs come from the layers row. Without one, or when its products run in float8
             # (which the counter does not see), they are counted on bfloat16 layers in a child of their own.
             shared = row_options(argparse.Namespace(**{**vars(args), "float8": None}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from utils.buckets import check_frame_buckets, check_resolutions
+from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
@@ -218,19 +220,17 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ objective (shared)
     def sample_timesteps(self, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
-        """One timestep in (0, 1) per sample: 0 is data, 1 is noise."""
+        """One timestep in (0, 1) per sample: 0 is data, 1 is noise. Drawn from the configured
+        density, shifted (fixed or by resolution), then scaled into [min_timestep, max_timestep]."""
         cfg = self.config
-        if cfg.timestep_sample_method == "logit_normal":
-            t = torch.cat([torch.randn(1, generator=g) for g in generators]).mul(cfg.sigmoid_scale).sigmoid()
-        else:
-            t = torch.cat([torch.rand(1, generator=g) for g in generators])
+        t = objective.sample_density(cfg.timestep_sample_method, generators, logit_mean=cfg.logit_mean,
+                                     logit_std=cfg.sigmoid_scale, mode_scale=cfg.mode_scale)
         if cfg.resolution_dependent_shift:
             slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
-            mu = self.base_shift + slope * (seq_len - self.base_seq_len)
-            t = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+            t = objective.resolution_shift(t, self.base_shift + slope * (seq_len - self.base_seq_len))
         elif cfg.shift is not None:
-            t = cfg.shift * t / (1 + (cfg.shift - 1) * t)
-        return t
+            t = objective.shift_timesteps(t, cfg.shift)
+        return objective.scale_to_range(t, cfg.min_timestep, cfg.max_timestep)
 
     def training_example(self, latents: torch.Tensor, text: dict[str, torch.Tensor],
                          generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
@@ -253,11 +253,11 @@ class DiffusionModel:
             weights = torch.ones(latents.shape[0])
         return self.input_fields.pack(inputs), (target, weights)
 
-    @staticmethod
-    def loss(prediction: torch.Tensor, labels) -> torch.Tensor:
-        """Weighted mean over samples of each sample's mean squared error, in float32."""
+    def loss(self, prediction: torch.Tensor, labels) -> torch.Tensor:
+        """Weighted mean over samples of each sample's mean element loss (`loss_type`: MSE by
+        default; see utils/objective.elementwise_loss), in float32."""
         target, weights = labels
-        err = (prediction.float() - target.float()).pow(2)
+        err = objective.elementwise_loss(prediction, target, self.config.loss_type, self.config.huber_delta)
         per_sample = err.mean(dim=tuple(range(1, err.dim())))
         weights = weights.to(per_sample)
         # Eval padding has weight 0; an all-padding batch gives 0, not NaN.
@@ -295,8 +295,9 @@ class DiffusionModel:
                                   f"{self.name} model (a single-file transformer goes in model.transformer_path)")
             transformer = self.build_empty_transformer()
             self.check_weight_files(transformer)
+            if adapter is not None:
+                self.add_lora(transformer, adapter)  # target patterns that find nothing fail here
             if adapter is not None and adapter.init_from_existing:
-                self.add_lora(transformer, adapter)
                 self.check_lora_file(transformer, Path(adapter.init_from_existing), adapter)
         except ConfigError as e:
             raise ConfigError(f"{config_file}: {e}") from None
@@ -397,21 +398,56 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ LoRA (shared)
     def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:
-        """Inject LoRA layers (on the meta device until their layer is materialised)."""
+        """Inject LoRA layers (on the meta device until their layer is materialised) into the
+        modules `lora_targets` names."""
         from peft import LoraConfig
 
         targets = adapter.target_modules or self.default_lora_targets
+        if adapter.target_include or adapter.target_exclude:
+            # Whole names, as one regex: a list entry would also match every name ending in it.
+            names = self.lora_targets(transformer, adapter)
+            targets = "|".join(re.escape(n) for n in names)
         lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                                 target_modules=targets, init_lora_weights=True)
+                                 target_modules=targets, init_lora_weights=True, use_dora=adapter.use_dora)
         try:
             with init_empty_weights(include_buffers=False):
                 transformer.add_adapter(lora_config)
         except ValueError as e:
             raise ConfigError(f"adapter.target_modules: {e}") from None
 
+    def lora_targets(self, transformer: nn.Module, adapter: AdapterConfig) -> list[str]:
+        """The names of the modules that get a LoRA, in the transformer's order: those
+        target_modules (or the model's default) names as peft matches them, plus the linear
+        modules a target_include regex finds anywhere in their name, less those a target_exclude
+        regex finds. A pattern that finds nothing is a ConfigError naming it."""
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        base = LoraConfig(target_modules=adapter.target_modules or self.default_lora_targets)
+        modules = [(n, m) for n, m in transformer.named_modules() if n]
+        chosen = {n for n, _ in modules if check_target_module_exists(base, n)}
+        linear = [n for n, m in modules if isinstance(m, nn.Linear)]
+        for i, pattern in enumerate(adapter.target_include):
+            found = [n for n in linear if re.search(pattern, n)]
+            if not found:
+                raise ConfigError(f"adapter.target_include[{i}]: {pattern!r} matches no linear module of the "
+                                  f"{self.name} transformer (names look like {_examples(linear, 3)})")
+            chosen.update(found)
+        for i, pattern in enumerate(adapter.target_exclude):
+            found = [n for n in chosen if re.search(pattern, n)]
+            if not found:
+                raise ConfigError(f"adapter.target_exclude[{i}]: {pattern!r} matches none of the {len(chosen)} "
+                                  f"targeted modules (names look like {_examples(sorted(chosen), 3)})")
+            chosen.difference_update(found)
+        if not chosen:
+            raise ConfigError("adapter.target_exclude: leaves no module to train")
+        return [n for n, _ in modules if n in chosen]
+
     def init_lora(self, transformer: nn.Module, module_names: list[str], adapter: AdapterConfig,
                   device: torch.device, seed: int) -> None:
-        """Materialise the LoRA weights of the named submodules: A seeded per module, B zero.
+        """Materialise the LoRA weights of the named submodules: A seeded per module, B zero;
+        with DoRA, each magnitude the norm of its base weight's rows (the base weights of these
+        modules are loaded already), so that the adapted layer starts as the base layer.
 
         Seeding by module name makes the initial adapter identical for any pipeline split.
         """
@@ -421,6 +457,11 @@ class DiffusionModel:
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
             elif "lora_B" in name:
                 weight = torch.zeros(param.shape, dtype=torch.float32)
+            elif "lora_magnitude_vector" in name:
+                # DoRA (Liu et al., arXiv:2402.09353, eq. 5): m = ||W0||_c, one norm per output row
+                # of the base weight, as peft's DoraLinearLayer.update_layer sets it.
+                base = transformer.get_submodule(name.split(".lora_magnitude_vector.")[0]).base_layer.weight
+                weight = torch.linalg.vector_norm(base.detach().float(), dim=1).cpu()
             else:
                 continue
             _set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
@@ -477,6 +518,8 @@ class DiffusionModel:
         save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
                   metadata={"format": "pt", "trainer_model_type": self.name})
         written = [diffusers_file]
+        if adapter.use_dora:
+            return written  # the original layout has no DoRA magnitudes (examples/flux.toml)
         for filename, tensors in self.extra_lora_formats(scaled).items():
             save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, out_dir / filename,
                       metadata={"format": "pt"})
@@ -516,8 +559,10 @@ def _base_name(param_name: str) -> str:
 
 
 def _lora_file_name(param_name: str) -> str:
-    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming)
-    return param_name.replace(".default.", ".")
+    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
+    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it.
+    name = param_name.replace(".default.", ".")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def _set_parameter(root: nn.Module, name: str, value: torch.Tensor, trainable: bool) -> None:

@@ -35,7 +35,7 @@ def model_dirs(tiny_models, tmp_path_factory) -> dict:
 def bench_args(name, model_dirs, **kw):
     args = dict(model=name, model_dir=model_dirs[name], dtype="float32", text_len=16, full=False, rank=4,
                 warmup=1, steps=1, batch=2, checkpointing=False, compile=False, float8=None,
-                attention=None)
+                attention=None, ema=None, dora=False)
     return argparse.Namespace(**{**args, **kw})
 
 
@@ -164,3 +164,29 @@ def test_kernel_rates_table():
     assert [" ".join(v) for v in linear] == ["bf16", "fp8 storage", "fp8 matmul"]
     assert any(line.startswith("attention small") and "flash_attention fwd+bwd" in line for line in lines)
     assert any("cudnn_attention" in line and "failed:" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_step_table_with_dora_and_ema(model_dirs, tmp_path):
+    # --dora and --ema: DoRA in the engine and layers rows, the moving average updated after each engine
+    # step. DoRA starts as the base model, so the first losses agree with each other as without it.
+    rows_file = tmp_path / "rows.jsonl"
+    run_bench(str(REPO / "bench" / "step.py"), str(model_dirs["flux"]), "--model", "flux", "--resolution", "64",
+              "--mode", "engine", "layers", "--text_len", "16", "--dtype", "float32", "--rank", "4", "--steps", "1",
+              "--warmup", "1", "--checkpointing", "off", "--device", "cpu", "--dora", "--ema", "cpu",
+              "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["engine ema-cpu dora", "layers dora"]
+    assert all("error" not in r for r in rows), rows
+    assert 0 < rows[0]["ema_s_per_update"] < rows[0]["s_per_step"] and "ema_s_per_update" not in rows[1]
+    assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
+
+
+def test_peak_breakdown_runs_on_cpu():
+    # The GPU check of the memory estimate (bench/peak_breakdown.py), at a tiny width on the CPU:
+    # both checkpointing modes print a measured peak beside the estimate.
+    out = run_bench(str(REPO / "bench" / "peak_breakdown.py"), "--model", "flux", "--device", "cpu", "--heads", "1", "--shape", "128", "128",
+                    "1", "--blocks", "2", "2").stdout
+    lines = [line for line in out.splitlines() if line.startswith("checkpointing ")]
+    assert [line.split(":")[0] for line in lines] == ["checkpointing false", "checkpointing true"], out
+    assert all("measured peak" in line and "estimate without optimizer state" in line for line in lines)

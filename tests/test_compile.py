@@ -7,6 +7,8 @@ weights, and through train.py in DeepSpeed's pipeline engine.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -95,10 +97,24 @@ def test_train_py_with_compile_matches_eager_on_two_stages(tmp_path, tiny_models
 
     common = dict(max_steps=4, optimizer={"lr": 3e-3}, activation_checkpointing=True, eval_at_start=False)
     eager = launch(write_configs(tmp_path / "eager", tiny_models / "flux", data, **common))
-    compiled = launch(write_configs(tmp_path / "compiled", tiny_models / "flux", data, compile=True,
-                                    pipeline_stages=2, **common), num_gpus=2)
+    # A cache folder of its own: this run compiles everything, the next one below loads it all.
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    compiled_config = write_configs(tmp_path / "compiled", tiny_models / "flux", data, compile=True,
+                                    pipeline_stages=2, **common)
+    compiled = launch(compiled_config, num_gpus=2, env=cache)
     for result in (eager, compiled):
         assert result.returncode == 0, result.output[-5000:]
+    # The start-up report: the first step's extra time, and what compiling did (rank 0's stage).
+    first = json.loads((compiled.run_dirs()[-1] / "startup.json").read_text())
+    assert first["compile"] and first["compiled_graphs"] > 0 and first["fx_graph_cache_misses"] > 0
+    assert first["fx_graph_cache_hits"] == 0 and first["compile_cache_dir"] == cache["TORCHINDUCTOR_CACHE_DIR"]
+    assert first["first_step_extra_seconds"] > 0
+    assert "compiled_graphs" not in json.loads((eager.run_dirs()[-1] / "startup.json").read_text())
+    again = launch(compiled_config, num_gpus=2, env=cache)
+    assert again.returncode == 0, again.output[-5000:]
+    second = json.loads((again.run_dirs()[-1] / "startup.json").read_text())
+    assert second["fx_graph_cache_hits"] == first["fx_graph_cache_misses"] and second["fx_graph_cache_misses"] == 0
+    assert again.losses() == compiled.losses()
     assert len(compiled.losses()) == 4
     torch.testing.assert_close(compiled.losses(), eager.losses(), rtol=1e-5, atol=1e-6)
     a, b = (load_file(r.run_dirs()[-1] / "adapters" / "final" / "pytorch_lora_weights.safetensors")
@@ -106,3 +122,23 @@ def test_train_py_with_compile_matches_eager_on_two_stages(tmp_path, tiny_models
     assert a.keys() == b.keys()
     for key in a:  # Adam normalises the step, so round-off in a gradient moves a weight by up to ~lr * 1e-3
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-5)
+
+
+def test_compile_cache_is_kept_in_the_users_cache_folder(tmp_path):
+    # train.py points Inductor's caches at ~/.cache (or $XDG_CACHE_HOME), which outlive /tmp;
+    # a folder the user chose stays.
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def cache_dir(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME")}
+        code = "import os, train; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**base, "HOME": str(tmp_path), **env},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert cache_dir() == str(tmp_path / ".cache" / "torchinductor")
+    assert cache_dir(XDG_CACHE_HOME=str(tmp_path / "xdg")) == str(tmp_path / "xdg" / "torchinductor")
+    assert cache_dir(TORCHINDUCTOR_CACHE_DIR="/somewhere") == "/somewhere"

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
 from models import MODEL_CLASSES, get_model_class
-from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EvalDatasetConfig,
+from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EmaConfig, EvalDatasetConfig,
                           ModelConfig, OptimizerConfig, TrainConfigFile, load_train_config)
 
 EXAMPLES = REPO / "examples"
@@ -31,6 +31,7 @@ DOCUMENTED_IN = {
     ModelConfig: (FLUX, "model"),
     AdapterConfig: (FLUX, "adapter"),
     OptimizerConfig: (FLUX, "optimizer"),
+    EmaConfig: (FLUX, "ema"),
     EvalDatasetConfig: (FLUX, "eval_datasets"),
     DatasetConfig: (DATASET, ""),
     BucketSettings: (DATASET, ""),

@@ -109,9 +109,27 @@ class EvalPlan:
         return out
 
 
-def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int):
-    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by the model."""
-    loaded = [reader.load(s.index) for s in batch]
+def training_text(reader: CacheReader, slot: Slot, seed: int, epoch: int) -> str | None:
+    """The text entry a training step uses for a sample: None (its caption), the empty caption's
+    (with probability caption_dropout) or one of its shuffled variants, chosen uniformly. Drawn
+    from a generator of its own seeded by the sample, its repeat and the epoch, never the rank:
+    every layout makes the same choices, and the noise and timesteps stay as without these options."""
+    c = reader.samples[slot.index]
+    dropout, variants = c.sample.caption_dropout, c.variants
+    if dropout <= 0 and not variants:
+        return None
+    g = generator_for(seed, "caption", epoch, slot.index, slot.repeat)
+    if dropout > 0 and torch.rand(1, generator=g).item() < dropout:
+        return c.empty_key
+    if variants:
+        return variants[int(torch.randint(len(variants), (1,), generator=g))][1]
+    return None
+
+
+def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int, train: bool = False):
+    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by the model.
+    `train`: caption dropout and shuffling apply (evaluation sees the captions as written)."""
+    loaded = [reader.load(s.index, training_text(reader, s, seed, epoch) if train else None) for s in batch]
     latents = torch.stack([lat["latents"] for lat, _ in loaded])
     text = {k: torch.stack([txt[k] for _, txt in loaded]) for k in loaded[0][1]}
     generators = [generator_for(seed, tag, epoch, s.index, s.repeat, s.timestep) for s in batch]

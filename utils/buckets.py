@@ -56,6 +56,12 @@ class Sample:
     resolution: Optional[Resolution] = None
     outside_ar_range: bool = False
     clip_start: int = 0
+    # The probability that a training step sees this sample with the empty caption.
+    caption_dropout: float = 0.0
+    # Caption shuffling: this many shuffled variants of the caption (0: none), the first
+    # `keep_tokens` comma-separated tags kept in place.
+    caption_shuffle_variants: int = 0
+    keep_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -305,7 +311,9 @@ def assign_buckets(items: Iterable[Item], dataset: Dataset, size_multiple: int,
         for resolution, buckets in shapes_per_directory[item.directory_index].items():
             bucket = replace(nearest_bucket(aspect, buckets), frames=frames)
             for start in starts:
-                samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start))
+                samples.append(Sample(item, bucket, settings.num_repeats, resolution, outside, start,
+                                      settings.caption_dropout or 0.0, settings.caption_shuffle_variants or 0,
+                                      settings.keep_tokens or 0))
     return samples
 
 

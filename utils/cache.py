@@ -18,9 +18,11 @@ most that much work, and the next run encodes only what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -88,12 +90,31 @@ def content_hashes(paths: list[Path], cache_root: Path) -> dict[Path, str]:
 
 @dataclass(frozen=True)
 class CachedSample:
-    """A training sample and where its tensors live in the cache."""
+    """A training sample and where its tensors live in the cache; `empty_key`, for a sample with
+    caption dropout, is the empty caption's entry (one per folder); `variants`, with caption
+    shuffling, the (caption, entry) of each shuffled variant."""
 
     sample: Sample
     latent_key: str
     text_key: str
     folder: Path
+    empty_key: str | None = None
+    variants: tuple[tuple[str, str], ...] = ()
+
+
+def shuffled_captions(caption: str, count: int, keep_tokens: int) -> list[str]:
+    """`count` orders of the caption's comma-separated tags, the first `keep_tokens` kept in
+    place, joined with ", ". Each order is seeded by the caption and its number alone, so a
+    caption has the same variants in every run and process (and they are cached once)."""
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    out = []
+    for k in range(count):
+        order = list(tail)
+        # str seeds are hashed with SHA-512 by random.Random: the same in every process.
+        random.Random(f"{caption}\x1f{k}").shuffle(order)
+        out.append(", ".join(head + order))
+    return out
 
 
 def cache_dir(folder: Path, model_name: str) -> Path:
@@ -129,7 +150,11 @@ class DatasetCache:
             b = s.bucket
             # Clips of one video differ by their first frame: each is an entry of its own.
             latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}@{s.clip_start}", latent_sig)
-            out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent))
+            empty_key = _sha("", text_sig) if s.caption_dropout > 0 else None
+            variants = tuple((v, _sha(v, text_sig)) for v in
+                             shuffled_captions(s.item.caption, s.caption_shuffle_variants, s.keep_tokens))
+            out.append(CachedSample(s, latent_key, _sha(s.item.caption, text_sig), s.item.path.parent, empty_key,
+                                    variants))
         return out
 
     def build(self, device: torch.device, batch_size: int, rank: int, world: int, log=None) -> "CacheReader":
@@ -153,7 +178,11 @@ class DatasetCache:
 
         # Unique per folder: each folder has its own stores, so a caption (or image) that two
         # folders share is encoded for each of them.
-        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed if c.text_key not in text_stores[c.folder]))
+        # The empty caption (caption dropout, once per folder) and shuffled captions: entries of their own.
+        extra = [_with_caption(c, "", c.empty_key) for c in keyed if c.empty_key]
+        extra += [_with_caption(c, caption, key) for c in keyed for caption, key in c.variants]
+        todo_text = _unique((((c.folder, c.text_key), c) for c in keyed + extra
+                             if c.text_key not in text_stores[c.folder]))
         if todo_text:
             self.model.load_text_encoders(device)
             _encode_distributed(
@@ -188,8 +217,19 @@ class DatasetCache:
                    + sum(c.latent_key in latent_stores[c.folder] for c in todo_latents))
         bad = {p for p, _ in problems}
         usable = [c for c in keyed if c.sample.item.path not in bad
-                  and c.latent_key in latent_stores[c.folder] and c.text_key in text_stores[c.folder]]
+                  and c.latent_key in latent_stores[c.folder] and all(k in text_stores[c.folder] for k in _text_keys(c))]
         return CacheReader(usable, latent_stores, text_stores, problems, encoded)
+
+
+def _text_keys(c: CachedSample) -> list[str]:
+    """Every text entry a sample may use: its caption's, the empty caption's, its variants'."""
+    return [c.text_key] + ([c.empty_key] if c.empty_key else []) + [k for _, k in c.variants]
+
+
+def _with_caption(c: CachedSample, caption: str, text_key: str) -> CachedSample:
+    """`c` standing for another caption of its item, to be encoded under `text_key`."""
+    item = dataclasses.replace(c.sample.item, caption=caption)
+    return dataclasses.replace(c, text_key=text_key, sample=dataclasses.replace(c.sample, item=item))
 
 
 def _unique(pairs) -> list:
@@ -284,6 +324,8 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def load(self, index: int, text_key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The sample's latents and text embeddings: its caption's, or those of `text_key` (the
+        empty caption's or a shuffled variant's entry)."""
         c = self.samples[index]
-        return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(c.text_key)
+        return self.latent_stores[c.folder].get(c.latent_key), self.text_stores[c.folder].get(text_key or c.text_key)

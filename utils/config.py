@@ -115,8 +115,19 @@ class BucketSettings:
     # What to do with a media file that has no caption file: stop ("error"), train it with an
     # empty caption ("empty"), or leave it out and list it ("skip").
     missing_caption: Optional[MissingCaption] = None
+    # The probability of training a sample with the empty caption at a step (per sample and epoch).
+    caption_dropout: Optional[float] = None
+    # Train on shuffled orders of the comma-separated tags of each caption (utils/cache.py).
+    caption_shuffle_variants: Optional[int] = None
+    keep_tokens: Optional[int] = None
 
     def validate(self, file, prefix):
+        if self.caption_dropout is not None:
+            check(0.0 <= self.caption_dropout <= 1.0, file, key(prefix, "caption_dropout"), "must be in [0, 1]")
+        if self.caption_shuffle_variants is not None:
+            check(self.caption_shuffle_variants >= 0, file, key(prefix, "caption_shuffle_variants"), "must be >= 0")
+        if self.keep_tokens is not None:
+            check(self.keep_tokens >= 0, file, key(prefix, "keep_tokens"), "must be >= 0")
         if self.resolutions is not None:
             check(len(self.resolutions) > 0, file, key(prefix, "resolutions"), "must list at least one resolution")
             for i, r in enumerate(self.resolutions):
@@ -148,7 +159,8 @@ class BucketSettings:
 
 BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
                                  num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
-                                 video_clip_mode="single_beginning", missing_caption="skip")
+                                 video_clip_mode="single_beginning", missing_caption="skip",
+                                 caption_dropout=0.0, caption_shuffle_variants=0, keep_tokens=0)
 
 
 # kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.
@@ -216,16 +228,34 @@ class ModelConfig:
     diffusers_path: str = required()
     transformer_path: Optional[str] = None
     dtype: DType = "bfloat16"
-    timestep_sample_method: Literal["logit_normal", "uniform"] = "logit_normal"
+    timestep_sample_method: Literal["logit_normal", "uniform", "mode", "cosmap"] = "logit_normal"
     sigmoid_scale: float = 1.0
+    logit_mean: float = 0.0
+    mode_scale: float = 1.29
     shift: Optional[float] = None
     resolution_dependent_shift: bool = False
-    # Storage of the frozen transformer-block linear weights in LoRA runs; None: `dtype`.
-    transformer_dtype: Optional[Literal["float8"]] = None
+    # Sampled timesteps are scaled into [min_timestep, max_timestep] (utils/objective.py).
+    min_timestep: float = 0.0
+    max_timestep: float = 1.0
+    loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
+    huber_delta: float = 0.1
+    # Storage of the frozen transformer-block linear weights in LoRA runs: "float8", or `dtype`
+    # (also what None means, but then the memory plan may choose float8: utils/memory_plan.py).
+    transformer_dtype: Optional[Literal["float8", "float32", "bfloat16", "float16"]] = None
     # With transformer_dtype = "float8": the frozen linears' products run in float8 (utils/float8.py).
     float8_matmul: bool = False
 
     def validate(self, file, prefix):
+        check(self.sigmoid_scale > 0, file, key(prefix, "sigmoid_scale"), "must be > 0")
+        check(0.0 <= self.min_timestep < 1.0, file, key(prefix, "min_timestep"), "must be in [0, 1)")
+        check(0.0 < self.max_timestep <= 1.0, file, key(prefix, "max_timestep"), "must be in (0, 1]")
+        check(self.min_timestep < self.max_timestep, file, key(prefix, "min_timestep"),
+              f"({self.min_timestep}) must be less than max_timestep ({self.max_timestep})")
+        check(self.huber_delta > 0, file, key(prefix, "huber_delta"), "must be > 0")
+        # Outside this range the "mode" density's map from u to t is not monotonic (no density).
+        check(-1.0 <= self.mode_scale <= 2.0 / (math.pi - 2), file, key(prefix, "mode_scale"),
+              f"must be in [-1, {2.0 / (math.pi - 2):.3f}] (beyond, t(u) = 1 - u - scale * (cos(pi u / 2)^2 - 1 + u) "
+              f"is not monotonic)")
         if self.shift is not None:
             check(self.shift > 0, file, key(prefix, "shift"), "must be > 0")
             check(not self.resolution_dependent_shift, file, key(prefix, "shift"),
@@ -240,9 +270,18 @@ class AdapterConfig:
     dropout: float = 0.0
     dtype: DType = "float32"
     target_modules: Optional[Union[str, list[str]]] = None
+    # Regexes searched in module names: linear modules to add, targeted modules to leave out.
+    target_include: list[str] = field(default_factory=list)
+    target_exclude: list[str] = field(default_factory=list)
     init_from_existing: Optional[str] = None
+    # LoRA+: lora_B's learning rate is this times optimizer.lr (utils/optimizers.lora_plus_groups).
+    lora_plus_ratio: Optional[float] = None
+    # DoRA (peft's use_dora): a trained magnitude per output row besides the LoRA.
+    use_dora: bool = False
 
     def validate(self, file, prefix):
+        if self.lora_plus_ratio is not None:
+            check(self.lora_plus_ratio > 0, file, key(prefix, "lora_plus_ratio"), "must be > 0")
         check(self.rank >= 1, file, key(prefix, "rank"), "must be at least 1")
         check(0.0 <= self.dropout < 1.0, file, key(prefix, "dropout"), "must be in [0, 1)")
         if self.alpha is None:
@@ -252,6 +291,9 @@ class AdapterConfig:
             check(len(self.target_modules) > 0, file, key(prefix, "target_modules"), "must not be empty")
             if isinstance(self.target_modules, str):
                 _check_regex(self.target_modules, file, key(prefix, "target_modules"))
+        for name in ("target_include", "target_exclude"):
+            for i, pattern in enumerate(getattr(self, name)):
+                _check_regex(pattern, file, f"{key(prefix, name)}[{i}]")
 
 
 @dataclass
@@ -290,6 +332,21 @@ def adamw8bit_missing() -> str:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the trained weights (utils/ema.py)."""
+
+    decay: float = 0.999
+    update_every: int = 1
+    device: Literal["gpu", "cpu"] = "gpu"
+    # Also evaluate the averaged weights (eval/<name>/ema).
+    eval: bool = False
+
+    def validate(self, file, prefix):
+        check(0.0 < self.decay < 1.0, file, key(prefix, "decay"), "must be in (0, 1)")
+        check(self.update_every >= 1, file, key(prefix, "update_every"), "must be at least 1")
+
+
+@dataclass
 class EvalDatasetConfig:
     name: str = required()
     config: str = required()
@@ -304,6 +361,8 @@ class TrainConfigFile:
     adapter: Optional[AdapterConfig] = None
     full_finetune_dtype: Optional[DType] = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # No [ema] table: no moving average.
+    ema: Optional[EmaConfig] = None
     eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
     epochs: Optional[int] = None
     max_steps: Optional[int] = None
@@ -326,6 +385,9 @@ class TrainConfigFile:
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
     activation_checkpointing: Union[bool, Literal["selective"]] = False
+    # Pretend each GPU has this many GiB (and on CUDA, limit the process to it): the memory plan
+    # (utils/memory_plan.py) chooses for this size; also makes the plan work on CPU.
+    memory_budget_gib: Optional[float] = None
     # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
     compile: bool = False
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
@@ -337,6 +399,8 @@ class TrainConfigFile:
     seed: int = 42
 
     def validate(self, file, prefix):
+        check(self.ema is None or self.adapter is not None, file, "ema",
+              "is for LoRA runs ([adapter] table); full fine-tuning has no EMA yet")
         check(self.full_finetune_dtype is None or self.adapter is None, file, "full_finetune_dtype",
               "is for full fine-tuning (no [adapter] table); the LoRA weights' dtype is adapter.dtype")
         check(self.epochs is not None or self.max_steps is not None, file, "epochs",
@@ -350,6 +414,7 @@ class TrainConfigFile:
             check(value is None or value >= 1, file, name, f"must be at least 1, got {value}")
         check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
               "checkpoint_every_n_minutes", "must be > 0")
+        check(self.memory_budget_gib is None or self.memory_budget_gib > 0, file, "memory_budget_gib", "must be > 0")
         check(self.blocks_to_swap >= 0, file, "blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
         if self.blocks_to_swap:
             check(self.pipeline_stages == 1, file, "blocks_to_swap",
@@ -399,6 +464,9 @@ class TrainConfig:
     output_dir: Path
     # Things that are allowed but probably not meant (printed at start): "file: message".
     warnings: list[str] = field(default_factory=list)
+    # The keys the file sets, dotted ("model.transformer_dtype"): a key left out may be chosen by
+    # the memory plan; one set to its default value is kept.
+    given: frozenset[str] = frozenset()
 
     def __getattr__(self, name):
         # Top-level keys read like attributes of the config (config.epochs, ...).
@@ -451,10 +519,18 @@ def load_train_config(path: Path | str) -> TrainConfig:
     if settings.activation_checkpointing == "selective":
         check(bool(model_cls.selective_checkpoint_layers), path, "activation_checkpointing",
               f"= 'selective' is not available for model type '{model_type}' (use true or false)")
-    if model_config.transformer_dtype is not None:
+    if model_config.transformer_dtype not in (None, "float8"):
+        check(model_config.transformer_dtype == model_config.dtype, path, "model.transformer_dtype",
+              f"= '{model_config.transformer_dtype}' must be 'float8' or model.dtype ('{model_config.dtype}'): "
+              f"other storage dtypes are not available")
+    if model_config.transformer_dtype == "float8":
         check(settings.adapter is not None, path, "model.transformer_dtype",
               f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
               f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
+    if settings.adapter is not None and settings.adapter.use_dora:
+        check(model_config.transformer_dtype != "float8", path, "adapter.use_dora",
+              "= true needs the base weights in model.dtype: DoRA normalises them, which float8 storage "
+              "(model.transformer_dtype) does not offer")
     if model_config.float8_matmul:
         check(model_config.transformer_dtype == "float8", path, "model.float8_matmul",
               "= true multiplies by float8 base weights, so it needs model.transformer_dtype = 'float8'")
@@ -475,8 +551,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
           f"is a file, not a folder: {output_dir}")
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
+    given = frozenset(raw) | {f"model.{k}" for k in model_table}
     return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
-                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets))
+                       warnings=_pipeline_warnings(path, settings) + _eval_overlap_warnings(path, dataset, eval_datasets),
+                       given=given)
 
 
 # Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).

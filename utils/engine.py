@@ -24,9 +24,9 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
-from utils import memory
+from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
-from utils.optimizers import build_optimizer, build_scheduler
+from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
 
 
@@ -248,6 +248,41 @@ def describe_partition(layers, parts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def describe_targets(transformer) -> str:
+    """The modules that carry an adapter, compactly: names that differ only in their first block
+    index share a line, "transformer_blocks.{0-18}: attn.to_q, attn.to_k, ...", per set of names."""
+    names = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    per_block: dict[tuple[str, int], list[str]] = {}
+    alone = []
+    for name in names:
+        match = re.match(r"^(.*?)\.(\d+)\.(.+)$", name)
+        if match:
+            per_block.setdefault((match.group(1), int(match.group(2))), []).append(match.group(3))
+        else:
+            alone.append(name)
+    for (stem, index), rests in per_block.items():
+        groups.setdefault((stem, tuple(rests)), []).append(index)
+    lines = [f"adapter on {len(names)} modules:"]
+    for (stem, rests), indices in groups.items():
+        lines.append(f"  {stem}.{{{_ranges(indices)}}}: {', '.join(rests)}")
+    if alone:
+        lines.append(f"  {', '.join(alone)}")
+    return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts, start = [], None
+    numbers = sorted(numbers)
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
+
+
 def plan_stages(model, config: TrainConfig):
     """The transformer on the meta device, set up for LoRA or full fine-tuning, as pipeline layers
     and their stage boundaries: (transformer, layers, parts)."""
@@ -371,10 +406,18 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(rank).pipe
+    method = resolve_partition_method(s.partition_method, layers, full)
+    # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
+    plan = memory_plan.plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                                   memory_plan.device_budget(config, device, world),
+                                   lambda stages: partition(layers, stages, method))
     if rank == 0:
         if s.pipeline_stages > 1:
             log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
+        log(plan)
+        if not full:
+            log(describe_targets(transformer))
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer))
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))
@@ -389,7 +432,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
 
     pipe = PipelineModule(
         layers=layers, loss_fn=model.loss, topology=topology,
-        partition_method=resolve_partition_method(s.partition_method, layers, full),
+        partition_method=method,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
@@ -399,6 +442,8 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
     names = {id(p): n for n, p in transformer.named_parameters()}
+    if not full:
+        trainable = lora_plus_groups(trainable, names, s.optimizer.lr, s.adapter.lora_plus_ratio)
     optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)

@@ -9,7 +9,8 @@ CUDA context and allocator slack (often 1-2 GiB), and the pipeline's send/receiv
 The total is the peak: gradients grow while the backward pass frees activations, and the step's
 scratch comes after both; on an H200 it was within 0.2 GiB of the measured peaks of LoRA and full
 fine-tuning runs without activation checkpointing, and up to 1.6 GiB (5%) under them with it
-(probably the backward pass's working memory in the recomputed layer; docs/full_finetune.md).
+(not yet explained; bench/peak_breakdown.py shows what is alive at the peak on a GPU). With float8
+storage the peak can come while the weights load (`StageEstimate.loading`).
 """
 
 from __future__ import annotations
@@ -63,11 +64,19 @@ class StageEstimate:
     # once (gradients appear as the backward pass frees activations; scratch only in the step).
     working: int = 0
     swapped: int = 0  # frozen weight bytes of swapped blocks kept in CPU memory (blocks_to_swap)
+    # While the weights load: with float8 storage they arrive in model.dtype and are quantized
+    # once all are there (utils/engine.load_stage), so this peak can exceed training's.
+    loading: int = 0
+
+    @property
+    def training(self) -> int:
+        """The training peak: weights and optimizer state stay, the rest overlaps (`working`)."""
+        return sum(self.weights.values()) + self.optimizer + self.working
 
     @property
     def total(self) -> int:
-        """The estimated peak: weights and optimizer state stay, the rest overlaps (`working`)."""
-        return sum(self.weights.values()) + self.optimizer + self.working
+        """The estimated peak, loading included."""
+        return max(self.training, self.loading)
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -161,6 +170,7 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
         swapped = list(range(1 + n_blocks - min(s.blocks_to_swap, n_blocks), 1 + n_blocks)) if stages == 1 else []
         frozen = sorted(([p for _, p in infos[i] if not p.trainable] for i in swapped),
                         key=lambda ps: -sum(p.nbytes for p in ps))
+        float8_resident = [p for p in params if p.dtype == torch.float8_e4m3fn]
         for rank, layer_params in enumerate(frozen):
             if rank < BLOCK_SWAP_RESIDENT:
                 continue
@@ -168,6 +178,13 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
                 key = str(p.dtype).removeprefix("torch.")
                 est.weights[key] -= p.nbytes
                 est.swapped += p.nbytes
+                if p.dtype == torch.float8_e4m3fn:
+                    float8_resident.remove(p)
+        if float8_resident:
+            # The resident float8 weights first sit on the device in model.dtype; quantizing one
+            # makes two float32 copies of it (utils/float8.quantize_rows).
+            est.loading = (sum(est.weights.values()) + sum(p.numel for p in float8_resident) * (_size(compute) - 1)
+                           + 8 * max(p.numel for p in float8_resident))
         trainable = [p for p in params if p.trainable]
         est.trainable_params = sum(p.numel for p in trainable)
         est.gradients = sum(p.nbytes for p in trainable)  # gradients have their parameter's dtype
@@ -226,6 +243,8 @@ def describe(estimates: list[StageEstimate], config, tokens: int | None, device_
         lines.append(f"  stage {e.stage}: weights {weights}; {count} trainable params: "
                      f"gradients {g(e.gradients)}, optimizer state {g(e.optimizer)}, step scratch "
                      f"{g(e.step_scratch)}; activations {activations}; total {g(e.total)}"
+                     + (f" (while the weights load, before float8 quantization; training {g(e.training)})"
+                        if e.loading > e.training else "")
                      + (f"; plus {g(e.swapped)} of swapped blocks' weights in CPU memory" if e.swapped else ""))
     if device_total:
         for e in estimates:

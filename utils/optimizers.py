@@ -184,6 +184,18 @@ def _adamw8bit_class():
     return ClippedAdamW8bit
 
 
+def lora_plus_groups(params: list[torch.Tensor], names: dict[int, str], lr: float, ratio: float | None) -> list:
+    """LoRA+ (Hayou, Ghosh and Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models",
+    arXiv:2402.12354): the lora_B matrices learn `ratio` times faster than the rest, in a param
+    group of their own. `names` maps id(parameter) to its name; None (the default) or 1 keeps
+    one group, exactly as without LoRA+."""
+    if ratio is None or ratio == 1:
+        return params
+    b = [p for p in params if ".lora_B." in names.get(id(p), "")]
+    ids = {id(p) for p in b}
+    return [{"params": [p for p in params if id(p) not in ids]}, {"params": b, "lr": lr * ratio}]
+
+
 def build_optimizer(params, config: OptimizerConfig, max_grad_norm: float, norm_group,
                     param_names: dict[int, str] | None = None, seed: int = 0,
                     low_memory: bool = False) -> torch.optim.Optimizer:

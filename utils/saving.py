@@ -94,7 +94,13 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
     # Redacted: trainer_state.json lands in the run folder.
     return {"model": redacted(f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}"),
             "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
-                                              f"targets={a.target_modules} dtype={a.dtype}",
+                                              f"targets={a.target_modules} dtype={a.dtype}"
+                                              + (f" include={a.target_include} exclude={a.target_exclude}"
+                                                 if a.target_include or a.target_exclude else "")
+                                              # the optimizer state has a param group per learning rate
+                                              + (f" lora_plus={a.lora_plus_ratio}"
+                                                 if a.lora_plus_ratio not in (None, 1) else "")
+                                              + (" dora" if a.use_dora else ""),
             # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
             "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
             "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",
@@ -132,15 +138,24 @@ def gather_adapter(model, transformer, engine, rank: int, world: int) -> dict[st
 
 
 def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torch.dtype, rank: int,
-                 world: int) -> list[Path]:
-    """Write the adapter files to `out_dir` atomically (a temporary folder renamed at the end)."""
+                 world: int, ema=None) -> list[Path]:
+    """Write the adapter files to `out_dir` atomically (a temporary folder renamed at the end);
+    with `ema` (utils/ema.EMA), the averaged adapter too, in the same formats, in `out_dir/ema/`."""
     lora = gather_adapter(model, transformer, engine, rank, world)
+    averaged = None
+    if ema is not None:
+        with ema.applied():
+            averaged = gather_adapter(model, transformer, engine, rank, world)
+            # On CPU, .cpu() returns the parameters' own storage, which the block's end restores.
+            averaged = None if averaged is None else {k: v.clone() for k, v in averaged.items()}
     if rank != 0:
         return []
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         files = model.save_lora(lora, adapter, tmp, dtype)
+        if averaged is not None:
+            files += model.save_lora(averaged, adapter, tmp / "ema", dtype)
     except Exception as e:
         remove_quietly(tmp)
         if disk_full(e, out_dir.parent):
@@ -148,7 +163,7 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
                                   f"{out_dir.name} is {'unchanged' if out_dir.exists() else 'not written'}.") from e
         raise
     replace_folder(tmp, out_dir)
-    return [out_dir / f.name for f in files]
+    return [out_dir / f.relative_to(tmp) for f in files]
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -329,7 +344,7 @@ class Checkpoints:
         except OSError:
             return None
 
-    def save(self, engine, step: int, fingerprint: dict) -> str:
+    def save(self, engine, step: int, fingerprint: dict, ema=None) -> str:
         """Write checkpoint `step<step>` on every rank; raises DiskFullError when the disk is
         full, with the half-written checkpoint removed and `latest` unchanged."""
         tag = f"step{step:08d}"
@@ -340,6 +355,8 @@ class Checkpoints:
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
                                    exclude_frozen_parameters=True)
             torch.save(_random_states(), self.root / tag / f"random_state_rank{self.rank:04d}.pt")
+            if ema is not None:
+                torch.save(ema.state_dict(), self.root / tag / f"ema_rank{self.rank:04d}.pt")
             _barrier(self.world)
             # trainer_state.json only once every rank's files are complete: a checkpoint named
             # on the command line is trusted by it.
@@ -368,8 +385,10 @@ class Checkpoints:
         for unfinished in (p for p in self.root.glob("step*") if p.is_dir() and p.name > newest):
             shutil.rmtree(unfinished, ignore_errors=True)
 
-    def load(self, engine, tag: str | None, fingerprint: dict) -> int:
-        """Restore the training state; returns the step to continue from.
+    def load(self, engine, tag: str | None, fingerprint: dict, ema=None) -> int:
+        """Restore the training state (and the EMA's, when the checkpoint has one: a run that
+        turns EMA on at resume starts its average from the checkpoint's weights); returns the
+        step to continue from.
 
         Refuses a checkpoint whose fingerprint (model, adapter, dataset, pipeline split)
         differs from this run's, naming each difference.
@@ -389,6 +408,12 @@ class Checkpoints:
         random_file = self.root / tag / f"random_state_rank{self.rank:04d}.pt"
         if random_file.is_file():
             _set_random_states(torch.load(random_file, weights_only=False))
+        if ema is not None:
+            ema_file = self.root / tag / f"ema_rank{self.rank:04d}.pt"
+            if ema_file.is_file():
+                ema.load_state_dict(torch.load(ema_file, weights_only=True))
+            else:
+                ema.restart()  # the average was made from the weights before they loaded
         return int(state["step"])
 
 

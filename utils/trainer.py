@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,12 @@ import torch.distributed as dist
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
+from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
+# Steps after the first whose median the start-up report compares the first step with.
+STARTUP_STEADY_STEPS = 3
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,10 +51,21 @@ class Schedule:
                     and (step // steps_per_epoch) % self.every_epochs == 0)
 
 
+def compile_counters() -> dict:
+    """What torch.compile did in this process so far: graphs traced, and Inductor's FX graph cache
+    hits (compiled code loaded from an earlier run) and misses (compiled now)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"], "compile_cache_dir": cache_dir()}
+
+
 class Trainer:
     def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
                  evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
-                 plan: TrainPlan, total: int, resume: str | None = None):
+                 plan: TrainPlan, total: int, resume: str | None = None, launched: float | None = None):
         self.model, self.config, self.engine, self.transformer = model, config, engine, transformer
         self.train, self.evals, self.run_dir = train, evals, run_dir
         self.rank, self.world, self.device = rank, world, device
@@ -60,11 +75,12 @@ class Trainer:
         s = config.settings
         self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
         self.fingerprint = run_fingerprint(config, train.samples)
+        self.ema = None if s.ema is None else ema_for(transformer, s.ema)
         self.step = 0
         self.resumed_from: Path | None = None  # the checkpoint loaded
         if resume is not None:
             tag = None if resume in ("latest", run_dir.name) else resume
-            self.step = self.checkpoints.load(engine, tag, self.fingerprint)
+            self.step = self.checkpoints.load(engine, tag, self.fingerprint, ema=self.ema)
             self.resumed_from = self.checkpoints.root / (tag or self.checkpoints.latest())
         start_step = self.step
         self.save_schedule = Schedule(s.save_every_n_steps, s.save_every_n_epochs)
@@ -74,6 +90,9 @@ class Trainer:
         # A finished run resumed trains nothing: it leaves the logs as they are.
         self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total)
         self.stop_signal: int | None = None
+        # time.time() when train.py started: the start-up report measures from there.
+        self.launched = launched if launched is not None else time.time()
+        self.step_seconds: list[float] = []  # this process's steps, for the start-up report
         # The signal that stopped training (every rank agrees), for the exit code; None otherwise.
         self.stopped_by: int | None = None
         # Per-step train losses and eval results, kept in the run folder (resumes extend them).
@@ -97,7 +116,7 @@ class Trainer:
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
-            yield collate(self.model, self.train, batch, s.seed, "train", epoch)
+            yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
@@ -118,12 +137,47 @@ class Trainer:
 
     def log_eval(self):
         results = self.evaluate()
+        if self.ema is not None and self.config.settings.ema.eval and self.evals:
+            with self.ema.applied():
+                results.update({f"{name}/ema": loss for name, loss in self.evaluate().items()})
         if results:
             self.eval_history.append({"step": self.step, **results})
             self._write_history()
             self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in results.items()})
             self.metrics.print(f"step {self.step}: " + ", ".join(f"eval {k} loss {v:.5f}" for k, v in results.items()))
         return results
+
+    def report_startup(self) -> None:
+        """Print and record (startup.json, TensorBoard) the time from the launch to the end of
+        the first training step; once later steps ran, also how much longer the first took than
+        their median: compiling (compile = true), autotuning and allocator warm-up."""
+        first = self.step_seconds[0]
+        if len(self.step_seconds) == 1:
+            self.startup_seconds = time.time() - self.launched
+        report = {"seconds_to_first_step": round(self.startup_seconds, 3), "first_step_seconds": round(first, 3),
+                  "compile": self.config.settings.compile}
+        if len(self.step_seconds) == 1:
+            self.metrics.print(f"start-up: {self.startup_seconds:.1f} s from launch to the end of the first training "
+                               f"step (the step itself {first:.1f} s)")
+            if self.config.settings.compile:
+                report.update(compile_counters())
+                self.metrics.print(f"compiled graphs: {report['compiled_graphs']} (Inductor's cache in "
+                                   f"{report['compile_cache_dir']}: {report['fx_graph_cache_hits']} graphs loaded, "
+                                   f"{report['fx_graph_cache_misses']} compiled)")
+        else:
+            steady = statistics.median(self.step_seconds[1:])
+            report.update(steady_step_seconds=round(steady, 3), first_step_extra_seconds=round(first - steady, 3))
+            self.metrics.print(f"start-up: the first step took {first:.2f} s, the next {len(self.step_seconds) - 1} "
+                               f"{steady:.2f} s (median): {first - steady:.2f} s of "
+                               + ("compiling and " if self.config.settings.compile else "") + "warm-up")
+        self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if isinstance(v, float)})
+        if self.rank == 0:
+            path = self.run_dir / "startup.json"
+            try:
+                previous = json.loads(path.read_text()) if path.exists() and len(self.step_seconds) > 1 else {}
+                path.write_text(json.dumps({**previous, **report}, indent=1) + "\n")
+            except OSError:
+                pass  # only a report: a full disk stops the run at the next checkpoint or save, with its message
 
     def save(self, name: str) -> None:
         s = self.config.settings
@@ -132,13 +186,14 @@ class Trainer:
                                     DTYPES[s.save_dtype], self.rank, self.world)
         else:
             files = save_adapter(self.model, self.transformer, self.engine, s.adapter,
-                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world)
+                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world,
+                                 ema=self.ema)
         if files:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 
     def checkpoint(self) -> None:
         self._write_history()
-        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint)
+        tag = self.checkpoints.save(self.engine, self.step, self.fingerprint, ema=self.ema)
         self.last_checkpoint_time = time.monotonic()
         self.metrics.print(f"step {self.step}: checkpoint {self.checkpoints.root / tag} saved")
 
@@ -257,6 +312,8 @@ class Trainer:
             self.step += 1
             if self.non_finite(loss):
                 self.stop_non_finite(loss, epoch, step_in_epoch)
+            if self.ema is not None:
+                self.ema.update(self.step)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                       "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
@@ -264,6 +321,9 @@ class Trainer:
                       "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
             self.metrics.record({"step": self.step, "seconds": elapsed, **values})
+            self.step_seconds.append(elapsed)
+            if len(self.step_seconds) in (1, STARTUP_STEADY_STEPS + 1):
+                self.report_startup()
             self.metrics.step({"loss": loss, "lr": values["train/lr"]})
             if self.step % s.steps_per_print == 0:
                 self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
@@ -277,6 +337,8 @@ class Trainer:
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
                 self.checkpoint()
+        if 1 < len(self.step_seconds) <= STARTUP_STEADY_STEPS:
+            self.report_startup()  # a run too short for the full report: what it has
         if self.evals:
             self.log_eval()
         self.save("final")

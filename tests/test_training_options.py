@@ -1,0 +1,57 @@
+"""The training options that touch the step, all on at once, train the same on every layout: 1
+process, 2 pipeline stages and 2 data-parallel replicas give the same losses, adapter, averaged
+(EMA) adapter and eval losses. The options: a robust loss, a timestep density and range,
+modulation layers added to the adapter and a double block left out, LoRA+, DoRA, EMA, caption
+dropout and caption shuffling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_parallel import compare, run_layout
+
+OPTIONS = dict(
+    model={"loss_type": "pseudo_huber", "huber_delta": 0.5, "timestep_sample_method": "mode",
+           "min_timestep": 0.2, "max_timestep": 0.9},
+    adapter={"target_include": [r"norm\.linear$"], "target_exclude": [r"^transformer_blocks\.1\."],
+             "lora_plus_ratio": 4.0, "use_dora": True},
+    ema={"decay": 0.5, "update_every": 2, "eval": True},
+    dataset={"caption_dropout": 0.5, "caption_shuffle_variants": 2, "keep_tokens": 1},
+)
+
+# Each layout trains on 2 micro-batches of 1 sample per optimizer step.
+LAYOUTS = {
+    "1 stage": dict(num_gpus=1, pipeline_stages=1, gradient_accumulation_steps=2),
+    "2 stages": dict(num_gpus=2, pipeline_stages=2, gradient_accumulation_steps=2),
+    "2 replicas": dict(num_gpus=2, pipeline_stages=1, gradient_accumulation_steps=1),
+}
+
+
+@pytest.mark.slow
+def test_options_train_the_same_on_every_layout(tmp_path, tiny_models, image_dataset):
+    for i, caption in enumerate(sorted(image_dataset.glob("*.txt"))):  # tags to shuffle
+        caption.write_text(f"{caption.read_text().strip()}, style {i}, sharp, bright")
+    results = {name: run_layout(tmp_path, tiny_models, image_dataset, name, **settings, **OPTIONS)
+               for name, settings in LAYOUTS.items()}
+    reference = results["1 stage"]
+    losses, weights, evals, output = reference
+    # the options took effect: the printed target set, LoRA on the modulation layers, none on
+    # double block 1; the averaged adapter and its eval loss
+    assert "single_transformer_blocks.{0-1}: norm.linear, proj_mlp" in output
+    assert any("norm.linear.lora_B" in k for k in weights)
+    assert any(k.endswith(".lora_magnitude_vector") for k in weights)  # DoRA
+    assert not any(k.startswith("transformer.transformer_blocks.1.") for k in weights)
+    run_dirs = {name: sorted((tmp_path / name.replace(" ", "_")).glob("runs/*"))[-1] for name in LAYOUTS}
+    averaged = {name: load_file(d / "adapters" / "final" / "ema" / "pytorch_lora_weights.safetensors")
+                for name, d in run_dirs.items()}
+    assert averaged["1 stage"].keys() == weights.keys()
+    assert any(not torch.equal(averaged["1 stage"][k], weights[k]) for k in weights)
+    assert all("held/ema" in e for e in evals)
+    for name in ("2 stages", "2 replicas"):
+        compare(reference, results[name], name)
+        for k, v in averaged[name].items():
+            torch.testing.assert_close(v, averaged["1 stage"][k], atol=1e-5, rtol=1e-4, msg=f"{name}: ema {k}")
+        for e, r in zip(results[name][2], evals):
+            assert e["held/ema"] == pytest.approx(r["held/ema"], rel=1e-6), name
