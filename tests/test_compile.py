@@ -18,6 +18,17 @@ from utils.block_swap import BlockSwap
 from utils.engine import swapped_layer_indices
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Each test compiles a model of its own. Dynamo keeps earlier tests' code for the same
+    # functions and, past its recompile limit (8 per function), runs the rest eagerly without a
+    # word: the bfloat16 test then compared eager with eager. Forget earlier code, and fail at the limit.
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
 def lift_lora_b(transformer):
     # LoRA B starts at zero; lift it so gradients reach through every block.
     with torch.no_grad():
@@ -26,34 +37,42 @@ def lift_lora_b(transformer):
                 p.add_(0.01)
 
 
-def compiled_matches_eager(model, layers, checkpointed, atol):
-    inputs, labels = example(model)
-    ref_loss, ref_grads = loss_and_grads(model, layers, inputs, labels, checkpointed)
-    for layer in layers:
-        layer.compile_run()
-    loss, grads = loss_and_grads(model, layers, inputs, labels, checkpointed)
+def assert_same_loss_and_grads(result, reference, atol):
+    (loss, grads), (ref_loss, ref_grads) = result, reference
     assert len(grads) == len(ref_grads) > 0
     torch.testing.assert_close(loss, ref_loss, atol=atol, rtol=atol)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, atol=atol, rtol=atol)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
-def test_compiled_layers_give_the_eager_loss_and_gradients(tmp_path, tiny_models, data, checkpointed):
-    _, model, transformer, layers = loaded(tmp_path, tiny_models, data)
-    lift_lora_b(transformer)
-    compiled_matches_eager(model, layers, checkpointed, atol=1e-5)
+def compiled_matches_eager(model, layers, checkpointed, atol):
+    inputs, labels = example(model)
+    reference = loss_and_grads(model, layers, inputs, labels, checkpointed)
+    for layer in layers:
+        layer.compile_run()
+    assert_same_loss_and_grads(loss_and_grads(model, layers, inputs, labels, checkpointed), reference, atol)
 
 
 @pytest.mark.slow
-def test_compiled_layers_with_block_swap(tmp_path, tiny_models, data):
+def test_compiled_layers_give_the_eager_loss_and_gradients(tmp_path, tiny_models, data):
+    # One model compiled once for all three float32 checks: plain, checkpointed, then with two
+    # blocks swapped (compiling costs far more than the forward and backward passes).
     _, model, transformer, layers = loaded(tmp_path, tiny_models, data)
     lift_lora_b(transformer)
+    inputs, labels = example(model)
+    eager = {c: loss_and_grads(model, layers, inputs, labels, c) for c in (False, True)}
+    for layer in layers:
+        layer.compile_run()
+    for checkpointed, reference in eager.items():
+        assert_same_loss_and_grads(loss_and_grads(model, layers, inputs, labels, checkpointed), reference, 1e-5)
+
+    # Block swapping around compiled layers: the eager reference is without swapping, which
+    # test_low_memory shows computes what swapping does.
     chosen = [layers[i] for i in swapped_layer_indices(layers, 2)]
     owned = [[transformer.get_submodule(n) for n in layer.module_names] for layer in chosen]
-    BlockSwap(chosen, owned, [True] * 2, torch.device("cpu"))
-    compiled_matches_eager(model, layers, checkpointed=True, atol=1e-5)
+    swap = BlockSwap(chosen, owned, [True] * 2, torch.device("cpu"))
+    assert_same_loss_and_grads(loss_and_grads(model, layers, inputs, labels, True), eager[True], 1e-5)
+    assert swap.loads > 0
 
 
 @pytest.mark.slow
