@@ -43,7 +43,7 @@ def test_dataset_unknown_keys_at_once_with_diffusion_pipe_hints(tmp_path):
     assert "unknown key 'ar_buckets' (diffusion-pipe's; write min_ar, max_ar and num_ar_buckets" in message
     assert "unknown key 'directory[0].mask_path' (diffusion-pipe's; masked training is not available" in message
     assert "unknown key 'directory[0].num_repeat' (did you mean 'num_repeats'?)" in message
-    assert "'cache_shuffle_num' (diffusion-pipe's; captions are used as written here" in message
+    assert "'cache_shuffle_num' (diffusion-pipe's; write caption_shuffle_variants" in message
 
 
 def test_diffusion_pipe_values_of_our_keys_name_the_replacement(tmp_path):

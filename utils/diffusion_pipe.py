@@ -49,7 +49,8 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
     ("", "eval_every_n_examples"): "write eval_every_n_steps or eval_every_n_epochs",
     ("", "save_every_n_examples"): "write save_every_n_steps or save_every_n_epochs",
     ("", "force_constant_lr"): "set optimizer.lr with lr_scheduler = 'constant' (both may change when resuming)",
-    ("", "pseudo_huber_c"): "the loss is the mean squared error here: " + _REMOVE,
+    ("", "pseudo_huber_c"): "write [model] loss_type = 'pseudo_huber' with huber_delta (examples/flux.toml gives "
+                            "its formula), and remove it",
     ("", "disable_block_swap_for_eval"): "eval swaps the same blocks as training here: " + _REMOVE,
     ("", "reentrant_activation_checkpointing"): "activation_checkpointing chooses the method here: " + _REMOVE,
     ("", "map_num_proc"): "the cache is filled by the GPUs' processes here (caching_batch_size): " + _REMOVE,
@@ -71,9 +72,11 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
     ("adapter", "fuse_adapters"): "not available here: merge those LoRAs into the base weights first, and " + _REMOVE,
     ("dataset", "ar_buckets"): "write min_ar, max_ar and num_ar_buckets (evenly spaced in log space) instead",
     ("dataset", "size_buckets"): "write resolutions (an area each) with min_ar, max_ar and num_ar_buckets instead",
-    ("dataset", "cache_shuffle_num"): _NO_CAPTION_EDITS,
-    ("dataset", "cache_shuffle_delimiter"): _NO_CAPTION_EDITS,
-    ("dataset", "shuffle_tags"): _NO_CAPTION_EDITS,
+    ("dataset", "cache_shuffle_num"): "write caption_shuffle_variants (shuffled captions cached per caption) and "
+                                      "keep_tokens (leading tags kept in place)",
+    ("dataset", "cache_shuffle_delimiter"): "captions are shuffled at commas here (caption_shuffle_variants): " + _REMOVE,
+    ("dataset", "shuffle_tags"): "write caption_shuffle_variants (shuffled captions cached per caption) and "
+                                 "keep_tokens",
     ("dataset", "caption_prefix"): _NO_CAPTION_EDITS,
     ("dataset", "mask_path"): "masked training is not available here: " + _REMOVE,
     ("dataset", "default_mask_file"): "masked training is not available here: " + _REMOVE,
