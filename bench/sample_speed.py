@@ -102,7 +102,8 @@ def engine_row(args, model, request, device) -> dict:
     texts = Texts(model, sample_prompts([request], model), device)
     init_distributed()
     config = row_config(model, argparse.Namespace(full=False, rank=32, warmup=0, steps=1, batch=1,
-                                                  checkpointing=False, compile=False, attention=None))
+                                                  checkpointing=False, compile=False, attention=None, dora=False,
+                                                  ema=None))
     engine, _ = build_engine(model, config, 0, 1, device, 1, log=lambda *_: None)
     sampler = Sampler(model, engine, [request], texts, Path(args.work) / "samples", 0, device)
     result = {}
