@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,18 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
         total += float(loss) * weight
         weights += weight
     return total / weights
+
+
+def wait_group_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until every process of `proc`'s process group has exited; kill them all and fail after
+    `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        proc.poll()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the run did not exit")

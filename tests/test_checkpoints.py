@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, launch, write_configs
+from conftest import REPO, free_port, launch, wait_group_gone, write_configs
 from tools.make_demo_dataset import make_demo_dataset
 
 
@@ -34,19 +34,6 @@ def start(config, *args, env=None, log=None):
            "--config", str(config), *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
-
-
-def wait_group_gone(proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        proc.poll()
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("the run did not exit")
 
 
 def wait_for(path_fn, timeout=120):

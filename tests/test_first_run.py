@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, write_configs
+from conftest import REPO, free_port, wait_group_gone, write_configs
 from utils.schema import ConfigError
 
 
@@ -61,19 +61,6 @@ def start(cmd: list[str], log) -> subprocess.Popen:
     """Start `cmd` in a process group of its own, as a shell starts a foreground job."""
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-
-
-def wait_group_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        proc.poll()
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("the run did not exit")
 
 
 def wait_for_steps(runs: Path, steps: int, proc: subprocess.Popen, log_path: Path) -> None:
