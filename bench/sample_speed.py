@@ -217,10 +217,9 @@ def main():
             decode = f"{r['decode_s']:.2f}" if "decode_s" in r else "-"
             print(f"{lead} {r['s_per_sample']:>9.2f} {decode:>9} {r['peak_gib']:>9.1f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        from step import append_json_rows
+
+        append_json_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,14 @@ def print_table(rows: list[dict], matmul: float, device_name: str) -> None:
         print(f"{lead} {r['s_per_step']:>8.3f} {r['samples_per_s']:>9.2f} {r['peak_gib']:>9.1f} {tflop:>7} {mfu:>5}{ema}")
 
 
+def append_json_rows(path: Path, rows: list[dict]) -> None:
+    """Add `rows` to the JSON-lines file `path` (one row a line), as docs/results keeps them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path, help="the model's diffusers folder")
@@ -477,10 +485,7 @@ def main():
             r["mfu"] = flops[shape(r)] / r["s_per_step"] / matmul["tflops"] if matmul["tflops"] else None
     print_table(rows, matmul["tflops"], matmul["device_name"])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        append_json_rows(args.json, rows)
 
 
 if __name__ == "__main__":
