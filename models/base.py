@@ -238,12 +238,13 @@ class DiffusionModel:
 
     def training_example(self, latents: torch.Tensor, text: dict[str, torch.Tensor],
                          generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
-                         weights: torch.Tensor | None = None):
+                         weights: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """(inputs, labels) for the pipeline engine: rectified-flow noising of a batch.
 
         The noisy latent is the straight line between data (t=0) and noise (t=1); the target is
         the velocity noise - data. Noise and timesteps come from per-sample generators, so the
-        same sample gets the same noise whatever the process layout.
+        same sample gets the same noise whatever the process layout. `mask`, weights in [0, 1]
+        that broadcast over `latents` (utils/cache.latent_mask), weights each element's loss.
         """
         latents = latents.float()
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
@@ -255,13 +256,21 @@ class DiffusionModel:
         inputs = self.model_inputs(noisy.to(self.dtype), timesteps, text)
         if weights is None:
             weights = torch.ones(latents.shape[0])
-        return self.input_fields.pack(inputs), (target, weights)
+        if mask is None:
+            return self.input_fields.pack(inputs), (target, weights)
+        # Packed like the target, so each weight meets its own element's error.
+        mask = self.pack_latents(mask.float().expand(latents.shape).contiguous())
+        return self.input_fields.pack(inputs), (target, weights, mask)
 
     def loss(self, prediction: torch.Tensor, labels) -> torch.Tensor:
         """Weighted mean over samples of each sample's mean element loss (`loss_type`: MSE by
-        default; see utils/objective.elementwise_loss), in float32."""
-        target, weights = labels
+        default; see utils/objective.elementwise_loss), in float32. With a loss mask (a third
+        label), each element's loss is multiplied by its weight before the mean: a weight-0
+        element adds nothing to the loss or its gradient, a mask of ones changes nothing."""
+        target, weights, *mask = labels
         err = objective.elementwise_loss(prediction, target, self.config.loss_type, self.config.huber_delta)
+        if mask:
+            err = err * mask[0].to(err)
         per_sample = err.mean(dim=tuple(range(1, err.dim())))
         weights = weights.to(per_sample)
         # Eval padding has weight 0; an all-padding batch gives 0, not NaN.

@@ -37,11 +37,11 @@ def test_every_unknown_key_of_a_file_is_reported_at_once(tmp_path):
 
 def test_dataset_unknown_keys_at_once_with_diffusion_pipe_hints(tmp_path):
     dataset = edit(DATASET, "num_ar_buckets = 3", "num_ar_buckets = 3\nar_buckets = [1.0]\ncache_shuffle_num = 2")
-    dataset = edit(dataset, 'path = "data"', 'path = "data"\nmask_path = "masks"\nnum_repeat = 2')
+    dataset = edit(dataset, 'path = "data"', 'path = "data"\ndefault_mask_file = "m.png"\nnum_repeat = 2')
     message = error(tmp_path, dataset=dataset)
     assert message.startswith(f"{tmp_path / 'dataset.toml'}: 4 keys to change:\n")
     assert "unknown key 'ar_buckets' (diffusion-pipe's; write min_ar, max_ar and num_ar_buckets" in message
-    assert "unknown key 'directory[0].mask_path' (diffusion-pipe's; masked training is not available" in message
+    assert "unknown key 'directory[0].default_mask_file' (diffusion-pipe's; every media file needs its own mask" in message
     assert "unknown key 'directory[0].num_repeat' (did you mean 'num_repeats'?)" in message
     assert "'cache_shuffle_num' (diffusion-pipe's; write caption_shuffle_variants" in message
 

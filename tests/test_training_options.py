@@ -2,15 +2,18 @@
 process, 2 pipeline stages and 2 data-parallel replicas give the same losses, adapter, averaged
 (EMA) adapter and eval losses. The options: a robust loss, a timestep density and range,
 modulation layers added to the adapter and a double block left out, LoRA+, DoRA, EMA, caption
-dropout and caption shuffling."""
+dropout, caption shuffling and a loss mask per image."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from test_parallel import compare, run_layout
+from utils.tensor_store import TensorStore
 
 OPTIONS = dict(
     model={"loss_type": "pseudo_huber", "huber_delta": 0.5, "timestep_sample_method": "mode",
@@ -33,7 +36,16 @@ LAYOUTS = {
 def test_options_train_the_same_on_every_layout(tmp_path, tiny_models, image_dataset):
     for i, caption in enumerate(sorted(image_dataset.glob("*.txt"))):  # tags to shuffle
         caption.write_text(f"{caption.read_text().strip()}, style {i}, sharp, bright")
-    results = {name: run_layout(tmp_path, tiny_models, image_dataset, name, **settings, **OPTIONS)
+    masks = tmp_path / "masks"  # gray levels at random, per 8x8 pixels (one latent element)
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for image in sorted(image_dataset.glob("*.png")):
+        w, h = Image.open(image).size
+        gray = rng.integers(0, 256, (h // 8, w // 8), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        Image.fromarray(gray, mode="L").save(masks / image.name)
+    options = {**OPTIONS, "dataset": {**OPTIONS["dataset"],
+                                      "directory": [{"path": str(image_dataset), "mask_path": str(masks)}]}}
+    results = {name: run_layout(tmp_path, tiny_models, image_dataset, name, **settings, **options)
                for name, settings in LAYOUTS.items()}
     reference = results["1 stage"]
     losses, weights, evals, output = reference
@@ -49,6 +61,8 @@ def test_options_train_the_same_on_every_layout(tmp_path, tiny_models, image_dat
     assert averaged["1 stage"].keys() == weights.keys()
     assert any(not torch.equal(averaged["1 stage"][k], weights[k]) for k in weights)
     assert all("held/ema" in e for e in evals)
+    latents = TensorStore(image_dataset / "cache" / "flux" / "latents")
+    assert latents.index and all("mask" in latents.get(k) for k in latents.index)
     for name in ("2 stages", "2 replicas"):
         compare(reference, results[name], name)
         for k, v in averaged[name].items():

@@ -137,4 +137,9 @@ def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, 
     if batch[0].timestep is not None:
         timesteps = torch.tensor([s.timestep for s in batch], dtype=torch.float32)
     weights = torch.tensor([s.weight for s in batch], dtype=torch.float32)
-    return model.training_example(latents, text, generators, timesteps=timesteps, weights=weights)
+    masks = [lat.get("mask") for lat, _ in loaded]
+    mask = None
+    if any(m is not None for m in masks):  # a sample without a mask (another folder's) weighs 1 everywhere
+        shape = next(m.shape for m in masks if m is not None)
+        mask = torch.stack([m if m is not None else torch.ones(shape) for m in masks])
+    return model.training_example(latents, text, generators, timesteps=timesteps, weights=weights, mask=mask)

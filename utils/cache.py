@@ -5,7 +5,8 @@ Layout, per dataset folder: `<folder>/cache/<model type>/latents/` and `.../text
 recomputed only when a file's size or modification time changes).
 
 Every cache entry is keyed by what decides its content: a latent by the file's content hash,
-the bucket shape (frames included), the clip's first frame and the model's latent signature; a
+the bucket shape (frames included), the clip's first frame, the model's latent signature and
+its loss mask's content hash (the mask is stored with the latent, at the latent's size); a
 text embedding by the caption and the model's text signature. So a changed image, caption,
 resolution, bucket or model re-encodes just the entries that changed, and `--regenerate_cache`
 is only needed to start over.
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from utils.buckets import Sample
 from utils.faults import disk_full, disk_full_error
-from utils.media import MediaError, load_sample_pixels
+from utils.media import MediaError, load_mask, load_sample_pixels
 from utils.tensor_store import TensorStore
 
 HASH_INDEX_NAME = "file_hashes.json"
@@ -158,13 +159,15 @@ class DatasetCache:
         latent_sig, text_sig = self.model.latent_cache_signature(), self.model.text_cache_signature()
         hashes: dict[Path, str] = {}
         for folder in self.folders:
-            paths = sorted({s.item.path for s in self.samples if s.item.path.parent == folder})
+            paths = sorted({p for s in self.samples if s.item.path.parent == folder
+                            for p in (s.item.path, s.item.mask) if p is not None})
             hashes.update(content_hashes(paths, folder / "cache"))
         out = []
         for s in self.samples:
             b = s.bucket
             # Clips of one video differ by their first frame: each is an entry of its own.
-            latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}@{s.clip_start}", latent_sig)
+            latent_key = _sha(hashes[s.item.path], f"{b.width}x{b.height}x{b.frames}@{s.clip_start}", latent_sig,
+                              *(("mask", hashes[s.item.mask]) if s.item.mask is not None else ()))
             empty_key = _sha("", text_sig) if s.caption_dropout > 0 else None
             variants = tuple((v, _sha(v, text_sig)) for v in
                              shuffled_captions(s.item.caption, s.caption_shuffle_variants, s.keep_tokens))
@@ -218,7 +221,12 @@ class DatasetCache:
                 pixels = torch.stack([load_sample_pixels(c.sample.item.path, c.sample.bucket.width,
                                                          c.sample.bucket.height, c.sample.bucket.frames,
                                                          c.sample.clip_start) for c in batch])
-                return self.model.encode_pixels(pixels)
+                outputs = self.model.encode_pixels(pixels)
+                for c, out in zip(batch, outputs):
+                    if c.sample.item.mask is not None:
+                        b = c.sample.bucket
+                        out["mask"] = latent_mask(load_mask(c.sample.item.mask, b.width, b.height), out["latents"])
+                return outputs
 
             _encode_distributed(todo_latents, latent_stores, batch_size, rank, world, "Caching latents",
                                 group_of=lambda c: c.sample.bucket, encode=encode_images, problems=problems,
@@ -237,6 +245,14 @@ class DatasetCache:
                   and c.latent_key in latent_stores[c.folder] and all(k in text_stores[c.folder] for k in _text_keys(c))]
         prompt_keys = {p: (self.folders[0], _sha(p, text_sig)) for p in self.prompts}
         return CacheReader(usable, latent_stores, text_stores, problems, encoded, prompt_keys)
+
+
+def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A (1, height, width) pixel mask as weights of the latent elements: averaged over the pixels
+    each latent element covers, shaped to broadcast over `latents` ((1, h, w), or (1, 1, h, w)
+    for video latents (channels, frames, h, w): one mask for every frame)."""
+    small = torch.nn.functional.interpolate(mask[None].float(), size=tuple(latents.shape[-2:]), mode="area")[0]
+    return small.view(1, *([1] * (latents.dim() - 3)), *small.shape[-2:])
 
 
 def _text_keys(c: CachedSample) -> list[str]:

@@ -169,6 +169,8 @@ BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_a
 @dataclass(kw_only=True)
 class DirectoryConfig(BucketSettings):
     path: str = required()
+    # A folder with a mask image per media file (same file name stem) weighting its loss.
+    mask_path: Optional[str] = None
 
 
 @dataclass
@@ -190,6 +192,8 @@ class ResolvedDirectory:
     settings: BucketSettings
     # The table as written: says which keys the directory set itself, for error messages.
     raw: Optional[DirectoryConfig] = None
+    # The folder of loss masks (utils/dataset.py finds each item's), or None: no masks.
+    mask_path: Optional[Path] = None
 
 
 @dataclass
@@ -255,7 +259,14 @@ def load_dataset_config(path: Path) -> Dataset:
         check(settings.min_ar <= settings.max_ar, path, _set_by(cfg, d, i, "min_ar"),
               f"gives directory[{i}] min_ar = {settings.min_ar}, above its max_ar = {settings.max_ar} "
               f"(from '{_set_by(cfg, d, i, 'max_ar')}'); min_ar must not exceed max_ar")
-        directories.append(ResolvedDirectory(dir_path.resolve(), settings, raw=d))
+        mask_path = None
+        if d.mask_path is not None:
+            mask_path = _resolve_path(path.parent, d.mask_path, path, f"directory[{i}].mask_path")
+            check(_path_is(mask_path, "dir"), path, f"directory[{i}].mask_path", f"is not a folder: {mask_path}")
+            # There a mask would share its name with the media file: it would be the file itself.
+            check(mask_path != dir_path.resolve(), path, f"directory[{i}].mask_path",
+                  "is the directory's own folder; put the masks in a folder of their own (e.g. a sub-folder 'masks')")
+        directories.append(ResolvedDirectory(dir_path.resolve(), settings, raw=d, mask_path=mask_path))
     if cfg.enable_ar_bucket is None and any(d.enable_ar_bucket is None for d in cfg.directory):
         notes.append("enable_ar_bucket is not set: aspect-ratio buckets are on (diffusion-pipe's default is off, "
                      "which trains every item square); set enable_ar_bucket to choose")

@@ -3,7 +3,9 @@
 A scan never stops at a bad file. Each file that cannot be used (no caption, caption not UTF-8,
 image or video unreadable, a broken or looping symbolic link) is collected as a problem with a
 short reason, so one run lists them all. A missing caption is a problem, an empty caption or an
-error, as the directory's `missing_caption` says. Videos are read for their size and frame count
+error, as the directory's `missing_caption` says. In a directory with a `mask_path`, each media
+file needs a mask there (the image with the file's name stem, any image extension, of the same
+aspect ratio); a missing or unreadable one is a problem too. Videos are read for their size and frame count
 here; which clips they give is decided by the buckets.
 """
 
@@ -35,6 +37,8 @@ class Item:
     height: int
     directory_index: int
     frames: int = 1  # images have one
+    # The loss mask image (utils/media.load_mask), or None: every element weighs 1.
+    mask: Path | None = None
 
     @property
     def is_video(self) -> bool:
@@ -88,6 +92,25 @@ def _read_caption(caption_path: Path) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(f"caption {caption_path.name} is not UTF-8 text "
                          f"(byte 0x{data[e.start]:02x} at position {e.start})") from None
+
+
+def _find_mask(folder: Path, media: Path, width: int, height: int) -> Path:
+    """The mask of `media` in `folder`; raises ValueError with a short reason when there is none
+    or it cannot be used."""
+    found = [folder / f"{media.stem}{ext}" for ext in sorted(IMAGE_EXTENSIONS)]
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise ValueError(f"no mask in {folder} (an image named {media.stem}.png, .jpg, ...)")
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} masks in {folder} ({', '.join(p.name for p in found)}); keep one")
+    try:
+        mask_w, mask_h = image_size(found[0])
+    except MediaError as e:
+        raise ValueError(f"mask {e}") from None
+    # Cropped to the bucket like the media: the same aspect ratio keeps them aligned.
+    if abs(mask_w * height - mask_h * width) > max(width, height):
+        raise ValueError(f"mask {found[0]} is {mask_w}x{mask_h}, not of the media's aspect ratio ({width}x{height})")
+    return found[0]
 
 
 def _media_files(folder: Path) -> list[Path]:
@@ -153,10 +176,17 @@ def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
             # The message starts with the path; the problem list already shows it.
             result.problems.append((path, str(e).removeprefix(f"{path}: ")))
             continue
+        mask = None
+        if directory.mask_path is not None:
+            try:
+                mask = _find_mask(directory.mask_path, path, width, height)
+            except ValueError as e:
+                result.problems.append((path, str(e)))
+                continue
         if caption is None:
             caption = ""
             result.empty_captions.append(path)
-        result.items.append(Item(path, caption, width, height, index, frames))
+        result.items.append(Item(path, caption, width, height, index, frames, mask))
     return result
 
 

@@ -78,8 +78,9 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
     ("dataset", "shuffle_tags"): "write caption_shuffle_variants (shuffled captions cached per caption) and "
                                  "keep_tokens",
     ("dataset", "caption_prefix"): _NO_CAPTION_EDITS,
-    ("dataset", "mask_path"): "masked training is not available here: " + _REMOVE,
-    ("dataset", "default_mask_file"): "masked training is not available here: " + _REMOVE,
+    ("dataset", "mask_path"): "write mask_path in each [[directory]] table (that folder's masks)",
+    ("dataset", "default_mask_file"): "every media file needs its own mask in mask_path (a missing one is "
+                                      "listed like a missing caption): " + _REMOVE,
     ("dataset", "control_path"): "edit (control image) training is not available here: " + _REMOVE,
     ("dataset", "subsample_ratio"): "every item trains each epoch here: " + _REMOVE,
 }

@@ -322,6 +322,15 @@ def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 
     return fit_to_bucket(load_image(path), width, height).unsqueeze(1)
 
 
+def load_mask(path: Path | str, width: int, height: int) -> torch.Tensor:
+    """A loss mask image fitted to a bucket exactly as its media file is (scaled to cover, center
+    cropped), as (1, height, width) float32 weights in [0, 1]: white 1, black 0, gray between
+    (the mean of the R, G and B values; transparency composited on white)."""
+    rgb = fit_to_bucket(load_image(path), width, height)
+    # Lanczos overshoots at hard edges: clamp back to [0, 1].
+    return rgb.mean(dim=0, keepdim=True).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
+
+
 def write_video(path: Path | str, frames: np.ndarray, fps: float) -> None:
     """Write RGB frames (frames, height, width, 3; uint8) as an MP4: H.264 when PyAV's FFmpeg
     has an encoder for it, else MPEG-4. Even sizes only (yuv420p)."""

@@ -108,9 +108,15 @@ class TensorStore:
         if not rows:
             return
         self.remove_leftovers()
+        # A part's rows share their tensor names (one column each): rows with other names (latents
+        # with a loss mask beside latents without) go into a part of their own.
+        groups: dict[tuple, list] = {}
+        for row in rows:
+            groups.setdefault(tuple(sorted(row[1])), []).append(row)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._write_part(rows)
+            for group in groups.values():
+                self._write_part(group)
         except Exception as e:
             if disk_full(e, self.root):
                 raise disk_full_error(self.root, f"{len(rows)} cache entries", "The cache entries written "

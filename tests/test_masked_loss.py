@@ -1,0 +1,147 @@
+"""Masked loss: a mask image per media file (in the directory's mask_path), cropped to the bucket
+with its media, cached with the latent at the latent's size, weighting each element's loss.
+A missing or misshapen mask is a listed problem; without masks nothing changes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.base import generator_for
+from models.flux import FluxConfig, FluxModel
+from utils.batches import Slot, collate
+from utils.config import load_dataset_config
+from utils.dataset import scan_dataset
+from utils.prepare import prepare_dataset
+from utils.schema import ConfigError
+
+CPU = torch.device("cpu")
+
+
+def write_mask(path: Path, width: int, height: int, white_rows: int) -> None:
+    """A mask whose top `white_rows` rows are white, the rest black."""
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[:white_rows] = 255
+    Image.fromarray(pixels, mode="L").save(path)
+
+
+def write_dataset(folder: Path, *directories: dict) -> Path:
+    lines = ["resolutions = [64]", "enable_ar_bucket = true", "num_ar_buckets = 3"]
+    for d in directories:
+        lines += ["", "[[directory]]"] + [f'{k} = "{v}"' for k, v in d.items()]
+    path = folder / "dataset.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def flux(tiny_models) -> FluxModel:
+    return FluxModel(FluxConfig(type="flux", diffusers_path=str(tiny_models / "flux"), dtype="float32",
+                                max_sequence_length=32))
+
+
+def test_masks_are_found_and_bad_ones_listed(tmp_path, image_dataset):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(6):  # images are 64x64, 96x64, 64x96 in turn; masks at half size keep the aspect
+        w, h = ((64, 64), (96, 64), (64, 96))[i % 3]
+        write_mask(masks / f"shape_{i:03d}.png", w // 2, h // 2, 8)
+    write_mask(masks / "shape_007.png", 32, 32, 8)  # shape_007 is 96x64: another aspect ratio
+    (masks / "shape_005.jpg").write_bytes((masks / "shape_005.png").read_bytes())  # two masks for one file
+    dataset = load_dataset_config(write_dataset(tmp_path, {"path": image_dataset, "mask_path": "masks"}))
+    scan = scan_dataset(dataset)
+    assert {i.path.name: i.mask.name for i in scan.items} == {f"shape_{i:03d}.png": f"shape_{i:03d}.png"
+                                                              for i in range(5)}
+    reasons = {p.name: r for p, r in scan.problems}
+    assert reasons["shape_006.png"] == f"no mask in {masks} (an image named shape_006.png, .jpg, ...)"
+    assert reasons["shape_007.png"] == (f"mask {masks / 'shape_007.png'} is 32x32, not of the media's aspect "
+                                        f"ratio (96x64)")
+    assert reasons["shape_005.png"] == f"2 masks in {masks} (shape_005.jpg, shape_005.png); keep one"
+
+    for value, message in [("nowhere", f"is not a folder: {tmp_path / 'nowhere'}"),
+                           (str(image_dataset), "is the directory's own folder")]:
+        with pytest.raises(ConfigError, match="directory\\[0\\].mask_path' " + message):
+            load_dataset_config(write_dataset(tmp_path, {"path": image_dataset, "mask_path": value}))
+
+
+def test_masks_are_cropped_with_the_media_and_cached_with_the_latents(tmp_path, tiny_models, image_dataset):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(8):
+        w, h = ((64, 64), (96, 64), (64, 96))[i % 3]
+        write_mask(masks / f"shape_{i:03d}.png", w, h, 16)  # the top quarter white
+    plain = tmp_path / "plain"  # a folder without masks, sharing the buckets
+    plain.mkdir()
+    for name in ("shape_001.png", "shape_001.txt"):
+        shutil.copy(image_dataset / name, plain / name)
+    toml = write_dataset(tmp_path, {"path": image_dataset, "mask_path": "masks"}, {"path": plain})
+    model = flux(tiny_models)
+
+    def build():
+        return prepare_dataset(load_dataset_config(toml), model, title="test", micro_batch_size=2,
+                               caching_batch_size=2, regenerate=False, rank=0, world=1, device=CPU,
+                               log=lambda *_: None)
+
+    reader = build()
+    assert reader.encoded == 9 + 9  # 9 latents, 9 captions (a text store per folder)
+    loaded = {(c.folder.name, c.sample.item.path.name): reader.load(i)[0] for i, c in enumerate(reader.samples)}
+    assert "mask" not in loaded["plain", "shape_001.png"]
+    # shape_001 is 96x64, in the 96x48 bucket: 8 rows cropped at the top and the bottom, as the
+    # image is. So the 16 white rows become the top 8 of 48: latent row 0 of 6 (an 8x VAE).
+    mask = loaded[image_dataset.name, "shape_001.png"]["mask"]
+    assert mask.shape == (1, 6, 12) and mask.dtype == torch.float32
+    torch.testing.assert_close(mask[0, 0], torch.ones(12))
+    torch.testing.assert_close(mask[0, 1:], torch.zeros(5, 12))
+    # a batch of a masked and an unmasked sample: the unmasked one weighs 1 everywhere
+    index = {(c.folder.name, c.sample.item.path.name): i for i, c in enumerate(reader.samples)}
+    batch = [Slot(index[image_dataset.name, "shape_001.png"], 0), Slot(index["plain", "shape_001.png"], 0)]
+    _, (target, _, packed) = collate(model, reader, batch, 0, "train", 0, train=True)
+    assert packed.shape == target.shape
+    assert torch.all(packed[1] == 1) and packed[0].sum() == 16 * 12  # one latent row of 12, 16 channels
+
+    # A changed mask re-encodes exactly its latent; the rest come from the cache.
+    write_mask(masks / "shape_004.png", 96, 64, 32)
+    reader = build()
+    assert reader.encoded == 1
+    # Without mask_path, the folder's latents are other entries: encoded again, without masks.
+    write_dataset(tmp_path, {"path": image_dataset}, {"path": plain})
+    reader = build()
+    assert reader.encoded == 8
+    assert all("mask" not in reader.load(i)[0] for i in range(len(reader)))
+
+
+def test_the_mask_weights_each_elements_loss(tiny_models):
+    model = flux(tiny_models)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = {"text": torch.zeros(2, 32, 32), "pooled": torch.zeros(2, 32)}
+
+    def example(mask=None):
+        generators = [generator_for(0, "train", 0, i, 0) for i in range(2)]
+        return model.training_example(latents, text, generators, mask=mask)
+
+    inputs, labels = example()
+    assert len(labels) == 2  # without a mask, the labels are as they always were
+    ones_inputs, ones_labels = example(torch.ones(2, 1, 8, 8))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, ones_inputs))  # a mask never touches the inputs
+    mask = torch.ones(2, 1, 8, 8)
+    mask[0, :, :, :4] = 0  # sample 0: the left half weighs nothing
+    mask[1] = 0.25
+    _, masked_labels = example(mask)
+
+    prediction = torch.randn_like(labels[0], requires_grad=True)
+    plain = model.loss(prediction, labels)
+    # a mask of ones is no mask, to the bit
+    assert torch.equal(model.loss(prediction, ones_labels), plain)
+    (grad_plain,) = torch.autograd.grad(plain, prediction)
+    (grad_masked,) = torch.autograd.grad(model.loss(prediction, masked_labels), prediction)
+    # each element's gradient is scaled by its weight: none from the masked-out half (tokens of
+    # the 2x2 patches in latent columns 0-3: token columns 0-1 of 4), a quarter from sample 1
+    tokens = masked_labels[2][0, :, 0].view(4, 4)
+    assert torch.equal(tokens, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4))
+    assert torch.all(grad_masked[0].view(4, 4, -1)[:, :2] == 0)
+    torch.testing.assert_close(grad_masked, grad_plain * masked_labels[2])
+    torch.testing.assert_close(grad_masked[1], grad_plain[1] * 0.25)
