@@ -145,3 +145,27 @@ def test_the_mask_weights_each_elements_loss(tiny_models):
     assert torch.all(grad_masked[0].view(4, 4, -1)[:, :2] == 0)
     torch.testing.assert_close(grad_masked, grad_plain * masked_labels[2])
     torch.testing.assert_close(grad_masked[1], grad_plain[1] * 0.25)
+
+
+@pytest.mark.parametrize("name, latent_shape", [("ltx-video", (2, 16, 3, 2, 4)), ("hunyuan-video", (2, 16, 3, 4, 6))])
+def test_one_mask_weighs_every_frame_of_a_video(tmp_path, name, latent_shape):
+    from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+    from models import get_model_class
+    from utils.cache import latent_mask
+
+    (make_tiny_ltx_video if name == "ltx-video" else make_tiny_hunyuan_video)(tmp_path)
+    cls = get_model_class(name)
+    model = cls(cls.config_class(type=name, diffusers_path=str(tmp_path / name), dtype="float32"))
+    latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(0))
+    h, w = latent_shape[-2:]
+    pixels = torch.zeros(1, 8 * h, 8 * w)
+    pixels[:, :, : 4 * w] = 1.0  # the left half of the picture
+    mask = latent_mask(pixels, latents[0])
+    assert mask.shape == (1, 1, h, w)  # one frame, broadcast over the latent frames
+    text = {"text": torch.zeros(2, 12, 32), "text_mask": torch.ones(2, 12, dtype=torch.bool),
+            "pooled": torch.zeros(2, 32)}
+    generators = [generator_for(0, "train", 0, i, 0) for i in range(2)]
+    _, (target, _, packed) = model.training_example(latents, text, generators, mask=torch.stack([mask, mask]))
+    # packed as the target is: the same weight reaches the same element whatever the patching
+    expected = model.pack_latents(torch.zeros(latent_shape).index_fill(-1, torch.arange(w // 2), 1.0))
+    assert packed.shape == target.shape and torch.equal(packed, expected)
