@@ -23,7 +23,7 @@ from torch import nn
 from utils.buckets import check_frame_buckets, check_resolutions
 from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
+from utils.pipeline_layers import PipelineFields, PipelineLayer, is_adapter_weight, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
 from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets
 
@@ -326,7 +326,7 @@ class DiffusionModel:
             return
         folder = self.transformer_folder()
         found = SafetensorsFolder(folder).shapes()
-        expected = {_base_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if "lora_" not in n}
+        expected = {_base_name(n): tuple(p.shape) for n, p in transformer.named_parameters() if not is_adapter_weight(n)}
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
         wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
@@ -347,7 +347,31 @@ class DiffusionModel:
     def check_lora_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
         """The LoRA file for `init_from_existing` must be this model's, with this adapter's rank
         and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
-        self.read_lora_file(transformer, path, adapter)
+        if adapter.type != "lora":
+            self.read_lycoris_file(transformer, path, adapter)
+        else:
+            self.read_lora_file(transformer, path, adapter)
+
+    def read_lycoris_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, torch.Tensor]:
+        """A LoKr or LoHa adapter as this trainer saves it (`save_lora`), as {parameter name of
+        `transformer`: value}, with the saved scale divided out again. It must have exactly this
+        adapter's weights and shapes (type, rank, target modules)."""
+        file = lora_file_in(path)
+        if not file.is_file():
+            raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
+        with open_safetensors(file, "adapter.init_from_existing") as st:
+            shapes = {k.removeprefix("transformer."): tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+        ours = {_lora_file_name(n): n for n, _ in transformer.named_parameters() if is_adapter_weight(n)}
+        expected = {k: tuple(transformer.get_parameter(n).shape) for k, n in ours.items()}
+        if shapes != expected:
+            wrong = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if shapes[k] != expected[k])
+            raise ConfigError(f"adapter.init_from_existing: {file} is not a {adapter.type} adapter of this rank and "
+                              f"these target modules: {len(shapes)} weights, {len(expected)} expected; the first "
+                              f"that differs: {wrong[0]!r}")
+        scale = adapter.alpha / adapter.rank
+        with open_safetensors(file, "adapter.init_from_existing") as st:
+            return {n: st.get_tensor(f"transformer.{k}").float() / (scale if k.rpartition(".")[2] in LYCORIS_SCALED else 1)
+                    for k, n in ours.items()}
 
     # ------------------------------------------------------------------ LoRA files of other layouts
     def original_key_layout(self):
@@ -414,7 +438,7 @@ class DiffusionModel:
     def load_weights(self, transformer: nn.Module, module_names: list[str], device: torch.device) -> None:
         """Load the base weights of the named submodules (or parameters of the transformer itself)
         only: the local pipeline stage's."""
-        names = [name for name, _ in named_weights(transformer, module_names) if "lora_" not in name]
+        names = [name for name, _ in named_weights(transformer, module_names) if not is_adapter_weight(name)]
         wanted = {_base_name(name): name for name in names}
         tensors = self.read_weights(sorted(wanted))
         for key, name in wanted.items():
@@ -446,15 +470,20 @@ class DiffusionModel:
     def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:
         """Inject LoRA layers (on the meta device until their layer is materialised) into the
         modules `lora_targets` names."""
-        from peft import LoraConfig
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         targets = adapter.target_modules or self.default_lora_targets
         if adapter.target_include or adapter.target_exclude:
             # Whole names, as one regex: a list entry would also match every name ending in it.
             names = self.lora_targets(transformer, adapter)
             targets = "|".join(re.escape(n) for n in names)
-        lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                                 target_modules=targets, init_lora_weights=True, use_dora=adapter.use_dora)
+        if adapter.type == "lokr":
+            lora_config = LoKrConfig(r=adapter.rank, alpha=adapter.alpha, target_modules=targets)
+        elif adapter.type == "loha":
+            lora_config = LoHaConfig(r=adapter.rank, alpha=adapter.alpha, target_modules=targets)
+        else:
+            lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                                     target_modules=targets, init_lora_weights=True, use_dora=adapter.use_dora)
         try:
             with init_empty_weights(include_buffers=False):
                 transformer.add_adapter(lora_config)
@@ -495,10 +524,19 @@ class DiffusionModel:
         with DoRA, each magnitude the norm of its base weight's rows (the base weights of these
         modules are loaded already), so that the adapted layer starts as the base layer.
 
+        LoKr and LoHa weights start as peft starts them (one factor zero, the others He-uniform), each
+        seeded by its name too.
+
         Seeding by module name makes the initial adapter identical for any pipeline split.
         """
         for name, param in named_weights(transformer, module_names):
-            if "lora_A" in name:
+            kind = name.removesuffix(".default").rpartition(".")[2]
+            if kind in LYCORIS_ZERO:
+                weight = torch.zeros(param.shape, dtype=torch.float32)
+            elif kind.startswith(("lokr_", "hada_")):
+                weight = torch.empty(param.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
+            elif "lora_A" in name:
                 weight = torch.empty(param.shape, dtype=torch.float32)
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
             elif "lora_B" in name:
@@ -515,6 +553,13 @@ class DiffusionModel:
     def load_lora_into(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
         """Start from an existing LoRA for `init_from_existing` (any layout `read_lora_file` reads):
         the materialised (this stage's) LoRA weights take the file's."""
+        if adapter.type != "lora":
+            for name, value in self.read_lycoris_file(transformer, path, adapter).items():
+                param = transformer.get_parameter(name)
+                if not param.is_meta:
+                    with torch.no_grad():
+                        param.copy_(value)
+            return
         loaded = self.read_lora_file(transformer, path, adapter)
         magnitudes = read_dora_magnitudes(lora_file_in(path))
         if magnitudes and not adapter.use_dora:
@@ -535,27 +580,31 @@ class DiffusionModel:
     def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
         """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
         return {_lora_file_name(n): p.detach().cpu() for n, p in transformer.named_parameters()
-                if "lora_" in n and not p.is_meta}
+                if is_adapter_weight(n) and not p.is_meta}
 
     def save_lora(self, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
                   dtype: torch.dtype) -> list[Path]:
         """Write the adapter in diffusers format plus the model's extra formats.
 
-        The alpha/rank scale is multiplied into lora_B, so every loader, with or without an
-        alpha field, applies the adapter exactly as trained.
+        The alpha/rank scale is multiplied into lora_B (LoKr: lokr_w1, LoHa: hada_w1_a, each a
+        factor the update is linear in), so every loader, with or without an alpha field,
+        applies the adapter exactly as trained. LoKr and LoHa have no original (ComfyUI) layout
+        here: the original models fuse q, k and v, which a Kronecker or Hadamard product
+        cannot be split into.
         """
         from safetensors.torch import save_file
 
         scale = adapter.alpha / adapter.rank
-        scaled = {k: (v.float() * scale if ".lora_B." in k else v.float()).to(dtype).contiguous()
+        scaled = {k: (v.float() * scale if ".lora_B." in k or k.rpartition(".")[2] in LYCORIS_SCALED
+                      else v.float()).to(dtype).contiguous()
                   for k, v in sorted(lora.items())}
         out_dir.mkdir(parents=True, exist_ok=True)
         diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
         save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
                   metadata={"format": "pt", "trainer_model_type": self.name})
         written = [diffusers_file]
-        if adapter.use_dora:
-            return written  # the original layout has no DoRA magnitudes (examples/flux.toml)
+        if adapter.use_dora or adapter.type != "lora":
+            return written  # the original layout has no DoRA magnitudes, LoKr or LoHa (examples/flux.toml)
         for filename, tensors in self.extra_lora_formats(scaled).items():
             # kohya's alpha scalars stay float32: exact at any rank.
             save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
@@ -672,10 +721,17 @@ def _base_name(param_name: str) -> str:
     return param_name.replace(".base_layer.", ".")
 
 
+# peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model), and
+# the factor the alpha / rank scale is saved in.
+LYCORIS_ZERO = frozenset({"lokr_w1", "lokr_w1_a", "hada_w2_b"})
+LYCORIS_SCALED = frozenset({"lokr_w1", "lokr_w1_a", "hada_w1_a"})
+
+
 def _lora_file_name(param_name: str) -> str:
     # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
-    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it.
-    name = param_name.replace(".default.", ".")
+    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it; LoKr
+    # and LoHa weights "x.to_q.lokr_w1.default" -> "x.to_q.lokr_w1" (peft's state dict keys).
+    name = param_name.removesuffix(".default").replace(".default.", ".")
     return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 

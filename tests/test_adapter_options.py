@@ -129,3 +129,46 @@ def test_dora_starts_as_the_base_model_and_loads_back_through_diffusers(tiny_mod
     model.load_lora_into(again, tmp_path / "dora", adapter)
     with torch.no_grad():
         torch.testing.assert_close(model.reference_forward(again, inputs), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_start_as_the_base_model_and_load_back(tiny_models, tmp_path, kind):
+    """LoKr and LoHa through peft: the adapter starts as the base model; once trained, its saved
+    file gives the same outputs loaded by diffusers (LoKr: load_lora_adapter) or peft (LoHa:
+    diffusers has no LoHa loader), and starts a run again through init_from_existing."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = AdapterConfig(type=kind, rank=4, alpha=2.0)
+    model, transformer, inputs = dora_setup(tiny_models, adapter)
+    marker = f"{kind}_" if kind == "lokr" else "hada_"
+    trained = {n: p for n, p in transformer.named_parameters() if marker in n}
+    assert trained and all(p.requires_grad for p in trained.values())
+    base = FluxTransformer2DModel.from_pretrained(tiny_models / "flux" / "transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(model.reference_forward(transformer, inputs), model.reference_forward(base, inputs))
+        g = torch.Generator().manual_seed(5)
+        for p in trained.values():  # a trained adapter: every factor moved (the zero one too)
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+        ours = model.reference_forward(transformer, inputs)
+        assert not torch.allclose(ours, model.reference_forward(base, inputs), atol=1e-4)
+    files = model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / kind, torch.float32)
+    assert [f.name for f in files] == ["pytorch_lora_weights.safetensors"]  # no original (ComfyUI) layout
+    if kind == "lokr":
+        base.load_lora_adapter(str(files[0]), prefix="transformer")
+    else:
+        state = {k.removeprefix("transformer."): v for k, v in load_file(files[0]).items()}
+        modules = sorted({k.rpartition(".hada_")[0] for k in state})
+        # the scale is in hada_w1_a: alpha = r applies the file as it is
+        base = inject_adapter_in_model(LoHaConfig(r=4, alpha=4, target_modules=modules), base)
+        assert not set_peft_model_state_dict(base, state).unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model.reference_forward(base, inputs), ours, rtol=1e-5, atol=1e-5)
+    _, again, _ = dora_setup(tiny_models, adapter)
+    model.load_lora_into(again, tmp_path / kind, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(model.reference_forward(again, inputs), ours, rtol=1e-5, atol=1e-5)
+    # another rank is not this adapter's file: one line naming the first weight that differs
+    with pytest.raises(ConfigError, match=f"is not a {kind} adapter of this rank and these target modules"):
+        model.check_inputs(CONFIG, AdapterConfig(type=kind, rank=8, alpha=2.0, init_from_existing=str(tmp_path / kind)))

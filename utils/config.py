@@ -321,7 +321,8 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    type: Literal["lora"] = "lora"
+    # "lora", or LyCORIS' LoKr (Kronecker product) / LoHa (Hadamard product) through peft.
+    type: Literal["lora", "lokr", "loha"] = "lora"
     rank: int = 16
     alpha: Optional[float] = None
     dropout: float = 0.0
@@ -339,6 +340,11 @@ class AdapterConfig:
     def validate(self, file, prefix):
         if self.lora_plus_ratio is not None:
             check(self.lora_plus_ratio > 0, file, key(prefix, "lora_plus_ratio"), "must be > 0")
+        if self.type != "lora":
+            # LoRA's own options: peft's LoKr and LoHa have no B matrix, magnitude or input dropout.
+            for name, unset in (("lora_plus_ratio", self.lora_plus_ratio is None), ("use_dora", not self.use_dora),
+                                ("dropout", self.dropout == 0.0)):
+                check(unset, file, key(prefix, name), f"is a LoRA option; remove it with type = '{self.type}'")
         check(self.rank >= 1, file, key(prefix, "rank"), "must be at least 1")
         check(0.0 <= self.dropout < 1.0, file, key(prefix, "dropout"), "must be in [0, 1)")
         if self.alpha is None:
@@ -688,6 +694,10 @@ def load_train_config(path: Path | str) -> TrainConfig:
         check(settings.adapter is not None, path, "model.transformer_dtype",
               f"= '{model_config.transformer_dtype}' stores frozen base weights, so it needs a LoRA run "
               f"([adapter] table); full fine-tuning trains every weight in full_finetune_dtype")
+    if settings.adapter is not None and settings.adapter.type != "lora":
+        check(model_config.transformer_dtype != "float8", path, "adapter.type",
+              f"= '{settings.adapter.type}' needs the base weights in model.dtype: float8 storage "
+              f"(model.transformer_dtype) is for LoRA linears")
     if settings.adapter is not None and settings.adapter.use_dora:
         check(model_config.transformer_dtype != "float8", path, "adapter.use_dora",
               "= true needs the base weights in model.dtype: DoRA normalises them, which float8 storage "

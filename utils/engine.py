@@ -246,7 +246,9 @@ def describe_partition(layers, parts: list[int]) -> str:
 def describe_targets(transformer) -> str:
     """The modules that carry an adapter, compactly: names that differ only in their first block
     index share a line, "transformer_blocks.{0-18}: attn.to_q, attn.to_k, ...", per set of names."""
-    names = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = [n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
     groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
     per_block: dict[tuple[str, int], list[str]] = {}
     alone = []

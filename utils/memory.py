@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.config import OptimizerConfig
+from utils.pipeline_layers import is_adapter_weight
 
 GIB = 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +132,7 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
         infos = []
         block = 0 < index < len(layers) - 1
         for name, p in layer.named_parameters():
-            if "lora_" in name:
+            if is_adapter_weight(name):
                 info = ParamInfo(tuple(p.shape), DTYPES[s.adapter.dtype], True)
             elif float8 and block and name.endswith(".base_layer.weight") and p.dim() == 2:
                 infos.append((name + "_scale", ParamInfo((p.shape[0], 1), torch.float32, False)))

@@ -57,8 +57,8 @@ def options(model, config) -> tuple[list, list[bool], bool]:
     s, given = config.settings, config.given
     ckpt = [False] + (["selective"] if model.selective_checkpoint_layers else []) + [True]
     lora = s.adapter is not None
-    # DoRA normalises the base weights, which float8 storage does not offer.
-    float8 = [False, True] if lora and not s.adapter.use_dora else [False]
+    # DoRA normalises the base weights, which float8 storage does not offer; it is for LoRA linears.
+    float8 = [False, True] if lora and s.adapter.type == "lora" and not s.adapter.use_dora else [False]
     swap = lora and s.pipeline_stages == 1
     if "activation_checkpointing" in given:
         ckpt = [s.activation_checkpointing]

@@ -141,6 +141,15 @@ class PipelineLayer(nn.Module):
         return ", ".join(self.module_names)
 
 
+# What peft names the trained weights of its LoRA, LoKr and LoHa layers.
+ADAPTER_WEIGHT_MARKERS = ("lora_", "lokr_", "hada_")
+
+
+def is_adapter_weight(name: str) -> bool:
+    """Whether a parameter name is an adapter's trained weight (not a base weight)."""
+    return any(m in name for m in ADAPTER_WEIGHT_MARKERS)
+
+
 def named_weights(transformer: nn.Module, module_names: Iterable[str]) -> list[tuple[str, nn.Parameter]]:
     """The transformer's parameters under `module_names` (submodules, or parameters of the
     transformer itself), named as `transformer.named_parameters()` names them."""
