@@ -111,8 +111,6 @@ def _foreign_value(section: str, key: str, value) -> Optional[str]:
             return "8-bit AdamW is 'adamw8bit' here (its Kahan summation: stochastic_rounding = true)"
         if lowered not in ("adamw", "adamw8bit", "adafactor"):
             return _OUR_OPTIMIZERS
-    if (section, key) == ("adapter", "type") and value == "lokr":
-        return "only 'lora' here"
     return None
 
 
