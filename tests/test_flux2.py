@@ -302,7 +302,7 @@ def evals(result) -> dict[int, float]:
     return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
-STEPS = 10
+STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def data(tmp_path_factory) -> dict:
 def configure(root, data, run: str, **overrides) -> Path:
     settings = dict(max_steps=STEPS, eval_at_start=True, eval_every_n_steps=STEPS,
                     eval_datasets=[{"name": "train", "config": "dataset.toml"}], adapter={"rank": 4, "alpha": 8},
-                    optimizer={"lr": 3e-3}, model={"type": "flux2", "diffusers_path": str(root),
+                    optimizer={"lr": 1e-2}, model={"type": "flux2", "diffusers_path": str(root),
                                                    "max_sequence_length": TEXT_LEN})
     for k, v in overrides.items():
         settings[k] = {**settings[k], **v} if isinstance(settings.get(k), dict) and v is not None else v
