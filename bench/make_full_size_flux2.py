@@ -37,7 +37,7 @@ FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBl
 MISTRAL_SMALL_HIDDEN = 5120
 
 
-def write_transformer(folder: Path, device: str, shard_gb: float) -> int:
+def write_transformer(folder: Path, config: dict, device: str, shard_gb: float) -> int:
     """Random bfloat16 weights for every tensor of the transformer, written in shards; returns the
     parameter count. Linear weights ~ N(0, 0.5^2 / fan_in) (random init at full scale makes the
     activations through 56 blocks explode), norm scales 1."""
@@ -46,7 +46,7 @@ def write_transformer(folder: Path, device: str, shard_gb: float) -> int:
     from safetensors.torch import save_file
 
     with init_empty_weights():
-        shapes = Flux2Transformer2DModel(**FLUX2_DEV_TRANSFORMER)
+        shapes = Flux2Transformer2DModel(**config)
     folder.mkdir(parents=True, exist_ok=True)
     shapes.save_config(folder)
     named = [(k, tuple(v.shape)) for k, v in shapes.state_dict().items()]
@@ -84,12 +84,12 @@ def write_transformer(folder: Path, device: str, shard_gb: float) -> int:
     return count
 
 
-def flux2_text_encoder(tokenizer, layers: int = 32):
+def flux2_text_encoder(tokenizer, layers: int = 32, hidden: int = MISTRAL_SMALL_HIDDEN):
     """Mistral3ForConditionalGeneration at Mistral Small 3.1's width, `layers` deep, with 4 query
     heads, 1 key/value head and an MLP of 1024 (random bfloat16 weights), and a one-layer vision tower."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=MISTRAL_SMALL_HIDDEN, intermediate_size=1024,
+    text = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=1024,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, head_dim=128,
                          max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -100,17 +100,21 @@ def flux2_text_encoder(tokenizer, layers: int = 32):
     return Mistral3ForConditionalGeneration(config).to(torch.bfloat16).eval()
 
 
-def make_full_size_flux2(out_dir: Path, device: str = "cuda", shard_gb: float = 10.0, text_layers: int = 32) -> Path:
+def make_full_size_flux2(out_dir: Path, device: str = "cuda", shard_gb: float = 10.0, text_layers: int = 32,
+                         transformer: dict = FLUX2_DEV_TRANSFORMER, vae: dict = FLUX2_VAE) -> Path:
+    """Write OUT_DIR/flux2; `transformer` and `vae` are the configs (the release's by default; the
+    text encoder's width follows the transformer's text features, a third of them)."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler
 
     start = time.time()
     folder = Path(out_dir) / "flux2"
-    params = write_transformer(folder / "transformer", device, shard_gb)
+    params = write_transformer(folder / "transformer", transformer, device, shard_gb)
     torch.manual_seed(0)
     with torch.device(device):
-        AutoencoderKLFlux2(**FLUX2_VAE).to(torch.bfloat16).save_pretrained(folder / "vae")
+        AutoencoderKLFlux2(**vae).to(torch.bfloat16).save_pretrained(folder / "vae")
         tokenizer = tiny_mistral_tokenizer()
-        flux2_text_encoder(tokenizer, text_layers).save_pretrained(folder / "text_encoder")
+        encoder = flux2_text_encoder(tokenizer, text_layers, transformer["joint_attention_dim"] // 3)
+        encoder.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER).save_pretrained(folder / "scheduler")
     index = {"_class_name": "Flux2Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -39,8 +39,8 @@ def root(tmp_path_factory) -> Path:
 
 def make_model(root: Path, **config):
     cls = get_model_class("flux2")
-    return cls(cls.config_class(type="flux2", diffusers_path=str(root), dtype="float32",
-                                max_sequence_length=TEXT_LEN, **config))
+    config = {"dtype": "float32", "max_sequence_length": TEXT_LEN, **config}
+    return cls(cls.config_class(type="flux2", diffusers_path=str(root), **config))
 
 
 def random_batch(seed: int = 0) -> dict:
@@ -387,3 +387,53 @@ def test_full_finetune_trains_every_weight_and_both_saved_layouts_reproduce_the_
     single_file = Flux2Transformer2DModel.from_single_file(str(folder / ORIGINAL_LAYOUT_FILE), config=str(folder),
                                                            subfolder="transformer", local_files_only=True)
     assert eval_loss_through_diffusers(full.config, single_file) == trained
+
+
+# ------------------------------------------------------------------------------------ example, bench
+
+
+def test_example_config_loads(root, tmp_path):
+    """examples/flux2.toml, with the tiny model and its single-file stand-in in place of the
+    placeholder paths, passes every check and keeps the values it sets."""
+    import re
+    import tomllib
+
+    from conftest import REPO, to_toml
+    from utils.config import load_train_config
+
+    text = (REPO / "examples" / "flux2.toml").read_text(encoding="utf-8")
+    text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
+    assert found == 1, "expected the commented-out transformer_path example"
+    config = tomllib.loads(text)
+    assert config["model"]["type"] == "flux2" and config["pipeline_stages"] == 2
+    data = make_demo_dataset(tmp_path / "data", count=2, seed=0)
+    (tmp_path / "dataset.toml").write_text(to_toml({"resolutions": [64], "directory": [{"path": str(data)}]}))
+    config["output_dir"], config["dataset"] = str(tmp_path / "runs"), str(tmp_path / "dataset.toml")
+    config["model"]["diffusers_path"] = str(root)
+    config["model"]["transformer_path"] = str(root / ORIGINAL_FILE)
+    (tmp_path / "train.toml").write_text(to_toml(config))
+    loaded = load_train_config(tmp_path / "train.toml")
+    assert type(loaded.model).__name__ == "Flux2Config"
+    assert loaded.settings.pipeline_stages == 2 and loaded.settings.adapter.rank == 32
+
+
+def test_full_size_writer_at_tiny_size(tmp_path):
+    """bench/make_full_size_flux2.py writes a folder the trainer reads: the transformer in several
+    shards with a weight index, the text encoder deep enough for the hidden states read."""
+    import sys
+
+    from conftest import REPO
+    from make_tiny_models import FLUX2_TRANSFORMER, FLUX2_VAE
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from make_full_size_flux2 import make_full_size_flux2
+
+    folder = make_full_size_flux2(tmp_path, device="cpu", shard_gb=1e-4, transformer=FLUX2_TRANSFORMER, vae=FLUX2_VAE)
+    assert len(list((folder / "transformer").glob("*.safetensors"))) > 1
+    model = make_model(folder, dtype="bfloat16")
+    transformer = model.build_empty_transformer()
+    model.check_weight_files(transformer)  # every weight, in its shape
+    model.load_text_encoders(torch.device("cpu"))
+    with torch.no_grad():
+        (item,) = model.encode_captions(["a red circle"])
+    assert item["text"].shape == (TEXT_LEN, FLUX2_TRANSFORMER["joint_attention_dim"])
