@@ -166,8 +166,8 @@ def test_missing_paths(tmp_path):
 
 
 def test_unknown_model_type(tmp_path):
-    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux2"'))
-    prefix = f"{tmp_path / 'train.toml'}: 'model.type' is 'flux2', which is not a known model; known: "
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux9"'))
+    prefix = f"{tmp_path / 'train.toml'}: 'model.type' is 'flux9', which is not a known model; known: "
     assert message.startswith(prefix)
     assert "flux" in message.removeprefix(prefix).split(", ")
 
