@@ -23,7 +23,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from utils.schema import ConfigError  # noqa: E402
+# Neither imports torch: a config error is reported before torch loads.
+from utils.errors import UserError  # noqa: E402
+from utils.faults import disk_full  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -106,25 +108,18 @@ def report_error(error: BaseException) -> int | None:
 
     Bad input exits with 2, a fault during the run (non-finite loss, full disk) with 1.
     """
-    # Only modules already imported can have raised their errors: an early config error does
-    # not wait for torch to import.
-    dataset, faults, trainer = (sys.modules.get(f"utils.{m}") for m in ("dataset", "faults", "trainer"))
     rank = os.environ.get("RANK", "0")
-    if isinstance(error, (ConfigError, FileNotFoundError)) or (dataset and isinstance(error, dataset.DataError)):
-        # Every rank raises the same: rank 0 speaks for all of them.
-        if rank == "0":
+    if isinstance(error, UserError):
+        # Every rank raises the same, except for a fault one rank can meet alone (its own
+        # checkpoint files on a full disk): rank 0 speaks for all of them unless each must.
+        if error.every_rank:
+            print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{error}", file=sys.stderr)
+        elif rank == "0":
             print(f"error: {error}", file=sys.stderr)
-        return 2
-    if trainer and isinstance(error, trainer.TrainingStopped):
-        if rank == "0":
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if faults and isinstance(error, OSError) and faults.disk_full(error):
-        # A rank can meet a full disk alone (writing its own checkpoint files): each one says so.
+        return error.exit_code
+    if isinstance(error, OSError) and disk_full(error):
         where = "" if rank == "0" else f"[rank {rank}] "
-        message = str(error) if isinstance(error, faults.DiskFullError) else \
-            f"disk full: {error}. Free some space on that disk and run again."
-        print(f"error: {where}{message}", file=sys.stderr)
+        print(f"error: {where}disk full: {error}. Free some space on that disk and run again.", file=sys.stderr)
         return 1
     return None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 MODEL_CLASSES = {
     "flux": "models.flux:FluxModel",

@@ -24,7 +24,7 @@ from utils.buckets import check_frame_buckets, check_resolutions
 from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -14,7 +14,8 @@ from models.key_layout import kohya_lora
 from models.flux_layout import FluxLayout, diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from utils.errors import ConfigError
+from utils.schema import check, key
 
 
 @dataclass

@@ -23,7 +23,8 @@ from models.hunyuan_layout import (HunyuanLayout, diffusers_to_original, load_di
                                     lora_to_original)
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from utils.errors import ConfigError
+from utils.schema import check, key
 
 # HunyuanVideoPipeline takes the Llama hidden state before the last two layers.
 NUM_HIDDEN_LAYERS_TO_SKIP = 2

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 # Files a folder may hold, in the order they are looked for.
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora_comfyui.safetensors")

@@ -23,7 +23,8 @@ from models.ltx_layout import (diffusers_to_original, load_diffusers_keys_from_o
                                original_to_diffusers_key)
 from utils.config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from utils.errors import ConfigError
+from utils.schema import check, key
 
 
 @dataclass

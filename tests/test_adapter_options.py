@@ -12,7 +12,7 @@ import torch
 from models.flux import FluxConfig, FluxModel
 from utils.config import AdapterConfig
 from utils.engine import describe_targets
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages
 

@@ -11,7 +11,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 from conftest import write_configs
 from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
 from utils.config import load_train_config
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 
 def backends(transformer) -> set:

@@ -22,7 +22,7 @@ from PIL import Image
 from models.flux import FluxConfig, FluxModel
 from tools.make_demo_dataset import make_demo_dataset
 from utils.config import load_dataset_config
-from utils.dataset import DataError
+from utils.errors import DataError
 from utils.prepare import prepare_dataset
 
 CPU = torch.device("cpu")

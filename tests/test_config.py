@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import (accumulation_for_efficiency, load_train_config, pipeline_efficiency,
-                          pipeline_summary)
-from utils.schema import ConfigError
+from utils.config import accumulation_for_efficiency, load_train_config, pipeline_efficiency, pipeline_summary
+from utils.errors import ConfigError
 
 from conftest import launch
 

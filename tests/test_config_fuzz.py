@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from utils.config import TrainConfig, load_train_config
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

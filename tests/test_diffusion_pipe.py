@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from utils.config import load_train_config
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 from test_config import DATASET, TRAIN, edit, error, write
 

@@ -23,7 +23,7 @@ from conftest import launch, to_toml
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from utils.config import load_dataset_config, load_train_config
 from utils.dataset import scan_dataset
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video  # noqa: E402

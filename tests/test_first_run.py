@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, wait_group_gone, write_configs
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 
 def test_torch_extensions_are_built_per_python_environment(monkeypatch, tmp_path):

@@ -290,7 +290,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
     import errno
 
     import utils.saving as saving
-    from utils.faults import DiskFullError
+    from utils.errors import DiskFullError
 
     model, transformer, layers = loaded_transformer(work, tmp_path)
     out = tmp_path / "models" / "final"
@@ -323,7 +323,7 @@ def test_a_model_whose_layers_do_not_own_every_weight_refuses_full_finetuning(wo
     from models.flux import FluxModel
     from utils.config import load_train_config
     from utils.engine import build_engine
-    from utils.schema import ConfigError
+    from utils.errors import ConfigError
 
     class FinalLayerReachesItsNormElsewhere(FluxModel):
         def layers(self, transformer):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from models.flux import FluxConfig, FluxModel
 from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel
 from utils.config import AdapterConfig
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_models import make_tiny_hunyuan_video  # noqa: E402

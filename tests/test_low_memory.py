@@ -18,8 +18,8 @@ from utils import memory
 from utils.block_swap import BlockSwap
 from utils.config import load_train_config
 from utils.engine import load_stage, plan_stages, swapped_layer_indices
+from utils.errors import ConfigError
 from utils.float8 import Float8Linear
-from utils.schema import ConfigError
 
 
 @pytest.fixture(scope="module")

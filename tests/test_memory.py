@@ -20,8 +20,8 @@ from models import get_model_class
 from utils import memory
 from utils.config import load_train_config
 from utils.engine import load_stage, plan_stages
+from utils.errors import ConfigError
 from utils.optimizers import build_optimizer
-from utils.schema import ConfigError
 
 sys.path.insert(0, str(REPO / "bench"))
 

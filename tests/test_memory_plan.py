@@ -14,8 +14,8 @@ from models import get_model_class
 from utils import memory_plan
 from utils.config import load_train_config
 from utils.engine import partition, plan_stages, resolve_partition_method
+from utils.errors import ConfigError
 from utils.memory_plan import HEADROOM, Plan
-from utils.schema import ConfigError
 
 GIB = 2**30
 # What train.py counts for the demo images at resolution 64: 18 latent tokens in the largest aspect

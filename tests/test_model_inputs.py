@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import launch, write_configs
 from models.flux import FluxConfig, FluxModel
 from utils.config import AdapterConfig
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages
 

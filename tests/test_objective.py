@@ -16,7 +16,8 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from models.base import generator_for
 from models.flux import FluxConfig, FluxModel
 from utils import objective
-from utils.schema import ConfigError, build
+from utils.errors import ConfigError
+from utils.schema import build
 
 
 def generators(n: int, tag: str = "t") -> list[torch.Generator]:

@@ -8,8 +8,8 @@ import torch
 
 from conftest import write_configs
 from utils.config import OptimizerConfig, adamw8bit_missing, load_train_config
+from utils.errors import ConfigError
 from utils.optimizers import build_optimizer, stochastic_round_to_bf16
-from utils.schema import ConfigError
 
 
 def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,8 @@ from utils.buckets import (Bucket, assign_buckets, check_frame_buckets, clip_sta
 from utils.cache import DatasetCache
 from utils.config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
 from utils.dataset import Item, scan_dataset, scan_directory
-from utils.media import MediaError, load_sample_pixels, video_info
-from utils.schema import ConfigError
+from utils.errors import ConfigError, MediaError
+from utils.media import load_sample_pixels, video_info
 
 
 def _settings(**overrides) -> BucketSettings:

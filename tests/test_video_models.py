@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from conftest import launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
-from models import get_model_class
-from models import hunyuan_layout, ltx_layout
+from models import get_model_class, hunyuan_layout, ltx_layout
 from models.base import SafetensorsFolder
 from utils.config import AdapterConfig
 
@@ -173,7 +172,7 @@ def test_hunyuan_layer_order_and_modules(video_models):
 def test_partition_type_must_match_a_layer_class(video_models):
     from utils.config import TrainConfig, TrainConfigFile
     from utils.engine import plan_stages, resolve_partition_method
-    from utils.schema import ConfigError
+    from utils.errors import ConfigError
 
     model = make_model("hunyuan-video", video_models)
 
@@ -574,7 +573,7 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
 
     from conftest import REPO, to_toml
     from utils.config import load_train_config
-    from utils.schema import ConfigError
+    from utils.errors import ConfigError
 
     text = (REPO / "examples" / example).read_text(encoding="utf-8")
     text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)

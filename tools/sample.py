@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from train import report_error  # noqa: E402
-from utils.schema import ConfigError  # noqa: E402
+from utils.errors import ConfigError, UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     s = config.settings
     source = args.adapter or args.checkpoint or args.full_model
     if source is not None and not source.exists():
-        raise FileNotFoundError(f"{source}: not found")
+        raise UserError(f"{source}: not found")
     rank, world, device = init_distributed()
     make_topology(world, s.pipeline_stages, config.file)
     model = get_model_class(config.model.type)(config.model)
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     elif args.full_model is not None:
         folder = args.full_model / "transformer"
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--full_model: {args.full_model} holds no transformer/config.json "
-                                    f"(expected a saved model, <run>/models/<name>)")
+            raise UserError(f"--full_model: {args.full_model} holds no transformer/config.json "
+                            f"(expected a saved model, <run>/models/<name>)")
         s.adapter = None  # every weight from the saved model; nothing of it trains here
         config.model.transformer_path = None
         model.transformer_dir = folder.resolve()
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                                          load_module_strict=False, load_optimizer_states=False,
                                          load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"--checkpoint: DeepSpeed could not load {args.checkpoint}")
+            raise UserError(f"--checkpoint: DeepSpeed could not load {args.checkpoint}")
     if source is not None:
         found = re.search(r"step(\d+)", source.resolve().name)
         step = int(found.group(1)) if found else 0

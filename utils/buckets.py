@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 
 from utils.config import BucketSettings, Dataset, DatasetConfig, Resolution
 from utils.dataset import Item
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 
 @dataclass(frozen=True, order=True)

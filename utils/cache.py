@@ -33,8 +33,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.buckets import Sample
+from utils.errors import MediaError
 from utils.faults import disk_full, disk_full_error
-from utils.media import MediaError, load_sample_pixels
+from utils.media import load_sample_pixels
 from utils.tensor_store import TensorStore
 
 HASH_INDEX_NAME = "file_hashes.json"

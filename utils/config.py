@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from utils.diffusion_pipe import replacement_for_key, translate_dataset, translate_train
-from utils.schema import (ConfigError, build, check, described, key, near_name_hint, required, table_rule,
-                          unknown_keys)
+from utils.errors import ConfigError
+from utils.schema import build, check, described, key, near_name_hint, required, table_rule, unknown_keys
 
 # A square side (512: 512x512) or [width, height].
 Resolution = Union[int, tuple[int, int]]

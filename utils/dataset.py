@@ -15,14 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import Dataset, ResolvedDirectory
-from utils.media import (IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, MediaError, image_size, is_media_file,
-                         is_video_file, video_info)
+from utils.errors import MediaError
+from utils.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, image_size, is_media_file, is_video_file, video_info
 
 CAPTION_SUFFIX = ".txt"
-
-
-class DataError(Exception):
-    """The dataset cannot be trained on as configured; the message lists the files and why."""
 
 
 @dataclass(frozen=True)

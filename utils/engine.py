@@ -26,8 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
+from utils.errors import ConfigError
 from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
-from utils.schema import ConfigError
 
 
 def init_distributed() -> tuple[int, int, torch.device]:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from utils.errors import MediaError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv"})
 
@@ -29,10 +31,6 @@ _WHITE = (255, 255, 255)
 # What Pillow raises for files it cannot read: OSError covers unidentified and truncated files;
 # the others come from damaged headers and chunk tables in some plugins.
 _PIL_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
-
-
-class MediaError(ValueError):
-    """A media file that cannot be read; the message names the file."""
 
 
 def is_image_file(path: Path) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from utils import memory
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 # The share of the budget the estimate may not use: the estimate was within 5% of measured peaks
 # on an H200 (docs/full_finetune.md), and the caching allocator's fragmentation comes on top.

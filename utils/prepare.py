@@ -9,7 +9,8 @@ import torch
 from utils.buckets import Sample, assign_buckets, format_bucket_table
 from utils.cache import CacheReader, DatasetCache, cache_dir, remove_caches
 from utils.config import Dataset
-from utils.dataset import DataError, format_problems, scan_dataset
+from utils.dataset import format_problems, scan_dataset
+from utils.errors import DataError
 
 # An item whose sides are less than this fraction of its bucket's is upscaled enough to blur.
 _UPSCALE_NOTE_BELOW = 0.5

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from utils.config import TrainConfig
+from utils.errors import ConfigError, ResumeError
 from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
 from utils.pipeline_layers import named_weights
-from utils.schema import ConfigError
 from utils.secrets import redact, redacted
 
 CHECKPOINTS = "checkpoints"
@@ -36,7 +36,7 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
         if resume is not None:
             try:
                 name = find_run_with_checkpoint(output, resume).name
-            except FileNotFoundError as e:
+            except ResumeError as e:
                 error = str(e)
         else:
             run_dir = _new_run_dir(output)
@@ -51,7 +51,7 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
         dist.broadcast_object_list(box, src=0)
         name, error = box[0]
     if error:
-        raise FileNotFoundError(error)
+        raise ResumeError(error)
     return config.output_dir / name
 
 
@@ -114,12 +114,12 @@ def find_run_with_checkpoint(output_dir: Path, resume: str) -> Path:
                   key=lambda p: (p / CHECKPOINTS / "latest").stat().st_mtime)
     if resume == "latest":
         if not runs:
-            raise FileNotFoundError(f"--resume_from_checkpoint: no run in {output_dir} has a checkpoint")
+            raise ResumeError(f"--resume_from_checkpoint: no run in {output_dir} has a checkpoint")
         return runs[-1]
     for run in reversed(runs):
         if (run / CHECKPOINTS / resume / "trainer_state.json").is_file() or run.name == resume:
             return run
-    raise FileNotFoundError(f"--resume_from_checkpoint: no checkpoint or run named {resume!r} in {output_dir}")
+    raise ResumeError(f"--resume_from_checkpoint: no checkpoint or run named {resume!r} in {output_dir}")
 
 
 def gather_adapter(model, transformer, engine, rank: int, world: int) -> dict[str, torch.Tensor] | None:
@@ -395,7 +395,7 @@ class Checkpoints:
         """
         tag = tag or self.latest()
         if tag is None or not (self.root / tag / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint {tag or ''} in {self.root}")
+            raise ResumeError(f"--resume_from_checkpoint: no complete checkpoint {tag or ''} in {self.root}")
         state = json.loads((self.root / tag / "trainer_state.json").read_text())
         differences = [f"{key}: checkpoint has {state['fingerprint'].get(key)!r}, this run has {value!r}"
                        for key, value in fingerprint.items() if state["fingerprint"].get(key) != value]
@@ -404,7 +404,7 @@ class Checkpoints:
                               + "\n  ".join(differences))
         path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
         if path is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
+            raise ResumeError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
         random_file = self.root / tag / f"random_state_rank{self.rank:04d}.pt"
         if random_file.is_file():
             _set_random_states(torch.load(random_file, weights_only=False))

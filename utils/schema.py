@@ -16,11 +16,8 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from utils.errors import ConfigError
 from utils.secrets import redacted
-
-
-class ConfigError(ValueError):
-    """A bad value in a config file; the message names the file and the key."""
 
 
 def required():
