@@ -52,48 +52,48 @@ def main(argv=None) -> int:
     from utils.prepare import cache_summary, prepare_dataset, regenerate_caches
     from utils.sampling import sample_prompts
     from utils.saving import create_run_dir
-    from utils.trainer import Trainer, total_steps
+    from utils.trainer import Run, Trainer, total_steps
 
     datasets.disable_progress_bars()
     config = load_train_config(args.config)  # every config error surfaces before any model loads
-    rank, world, device = init_distributed()
+    place = init_distributed()
     s = config.settings
-    if rank == 0:
+    if place.is_main:
         for note in config.notes:
             print(f"note: {note}", file=sys.stderr)
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     # Needs the GPU count, so not part of loading the config; still before any model loads.
-    make_topology(world, s.pipeline_stages, config.file)
+    make_topology(place.world, s.pipeline_stages, config.file)
+    place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
     # The model files and the LoRA to start from, by their headers: before hours of caching.
     model.check_inputs(config.file, s.adapter)
     if args.regenerate_cache:
-        regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, rank, world)
+        regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=False, rank=rank, world=world, device=device)
+                  regenerate=False, place=place)
     # The sample prompts are embedded with the training captions, before the text encoders go.
     train = prepare_dataset(config.dataset, model, title="training dataset", **common,
                             prompts=sample_prompts(config.samples, model))
     evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
              for e in config.eval_datasets}
     if args.cache_only:
-        if rank == 0:
+        if place.is_main:
             print(cache_summary([train, *evals.values()], model))
         dist.destroy_process_group()
         return 0
 
-    dp_world = world // s.pipeline_stages
-    plan = TrainPlan(train, s.micro_batch_size_per_gpu, dp_world * s.gradient_accumulation_steps, s.seed)
+    plan = TrainPlan(train, s.micro_batch_size_per_gpu, place.dp_world * s.gradient_accumulation_steps, s.seed)
     steps = total_steps(config, plan.steps_per_epoch)
-    run_dir = create_run_dir(config, rank, world, args.resume_from_checkpoint)
+    run_dir = create_run_dir(config, place, args.resume_from_checkpoint)
     # The largest training shape sizes the activations in the memory estimate.
     tokens = max((model.tokens_per_sample(c.sample.bucket.width, c.sample.bucket.height, c.sample.bucket.frames) or 0
                   for c in train.samples), default=0) or None
-    engine, transformer = build_engine(model, config, rank, world, device, steps, tokens=tokens)
-    trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
-                      resume=args.resume_from_checkpoint, launched=LAUNCHED)
-    if rank == 0:
+    engine, transformer = build_engine(model, config, place, steps, tokens=tokens)
+    run = Run(model, config, engine, transformer, train, evals, run_dir, place, plan, steps)
+    trainer = Trainer(run, resume=args.resume_from_checkpoint, launched=LAUNCHED)
+    if place.is_main:
         print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}"
               + (f" (resumed from {trainer.resumed_from})" if trainer.resumed_from else ""))
     trainer.run()

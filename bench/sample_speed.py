@@ -93,6 +93,7 @@ def timed(fn, device, warmup: int, count: int) -> float:
 def engine_row(args, model, request, device) -> dict:
     from step import row_config
 
+    from utils.dist import Distributed
     from utils.engine import build_engine, configure_attention, init_distributed
     from utils.sampling import Sampler, sample_prompts
 
@@ -104,8 +105,8 @@ def engine_row(args, model, request, device) -> dict:
     config = row_config(model, argparse.Namespace(full=False, rank=32, warmup=0, steps=1, batch=1,
                                                   checkpointing=False, compile=False, attention=None, dora=False,
                                                   ema=None))
-    engine, _ = build_engine(model, config, 0, 1, device, 1, log=lambda *_: None)
-    sampler = Sampler(model, engine, [request], texts, Path(args.work) / "samples", 0, device)
+    engine, _ = build_engine(model, config, Distributed.alone(device), 1, log=lambda *_: None)
+    sampler = Sampler(model, engine, [request], texts, Path(args.work) / "samples", Distributed.alone(device))
     result = {}
     seconds = timed(lambda: result.update(sampler.denoise()), device, args.warmup, args.samples)
     model.load_vae(device)

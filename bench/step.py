@@ -174,11 +174,13 @@ def count_flops(model, layers, inputs) -> int:
 
 
 def engine_step(model, config, device, inputs, labels, tokens):
+    from utils.dist import Distributed
     from utils.engine import build_engine, init_distributed
     from utils.ema import ema_for
 
     init_distributed()
-    engine, transformer = build_engine(model, config, 0, 1, device, config.settings.max_steps, tokens=tokens)
+    engine, transformer = build_engine(model, config, Distributed.alone(device), config.settings.max_steps,
+                                       tokens=tokens)
     # --ema: the trainer's moving average, updated after every step as utils/trainer.py does
     ema = None if config.settings.ema is None else ema_for(transformer, config.settings.ema)
 

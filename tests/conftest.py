@@ -146,6 +146,7 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
     from models import get_model_class
     from utils.batches import EvalPlan, collate
     from utils.config import load_train_config
+    from utils.dist import Distributed
     from utils.prepare import prepare_dataset
 
     config = load_train_config(config_path)
@@ -153,7 +154,7 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
     model = get_model_class(config.model.type)(config.model)
     (eval_set,) = config.eval_datasets
     reader = prepare_dataset(eval_set.dataset, model, title="eval", micro_batch_size=s.micro_batch_size_per_gpu,
-                             caching_batch_size=1, regenerate=False, rank=0, world=1, device=torch.device("cpu"),
+                             caching_batch_size=1, regenerate=False, place=Distributed.alone(),
                              log=lambda *_: None)
     assert reader.encoded == 0 and (items is None or len(reader) == items)
     total = weights = 0.0

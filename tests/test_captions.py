@@ -12,6 +12,7 @@ from models import get_model_class
 from utils.batches import Slot, collate, training_text
 from utils.cache import shuffled_captions
 from utils.config import load_train_config
+from utils.dist import Distributed
 from utils.prepare import prepare_dataset
 
 
@@ -20,7 +21,7 @@ def reader_for(folder, tiny_models, data, dropout, **dataset):
                                              dataset={"caption_dropout": dropout, **dataset}))
     model = get_model_class("flux")(config.model)
     reader = prepare_dataset(config.dataset, model, title="train", micro_batch_size=1, caching_batch_size=4,
-                             regenerate=False, rank=0, world=1, device=torch.device("cpu"), log=lambda *_: None)
+                             regenerate=False, place=Distributed.alone(), log=lambda *_: None)
     return model, reader
 
 

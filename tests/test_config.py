@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from utils.config import accumulation_for_efficiency, load_train_config, pipeline_efficiency, pipeline_summary
+from utils.dist import Distributed
 from utils.errors import ConfigError
 
 from conftest import launch
@@ -336,8 +337,8 @@ def test_output_folder_holding_other_runs_gets_a_new_run_folder_beside_them(tmp_
     (old / "checkpoints" / "latest").write_text("step00000010")
     (old / "losses.json").write_text("[1.0, 0.5]")
     before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
-    first = saving.create_run_dir(config, rank=0, world=1, resume=None)
-    second = saving.create_run_dir(config, rank=0, world=1, resume=None)  # the same second again
+    first = saving.create_run_dir(config, Distributed.alone(), resume=None)
+    second = saving.create_run_dir(config, Distributed.alone(), resume=None)  # the same second again
     assert (first.name, second.name) == ("20250101-120000-2", "20250101-120000-3")
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # never overwritten
     assert not (old / "config").exists()
@@ -356,7 +357,7 @@ def test_run_folder_config_copies_never_hold_a_token(tmp_path, monkeypatch):
     dataset = DATASET + f"# downloaded with HF_TOKEN={env_token}\n# hf_token = \"secret value\"\n"
     config = load_train_config(write(tmp_path, train, dataset))
     printed = []
-    run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=printed.append)
+    run_dir = create_run_dir(config, Distributed.alone(), resume=None, log=printed.append)
     copy_train = (run_dir / "config" / "train.toml").read_text()
     copy_dataset = (run_dir / "config" / "dataset.toml").read_text()
     for text in (copy_train, copy_dataset):

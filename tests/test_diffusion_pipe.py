@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from utils.config import load_train_config
+from utils.dist import Distributed
 from utils.errors import ConfigError
 
 from test_config import DATASET, TRAIN, edit, error, write
@@ -151,7 +152,7 @@ def test_wandb_key_in_the_config_is_not_in_the_run_folder(tmp_path):
     key = "0123456789abcdef0123456789abcdef01234567"
     train = TRAIN + f"\n[monitoring]\nenable_wandb = false\nwandb_api_key = '{key}'\n"
     config = load_train_config(write(tmp_path, train))
-    run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=lambda _: None)
+    run_dir = create_run_dir(config, Distributed.alone(), resume=None, log=lambda _: None)
     assert all(key not in p.read_text() for p in run_dir.rglob("*") if p.is_file())
     assert "wandb_api_key = \"<redacted>\"" in (run_dir / "config" / "train.toml").read_text()
 

@@ -24,6 +24,7 @@ from conftest import REPO, free_port, launch, write_configs
 from models.flux import FluxConfig, FluxModel
 from utils.batches import TrainPlan
 from utils.config import load_dataset_config, load_train_config
+from utils.dist import Distributed
 from utils.optimizers import ClippedAdamW
 from utils.prepare import prepare_dataset
 from utils.tensor_store import TensorStore
@@ -39,8 +40,8 @@ def flux(tiny_models) -> FluxModel:
 def build_cache(model, dataset_toml: Path, log=None, **kwargs):
     """One cache build as train.py does it, in this process."""
     return prepare_dataset(load_dataset_config(dataset_toml), model, title="test", micro_batch_size=2,
-                           caching_batch_size=kwargs.pop("caching_batch_size", 4), regenerate=False, rank=0, world=1,
-                           device=CPU, log=log or (lambda *_: None), **kwargs)
+                           caching_batch_size=kwargs.pop("caching_batch_size", 4), regenerate=False,
+                           place=Distributed.alone(CPU), log=log or (lambda *_: None), **kwargs)
 
 
 def cached_tensors(reader) -> dict[str, tuple[dict, dict]]:
@@ -270,7 +271,7 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     from utils import faults
     from utils.saving import Checkpoints
 
-    checkpoints = Checkpoints(tmp_path / "run", keep=3, rank=0, world=1)
+    checkpoints = Checkpoints(tmp_path / "run", keep=3, place=Distributed.alone())
 
     def good(folder):
         folder.mkdir(parents=True)
@@ -314,14 +315,8 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     lora = {n.replace(".default.", "."): torch.full(p.shape, 0.5) for n, p in transformer.named_parameters()
             if "lora_" in n}
     monkeypatch.setattr(model, "lora_state_dict", lambda transformer: lora)
-
-    class Grid:
-        def get_data_parallel_rank(self):
-            return 0
-
-    engine = type("Engine", (), {"grid": Grid()})()
     final = tmp_path / "run" / "adapters" / "final"
-    save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
+    save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
     real_save_file = safetensors.torch.save_file
@@ -333,7 +328,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     lora = {k: v * 2 for k, v in lora.items()}
     with pytest.raises(OSError) as info:
-        save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
+        save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     assert str(info.value).startswith(f"disk full: cannot write the adapter to {final} (")
     assert str(info.value).endswith("free). Earlier adapters and checkpoints are kept; final is unchanged. Free some "
                                     "space on that disk and run again.")

@@ -27,6 +27,8 @@ from conftest import Launch, launch, write_configs
 from test_train_flux import eval_loss_in_process
 from tools.make_demo_dataset import make_demo_dataset
 
+from utils.dist import Distributed
+
 EVAL = "held_out"
 FULL = dict(adapter=None, max_steps=10, eval_at_start=True, eval_every_n_steps=5, save_every_n_steps=5,
             optimizer={"lr": 1e-3})
@@ -252,7 +254,6 @@ class OneProcessEngine:
     """What save_full_model reads of DeepSpeed's engine, for one process holding every layer."""
 
     def __init__(self, layers):
-        self.grid = type("Grid", (), {"get_data_parallel_rank": staticmethod(lambda: 0)})()
         self.module = type("Module", (), {"forward_funcs": layers})()
 
 
@@ -276,7 +277,8 @@ def test_small_shards_and_many_original_parts_join_into_the_same_model(work, tmp
     # its original-layout file is joined from as many parts.
     monkeypatch.setattr(saving, "SHARD_BYTES", 64 * 2**10)
     out = tmp_path / "models" / "final"
-    files = saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    files = saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32,
+                                   Distributed.alone())
     shards = sorted((out / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) >= 4 and out / "transformer" / "diffusion_pytorch_model.safetensors.index.json" in files
     assert not list(out.glob("original-part-*")) and not out.with_name("final.tmp").exists()
@@ -294,7 +296,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
 
     model, transformer, layers = loaded_transformer(work, tmp_path)
     out = tmp_path / "models" / "final"
-    saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, Distributed.alone())
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = []
 
@@ -310,7 +312,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
         for p in transformer.parameters():
             p.add_(1.0)
     with pytest.raises(DiskFullError) as info:
-        saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+        saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, Distributed.alone())
     assert str(info.value).startswith(f"disk full: cannot write the transformer to {out}")
     assert "final is unchanged" in str(info.value)
     assert not out.with_name("final.tmp").exists()
@@ -333,7 +335,7 @@ def test_a_model_whose_layers_do_not_own_every_weight_refuses_full_finetuning(wo
 
     config = load_train_config(write_configs(tmp_path, work["model"], work["data"], adapter=None))
     with pytest.raises(ConfigError) as info:
-        build_engine(FinalLayerReachesItsNormElsewhere(config.model), config, 0, 1, torch.device("cpu"), 1)
+        build_engine(FinalLayerReachesItsNormElsewhere(config.model), config, Distributed.alone(), 1)
     assert str(info.value).startswith(f"{config.file}: full fine-tuning (no [adapter] table) is not available for "
                                       f"model type 'flux': its weights ['norm_out.linear.weight', "
                                       f"'norm_out.linear.bias'] are not parameters of its pipeline layers")

@@ -13,6 +13,7 @@ from conftest import launch, write_configs
 from models import get_model_class
 from utils import memory_plan
 from utils.config import load_train_config
+from utils.dist import Distributed
 from utils.engine import partition, plan_stages, resolve_partition_method
 from utils.errors import ConfigError
 from utils.memory_plan import HEADROOM, Plan
@@ -114,9 +115,9 @@ def test_a_budget_nothing_fits_is_one_line_naming_what_would(tmp_path, tiny_mode
 
 def test_budget_key_and_transformer_dtype_values(tmp_path, tiny_models, data):
     config, *_ = setup(tmp_path / "ok", tiny_models, data, memory_budget_gib=0.5)
-    assert memory_plan.device_budget(config, __import__("torch").device("cpu"), 1) == GIB // 2
+    assert memory_plan.device_budget(config, Distributed.alone()) == GIB // 2
     config, *_ = setup(tmp_path / "none", tiny_models, data)
-    assert memory_plan.device_budget(config, __import__("torch").device("cpu"), 1) is None
+    assert memory_plan.device_budget(config, Distributed.alone()) is None
     for value, message in [(0, "'memory_budget_gib' must be > 0"), (-1.5, "'memory_budget_gib' must be > 0")]:
         with pytest.raises(ConfigError, match=message):
             setup(tmp_path / "bad", tiny_models, data, memory_budget_gib=value)

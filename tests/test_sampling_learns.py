@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from conftest import launch, write_configs
 from make_tiny_models import FLUX_TRANSFORMER
 
+from utils.dist import Distributed
+
 CLASSES = {"a red circle": ("ellipse", (220, 30, 30)), "a blue square": ("rectangle", (30, 60, 220))}
 SEEDS = range(10)
 
@@ -71,7 +73,7 @@ def test_samples_lie_nearer_their_own_class(tmp_path, tiny_models):
     loaded = load_train_config(config)
     model = get_model_class("flux")(loaded.model)
     reader = prepare_dataset(loaded.dataset, model, title="classes", micro_batch_size=1, caching_batch_size=1,
-                             regenerate=False, rank=0, world=1, device=torch.device("cpu"), log=lambda *_: None)
+                             regenerate=False, place=Distributed.alone(), log=lambda *_: None)
     assert reader.encoded == 0
     latents = {p: torch.stack([reader.load(i)[0]["latents"].float() for i, c in enumerate(reader.samples)
                                if c.sample.item.caption == p]) for p in CLASSES}

@@ -11,6 +11,7 @@ import torch
 from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
 from test_video_models import engine_like_transformer, make_model
 from utils.config import AdapterConfig, SampleRequest
+from utils.dist import Distributed
 from utils.sampling import Sampler, sample_prompts, to_uint8
 
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video}
@@ -71,7 +72,7 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     request = SampleRequest(index=0, prompt="a red circle", seed=3, width=width, height=height, frames=frames,
                             steps=3, guidance=guidance, negative_prompt="blurry")
     texts = Texts(model, sample_prompts([request], model))
-    sampler = Sampler(model, LayersEngine(layers), [request], texts, tmp_path / "samples", 0, torch.device("cpu"))
+    sampler = Sampler(model, LayersEngine(layers), [request], texts, tmp_path / "samples", Distributed.alone())
     ours = sampler.denoise()[0]
 
     pipe = model.pipeline_class.from_pretrained(root / name, dtype=torch.float32)
@@ -157,7 +158,7 @@ def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_
                               negative_prompt="") for i, (p, w) in enumerate([("a cat", 64), ("a dog", 96)])]
     texts = Texts(model, [r.prompt for r in requests])
     lines = []
-    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, Distributed.alone(), log=lines.append)
     assert sampler.run(3) is False
     assert lines[0] == ("step 3: sample 1 ('a dog'): OutOfMemoryError: CUDA out of memory. Tried to allocate "
                         "9.00 GiB; training goes on")
@@ -171,7 +172,7 @@ def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
 
     lines.clear()
-    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, Distributed.alone(), log=lines.append)
     assert sampler.run(4) is False
     assert lines == ["step 4: samples failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB; "
                      "training goes on"]

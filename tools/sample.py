@@ -59,8 +59,9 @@ def main(argv=None) -> int:
     source = args.adapter or args.checkpoint or args.full_model
     if source is not None and not source.exists():
         raise UserError(f"{source}: not found")
-    rank, world, device = init_distributed()
-    make_topology(world, s.pipeline_stages, config.file)
+    place = init_distributed()
+    make_topology(place.world, s.pipeline_stages, config.file)
+    place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
     if args.adapter is not None:
         if s.adapter is None:
@@ -80,8 +81,8 @@ def main(argv=None) -> int:
 
     # The prompts' embeddings, in the training dataset's text cache (encoded only if missing).
     cache = DatasetCache(model, [], sample_prompts(config.samples, model), text_folder=config.dataset.directories[0].path)
-    texts = cache.build(device, s.caching_batch_size, rank, world)
-    engine, _ = build_engine(model, config, rank, world, device, 1, log=print if rank == 0 else (lambda *_: None))
+    texts = cache.build(place, s.caching_batch_size)
+    engine, _ = build_engine(model, config, place, 1, log=print if place.is_main else (lambda *_: None))
     step = 0
     if args.checkpoint is not None:
         path, _ = engine.load_checkpoint(str(args.checkpoint.parent), tag=args.checkpoint.name,
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         step = int(found.group(1)) if found else 0
     out = args.out or (config.output_dir / "base_samples" if args.base else
                        (source.parent if source.is_file() else source) / "samples")
-    ok = Sampler(model, engine, config.samples, texts, out, rank, device).run(step)
+    ok = Sampler(model, engine, config.samples, texts, out, place).run(step)
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from utils.atomic import write_text_atomic
 from utils.buckets import Sample
+from utils.dist import Distributed
 from utils.errors import MediaError
 from utils.faults import disk_full, disk_full_error
 from utils.media import load_sample_pixels
@@ -75,14 +76,10 @@ def content_hashes(paths: list[Path], cache_root: Path) -> dict[Path, str]:
             changed = True
         result[path] = entry["sha256"]
     if changed:
-        # A name of its own: two runs on one dataset must not write the same temporary file.
-        tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
         try:
             cache_root.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(index, indent=0, sort_keys=True))
-            os.replace(tmp, index_path)
+            write_text_atomic(index_path, json.dumps(index, indent=0, sort_keys=True))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if disk_full(e, cache_root):
                 raise disk_full_error(index_path, "the file hash index", "The cache is unchanged.") from e
             raise
@@ -173,21 +170,20 @@ class DatasetCache:
                                     variants))
         return out
 
-    def build(self, device: torch.device, batch_size: int, rank: int, world: int, log=None) -> "CacheReader":
+    def build(self, place: Distributed, batch_size: int, log=None) -> "CacheReader":
         """Encode what is missing (all ranks share the work, rank 0 writes) and open the stores.
 
         Damaged cache parts are reported through `log` (rank 0) and their entries encoded again.
         """
-        keyed = self._keys() if rank == 0 else None
-        keyed = _broadcast(keyed, rank, world)
+        keyed = place.broadcast_object(self._keys() if place.is_main else None)
         problems: list[tuple[Path, str]] = []
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
         damaged = [d for stores in (text_stores, latent_stores) for store in stores.values() for d in store.damaged]
-        if damaged and rank == 0 and log is not None:
+        if damaged and place.is_main and log is not None:
             log(f"cache: {len(damaged)} damaged part(s) are left out, removed, and their entries encoded again:\n"
                 + "\n".join(f"  {path}: {reason}" for path, reason in damaged))
-        if damaged and rank == 0:
+        if damaged and place.is_main:
             for stores in (text_stores, latent_stores):
                 for store in stores.values():
                     store.remove_leftovers()
@@ -202,18 +198,17 @@ class DatasetCache:
         texts += [_Text(p, _sha(p, text_sig), self.folders[0]) for p in self.prompts]
         todo_text = _unique((((c.folder, c.text_key), c) for c in texts if c.text_key not in text_stores[c.folder]))
         if todo_text:
-            self.model.load_text_encoders(device)
-            _encode_distributed(
-                todo_text, text_stores, batch_size, rank, world, "Caching text embeddings",
+            self.model.load_text_encoders(place.device)
+            problems += _encode_distributed(
+                todo_text, text_stores, batch_size, place, "Caching text embeddings",
                 group_of=lambda c: "",
-                encode=lambda batch: self.model.encode_captions([c.caption for c in batch]),
-                problems=problems)
+                encode=lambda batch: self.model.encode_captions([c.caption for c in batch]))
             self.model.free_encoders()
 
         todo_latents = _unique((((c.folder, c.latent_key), c) for c in keyed
                                 if c.latent_key not in latent_stores[c.folder]))
         if todo_latents:
-            self.model.load_vae(device)
+            self.model.load_vae(place.device)
 
             def encode_images(batch):
                 pixels = torch.stack([load_sample_pixels(c.sample.item.path, c.sample.bucket.width,
@@ -221,12 +216,11 @@ class DatasetCache:
                                                          c.sample.clip_start) for c in batch])
                 return self.model.encode_pixels(pixels)
 
-            _encode_distributed(todo_latents, latent_stores, batch_size, rank, world, "Caching latents",
-                                group_of=lambda c: c.sample.bucket, encode=encode_images, problems=problems,
-                                key_of=lambda c: c.latent_key)
+            problems += _encode_distributed(todo_latents, latent_stores, batch_size, place, "Caching latents",
+                                            group_of=lambda c: c.sample.bucket, encode=encode_images,
+                                            key_of=lambda c: c.latent_key)
             self.model.free_encoders()
-        if world > 1:
-            dist.barrier()
+        place.barrier()
         # Re-open so every rank sees the parts rank 0 wrote.
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
@@ -260,20 +254,15 @@ def _unique(pairs) -> list:
     return out
 
 
-def _broadcast(obj, rank: int, world: int):
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, encode, problems,
-                        key_of=lambda c: c.text_key):
+def _encode_distributed(todo, stores, batch_size, place: Distributed, desc, group_of, encode,
+                        key_of=lambda c: c.text_key) -> list[tuple[Path, str]]:
     """Encode `todo` in same-shape batches spread over all ranks; rank 0 gathers and writes.
 
-    Items that fail to load are reported by path and skipped, never a crash mid-cache.
+    Items that fail to load are skipped, never a crash mid-cache, and returned (path, reason),
+    the same list on every rank.
     """
+    problems: list[tuple[Path, str]] = []  # rank 0's, then broadcast
+    rank, world = place.rank, place.world
     groups: dict = {}
     for c in todo:
         groups.setdefault(group_of(c), []).append(c)
@@ -300,12 +289,8 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
                         # The message starts with the path; the problem list shows it already.
                         path = c.sample.item.path
                         my_problems.append((path, str(e).removeprefix(f"{path}: ")))
-        gathered = [None] * world if rank == 0 else None
-        if world > 1:
-            dist.gather_object((rows, my_problems), gathered, dst=0)
-        else:
-            gathered = [(rows, my_problems)]
-        if rank == 0:
+        gathered = place.gather_object((rows, my_problems))
+        if place.is_main:
             for r, p in gathered:
                 problems.extend(p)
                 for key, folder, tensors in r:
@@ -318,16 +303,11 @@ def _encode_distributed(todo, stores, batch_size, rank, world, desc, group_of, e
                     stores[folder].write_part(folder_rows)
                     folder_rows.clear()
                     pending_since.pop(folder, None)
-        else:
-            problems.extend(my_problems)
-    if rank == 0:
+    if place.is_main:
         for folder, folder_rows in pending.items():
             stores[folder].write_part(folder_rows)
     bar.close()
-    if world > 1:
-        box = [problems if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        problems[:] = box[0]
+    return place.broadcast_object(problems if place.is_main else None)
 
 
 class CacheReader:

@@ -26,12 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
+from utils.dist import Distributed
 from utils.errors import ConfigError
 from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU).
+def init_distributed() -> Distributed:
+    """Start torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU); this process's
+    place in the job, one pipeline stage until `Distributed.with_stages` says otherwise.
 
     Works under the `deepspeed` launcher and as a plain single process. When every process runs
     on this machine, they meet through a file unique to their launch (see `local_rendezvous`),
@@ -71,7 +73,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
                               f"launch with a free one: deepspeed --master_port=<port> ...") from None
         raise
     _unlink_shared_memory_name(dist.get_rank(), dist.get_world_size())
-    return dist.get_rank(), dist.get_world_size(), device
+    return Distributed(dist.get_rank(), dist.get_world_size(), device)
 
 
 def cpu_threads_per_process(env, cores: int) -> int:
@@ -186,8 +188,6 @@ def configure_attention() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -315,8 +315,6 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
     else:
         model.init_lora(transformer, local_names, s.adapter, device, s.seed)
         if s.adapter.init_from_existing:
-            from pathlib import Path
-
             model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
         if config.model.transformer_dtype == "float8":
             from utils.float8 import quantize_lora_base_layers
@@ -379,8 +377,8 @@ def attach_block_swap(model, config: TrainConfig, transformer, layers, device: t
     return BlockSwap(chosen, owned, checkpointed, device, resident=memory.BLOCK_SWAP_RESIDENT)
 
 
-def build_engine(model, config: TrainConfig, rank: int, world: int, device: torch.device, total_steps: int,
-                 log=print, tokens: int | None = None):
+def build_engine(model, config: TrainConfig, place: Distributed, total_steps: int, log=print,
+                 tokens: int | None = None):
     """Build the local stage, the optimizer and the DeepSpeed pipeline engine.
 
     Without an [adapter] table the whole transformer trains (full fine-tuning): the local
@@ -389,7 +387,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
     """
     s = config.settings
     full = config.full_finetune
-    topology = make_topology(world, s.pipeline_stages, config.file)
+    topology = make_topology(place.world, s.pipeline_stages, config.file)
     transformer, layers, parts = plan_stages(model, config)
     if full:
         # DeepSpeed averages gradients over replicas and checkpoints only the parameters of the
@@ -400,13 +398,13 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
             raise ConfigError(f"{config.file}: full fine-tuning (no [adapter] table) is not available for model "
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
-    stage = topology.get_coord(rank).pipe
+    stage = topology.get_coord(place.rank).pipe
     method = resolve_partition_method(s.partition_method, layers, full)
     # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
     plan = memory_plan.plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
-                                   memory_plan.device_budget(config, device, world),
+                                   memory_plan.device_budget(config, place),
                                    lambda stages: partition(layers, stages, method))
-    if rank == 0:
+    if place.is_main:
         if s.pipeline_stages > 1:
             log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
         log(describe_partition(layers, parts))
@@ -417,14 +415,15 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                             default=0) or None
         estimates = memory.estimate(model, layers, parts, config, tokens, model.hidden_size(transformer),
                                     sample_tokens=sample_tokens)
+        device = place.device
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         log(memory.describe(estimates, config, tokens, device_total))
         if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:
             log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
                 "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
                 "or full_finetune_dtype = 'float32'")
-    load_stage(model, config, transformer, layers, parts, stage, device)
-    block_swap = attach_block_swap(model, config, transformer, layers, device)
+    load_stage(model, config, transformer, layers, parts, stage, place.device)
+    attach_block_swap(model, config, transformer, layers, place.device)
     if s.compile:
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
@@ -446,7 +445,6 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
-    engine.block_swap = block_swap  # for tests and logging; the hooks do the work
     return engine, transformer
 
 

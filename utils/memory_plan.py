@@ -15,9 +15,9 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from utils import memory
+from utils.dist import Distributed
 from utils.errors import ConfigError
 
 # The share of the budget the estimate may not use: the estimate was within 5% of measured peaks
@@ -157,10 +157,10 @@ def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple
             f"fit: " + (" or ".join(hints) if hints else "a GPU with more memory, more pipeline_stages or smaller samples"))
 
 
-def device_budget(config, device: torch.device, world: int) -> int | None:
+def device_budget(config, place: Distributed) -> int | None:
     """Bytes each GPU offers the plan: `memory_budget_gib`, else the GPU's memory less the CUDA
     context; the smallest over all ranks (they must choose alike); None on CPU without the key."""
-    s = config.settings
+    s, device = config.settings, place.device
     if s.memory_budget_gib is not None:
         budget = int(s.memory_budget_gib * memory.GIB)
         if device.type == "cuda":
@@ -172,10 +172,8 @@ def device_budget(config, device: torch.device, world: int) -> int | None:
         budget = torch.cuda.get_device_properties(device).total_memory - CUDA_CONTEXT
     else:
         budget = -1
-    if world > 1:
-        t = torch.tensor([budget if budget >= 0 else 2**62], dtype=torch.int64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        budget = int(t.item()) if t.item() < 2**62 else -1
+    smallest = place.min_over_ranks(budget if budget >= 0 else 2**62)
+    budget = smallest if smallest < 2**62 else -1
     return budget if budget >= 0 else None
 
 

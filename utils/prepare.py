@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from utils.buckets import Sample, assign_buckets, format_bucket_table
 from utils.cache import CacheReader, DatasetCache, cache_dir, remove_caches
 from utils.config import Dataset
+from utils.dist import Distributed
 from utils.dataset import format_problems, scan_dataset
 from utils.errors import DataError
 
@@ -17,7 +16,7 @@ _UPSCALE_NOTE_BELOW = 0.5
 
 
 def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: int, caching_batch_size: int,
-                    regenerate: bool, rank: int, world: int, device: torch.device, log=print,
+                    regenerate: bool, place: Distributed, log=print,
                     prompts: list[str] = ()) -> CacheReader:
     """Scan `dataset`, print its bucket table, and return a reader over its cached tensors.
 
@@ -43,7 +42,7 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
     if not samples:
         raise DataError(_summary(f"{dataset.file}: no usable items: nothing is left to train on", skipped,
                                  "check the [[directory]] paths, and the files listed"))
-    if rank == 0:
+    if place.is_main:
         log(f"\n{title}: {dataset.file}")
         log(format_bucket_table(samples, micro_batch_size, too_short))
         for note in _notes(scan.empty_captions, samples):
@@ -52,8 +51,8 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
             log(f"note: {len(skipped)} file(s) cannot be used; they are listed once the cache is filled")
     cache = DatasetCache(model, samples, prompts)
     if regenerate:
-        regenerate_caches([dataset], model, rank, world, log=lambda *_: None)
-    reader = cache.build(device, caching_batch_size, rank, world, log=log)
+        regenerate_caches([dataset], model, place, log=lambda *_: None)
+    reader = cache.build(place, caching_batch_size, log=log)
     # Every rank has the same problems (rank 0 broadcasts the encoding ones), so all stop together.
     problems = skipped + reader.problems
     if dataset.strict and problems:
@@ -62,7 +61,7 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
     if len(reader) == 0:
         raise DataError(_summary(f"{dataset.file}: no usable items: nothing is left to train on", problems,
                                  "fix the files listed"))
-    if rank == 0:
+    if place.is_main:
         if problems:
             log(_summary(f"{title}: {len(problems)} file(s) cannot be used and are left out; "
                          f"the other {len({c.sample.item.path for c in reader.samples})} train", problems,
@@ -71,17 +70,16 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
     return reader
 
 
-def regenerate_caches(datasets: list[Dataset], model, rank: int, world: int, log=print) -> None:
+def regenerate_caches(datasets: list[Dataset], model, place: Distributed, log=print) -> None:
     """--regenerate_cache: delete `model`'s cache in every folder of `datasets`, each once (an
     eval dataset that reads a training folder must not delete what the training dataset just
     encoded), before any of them is prepared."""
     folders = list(dict.fromkeys(d.path for ds in datasets for d in ds.directories))
-    if rank == 0:
+    if place.is_main:
         remove_caches(folders, model.name)
         log(f"--regenerate_cache: deleted the {model.name} cache of {len(folders)} folder(s): "
             + ", ".join(str(cache_dir(f, model.name)) for f in folders))
-    if world > 1:
-        torch.distributed.barrier()
+    place.barrier()
 
 
 def cache_summary(readers: list[CacheReader], model) -> str:

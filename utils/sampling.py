@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from utils.config import SampleRequest
+from utils.dist import Distributed
 from utils.media import write_video
 
 # Frames per second of written sample videos (the models' pipelines export at this rate).
@@ -64,14 +65,12 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 class Sampler:
     """Draws `requests` through `engine` and writes them under `<run>/samples/step<N>/`."""
 
-    def __init__(self, model, engine, requests: list[SampleRequest], texts, out_dir: Path, rank: int,
-                 device: torch.device, log=print, writer=None):
+    def __init__(self, model, engine, requests: list[SampleRequest], texts, out_dir: Path, place: Distributed,
+                 log=print, writer=None):
         """`texts`: a CacheReader holding the prompts' embeddings (`prompt_text`); `writer`: a
         TensorBoard SummaryWriter (rank 0), or None."""
         self.model, self.engine, self.requests, self.texts = model, engine, requests, texts
-        self.out_dir, self.rank, self.device, self.log, self.writer = out_dir, rank, device, log, writer
-        self.dp_rank = engine.grid.get_data_parallel_rank()
-        self.dp_world = engine.grid.get_data_parallel_world_size()
+        self.out_dir, self.place, self.log, self.writer = out_dir, place, log, writer
 
     # ------------------------------------------------------------------ denoising
     def _text(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -103,13 +102,13 @@ class Sampler:
     def denoise(self) -> dict[int, torch.Tensor]:
         """Every request's final latents (1, ...) by index, on rank 0 ({} on the other ranks)."""
         model = self.model
-        rounds = share_out(self.requests, self.dp_world)
+        rounds = share_out(self.requests, self.place.dp_world)
         firsts = [next(r for p in rnd for r in p if r is not None) for rnd in rounds]
-        bar = tqdm(total=sum(r.steps for r in firsts), desc="sampling", unit="step", disable=self.rank != 0,
+        bar = tqdm(total=sum(r.steps for r in firsts), desc="sampling", unit="step", disable=not self.place.is_main,
                    dynamic_ncols=True, leave=False)
         mine: dict[int, torch.Tensor] = {}
         for rnd, first in zip(rounds, firsts):
-            slots = rnd[self.dp_rank]
+            slots = rnd[self.place.dp_rank]
             # A padding slot draws the round's first request again; its result is dropped.
             work = [r or first for r in slots]
             latents = [model.sample_noise(r.width, r.height, r.frames, r.seed) for r in work]
@@ -131,12 +130,8 @@ class Sampler:
             if self.engine.stage_id == 0:  # every stage holds the same latents; the first one reports
                 mine.update({r.index: lat for r, lat in zip(slots, latents) if r is not None})
         bar.close()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world == 1:
-            return mine
-        gathered = [None] * world if self.rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
-        return {k: v for part in gathered for k, v in part.items()} if self.rank == 0 else {}
+        gathered = self.place.gather_object(mine)
+        return {k: v for part in gathered for k, v in part.items()} if self.place.is_main else {}
 
     # ------------------------------------------------------------------ decoding and files
     def write(self, step: int, latents: dict[int, torch.Tensor]) -> list[str]:
@@ -145,7 +140,7 @@ class Sampler:
         folder = self.out_dir / f"step{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
         failed, index = [], []
-        self.model.load_vae(self.device)
+        self.model.load_vae(self.place.device)
         try:
             if self.model.decode_tiled:
                 self.model.vae.enable_tiling()
@@ -186,7 +181,7 @@ class Sampler:
             _free_memory()
             self.log(f"step {step}: samples failed: {_one_line(e)}; training goes on")
             return False
-        if self.rank != 0:
+        if not self.place.is_main:
             return True
         try:
             failed = self.write(step, latents)

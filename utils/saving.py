@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
+from utils.atomic import replace_folder, write_json_atomic, write_text_atomic
 from utils.config import TrainConfig
+from utils.dist import Distributed
 from utils.errors import ConfigError, ResumeError
 from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
 from utils.pipeline_layers import named_weights
@@ -22,7 +23,7 @@ from utils.secrets import redact, redacted
 CHECKPOINTS = "checkpoints"
 
 
-def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | None, log=print) -> Path:
+def create_run_dir(config: TrainConfig, place: Distributed, resume: str | None, log=print) -> Path:
     """A new timestamped run folder under output_dir (never reusing another run's), or, when
     resuming, the run folder that holds the checkpoint. Rank 0 decides; all ranks agree.
 
@@ -30,7 +31,7 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
     by `<redacted>` (see utils/secrets.py); a warning names the files that had one.
     """
     name, error = None, None
-    if rank == 0:
+    if place.is_main:
         output = config.output_dir
         output.mkdir(parents=True, exist_ok=True)
         if resume is not None:
@@ -46,10 +47,7 @@ def create_run_dir(config: TrainConfig, rank: int, world: int, resume: str | Non
             files = [config.file, config.dataset.file] + [e.dataset.file for e in config.eval_datasets]
             for f in dict.fromkeys(files):
                 _copy_redacted(f, run_dir / "config" / f.name, log)
-    if world > 1:
-        box = [(name, error)]
-        dist.broadcast_object_list(box, src=0)
-        name, error = box[0]
+    name, error = place.broadcast_object((name, error))
     if error:
         raise ResumeError(error)
     return config.output_dir / name
@@ -122,14 +120,10 @@ def find_run_with_checkpoint(output_dir: Path, resume: str) -> Path:
     raise ResumeError(f"--resume_from_checkpoint: no checkpoint or run named {resume!r} in {output_dir}")
 
 
-def gather_adapter(model, transformer, engine, rank: int, world: int) -> dict[str, torch.Tensor] | None:
+def gather_adapter(model, transformer, place: Distributed) -> dict[str, torch.Tensor] | None:
     """All LoRA weights on rank 0 (each pipeline stage holds a slice); None elsewhere."""
-    local = model.lora_state_dict(transformer) if engine.grid.get_data_parallel_rank() == 0 else {}
-    if world == 1:
-        return local
-    gathered = [None] * world if rank == 0 else None
-    dist.gather_object(local, gathered, dst=0)
-    if rank != 0:
+    gathered = place.gather_object(model.lora_state_dict(transformer) if place.dp_rank == 0 else {})
+    if gathered is None:
         return None
     merged = {}
     for part in gathered:
@@ -137,18 +131,18 @@ def gather_adapter(model, transformer, engine, rank: int, world: int) -> dict[st
     return merged
 
 
-def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torch.dtype, rank: int,
-                 world: int, ema=None) -> list[Path]:
+def save_adapter(model, transformer, adapter, out_dir: Path, dtype: torch.dtype, place: Distributed,
+                 ema=None) -> list[Path]:
     """Write the adapter files to `out_dir` atomically (a temporary folder renamed at the end);
     with `ema` (utils/ema.EMA), the averaged adapter too, in the same formats, in `out_dir/ema/`."""
-    lora = gather_adapter(model, transformer, engine, rank, world)
+    lora = gather_adapter(model, transformer, place)
     averaged = None
     if ema is not None:
         with ema.applied():
-            averaged = gather_adapter(model, transformer, engine, rank, world)
+            averaged = gather_adapter(model, transformer, place)
             # On CPU, .cpu() returns the parameters' own storage, which the block's end restores.
             averaged = None if averaged is None else {k: v.clone() for k, v in averaged.items()}
-    if rank != 0:
+    if not place.is_main:
         return []
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -166,17 +160,6 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
     return [out_dir / f.relative_to(tmp) for f in files]
 
 
-def replace_folder(new: Path, target: Path) -> None:
-    """Put folder `new` in the place of `target`. The old one is moved aside first and deleted
-    last, so a run killed in between leaves one of the two whole (`<target>.old` at worst)."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # Largest diffusers weight shard of a full-model save; also bounds the host memory a save takes.
 SHARD_BYTES = 4 * 2**30
 ORIGINAL_LAYOUT_FILE = "transformer_original_layout.safetensors"
@@ -189,7 +172,7 @@ def stage_weights(transformer, layers) -> list[list[str]]:
     return [[n for n, _ in named_weights(transformer, layer.module_names)] for layer in layers]
 
 
-def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtype, rank: int, world: int) -> list[Path]:
+def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtype, place: Distributed) -> list[Path]:
     """Write the whole transformer, in `dtype`, to `out_dir` atomically (temporary folder, then a
     rename): `transformer/` in the diffusers layout (config.json, safetensors shards and their
     index) and, when the model has one, the original release's single-file layout.
@@ -199,11 +182,11 @@ def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtyp
     rank 0 then writes the index and config and joins the parts on disk.
     """
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if rank == 0:
+    if place.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "transformer").mkdir(parents=True)
-    _barrier(world)
-    writer = engine.grid.get_data_parallel_rank() == 0
+    place.barrier()
+    writer = place.dp_rank == 0
     params = dict(transformer.named_parameters())
     chunks = []
     if writer:
@@ -218,28 +201,22 @@ def save_full_model(model, transformer, engine, out_dir: Path, dtype: torch.dtyp
         if chunk:
             chunks.append(chunk)
     # Shards are numbered across stages (stage k's writer has a lower rank than stage k+1's).
-    counts = [len(chunks)]
-    if world > 1:
-        counts = [None] * world
-        dist.all_gather_object(counts, len(chunks))
-    total, first = sum(counts), sum(counts[:rank])
+    counts = place.all_gather_object(len(chunks))
+    total, first = sum(counts), sum(counts[:place.rank])
     try:
         weight_map = _write_parts(model, params, chunks, tmp, dtype, first, total)
     except Exception as e:
         _save_failed(e, tmp, out_dir)
-    maps = [weight_map]
-    if world > 1:
-        maps = [None] * world if rank == 0 else None
-        dist.gather_object(weight_map, maps, dst=0)
+    maps = place.gather_object(weight_map)
     written = []
-    if rank == 0:
+    if place.is_main:
         try:
             _finish_full_model(transformer, tmp, maps, total, params, dtype)
         except Exception as e:
             _save_failed(e, tmp, out_dir)
         replace_folder(tmp, out_dir)
         written = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    _barrier(world)
+    place.barrier()
     return written
 
 
@@ -334,9 +311,9 @@ class Checkpoints:
     process killed at any moment (even `kill -9`) leaves the previous checkpoint loadable.
     """
 
-    def __init__(self, run_dir: Path, keep: int, rank: int, world: int):
+    def __init__(self, run_dir: Path, keep: int, place: Distributed):
         self.root = run_dir / CHECKPOINTS
-        self.keep, self.rank, self.world = keep, rank, world
+        self.keep, self.place = keep, place
 
     def latest(self) -> str | None:
         try:
@@ -348,23 +325,23 @@ class Checkpoints:
         """Write checkpoint `step<step>` on every rank; raises DiskFullError when the disk is
         full, with the half-written checkpoint removed and `latest` unchanged."""
         tag = f"step{step:08d}"
-        if self.rank == 0 and (self.root / tag).exists():
+        if self.place.is_main and (self.root / tag).exists():
             shutil.rmtree(self.root / tag)  # an earlier, unfinished save of this step
-        _barrier(self.world)
+        self.place.barrier()
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
                                    exclude_frozen_parameters=True)
-            torch.save(_random_states(), self.root / tag / f"random_state_rank{self.rank:04d}.pt")
+            torch.save(_random_states(), self.root / tag / f"random_state_rank{self.place.rank:04d}.pt")
             if ema is not None:
-                torch.save(ema.state_dict(), self.root / tag / f"ema_rank{self.rank:04d}.pt")
-            _barrier(self.world)
+                torch.save(ema.state_dict(), self.root / tag / f"ema_rank{self.place.rank:04d}.pt")
+            self.place.barrier()
             # trainer_state.json only once every rank's files are complete: a checkpoint named
             # on the command line is trusted by it.
-            if self.rank == 0:
-                _write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
+            if self.place.is_main:
+                write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
             pause_for_fault_tests(f"checkpoint{step}")
-            if self.rank == 0:
-                _write_text_atomic(self.root / "latest", tag)
+            if self.place.is_main:
+                write_text_atomic(self.root / "latest", tag)
                 self._prune(tag)
         except Exception as e:
             if not disk_full(e, self.root):
@@ -374,7 +351,7 @@ class Checkpoints:
             kept = (f"The last complete checkpoint, {self.root / latest}, is kept: resume from it with "
                     f"--resume_from_checkpoint." if latest else "There is no earlier checkpoint of this run.")
             raise disk_full_error(self.root / tag, f"the checkpoint of step {step}", kept) from e
-        _barrier(self.world)
+        self.place.barrier()
         return tag
 
     def _prune(self, newest: str) -> None:
@@ -405,35 +382,16 @@ class Checkpoints:
         path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
         if path is None:
             raise ResumeError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
-        random_file = self.root / tag / f"random_state_rank{self.rank:04d}.pt"
+        random_file = self.root / tag / f"random_state_rank{self.place.rank:04d}.pt"
         if random_file.is_file():
             _set_random_states(torch.load(random_file, weights_only=False))
         if ema is not None:
-            ema_file = self.root / tag / f"ema_rank{self.rank:04d}.pt"
+            ema_file = self.root / tag / f"ema_rank{self.place.rank:04d}.pt"
             if ema_file.is_file():
                 ema.load_state_dict(torch.load(ema_file, weights_only=True))
             else:
                 ema.restart()  # the average was made from the weights before they loaded
         return int(state["step"])
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _write_json_atomic(path: Path, value) -> None:
-    _write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        remove_quietly(tmp)
-        raise
 
 
 def _random_states() -> dict:

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
+from utils.atomic import write_text_atomic
 from utils.config import TrainConfig
+from utils.dist import Distributed
 from utils.ema import ema_for
 from utils.errors import TrainingStopped
 from utils.metrics import Metrics, peak_memory_gib
@@ -60,18 +62,33 @@ def compile_counters() -> dict:
             "fx_graph_cache_misses": counters["inductor"]["fxgraph_cache_miss"], "compile_cache_dir": cache_dir()}
 
 
+@dataclass(frozen=True)
+class Run:
+    """What a training run works on, as train.py builds it: the model recipe and its config, the
+    DeepSpeed engine over the local stage of `transformer`, the cached training and eval sets,
+    the run folder, this process's place in the job, the batch plan and the steps to train."""
+
+    model: object
+    config: TrainConfig
+    engine: object
+    transformer: torch.nn.Module
+    train: CacheReader
+    evals: dict[str, CacheReader]
+    run_dir: Path
+    place: Distributed
+    plan: TrainPlan
+    total_steps: int
+
+
 class Trainer:
-    def __init__(self, model, config: TrainConfig, engine, transformer, train: CacheReader,
-                 evals: dict[str, CacheReader], run_dir: Path, rank: int, world: int, device: torch.device,
-                 plan: TrainPlan, total: int, resume: str | None = None, launched: float | None = None):
+    def __init__(self, run: Run, resume: str | None = None, launched: float | None = None):
+        model, config, engine, transformer = run.model, run.config, run.engine, run.transformer
+        train, run_dir, place, total = run.train, run.run_dir, run.place, run.total_steps
         self.model, self.config, self.engine, self.transformer = model, config, engine, transformer
-        self.train, self.evals, self.run_dir = train, evals, run_dir
-        self.rank, self.world, self.device = rank, world, device
-        self.dp_rank = engine.grid.get_data_parallel_rank()
-        self.dp_world = engine.grid.get_data_parallel_world_size()
-        self.plan, self.total = plan, total
+        self.train, self.evals, self.run_dir = train, run.evals, run_dir
+        self.place, self.plan, self.total = place, run.plan, total
         s = config.settings
-        self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, rank, world)
+        self.checkpoints = Checkpoints(run_dir, s.checkpoints_to_keep, place)
         self.fingerprint = run_fingerprint(config, train.samples)
         self.ema = None if s.ema is None else ema_for(transformer, s.ema)
         self.step = 0
@@ -86,10 +103,10 @@ class Trainer:
         self.checkpoint_schedule = Schedule(s.checkpoint_every_n_steps, s.checkpoint_every_n_epochs)
         self.last_checkpoint_time = time.monotonic()
         # A finished run resumed trains nothing: it leaves the logs as they are.
-        self.metrics = Metrics(run_dir, total, start_step, enabled=rank == 0 and start_step < total,
+        self.metrics = Metrics(run_dir, total, start_step, enabled=place.is_main and start_step < total,
                                monitoring=s.monitoring)
         sample = s.sample
-        self.sampler = Sampler(model, engine, config.samples, train, run_dir / "samples", rank, device,
+        self.sampler = Sampler(model, engine, config.samples, train, run_dir / "samples", place,
                                log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
         self.sample_schedule = Schedule(sample.every_n_steps, sample.every_n_epochs) if sample else None
         self.stop_signal: int | None = None
@@ -109,16 +126,14 @@ class Trainer:
             return []
 
     def _write_history(self) -> None:
-        if self.rank == 0:
+        if self.place.is_main:
             for name, value in (("losses.json", self.losses), ("eval.json", self.eval_history)):
-                tmp = self.run_dir / f".{name}.tmp"
-                tmp.write_text(json.dumps(value))
-                tmp.replace(self.run_dir / name)
+                write_text_atomic(self.run_dir / name, json.dumps(value))
 
     def micro_batches(self, epoch: int, step_in_epoch: int):
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
-        for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
+        for batch in self.plan.step_batches(epoch, step_in_epoch, self.place.dp_rank, s.gradient_accumulation_steps):
             yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
@@ -127,12 +142,13 @@ class Trainer:
         s = self.config.settings
         for name, reader in self.evals.items():
             total = torch.zeros(2, dtype=torch.float64)
-            for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(self.dp_rank, self.dp_world):
+            plan = EvalPlan(reader, s.micro_batch_size_per_gpu)
+            for batch in plan.rank_batches(self.place.dp_rank, self.place.dp_world):
                 weight = sum(slot.weight for slot in batch)
                 inputs = iter([collate(self.model, reader, batch, s.seed, f"eval/{name}", 0)])
                 loss = self.engine.eval_batch(inputs, num_micro_batches=1)
                 total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64)
-            if self.dp_world > 1:
+            if self.place.dp_world > 1:
                 # every stage of a replica holds the same value; sum over replicas only
                 dist.all_reduce(total, group=self.engine.grid.get_data_parallel_group())
             results[name] = (total[0] / total[1]).item()
@@ -174,7 +190,7 @@ class Trainer:
                                f"{steady:.2f} s (median): {first - steady:.2f} s of "
                                + ("compiling and " if self.config.settings.compile else "") + "warm-up")
         self.metrics.scalars(self.step, {f"startup/{k}": v for k, v in report.items() if isinstance(v, float)})
-        if self.rank == 0:
+        if self.place.is_main:
             path = self.run_dir / "startup.json"
             try:
                 previous = json.loads(path.read_text()) if path.exists() and len(self.step_seconds) > 1 else {}
@@ -186,11 +202,10 @@ class Trainer:
         s = self.config.settings
         if s.adapter is None:  # full fine-tuning: the whole transformer
             files = save_full_model(self.model, self.transformer, self.engine, self.run_dir / "models" / name,
-                                    DTYPES[s.save_dtype], self.rank, self.world)
+                                    DTYPES[s.save_dtype], self.place)
         else:
-            files = save_adapter(self.model, self.transformer, self.engine, s.adapter,
-                                 self.run_dir / "adapters" / name, DTYPES[s.save_dtype], self.rank, self.world,
-                                 ema=self.ema)
+            files = save_adapter(self.model, self.transformer, s.adapter, self.run_dir / "adapters" / name,
+                                 DTYPES[s.save_dtype], self.place, ema=self.ema)
         if files:
             self.metrics.print(f"step {self.step}: saved {', '.join(str(f) for f in files)}")
 
@@ -209,10 +224,7 @@ class Trainer:
     def stop_requested(self) -> int:
         """The signal number (SIGINT/SIGTERM) on every rank once any rank got one, else 0 (one
         tiny all-reduce a step)."""
-        flag = torch.tensor([self.stop_signal or 0], dtype=torch.int32, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return self.place.max_over_ranks(self.stop_signal or 0)
 
     def non_finite(self, loss: float) -> bool:
         """Whether this step's loss or gradient was NaN or infinite (then the optimizer skipped
@@ -220,16 +232,13 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         bad = not math.isfinite(loss) or getattr(self.engine.optimizer, "skipped_step", False) or \
             (norm is not None and not math.isfinite(norm))
-        flag = torch.tensor([int(bad)], dtype=torch.int32, device=self.device)
-        if self.world > 1:  # every rank must stop, or the others would wait for it forever
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.place.any_rank(bad)
 
     def stop_non_finite(self, loss: float, epoch: int, step_in_epoch: int) -> None:
         """Stop with the step, the files of its batch and the checkpoint to go back to. The
         optimizer skipped this step, so the weights are still those of the step before."""
         s = self.config.settings
-        slots = [slot for dp_rank in range(self.dp_world)
+        slots = [slot for dp_rank in range(self.place.dp_world)
                  for batch in self.plan.step_batches(epoch, step_in_epoch, dp_rank, s.gradient_accumulation_steps)
                  for slot in batch]
         paths = list(dict.fromkeys(self.train.samples[slot.index].sample.item.path for slot in slots))
@@ -269,21 +278,20 @@ class Trainer:
         minutes = self.config.settings.checkpoint_every_n_minutes
         due = self.checkpoint_schedule.due(self.step, spe)
         if minutes is not None:
-            elapsed = torch.tensor([time.monotonic() - self.last_checkpoint_time >= minutes * 60], dtype=torch.int32)
-            if self.world > 1:  # all ranks must agree, or the save would hang
-                dist.broadcast(elapsed, src=0)
-            due = due or bool(elapsed.item())
+            # Rank 0's clock decides: all ranks must agree, or the save would hang.
+            elapsed = self.place.broadcast_object(time.monotonic() - self.last_checkpoint_time >= minutes * 60)
+            due = due or elapsed
         return due
 
     def run(self) -> list[float]:
         s = self.config.settings
         spe = self.plan.steps_per_epoch
-        samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
+        samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.place.dp_world
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         if self.step >= self.total:
             # A finished run resumed: its final save and checkpoint exist already.
-            if self.rank == 0:
+            if self.place.is_main:
                 print(f"nothing to train: the checkpoint is at step {self.step}, "
                       f"{'the end' if self.step == self.total else 'past the end'} of this config's "
                       f"{self.total} steps, so nothing was trained or saved (raise max_steps or epochs to train "
@@ -323,7 +331,7 @@ class Trainer:
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                       "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
                       "train/samples_per_sec": samples_per_step / elapsed,
-                      "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
+                      "train/peak_memory_gib": peak_memory_gib(self.place.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
             self.metrics.record({"step": self.step, "seconds": elapsed, **values})
             self.step_seconds.append(elapsed)
