@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-# The start-up report (utils/trainer.py) measures from here, before the heavy imports.
+# The start-up report (training/trainer.py) measures from here, before the heavy imports.
 LAUNCHED = time.time()
 
 # torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels) in the user's cache
@@ -42,20 +42,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The heavy imports after the arguments: --help and a bad command line answer at once.
     import datasets
     import torch.distributed as dist
 
+    from config.train_config import load_train_config
+    from data.batches import TrainPlan
+    from data.prepare import cache_summary, prepare_dataset, regenerate_caches
     from models import get_model_class
-    from utils.batches import TrainPlan
-    from utils.config import load_train_config
-    from utils.engine import build_engine, init_distributed, make_topology
-    from utils.prepare import cache_summary, prepare_dataset, regenerate_caches
-    from utils.sampling import sample_prompts
-    from utils.saving import create_run_dir
-    from utils.trainer import Run, Trainer, total_steps
+    from parallel.engine import build_engine
+    from parallel.launch import init_distributed
+    from parallel.stages import make_topology
+    from saving.run_dir import create_run_dir
+    from training.sampling import sample_prompts
+    from training.trainer import Run, Trainer, total_steps
 
     datasets.disable_progress_bars()
-    config = load_train_config(args.config)  # every config error surfaces before any model loads
+    config = load_train_config(args.config, get_model_class)  # every config error surfaces before any model loads
     place = init_distributed()
     s = config.settings
     if place.is_main:

@@ -3,7 +3,7 @@
 A key or value that means the same here under another name is translated before the config is
 built, and the translation is a note printed at start. Every other diffusion-pipe key or value
 gets one line naming what to write here instead; the config loader reports those together with
-every other unknown key of the file (utils/config.py).
+every other unknown key of the file (config/train_config.py).
 
 Sections: "" is the top level of the training TOML, "model", "adapter", "optimizer" and
 "monitoring" its tables, "dataset" the dataset TOML (its top level and every [[directory]]).
@@ -29,7 +29,7 @@ VALUE_ALIASES: dict[tuple[str, str], dict[Any, Any]] = {
     # Both store the frozen block weights as float8_e4m3fn (ours with a scale per output row).
     ("model", "transformer_dtype"): {"float8_e4m3fn": "float8"},
     # optimi's AdamW is AdamW; it keeps small updates of bfloat16 weights with Kahan summation,
-    # which stochastic rounding does here (switched on for bfloat16 weights, see utils/config.py).
+    # which stochastic rounding does here (switched on for bfloat16 weights, see config/train_config.py).
     ("optimizer", "type"): {"adamw_optimi": "adamw", "AdamW": "adamw", "AdamW8bit": "adamw8bit",
                             "Adafactor": "adafactor"},
 }

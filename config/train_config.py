@@ -1,269 +1,26 @@
-"""The training config (main TOML) and the dataset config (dataset TOML) as typed objects.
+"""The training config (main TOML) as typed objects, with the dataset TOMLs it names read
+(config/dataset_config.py).
 
-Every key is documented in `examples/flux.toml` and `examples/dataset.toml`. Loading checks
-keys, types, ranges and paths and raises `ConfigError` naming the file and key, before any
-model is loaded.
+Every key is documented in `examples/flux.toml`. Loading checks keys, types, ranges and paths
+and raises `ConfigError` naming the file and key, before any model is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
-from utils.diffusion_pipe import replacement_for_key, translate_dataset, translate_train
+from config.dataset_config import Dataset, check_keys, load_dataset_config, path_is, read_toml, resolve_path
+from config.diffusion_pipe import translate_train
+from config.schema import build, check, key, required, unknown_keys
 from utils.errors import ConfigError
-from utils.schema import build, check, described, key, near_name_hint, required, table_rule, unknown_keys
 
-# A square side (512: 512x512) or [width, height].
-Resolution = Union[int, tuple[int, int]]
-VideoClipMode = Literal["single_beginning", "single_middle", "multiple_overlapping"]
-MissingCaption = Literal["error", "empty", "skip"]
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-def read_toml(path: Path) -> dict:
-    """Parse a TOML file, turning syntax errors and missing files into ConfigError."""
-    if _path_is(path, "dir"):
-        raise ConfigError(f"{path}: is a folder; expected a TOML file")
-    if not _path_is(path, "file"):
-        raise ConfigError(f"{path}: file not found")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {_explain_toml_error(str(e), path)}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not valid UTF-8 text: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
-
-
-_TOML_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*"""
-
-
-def _explain_toml_error(message: str, path: Path) -> str:
-    """tomllib's message, with the key or table named where it does not name it (a key set twice
-    in one table: the key is read from the line the message points at)."""
-    declared = re.fullmatch(r"Cannot declare \((.*)\) twice (\(at line \d+, column \d+\))", message)
-    if declared:
-        table = ".".join(part.strip(" '\"") for part in declared.group(1).split(",") if part.strip())
-        return f"the table [{table}] is declared twice {declared.group(2)}; put all its keys under one [{table}] header"
-    found = re.fullmatch(r"Cannot overwrite a value (\(at (?:line (\d+), column \d+|end of document)\))", message)
-    if not found:
-        return message
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        lines = lines[:int(found.group(2))] if found.group(2) else lines
-    except (OSError, ValueError):
-        return message
-    written = re.match(rf"\s*({_TOML_KEY})\s*=", lines[-1]) if lines else None
-    if not written:
-        return message
-    table = next((m.group(1) for line in reversed(lines[:-1])
-                  if (m := re.match(rf"\s*\[\[?\s*({_TOML_KEY})\s*\]\]?\s*(#.*)?$", line))), None)
-    name = ".".join(part.strip("'\"") for part in re.split(r"\s*\.\s*", written.group(1)))
-    return f"'{f'{table}.{name}' if table else name}' is set twice {found.group(1)}; a key may be set only once"
-
-
-def _path_is(path: Path, kind: str) -> bool:
-    """Whether `path` is a file / dir / exists; False for names the OS rejects (too long, ...)."""
-    try:
-        return {"file": path.is_file, "dir": path.is_dir, "exists": path.exists}[kind]()
-    except (OSError, ValueError):
-        return False
-
-
-def _resolve_path(base: Path, value: str, file: Optional[Path] = None, where: str = "") -> Path:
-    """`value` as an absolute path, relative to `base`; a ConfigError naming `file` and key
-    `where` for a value that is no usable path (a NUL byte, a symlink loop, ~unknown_user)."""
-    try:
-        if "\0" in value:
-            raise ValueError("embedded null byte")
-        p = Path(value).expanduser()
-        return (p if p.is_absolute() else (base / p)).resolve()
-    except RuntimeError as e:  # symlink loops and unknown users' home folders
-        reason = str(e)
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-    raise ConfigError(f"{file or base}: '{where or 'path'}' is not a usable path ({reason}): {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Dataset TOML
-
-
-@dataclass
-class BucketSettings:
-    """Settings that decide the shapes items are trained at; per-directory tables may override."""
-
-    resolutions: Optional[described(list[described(Resolution, "a size like 512 or [1280, 720]")],
-                                    "a list like [512] or [[1280, 720]]")] = None
-    enable_ar_bucket: Optional[bool] = None
-    min_ar: Optional[float] = None
-    max_ar: Optional[float] = None
-    num_ar_buckets: Optional[int] = None
-    num_repeats: Optional[int] = None
-    # Clip lengths in frames (1 = a still image or one frame of a video), and how clips are cut
-    # from a video longer than its bucket.
-    frame_buckets: Optional[list[int]] = None
-    video_clip_mode: Optional[VideoClipMode] = None
-    # What to do with a media file that has no caption file: stop ("error"), train it with an
-    # empty caption ("empty"), or leave it out and list it ("skip").
-    missing_caption: Optional[MissingCaption] = None
-    # The probability of training a sample with the empty caption at a step (per sample and epoch).
-    caption_dropout: Optional[float] = None
-    # Train on shuffled orders of the comma-separated tags of each caption (utils/cache.py).
-    caption_shuffle_variants: Optional[int] = None
-    keep_tokens: Optional[int] = None
-
-    def validate(self, file, prefix):
-        if self.caption_dropout is not None:
-            check(0.0 <= self.caption_dropout <= 1.0, file, key(prefix, "caption_dropout"), "must be in [0, 1]")
-        if self.caption_shuffle_variants is not None:
-            check(self.caption_shuffle_variants >= 0, file, key(prefix, "caption_shuffle_variants"), "must be >= 0")
-        if self.keep_tokens is not None:
-            check(self.keep_tokens >= 0, file, key(prefix, "keep_tokens"), "must be >= 0")
-        if self.resolutions is not None:
-            check(len(self.resolutions) > 0, file, key(prefix, "resolutions"), "must list at least one resolution")
-            for i, r in enumerate(self.resolutions):
-                sizes = (r,) if isinstance(r, int) else r
-                check(all(s > 0 for s in sizes), file, f"{key(prefix, 'resolutions')}[{i}]", f"must be positive, got {r!r}")
-        if self.min_ar is not None:
-            check(self.min_ar > 0, file, key(prefix, "min_ar"), "must be > 0")
-        if self.max_ar is not None:
-            check(self.max_ar > 0, file, key(prefix, "max_ar"), "must be > 0")
-        if self.min_ar is not None and self.max_ar is not None:
-            check(self.min_ar <= self.max_ar, file, key(prefix, "min_ar"), f"({self.min_ar}) must not exceed max_ar ({self.max_ar})")
-        if self.num_ar_buckets is not None:
-            check(self.num_ar_buckets >= 1, file, key(prefix, "num_ar_buckets"), "must be at least 1")
-        if self.num_repeats is not None:
-            check(self.num_repeats >= 1, file, key(prefix, "num_repeats"), "must be at least 1")
-        if self.frame_buckets is not None:
-            where = key(prefix, "frame_buckets")
-            check(len(self.frame_buckets) > 0, file, where, "must list at least one frame count (1 for images)")
-            for i, frames in enumerate(self.frame_buckets):
-                check(frames >= 1, file, f"{where}[{i}]", f"must be at least 1, got {frames}")
-                check(frames not in self.frame_buckets[:i], file, f"{where}[{i}]", f"repeats {frames}")
-
-    def overridden_by(self, other: "BucketSettings") -> "BucketSettings":
-        """These settings with every value that `other` sets replaced."""
-        values = {f.name: getattr(other, f.name) if getattr(other, f.name) is not None else getattr(self, f.name)
-                  for f in dataclasses.fields(BucketSettings)}
-        return BucketSettings(**values)
-
-
-BUCKET_DEFAULTS = BucketSettings(resolutions=[512], enable_ar_bucket=True, min_ar=0.5, max_ar=2.0,
-                                 num_ar_buckets=7, num_repeats=1, frame_buckets=[1],
-                                 video_clip_mode="single_beginning", missing_caption="skip",
-                                 caption_dropout=0.0, caption_shuffle_variants=0, keep_tokens=0)
-
-
-# kw_only: a required field cannot follow the defaulted fields inherited from BucketSettings.
-@dataclass(kw_only=True)
-class DirectoryConfig(BucketSettings):
-    path: str = required()
-
-
-@dataclass
-class DatasetConfig(BucketSettings):
-    directory: list[DirectoryConfig] = field(default_factory=list)
-    # Stop before training when any file cannot be used, instead of listing it and going on.
-    strict: bool = False
-
-    def validate(self, file, prefix):
-        super().validate(file, prefix)
-        check(len(self.directory) > 0, file, "directory", "needs at least one [[directory]] table with a 'path'")
-
-
-@dataclass
-class ResolvedDirectory:
-    """One dataset directory with the dataset-wide defaults applied."""
-
-    path: Path
-    settings: BucketSettings
-    # The table as written: says which keys the directory set itself, for error messages.
-    raw: Optional[DirectoryConfig] = None
-
-
-@dataclass
-class Dataset:
-    file: Path
-    directories: list[ResolvedDirectory]
-    # The file as written: dataset-level keys before defaults were applied, for error messages.
-    raw: Optional[DatasetConfig] = None
-    # Things printed at start: translated diffusion-pipe names, defaults that differ from it.
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def strict(self) -> bool:
-        """Whether a file that cannot be used stops the run (the dataset's `strict` key)."""
-        return bool(self.raw is not None and self.raw.strict)
-
-
-def check_keys(file: Path, problems: list[tuple[str, str]], unknown: list[tuple[str, list[str]]],
-               dataset_file: bool = False, top_level: frozenset = frozenset()) -> None:
-    """One ConfigError listing every unknown key (with the nearest name, what to write instead of
-    a diffusion-pipe key, or TOML's table rule for a top-level key written below a table header)
-    and every other problem found before building: all at once."""
-    lines = []
-    for where, valid in unknown:
-        table, _, name = where.rpartition(".")
-        instead = replacement_for_key(where, dataset_file)
-        if instead:
-            hint = f" (diffusion-pipe's; {instead})"
-        elif table and name in top_level:
-            hint = f": {table_rule(table, name)}"
-        else:
-            hint = near_name_hint(name, valid)
-        lines.append(f"unknown key '{where}'{hint}")
-    lines += [f"'{where}' {message}" for where, message in problems]
-    if len(lines) == 1:
-        raise ConfigError(f"{file}: {lines[0]}")
-    if lines:
-        raise ConfigError(f"{file}: {len(lines)} keys to change:\n" + "\n".join(f"  {line}" for line in lines))
-
-
-def _set_by(raw_dataset: DatasetConfig, directory: DirectoryConfig, index: int, name: str) -> str:
-    """Which key of the dataset TOML gave a directory its value of `name`."""
-    if getattr(directory, name) is not None:
-        return f"directory[{index}].{name}"
-    return name if getattr(raw_dataset, name) is not None else f"{name}, by default"
-
-
-def load_dataset_config(path: Path) -> Dataset:
-    """Read a dataset TOML and resolve each directory's effective settings and path."""
-    path = Path(path)
-    raw = read_toml(path)
-    notes, problems = translate_dataset(raw)
-    check_keys(path, problems, unknown_keys(DatasetConfig, raw), dataset_file=True,
-               top_level=frozenset(f.name for f in dataclasses.fields(DatasetConfig)))
-    cfg = build(DatasetConfig, raw, path)
-    base = BUCKET_DEFAULTS.overridden_by(cfg)
-    directories = []
-    for i, d in enumerate(cfg.directory):
-        dir_path = _resolve_path(path.parent, d.path, path, f"directory[{i}].path")
-        check(_path_is(dir_path, "dir"), path, f"directory[{i}].path", f"is not a folder: {dir_path}")
-        settings = base.overridden_by(d)
-        # Each table's own pair is checked as it is built; a pair split over two tables only here.
-        check(settings.min_ar <= settings.max_ar, path, _set_by(cfg, d, i, "min_ar"),
-              f"gives directory[{i}] min_ar = {settings.min_ar}, above its max_ar = {settings.max_ar} "
-              f"(from '{_set_by(cfg, d, i, 'max_ar')}'); min_ar must not exceed max_ar")
-        directories.append(ResolvedDirectory(dir_path.resolve(), settings, raw=d))
-    if cfg.enable_ar_bucket is None and any(d.enable_ar_bucket is None for d in cfg.directory):
-        notes.append("enable_ar_bucket is not set: aspect-ratio buckets are on (diffusion-pipe's default is off, "
-                     "which trains every item square); set enable_ar_bucket to choose")
-    return Dataset(path.resolve(), directories, raw=cfg, notes=[f"{path}: {n}" for n in notes])
-
-
-# ----------------------------------------------------------------------------------------------
-# Main TOML
 
 
 @dataclass
@@ -286,9 +43,9 @@ class ModelConfig:
     loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
     huber_delta: float = 0.1
     # Storage of the frozen transformer-block linear weights in LoRA runs: "float8", or `dtype`
-    # (also what None means, but then the memory plan may choose float8: utils/memory_plan.py).
+    # (also what None means, but then the memory plan may choose float8: memory/plan.py).
     transformer_dtype: Optional[Literal["float8", "float32", "bfloat16", "float16"]] = None
-    # With transformer_dtype = "float8": the frozen linears' products run in float8 (utils/float8.py).
+    # With transformer_dtype = "float8": the frozen linears' products run in float8 (memory/float8.py).
     float8_matmul: bool = False
 
     def validate(self, file, prefix):
@@ -320,7 +77,7 @@ class AdapterConfig:
     target_include: list[str] = field(default_factory=list)
     target_exclude: list[str] = field(default_factory=list)
     init_from_existing: Optional[str] = None
-    # LoRA+: lora_B's learning rate is this times optimizer.lr (utils/optimizers.lora_plus_groups).
+    # LoRA+: lora_B's learning rate is this times optimizer.lr (training/optimizers.lora_plus_groups).
     lora_plus_ratio: Optional[float] = None
     # DoRA (peft's use_dora): a trained magnitude per output row besides the LoRA.
     use_dora: bool = False
@@ -349,7 +106,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     eps: float = 1e-8
-    # Update bfloat16 weights in float32 and round the result stochastically (see utils/optimizers.py).
+    # Update bfloat16 weights in float32 and round the result stochastically (see training/optimizers.py).
     stochastic_rounding: bool = False
 
     def validate(self, file, prefix):
@@ -365,9 +122,7 @@ class OptimizerConfig:
 
 def adamw8bit_missing() -> str:
     """What 'adamw8bit' lacks here ('' when usable): bitsandbytes' 8-bit AdamW runs on CUDA GPUs only."""
-    import importlib.util
-
-    import torch
+    import torch  # only for this key: reading a config does not load torch
 
     lacking = []
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -394,8 +149,6 @@ class MonitoringConfig:
 
 def wandb_missing() -> str:
     """Why Weights & Biases logging cannot run here ('' when it can)."""
-    import importlib.util
-
     if importlib.util.find_spec("wandb") is None:
         return ("= true needs the wandb package, which is not installed: pip install wandb "
                 "(or set enable_wandb = false)")
@@ -404,7 +157,7 @@ def wandb_missing() -> str:
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the trained weights (utils/ema.py)."""
+    """An exponential moving average of the trained weights (training/ema.py)."""
 
     decay: float = 0.999
     update_every: int = 1
@@ -437,7 +190,7 @@ class SamplePrompt:
 
 @dataclass
 class SampleConfig:
-    """[sample]: pictures (or videos) from fixed prompts during training (utils/sampling.py).
+    """[sample]: pictures (or videos) from fixed prompts during training (training/sampling.py).
     Unset sizes, steps and guidance take the model's diffusers pipeline defaults."""
 
     prompts: list[Union[str, SamplePrompt]] = field(default_factory=list)
@@ -507,7 +260,7 @@ class TrainConfigFile:
     max_steps: Optional[int] = None
     micro_batch_size_per_gpu: int = 1
     pipeline_stages: int = 1
-    # The last N transformer blocks keep their frozen weights in CPU memory (utils/block_swap.py).
+    # The last N transformer blocks keep their frozen weights in CPU memory (memory/block_swap.py).
     blocks_to_swap: int = 0
     partition_method: str = "parameters"
     gradient_accumulation_steps: int = 1
@@ -525,12 +278,12 @@ class TrainConfigFile:
     eval_at_start: bool = True
     activation_checkpointing: Union[bool, Literal["selective"]] = False
     # Pretend each GPU has this many GiB (and on CUDA, limit the process to it): the memory plan
-    # (utils/memory_plan.py) chooses for this size; also makes the plan work on CPU.
+    # (memory/plan.py) chooses for this size; also makes the plan work on CPU.
     memory_budget_gib: Optional[float] = None
     # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
     compile: bool = False
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
-    # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (utils/engine.py).
+    # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).
     attention_backend: Optional[str] = None
     caching_batch_size: int = 1
     steps_per_print: int = 1
@@ -573,6 +326,7 @@ class TrainConfigFile:
         names = [e.name for e in self.eval_datasets]
         check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
         if self.attention_backend is not None:
+            # only for this key: reading a config does not load diffusers
             from diffusers.models.attention_dispatch import AttentionBackendName
 
             known = [b.value for b in AttentionBackendName]
@@ -633,11 +387,11 @@ def trained_dtype(settings: TrainConfigFile, model: ModelConfig) -> str:
     return settings.full_finetune_dtype or model.dtype
 
 
-def load_train_config(path: Path | str) -> TrainConfig:
-    """Read and validate the main TOML and the dataset TOMLs it names."""
-    from models import get_model_class  # the model type decides which [model] keys exist
-
-    path = _resolve_path(Path.cwd(), str(path), Path(path), "--config")
+def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], type]) -> TrainConfig:
+    """Read and validate the main TOML and the dataset TOMLs it names. The model type decides
+    which [model] keys exist: `find_model_class(type, file)` is the model registry's lookup
+    (models.get_model_class), passed in so that the config does not depend on the models."""
+    path = resolve_path(Path.cwd(), str(path), Path(path), "--config")
     raw = read_toml(path)
     optimizer_table = raw.get("optimizer") if isinstance(raw.get("optimizer"), dict) else {}
     kahan_optimizer = optimizer_table.get("type") == "adamw_optimi" and "stochastic_rounding" not in optimizer_table
@@ -646,7 +400,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
     model_type = model_table.get("type") if isinstance(model_table, dict) else None
     if not isinstance(model_type, str):
         raise ConfigError(f"{path}: missing required key 'model.type' (a string naming the model)")
-    model_cls = get_model_class(model_type, path)
+    model_cls = find_model_class(model_type, path)
     top_level = frozenset(f.name for f in dataclasses.fields(TrainConfigFile))
     check_keys(path, problems, unknown_keys(TrainConfigFile, raw) + unknown_keys(model_cls.config_class, model_table,
                                                                                      "model"), top_level=top_level)
@@ -655,15 +409,15 @@ def load_train_config(path: Path | str) -> TrainConfig:
     for name in ("diffusers_path", "transformer_path"):
         value = getattr(model_config, name)
         if value is not None:
-            resolved = _resolve_path(path.parent, value, path, f"model.{name}")
-            check(_path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
-            check(name != "transformer_path" or not _path_is(resolved, "dir"), path, f"model.{name}",
+            resolved = resolve_path(path.parent, value, path, f"model.{name}")
+            check(path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
+            check(name != "transformer_path" or not path_is(resolved, "dir"), path, f"model.{name}",
                   f"is a folder: {resolved}; expected the transformer's single .safetensors file (a diffusers "
                   f"folder goes in model.diffusers_path)")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
-        resolved = _resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")
-        check(_path_is(resolved, "exists"), path, "adapter.init_from_existing", f"does not exist: {resolved}")
+        resolved = resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")
+        check(path_is(resolved, "exists"), path, "adapter.init_from_existing", f"does not exist: {resolved}")
         settings.adapter.init_from_existing = str(resolved)
 
     if settings.activation_checkpointing == "selective":
@@ -696,12 +450,12 @@ def load_train_config(path: Path | str) -> TrainConfig:
               f"rounds into bfloat16 weights, but the trained weights are {trained} ("
               + ("adapter.dtype" if settings.adapter else "full_finetune_dtype, or model.dtype when not set") + ")")
 
-    dataset = load_dataset_config(_resolve_path(path.parent, settings.dataset, path, "dataset"))
-    eval_datasets = [EvalDataset(e.name, load_dataset_config(_resolve_path(path.parent, e.config, path,
+    dataset = load_dataset_config(resolve_path(path.parent, settings.dataset, path, "dataset"))
+    eval_datasets = [EvalDataset(e.name, load_dataset_config(resolve_path(path.parent, e.config, path,
                                                                            f"eval_datasets[{i}].config")))
                      for i, e in enumerate(settings.eval_datasets)]
-    output_dir = _resolve_path(path.parent, settings.output_dir, path, "output_dir")
-    check(not _path_is(output_dir, "exists") or _path_is(output_dir, "dir"), path, "output_dir",
+    output_dir = resolve_path(path.parent, settings.output_dir, path, "output_dir")
+    check(not path_is(output_dir, "exists") or path_is(output_dir, "dir"), path, "output_dir",
           f"is a file, not a folder: {output_dir}")
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
@@ -723,8 +477,8 @@ def resolve_samples(sample: SampleConfig, model_cls, path: Path, seed: int) -> l
         (f"sample.prompts[{i}]", p if isinstance(p, SamplePrompt) else SamplePrompt(prompt=p))
         for i, p in enumerate(sample.prompts)]
     if sample.prompts_file is not None:
-        file = _resolve_path(path.parent, sample.prompts_file, path, "sample.prompts_file")
-        check(_path_is(file, "file"), path, "sample.prompts_file", f"is not a file: {file}")
+        file = resolve_path(path.parent, sample.prompts_file, path, "sample.prompts_file")
+        check(path_is(file, "file"), path, "sample.prompts_file", f"is not a file: {file}")
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:

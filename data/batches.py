@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data.cache import CacheReader
 from models.base import generator_for
-from utils.cache import CacheReader
 
 # Fixed timesteps for evaluation: the same weights always give the same eval loss.
 EVAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -52,7 +52,6 @@ class TrainPlan:
         self.per_step = micro_batches_per_step
         self.seed = seed
         self.slots = [Slot(i, k) for i, c in enumerate(reader.samples) for k in range(c.sample.repeats)]
-        self._memo: tuple[int, list] | None = None
         self.steps_per_epoch = -(-len(self.epoch_batches(0)) // self.per_step)
 
     def epoch_batches(self, epoch: int) -> list[list[Slot]]:
@@ -69,7 +68,6 @@ class TrainPlan:
                 batch += [group[i % len(group)] for i in range(self.micro_batch_size - len(batch))]
                 batches.append(batch)
         batches = _shuffled(batches, generator_for(self.seed, "batches", epoch))
-        self._memo = (epoch, batches)
         return batches
 
     def step_batches(self, epoch: int, step_in_epoch: int, dp_rank: int, accumulation: int) -> list[list[Slot]]:

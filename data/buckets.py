@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from utils.config import BucketSettings, Dataset, DatasetConfig, Resolution
-from utils.dataset import Item
+from config.dataset_config import BucketSettings, Dataset, DatasetConfig, Resolution
+from data.scan import Item
 from utils.errors import ConfigError
 
 

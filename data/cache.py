@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.buckets import Sample
+from data.media import load_sample_pixels
+from data.tensor_store import TensorStore
 from utils.atomic import write_text_atomic
-from utils.buckets import Sample
 from utils.dist import Distributed
 from utils.errors import MediaError
 from utils.faults import disk_full, disk_full_error
-from utils.media import load_sample_pixels
-from utils.tensor_store import TensorStore
 
 HASH_INDEX_NAME = "file_hashes.json"
 # A cache part is written when this many entries of a folder are pending, or when the oldest

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.buckets import Sample, assign_buckets, format_bucket_table
-from utils.cache import CacheReader, DatasetCache, cache_dir, remove_caches
-from utils.config import Dataset
+from config.dataset_config import Dataset
+from data.buckets import Sample, assign_buckets, format_bucket_table
+from data.cache import CacheReader, DatasetCache, cache_dir, remove_caches
+from data.scan import format_problems, scan_dataset
 from utils.dist import Distributed
-from utils.dataset import format_problems, scan_dataset
 from utils.errors import DataError
 
 # An item whose sides are less than this fraction of its bucket's is upscaled enough to blur.

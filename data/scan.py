@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config import Dataset, ResolvedDirectory
+from config.dataset_config import Dataset, ResolvedDirectory
+from data.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, image_size, is_media_file, is_video_file, video_info
 from utils.errors import MediaError
-from utils.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, image_size, is_media_file, is_video_file, video_info
 
 CAPTION_SUFFIX = ".txt"
 

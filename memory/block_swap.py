@@ -14,6 +14,9 @@ overlaps with compute. Backward needs the weights again:
 At most `resident` swapped layers hold device copies at once; loading another evicts the least
 recently used. Trainable tensors (LoRA) are never swapped. On CPU the copy is a no-op, but the
 same bookkeeping runs.
+
+Which layers swap: the last `blocks_to_swap` transformer blocks (`swapped_layer_indices`); the
+memory estimate counts the same ones.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from config.train_config import TrainConfig
+from memory.checkpointing import checkpointed
+from utils.errors import ConfigError
+
+# Swapped blocks on the device at once: the running one and the prefetched next.
+BLOCK_SWAP_RESIDENT = 2
 
 class _Slot:
     """One frozen tensor of a swapped layer: where it sits in its module, and its home copy."""
@@ -201,3 +210,30 @@ class BlockSwap:
         for i in range(len(self.layers)):
             self._ready(i) if self.cuda else self._start_load(i)
             self.loaded.pop(i, None)
+
+
+def block_layer_indices(layers) -> list[int]:
+    """The transformer-block layers: every layer but the input (first) and output (last) ones."""
+    return list(range(1, len(layers) - 1))
+
+
+def swapped_layer_indices(layers, blocks_to_swap: int, config_file=None) -> list[int]:
+    """The last `blocks_to_swap` block layers, whose frozen weights live in CPU memory."""
+    blocks = block_layer_indices(layers)
+    if blocks_to_swap > len(blocks):
+        raise ConfigError(f"{config_file}: 'blocks_to_swap' = {blocks_to_swap} exceeds the model's "
+                          f"{len(blocks)} transformer blocks")
+    return blocks[len(blocks) - blocks_to_swap:] if blocks_to_swap else []
+
+
+def attach_block_swap(model, config: TrainConfig, transformer, layers, device: torch.device):
+    """With `blocks_to_swap`, move the swapped blocks' frozen weights to CPU memory and hook their
+    layers (before the engine is built, so that it never moves them to the device); else None."""
+    s = config.settings
+    swapped = swapped_layer_indices(layers, s.blocks_to_swap, config.file)
+    if not swapped:
+        return None
+    chosen = [layers[i] for i in swapped]
+    owned = [[transformer.get_submodule(n) for n in layer.module_names] for layer in chosen]
+    recomputed = [checkpointed(layer, s.activation_checkpointing, model) for layer in chosen]
+    return BlockSwap(chosen, owned, recomputed, device, resident=BLOCK_SWAP_RESIDENT)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from utils.config import OptimizerConfig
+from config.train_config import OptimizerConfig
+from memory.block_swap import BLOCK_SWAP_RESIDENT, block_layer_indices, swapped_layer_indices
+from memory.checkpointing import checkpointed
 
 GIB = 2**30
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,10 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
 # Stochastic rounding steps bfloat16 weights in float32 slices of this many elements
-# (utils/optimizers.StochasticRounding.chunk_elements).
+# (training/optimizers.StochasticRounding.chunk_elements).
 ROUNDING_CHUNK = 1 << 26
-# Swapped blocks on the device at once (utils/block_swap.BlockSwap's `resident`).
-BLOCK_SWAP_RESIDENT = 2
 
 
 @dataclass
@@ -65,9 +65,9 @@ class StageEstimate:
     working: int = 0
     swapped: int = 0  # frozen weight bytes of swapped blocks kept in CPU memory (blocks_to_swap)
     # While the weights load: with float8 storage they arrive in model.dtype and are quantized
-    # once all are there (utils/engine.load_stage), so this peak can exceed training's.
+    # once all are there (parallel/stages.load_stage), so this peak can exceed training's.
     loading: int = 0
-    # Drawing [sample]s between steps (utils/sampling.py): the weights, optimizer state and
+    # Drawing [sample]s between steps (training/sampling.py): the weights, optimizer state and
     # gradients stay; a forward without gradients holds about one layer's activations at a time.
     sampling: int | None = None
 
@@ -87,7 +87,7 @@ def _size(dtype: torch.dtype) -> int:
 
 
 def optimizer_state_bytes(p: ParamInfo, optimizer: OptimizerConfig) -> int:
-    """Bytes of optimizer state the optimizers of utils/optimizers.py keep for one parameter."""
+    """Bytes of optimizer state the optimizers of training/optimizers.py keep for one parameter."""
     n = p.numel
     # Stochastic rounding steps bfloat16 weights as float32, so their state is float32.
     state_dtype = torch.float32 if optimizer.stochastic_rounding and p.dtype == torch.bfloat16 else p.dtype
@@ -124,12 +124,13 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
     s = config.settings
     base_dtype = DTYPES[config.trained_dtype if s.adapter is None else config.model.dtype]
     # transformer_dtype = "float8": the LoRA base linears of the block layers (all but the first
-    # and last layer) keep a float8 weight and a float32 scale per output row (utils/float8.py).
+    # and last layer) keep a float8 weight and a float32 scale per output row (memory/float8.py).
     float8 = s.adapter is not None and config.model.transformer_dtype == "float8"
+    blocks = set(block_layer_indices(layers))
     out = []
     for index, layer in enumerate(layers):
         infos = []
-        block = 0 < index < len(layers) - 1
+        block = index in blocks
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 info = ParamInfo(tuple(p.shape), DTYPES[s.adapter.dtype], True)
@@ -141,15 +142,6 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
             infos.append((name, info))
         out.append(infos)
     return out
-
-
-def checkpointed(layer, mode, model) -> bool:
-    """Whether DeepSpeed's PipelineModule recomputes this layer (see utils/engine.py)."""
-    if mode is True:  # DeepSpeed's default: every layer with parameters
-        return any(True for _ in layer.parameters())
-    if mode == "selective":
-        return layer.__class__.__name__ in model.selective_checkpoint_layers
-    return False
 
 
 def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden: int | None,
@@ -171,8 +163,8 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
         # blocks_to_swap (one stage only): the last N blocks' frozen weights live in CPU memory;
         # at most BLOCK_SWAP_RESIDENT of them are on the device at once (the running one and the
         # prefetched next), counted at the largest ones.
-        n_blocks = max(len(layers) - 2, 0)
-        swapped = list(range(1 + n_blocks - min(s.blocks_to_swap, n_blocks), 1 + n_blocks)) if stages == 1 else []
+        n_blocks = len(block_layer_indices(layers))
+        swapped = swapped_layer_indices(layers, min(s.blocks_to_swap, n_blocks)) if stages == 1 else []
         frozen = sorted(([p for _, p in infos[i] if not p.trainable] for i in swapped),
                         key=lambda ps: -sum(p.nbytes for p in ps))
         float8_resident = [p for p in params if p.dtype == torch.float8_e4m3fn]
@@ -187,7 +179,7 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
                     float8_resident.remove(p)
         if float8_resident:
             # The resident float8 weights first sit on the device in model.dtype; quantizing one
-            # makes two float32 copies of it (utils/float8.quantize_rows).
+            # makes two float32 copies of it (memory/float8.quantize_rows).
             est.loading = (sum(est.weights.values()) + sum(p.numel for p in float8_resident) * (_size(compute) - 1)
                            + 8 * max(p.numel for p in float8_resident))
         trainable = [p for p in params if p.trainable]

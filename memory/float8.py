@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 FLOAT8 = torch.float8_e4m3fn
@@ -123,8 +124,6 @@ def quantize_lora_base_layers(modules: list[nn.Module], dtype: torch.dtype, matm
     """Replace the nn.Linear base layer of every peft LoRA linear inside `modules` by a
     Float8Linear (computing in float8 when `matmul`); returns how many were replaced. Only
     loaded (not meta) layers."""
-    from peft.tuners.lora import Linear as LoraLinear
-
     count = 0
     for module in modules:
         for sub in module.modules():

@@ -2,7 +2,7 @@
 
 Three settings trade speed for memory: `activation_checkpointing`, `model.transformer_dtype =
 "float8"` and `blocks_to_swap`. Those the config file does not set are chosen here, before any
-weight loads, from utils/memory.py's estimate of every pipeline stage against the GPU's memory
+weight loads, from memory/estimate.py's estimate of every pipeline stage against the GPU's memory
 (or `memory_budget_gib`) less a headroom; those it sets are kept as they are. The order, fastest
 first, follows docs/benchmarks.md: keeping every activation, then recomputing the layers
 "selective" names, then all of them; float8 storage only after those (it costs some step time
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import memory
+from memory.estimate import GIB, estimate
 from utils.dist import Distributed
 from utils.errors import ConfigError
 
@@ -24,12 +24,12 @@ from utils.errors import ConfigError
 # on an H200 (docs/full_finetune.md), and the caching allocator's fragmentation comes on top.
 HEADROOM = 0.10
 # On a GPU without memory_budget_gib: what the CUDA context takes outside torch's allocator.
-CUDA_CONTEXT = 1 * memory.GIB
+CUDA_CONTEXT = 1 * GIB
 LEVERS = ("activation_checkpointing", "model.transformer_dtype", "blocks_to_swap")
 
 
 def g(size: int) -> str:
-    return f"{size / memory.GIB:.2f} GiB" if size >= memory.GIB else f"{size / 2**20:.1f} MiB"
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def with_plan(config, plan: Plan):
 
 def peak(model, layers, parts, config, plan: Plan, tokens, hidden) -> int:
     """The estimated peak of the fullest stage under `plan`."""
-    return max(e.total for e in memory.estimate(model, layers, parts, with_plan(config, plan), tokens, hidden))
+    return max(e.total for e in estimate(model, layers, parts, with_plan(config, plan), tokens, hidden))
 
 
 def choose(model, layers, parts, config, tokens, hidden, budget: int, partition) -> tuple[Plan, list[tuple[Plan, int]]]:
@@ -162,7 +162,7 @@ def device_budget(config, place: Distributed) -> int | None:
     context; the smallest over all ranks (they must choose alike); None on CPU without the key."""
     s, device = config.settings, place.device
     if s.memory_budget_gib is not None:
-        budget = int(s.memory_budget_gib * memory.GIB)
+        budget = int(s.memory_budget_gib * GIB)
         if device.type == "cuda":
             # Make the pretended size real, so that a run that does not fit fails rather than
             # passing on a larger card.

@@ -20,9 +20,10 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 
-from utils.buckets import check_frame_buckets, check_resolutions
+from data.buckets import check_frame_buckets, check_resolutions
 from utils import objective
-from utils.config import AdapterConfig, Dataset, ModelConfig
+from config.train_config import AdapterConfig, ModelConfig
+from config.dataset_config import Dataset
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.errors import ConfigError
 from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets

@@ -12,10 +12,10 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from models.base import DiffusionModel
 from models.key_layout import kohya_lora
 from models.flux_layout import FluxLayout, diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
-from utils.config import ModelConfig
+from config.train_config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.errors import ConfigError
-from utils.schema import check, key
+from config.schema import check, key
 
 
 @dataclass

@@ -21,10 +21,10 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 from models.base import DiffusionModel
 from models.hunyuan_layout import (HunyuanLayout, diffusers_to_original, load_diffusers_keys_from_original,
                                     lora_to_original)
-from utils.config import ModelConfig
+from config.train_config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.errors import ConfigError
-from utils.schema import check, key
+from config.schema import check, key
 
 # HunyuanVideoPipeline takes the Llama hidden state before the last two layers.
 NUM_HIDDEN_LAYERS_TO_SKIP = 2

@@ -21,10 +21,10 @@ from transformers import T5EncoderModel, T5TokenizerFast
 from models.base import DiffusionModel
 from models.ltx_layout import (diffusers_to_original, load_diffusers_keys_from_original, lora_to_original,
                                original_to_diffusers_key)
-from utils.config import ModelConfig
+from config.train_config import ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.errors import ConfigError
-from utils.schema import check, key
+from config.schema import check, key
 
 
 @dataclass

@@ -1,123 +1,20 @@
-"""Run folders, adapter files and training checkpoints."""
+"""The trained weights as files: adapter files, or the whole transformer (diffusers shards and the
+original release's single file), each written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from utils.atomic import replace_folder, write_json_atomic, write_text_atomic
-from utils.config import TrainConfig
+from utils.atomic import replace_folder
 from utils.dist import Distributed
-from utils.errors import ConfigError, ResumeError
-from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
+from utils.faults import disk_full, disk_full_error, remove_quietly
 from utils.pipeline_layers import named_weights
-from utils.secrets import redact, redacted
-
-CHECKPOINTS = "checkpoints"
-
-
-def create_run_dir(config: TrainConfig, place: Distributed, resume: str | None, log=print) -> Path:
-    """A new timestamped run folder under output_dir (never reusing another run's), or, when
-    resuming, the run folder that holds the checkpoint. Rank 0 decides; all ranks agree.
-
-    The run folder gets copies of the config files with every token or key in them replaced
-    by `<redacted>` (see utils/secrets.py); a warning names the files that had one.
-    """
-    name, error = None, None
-    if place.is_main:
-        output = config.output_dir
-        output.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
-            try:
-                name = find_run_with_checkpoint(output, resume).name
-            except ResumeError as e:
-                error = str(e)
-        else:
-            run_dir = _new_run_dir(output)
-            name = run_dir.name
-            (run_dir / "config").mkdir()
-            # The config files this run used, as they were at its start.
-            files = [config.file, config.dataset.file] + [e.dataset.file for e in config.eval_datasets]
-            for f in dict.fromkeys(files):
-                _copy_redacted(f, run_dir / "config" / f.name, log)
-    name, error = place.broadcast_object((name, error))
-    if error:
-        raise ResumeError(error)
-    return config.output_dir / name
-
-
-def _new_run_dir(output: Path) -> Path:
-    """Create a folder named by the start time, or `<time>-2`, ... when that exists: mkdir
-    fails on an existing folder, so two runs starting in the same second never share one."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 10_000):
-        run_dir = output / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{output}: no free run folder name for {stamp}")
-
-
-def _copy_redacted(source: Path, target: Path, log) -> None:
-    text = source.read_text(encoding="utf-8")
-    clean, count = redact(text)
-    target.write_text(clean, encoding="utf-8")
-    shutil.copystat(source, target)
-    if count:
-        log(f"warning: {source}: {count} token or key value(s) replaced by <redacted> in the run folder's copy; "
-            f"keep secrets out of config files (set HF_TOKEN in the environment, or run `hf auth login`)")
-
-
-def run_fingerprint(config: TrainConfig, samples) -> dict:
-    """What a checkpoint's weights mean: resuming with any of these changed is refused.
-
-    The learning rate, schedule, epochs and save settings are not part of it: changing them
-    on resume is allowed.
-    """
-    import hashlib
-
-    m, a = config.model, config.settings.adapter
-    digest = hashlib.sha256()
-    for c in sorted(samples, key=lambda c: (c.latent_key, c.text_key)):
-        digest.update(f"{c.latent_key} {c.text_key} {c.sample.repeats}\n".encode())
-    # Redacted: trainer_state.json lands in the run folder.
-    return {"model": redacted(f"{m.type} {m.diffusers_path} transformer_path={m.transformer_path} dtype={m.dtype}"),
-            "adapter": None if a is None else f"{a.type} rank={a.rank} alpha={a.alpha} "
-                                              f"targets={a.target_modules} dtype={a.dtype}"
-                                              + (f" include={a.target_include} exclude={a.target_exclude}"
-                                                 if a.target_include or a.target_exclude else "")
-                                              # the optimizer state has a param group per learning rate
-                                              + (f" lora_plus={a.lora_plus_ratio}"
-                                                 if a.lora_plus_ratio not in (None, 1) else "")
-                                              + (" dora" if a.use_dora else ""),
-            # None for LoRA runs, so checkpoints from before full fine-tuning existed still match.
-            "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
-            "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",
-            "pipeline_stages": config.settings.pipeline_stages}
-
-
-def find_run_with_checkpoint(output_dir: Path, resume: str) -> Path:
-    """The run folder to resume: the newest with a complete checkpoint, or the one named
-    `resume` (a run folder, or a checkpoint `step<N>` inside one)."""
-    runs = sorted((p for p in output_dir.iterdir() if (p / CHECKPOINTS / "latest").is_file()),
-                  key=lambda p: (p / CHECKPOINTS / "latest").stat().st_mtime)
-    if resume == "latest":
-        if not runs:
-            raise ResumeError(f"--resume_from_checkpoint: no run in {output_dir} has a checkpoint")
-        return runs[-1]
-    for run in reversed(runs):
-        if (run / CHECKPOINTS / resume / "trainer_state.json").is_file() or run.name == resume:
-            return run
-    raise ResumeError(f"--resume_from_checkpoint: no checkpoint or run named {resume!r} in {output_dir}")
 
 
 def gather_adapter(model, transformer, place: Distributed) -> dict[str, torch.Tensor] | None:
@@ -134,7 +31,7 @@ def gather_adapter(model, transformer, place: Distributed) -> dict[str, torch.Te
 def save_adapter(model, transformer, adapter, out_dir: Path, dtype: torch.dtype, place: Distributed,
                  ema=None) -> list[Path]:
     """Write the adapter files to `out_dir` atomically (a temporary folder renamed at the end);
-    with `ema` (utils/ema.EMA), the averaged adapter too, in the same formats, in `out_dir/ema/`."""
+    with `ema` (training/ema.EMA), the averaged adapter too, in the same formats, in `out_dir/ema/`."""
     lora = gather_adapter(model, transformer, place)
     averaged = None
     if ema is not None:
@@ -301,108 +198,3 @@ def join_safetensors(parts: list[Path], out: Path) -> None:
                 shutil.copyfileobj(src, f, 64 * 2**20)
 
 
-class Checkpoints:
-    """Whole-training-state checkpoints in `<run>/checkpoints/`, atomic and pruned.
-
-    A checkpoint is a folder `step<N>` written by DeepSpeed (trainable weights, optimizer and
-    scheduler per pipeline stage), plus every rank's random state and `trainer_state.json`
-    (step, and the fingerprint of what the weights mean). It counts only once the file `latest`
-    names it; `latest` is replaced atomically after every rank has finished writing, so a
-    process killed at any moment (even `kill -9`) leaves the previous checkpoint loadable.
-    """
-
-    def __init__(self, run_dir: Path, keep: int, place: Distributed):
-        self.root = run_dir / CHECKPOINTS
-        self.keep, self.place = keep, place
-
-    def latest(self) -> str | None:
-        try:
-            return (self.root / "latest").read_text().strip() or None
-        except OSError:
-            return None
-
-    def save(self, engine, step: int, fingerprint: dict, ema=None) -> str:
-        """Write checkpoint `step<step>` on every rank; raises DiskFullError when the disk is
-        full, with the half-written checkpoint removed and `latest` unchanged."""
-        tag = f"step{step:08d}"
-        if self.place.is_main and (self.root / tag).exists():
-            shutil.rmtree(self.root / tag)  # an earlier, unfinished save of this step
-        self.place.barrier()
-        try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
-                                   exclude_frozen_parameters=True)
-            torch.save(_random_states(), self.root / tag / f"random_state_rank{self.place.rank:04d}.pt")
-            if ema is not None:
-                torch.save(ema.state_dict(), self.root / tag / f"ema_rank{self.place.rank:04d}.pt")
-            self.place.barrier()
-            # trainer_state.json only once every rank's files are complete: a checkpoint named
-            # on the command line is trusted by it.
-            if self.place.is_main:
-                write_json_atomic(self.root / tag / "trainer_state.json", {"step": step, "fingerprint": fingerprint})
-            pause_for_fault_tests(f"checkpoint{step}")
-            if self.place.is_main:
-                write_text_atomic(self.root / "latest", tag)
-                self._prune(tag)
-        except Exception as e:
-            if not disk_full(e, self.root):
-                raise
-            remove_quietly(self.root / tag)
-            latest = self.latest()
-            kept = (f"The last complete checkpoint, {self.root / latest}, is kept: resume from it with "
-                    f"--resume_from_checkpoint." if latest else "There is no earlier checkpoint of this run.")
-            raise disk_full_error(self.root / tag, f"the checkpoint of step {step}", kept) from e
-        self.place.barrier()
-        return tag
-
-    def _prune(self, newest: str) -> None:
-        done = sorted(p for p in self.root.glob("step*") if p.is_dir() and p.name <= newest)
-        for old in done[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        # Unfinished saves newer than `latest` (a killed run) are never trusted: remove them.
-        for unfinished in (p for p in self.root.glob("step*") if p.is_dir() and p.name > newest):
-            shutil.rmtree(unfinished, ignore_errors=True)
-
-    def load(self, engine, tag: str | None, fingerprint: dict, ema=None) -> int:
-        """Restore the training state (and the EMA's, when the checkpoint has one: a run that
-        turns EMA on at resume starts its average from the checkpoint's weights); returns the
-        step to continue from.
-
-        Refuses a checkpoint whose fingerprint (model, adapter, dataset, pipeline split)
-        differs from this run's, naming each difference.
-        """
-        tag = tag or self.latest()
-        if tag is None or not (self.root / tag / "trainer_state.json").is_file():
-            raise ResumeError(f"--resume_from_checkpoint: no complete checkpoint {tag or ''} in {self.root}")
-        state = json.loads((self.root / tag / "trainer_state.json").read_text())
-        differences = [f"{key}: checkpoint has {state['fingerprint'].get(key)!r}, this run has {value!r}"
-                       for key, value in fingerprint.items() if state["fingerprint"].get(key) != value]
-        if differences:
-            raise ConfigError("cannot resume: the config changes what the checkpoint means\n  "
-                              + "\n  ".join(differences))
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
-        if path is None:
-            raise ResumeError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
-        random_file = self.root / tag / f"random_state_rank{self.place.rank:04d}.pt"
-        if random_file.is_file():
-            _set_random_states(torch.load(random_file, weights_only=False))
-        if ema is not None:
-            ema_file = self.root / tag / f"ema_rank{self.place.rank:04d}.pt"
-            if ema_file.is_file():
-                ema.load_state_dict(torch.load(ema_file, weights_only=True))
-            else:
-                ema.restart()  # the average was made from the weights before they loaded
-        return int(state["step"])
-
-
-def _random_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _set_random_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])

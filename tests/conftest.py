@@ -143,13 +143,13 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
     `reference_forward`), not our layers. `items`: the eval set's expected size, checked."""
     import torch
 
+    from config.train_config import load_train_config
+    from data.batches import EvalPlan, collate
+    from data.prepare import prepare_dataset
     from models import get_model_class
-    from utils.batches import EvalPlan, collate
-    from utils.config import load_train_config
     from utils.dist import Distributed
-    from utils.prepare import prepare_dataset
 
-    config = load_train_config(config_path)
+    config = load_train_config(config_path, get_model_class)
     s = config.settings
     model = get_model_class(config.model.type)(config.model)
     (eval_set,) = config.eval_datasets

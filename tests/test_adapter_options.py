@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.train_config import AdapterConfig
 from models.flux import FluxConfig, FluxModel
-from utils.config import AdapterConfig
-from utils.engine import describe_targets
+from parallel.stages import describe_targets
 from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages
@@ -62,8 +62,8 @@ def test_a_pattern_that_finds_nothing_is_a_config_error(tiny_models, keys, messa
 
 
 def test_lora_plus_gives_lora_b_a_larger_learning_rate():
-    from utils.config import OptimizerConfig
-    from utils.optimizers import build_optimizer, lora_plus_groups
+    from config.train_config import OptimizerConfig
+    from training.optimizers import build_optimizer, lora_plus_groups
 
     def first_step(ratio):
         a, b = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3, 4))

@@ -10,7 +10,8 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 
 from conftest import write_configs
 from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
-from utils.config import load_train_config
+from config.train_config import load_train_config
+from models import get_model_class
 from utils.errors import ConfigError
 
 
@@ -43,7 +44,8 @@ def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny
 def test_unknown_backend_is_a_config_error(tmp_path, tiny_models, data):
     with pytest.raises(ConfigError, match=r"train.toml: 'attention_backend' = 'cudnn' is not a diffusers attention "
                                           r"backend; one of: .*_native_cudnn"):
-        load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"))
+        load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"),
+                          get_model_class)
 
 
 def test_backend_that_cannot_run_here_is_a_config_error(tmp_path, tiny_models, data):

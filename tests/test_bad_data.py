@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from config.dataset_config import load_dataset_config
+from data.prepare import prepare_dataset
 from models.flux import FluxConfig, FluxModel
 from tools.make_demo_dataset import make_demo_dataset
-from utils.config import load_dataset_config
 from utils.dist import Distributed
 from utils.errors import DataError
-from utils.prepare import prepare_dataset
 
 CPU = torch.device("cpu")
 

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from config.dataset_config import load_dataset_config
+from data.prepare import prepare_dataset
+from data.tensor_store import TensorStore
 from models.flux import FluxConfig, FluxModel
-from utils import tensor_store
-from utils.config import load_dataset_config
+from data import tensor_store
 from utils.dist import Distributed
-from utils.prepare import prepare_dataset
-from utils.tensor_store import TensorStore
 
 CPU = torch.device("cpu")
 

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import torch
 
+from config.train_config import load_train_config
 from conftest import write_configs
+from data.batches import Slot, collate, training_text
+from data.cache import shuffled_captions
+from data.prepare import prepare_dataset
 from models import get_model_class
-from utils.batches import Slot, collate, training_text
-from utils.cache import shuffled_captions
-from utils.config import load_train_config
 from utils.dist import Distributed
-from utils.prepare import prepare_dataset
 
 
 def reader_for(folder, tiny_models, data, dropout, **dataset):
     config = load_train_config(write_configs(folder, tiny_models / "flux", data,
-                                             dataset={"caption_dropout": dropout, **dataset}))
+                                             dataset={"caption_dropout": dropout, **dataset}), get_model_class)
     model = get_model_class("flux")(config.model)
     reader = prepare_dataset(config.dataset, model, title="train", micro_batch_size=1, caching_batch_size=4,
                              regenerate=False, place=Distributed.alone(), log=lambda *_: None)

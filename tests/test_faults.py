@@ -20,14 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from config.dataset_config import load_dataset_config
+from config.train_config import load_train_config
 from conftest import REPO, free_port, launch, write_configs
+from data.batches import TrainPlan
+from data.prepare import prepare_dataset
+from data.tensor_store import TensorStore
+from models import get_model_class
 from models.flux import FluxConfig, FluxModel
-from utils.batches import TrainPlan
-from utils.config import load_dataset_config, load_train_config
+from training.optimizers import ClippedAdamW
 from utils.dist import Distributed
-from utils.optimizers import ClippedAdamW
-from utils.prepare import prepare_dataset
-from utils.tensor_store import TensorStore
 
 CPU = torch.device("cpu")
 
@@ -115,7 +117,7 @@ def test_non_finite_gradient_skips_the_optimizer_step():
 def test_nan_loss_stops_with_step_and_files_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models, image_dataset):
     cfg = write_configs(tmp_path / "nan", tiny_models / "flux", image_dataset, max_steps=6,
                         checkpoint_every_n_steps=1, checkpoints_to_keep=10)
-    config = load_train_config(cfg)
+    config = load_train_config(cfg, get_model_class)
     reader = build_cache(flux(tiny_models), config.dataset.file)
     # Poison the cached latent of a sample that step 3 trains and steps 1 and 2 do not.
     plan = TrainPlan(reader, 2, 1, config.seed)
@@ -268,8 +270,8 @@ def _fake_engine(save):
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from saving.checkpoints import Checkpoints
     from utils import faults
-    from utils.saving import Checkpoints
 
     checkpoints = Checkpoints(tmp_path / "run", keep=3, place=Distributed.alone())
 
@@ -305,8 +307,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
 
 def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tiny_models, monkeypatch):
     import safetensors.torch
-    from utils.config import AdapterConfig
-    from utils.saving import save_adapter
+    from config.train_config import AdapterConfig
+    from saving.export import save_adapter
 
     model = flux(tiny_models)
     adapter = AdapterConfig(rank=4, alpha=4.0)
@@ -462,7 +464,7 @@ def test_cache_folder_replaced_by_a_file_and_a_garbled_hash_index(cached, image_
 
 
 def test_caching_killed_midway_resumes_without_starting_over(cached, image_dataset, monkeypatch):
-    from utils import cache
+    from data import cache
 
     model, toml, reference = cached
     shutil.rmtree(image_dataset / "cache")

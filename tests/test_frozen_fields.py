@@ -13,7 +13,7 @@ import torch
 
 from models import get_model_class
 from test_video_models import make_model, random_batch, video_models  # noqa: F401  (video_models is a fixture)
-from utils.config import AdapterConfig
+from config.train_config import AdapterConfig
 
 
 def lora_transformer(model, rank=4):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from config.train_config import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel
-from utils.config import AdapterConfig
 from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from config.train_config import AdapterConfig
 from conftest import launch, write_configs
 from models.flux import FluxConfig, FluxModel
-from utils.config import AdapterConfig
 from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages

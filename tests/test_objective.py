@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from config.schema import build
 from models.base import generator_for
 from models.flux import FluxConfig, FluxModel
 from utils import objective
 from utils.errors import ConfigError
-from utils.schema import build
 
 
 def generators(n: int, tag: str = "t") -> list[torch.Generator]:

@@ -54,9 +54,9 @@ def wide_tiny_flux(tiny_models, folder):
 
 @pytest.mark.slow
 def test_samples_lie_nearer_their_own_class(tmp_path, tiny_models):
+    from config.train_config import load_train_config
+    from data.prepare import prepare_dataset
     from models import get_model_class
-    from utils.config import load_train_config
-    from utils.prepare import prepare_dataset
 
     data = make_classes(tmp_path / "data")
     model_dir = wide_tiny_flux(tiny_models, tmp_path / "flux")
@@ -70,7 +70,7 @@ def test_samples_lie_nearer_their_own_class(tmp_path, tiny_models):
     (run,) = result.run_dirs()
     drawn = load_file(run / "samples" / "step00001200" / "latents.safetensors")
 
-    loaded = load_train_config(config)
+    loaded = load_train_config(config, get_model_class)
     model = get_model_class("flux")(loaded.model)
     reader = prepare_dataset(loaded.dataset, model, title="classes", micro_batch_size=1, caching_batch_size=1,
                              regenerate=False, place=Distributed.alone(), log=lambda *_: None)

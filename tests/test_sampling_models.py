@@ -1,4 +1,4 @@
-"""Each model's sampling pieces (models/*.py `sample_*`, utils/sampling.Sampler) against its own
+"""Each model's sampling pieces (models/*.py `sample_*`, training/sampling.Sampler) against its own
 diffusers pipeline, in one process: the Sampler's loop driving the model's pipeline layers (with
 a LoRA) in place of the DeepSpeed engine, beside the pipeline with that LoRA saved and loaded.
 The DeepSpeed path itself is tests/test_sampling.py."""
@@ -10,9 +10,9 @@ import torch
 
 from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
 from test_video_models import engine_like_transformer, make_model
-from utils.config import AdapterConfig, SampleRequest
+from config.train_config import AdapterConfig, SampleRequest
+from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
-from utils.sampling import Sampler, sample_prompts, to_uint8
 
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video}
 SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5)}
@@ -108,28 +108,29 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
 def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
     """The estimate printed at start has a line for drawing samples: the stage's weights,
     optimizer state and gradients, plus one layer's activations for the largest sample."""
+    from config.train_config import load_train_config
     from conftest import write_configs
     from models import get_model_class
-    from utils import memory
-    from utils.config import load_train_config
-    from utils.engine import plan_stages
+    from parallel.stages import plan_stages
+    from memory.estimate import describe as describe_memory, estimate as estimate_memory
 
     sample = {"prompts": ["a cat", {"prompt": "a dog", "width": 128, "height": 96}], "width": 64, "height": 64}
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample))
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample),
+                               get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     tokens = max(model.tokens_per_sample(r.width, r.height, r.frames) for r in config.samples)
     assert tokens == (128 // 16) * (96 // 16) + 32
-    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
+    (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
     transient = max(model.activation_factors.values()) * tokens * 32 * 4
     assert est.sampling == int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
-    assert "while drawing samples: stage 0 " in memory.describe([est], config, 100)
-    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
-    assert est.sampling is None and "drawing samples" not in memory.describe([est], config, 100)
+    assert "while drawing samples: stage 0 " in describe_memory([est], config, 100)
+    (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32)
+    assert est.sampling is None and "drawing samples" not in describe_memory([est], config, 100)
 
 
 def test_share_out_gives_every_replica_the_same_number_of_forwards():
-    from utils.sampling import share_out
+    from training.sampling import share_out
 
     def request(i, width):
         return SampleRequest(index=i, prompt=f"p{i}", seed=0, width=width, height=64, frames=1, steps=4,

@@ -9,17 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.media as media
+from data import media
+from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
+from data.buckets import Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table, frame_bucket_for
+from data.cache import DatasetCache
+from data.media import load_sample_pixels, video_info
+from data.scan import Item, scan_dataset, scan_directory
 from models.base import DiffusionModel
 from tools.make_demo_dataset import COLOURS, make_demo_dataset, make_demo_videos
-from utils.buckets import (Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table,
-                           frame_bucket_for)
-from utils.cache import DatasetCache
-from utils.config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
-from utils.dataset import Item, scan_dataset, scan_directory
 from utils.dist import Distributed
 from utils.errors import ConfigError, MediaError
-from utils.media import load_sample_pixels, video_info
 
 
 def _settings(**overrides) -> BucketSettings:

@@ -25,7 +25,7 @@ from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from models import get_model_class, hunyuan_layout, ltx_layout
 from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
-from utils.saving import ORIGINAL_LAYOUT_FILE, stage_weights
+from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 
 NAMES = ["ltx-video", "hunyuan-video"]
 STEPS = 8
@@ -58,11 +58,12 @@ def transformer_class(name: str):
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
 def test_ltx_final_layer_owns_scale_shift_table(video_models, data, full):
-    from utils.config import load_train_config
-    from utils.engine import load_stage, plan_stages
+    from config.train_config import load_train_config
+    from parallel.stages import load_stage, plan_stages
 
     adapter = None if full else {"rank": 4, "alpha": 4}
-    config = load_train_config(configure(video_models, data, "ltx-video", f"unit-{full}", adapter=adapter))
+    config = load_train_config(configure(video_models, data, "ltx-video", f"unit-{full}", adapter=adapter),
+                               get_model_class)
     model = get_model_class("ltx-video")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     final = layers[-1]

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from conftest import launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+from config.train_config import AdapterConfig
 from models import get_model_class, hunyuan_layout, ltx_layout
 from models.base import SafetensorsFolder
-from utils.config import AdapterConfig
 
 NAMES = ["ltx-video", "hunyuan-video"]
 ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
@@ -82,7 +82,7 @@ def engine_like_transformer(model, adapter: AdapterConfig | None = None, seed: i
                 for n, p in transformer.named_parameters():
                     if "lora_B" in n:
                         p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    for layer in layers:  # as utils/engine.load_stage: the loaded scale_shift_table, not the meta one
+    for layer in layers:  # as parallel/stages.load_stage: the loaded scale_shift_table, not the meta one
         layer.bind_root_parameters(transformer)
     return transformer.eval(), layers
 
@@ -170,8 +170,8 @@ def test_hunyuan_layer_order_and_modules(video_models):
 
 
 def test_partition_type_must_match_a_layer_class(video_models):
-    from utils.config import TrainConfig, TrainConfigFile
-    from utils.engine import plan_stages, resolve_partition_method
+    from config.train_config import TrainConfig, TrainConfigFile
+    from parallel.stages import plan_stages, resolve_partition_method
     from utils.errors import ConfigError
 
     model = make_model("hunyuan-video", video_models)
@@ -571,8 +571,8 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     import re
     import tomllib
 
+    from config.train_config import load_train_config
     from conftest import REPO, to_toml
-    from utils.config import load_train_config
     from utils.errors import ConfigError
 
     text = (REPO / "examples" / example).read_text(encoding="utf-8")
@@ -587,7 +587,7 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     config["model"]["diffusers_path"] = str(video_models / name)
     config["model"]["transformer_path"] = str(video_models / name / ORIGINAL_FILE[name])
     (tmp_path / "train.toml").write_text(to_toml(config))
-    loaded = load_train_config(tmp_path / "train.toml")
+    loaded = load_train_config(tmp_path / "train.toml", get_model_class)
     assert type(loaded.model) is get_model_class(name).config_class
     for key, value in config["model"].items():
         if not key.endswith("_path"):
@@ -596,4 +596,4 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     dataset["frame_buckets"] = [1, 10]
     (tmp_path / "dataset.toml").write_text(to_toml(dataset))
     with pytest.raises(ConfigError, match="frame_buckets"):
-        load_train_config(tmp_path / "train.toml")
+        load_train_config(tmp_path / "train.toml", get_model_class)

@@ -46,13 +46,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch.distributed as dist
 
+    from config.train_config import load_train_config
+    from data.cache import DatasetCache
     from models import get_model_class
-    from utils.cache import DatasetCache
-    from utils.config import load_train_config
-    from utils.engine import build_engine, init_distributed, make_topology
-    from utils.sampling import Sampler, sample_prompts
+    from parallel.engine import build_engine
+    from parallel.launch import init_distributed
+    from parallel.stages import make_topology
+    from training.sampling import Sampler, sample_prompts
 
-    config = load_train_config(args.config)
+    config = load_train_config(args.config, get_model_class)
     if not config.samples:
         raise ConfigError(f"{config.file}: has no [sample] table: no prompts to draw")
     s = config.settings

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from transformers.optimization import Adafactor
 
-from utils.config import OptimizerConfig
+from config.train_config import OptimizerConfig
 from models.base import stable_seed
 
 

@@ -13,6 +13,7 @@ loads the VAE, decodes, writes the files and frees the VAE again.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict
@@ -21,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from utils.config import SampleRequest
+from config.train_config import SampleRequest
+from data.media import write_video
 from utils.dist import Distributed
-from utils.media import write_video
 
 # Frames per second of written sample videos (the models' pipelines export at this rate).
 VIDEO_FPS = 24
@@ -151,8 +154,6 @@ class Sampler:
                     frames = to_uint8(pixels)
                     name = f"{r.index}.png" if r.frames == 1 else f"{r.index}.mp4"
                     if r.frames == 1:
-                        from PIL import Image
-
                         Image.fromarray(frames[0]).save(folder / name)
                     else:
                         write_video(folder / name, frames, VIDEO_FPS)
@@ -166,8 +167,6 @@ class Sampler:
             self.model.free_encoders()
         (folder / "index.json").write_text(json.dumps(index, indent=1))
         # The final latents too (before the VAE), to decode again or compare: "<index>" -> (1, ...).
-        from safetensors.torch import save_file
-
         save_file({str(i): t.contiguous() for i, t in sorted(latents.items())}, folder / "latents.safetensors")
         return failed
 
@@ -203,8 +202,6 @@ def _one_line(error: BaseException) -> str:
 
 
 def _free_memory() -> None:
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

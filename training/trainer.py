@@ -13,16 +13,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from utils.batches import EvalPlan, TrainPlan, collate
-from utils.cache import CacheReader
+from config.train_config import TrainConfig
+from data.batches import EvalPlan, TrainPlan, collate
+from data.cache import CacheReader
+from saving.checkpoints import Checkpoints, run_fingerprint
+from saving.export import save_adapter, save_full_model
+from training.ema import ema_for
+from training.sampling import Sampler
 from utils.atomic import write_text_atomic
-from utils.config import TrainConfig
 from utils.dist import Distributed
-from utils.ema import ema_for
 from utils.errors import TrainingStopped
 from utils.metrics import Metrics, peak_memory_gib
-from utils.sampling import Sampler
-from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
 # Steps after the first whose median the start-up report compares the first step with.
 STARTUP_STEADY_STEPS = 3
@@ -54,6 +55,7 @@ class Schedule:
 def compile_counters() -> dict:
     """What torch.compile did in this process so far: graphs traced, and Inductor's FX graph cache
     hits (compiled code loaded from an earlier run) and misses (compiled now)."""
+    # torch.compile's internals, loaded only by runs that compile
     from torch._dynamo.utils import counters
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
