@@ -367,10 +367,6 @@ class TrainConfig:
     # The [sample] table's prompts with every setting resolved (empty: no samples).
     samples: list[SampleRequest] = field(default_factory=list)
 
-    def __getattr__(self, name):
-        # Top-level keys read like attributes of the config (config.epochs, ...).
-        return getattr(self.__dict__["settings"], name)
-
     @property
     def full_finetune(self) -> bool:
         return self.settings.adapter is None

@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_step_and_files_and_keeps_the_last_good_checkpoint(t
     config = load_train_config(cfg, get_model_class)
     reader = build_cache(flux(tiny_models), config.dataset.file)
     # Poison the cached latent of a sample that step 3 trains and steps 1 and 2 do not.
-    plan = TrainPlan(reader, 2, 1, config.seed)
+    plan = TrainPlan(reader, 2, 1, config.settings.seed)
     steps = [[slot.index for batch in plan.step_batches(0, i, 0, 1) for slot in batch] for i in range(3)]
     index = next(i for i in steps[2] if i not in steps[0] + steps[1])
     poisoned = reader.samples[index]

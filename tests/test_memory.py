@@ -53,7 +53,7 @@ def measured_stage(config, stage: int) -> dict:
         key = str(p.dtype).removeprefix("torch.")
         weights[key] = weights.get(key, 0) + p.numel() * p.element_size()
     trainable = [p for p in params if p.requires_grad]
-    optimizer = build_optimizer(trainable, config.optimizer, 0.0, None, low_memory=config.full_finetune)
+    optimizer = build_optimizer(trainable, config.settings.optimizer, 0.0, None, low_memory=config.full_finetune)
     generator = torch.Generator().manual_seed(0)
     for p in trainable:
         p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(p.dtype)

@@ -202,7 +202,7 @@ def test_full_finetune_settings(configs):
 def test_activation_checkpointing_values(configs):
     for value in (False, True, "selective"):
         assert load_train_config(configs(activation_checkpointing=value),
-                                 get_model_class).activation_checkpointing == value
+                                 get_model_class).settings.activation_checkpointing == value
     path = configs(activation_checkpointing="some")
     assert config_error(path) == (f"{path}: 'activation_checkpointing' must be true or false or 'selective', "
                                   f"got 'some'")

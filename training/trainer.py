@@ -32,9 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
     """Steps to train: `max_steps`, `epochs` worth of steps, or the smaller when both are set."""
-    limits = [config.max_steps] if config.max_steps else []
-    if config.epochs:
-        limits.append(config.epochs * steps_per_epoch)
+    s = config.settings
+    limits = [s.max_steps] if s.max_steps else []
+    if s.epochs:
+        limits.append(s.epochs * steps_per_epoch)
     return min(limits)
 
 
