@@ -7,10 +7,9 @@ factor measured once (`DiffusionModel.activation_factors`, or `full_finetune_act
 bench/activation_factors.py), by activation-checkpointing mode. Not counted: the
 CUDA context and allocator slack (often 1-2 GiB), and the pipeline's send/receive buffers.
 The total is the peak: gradients grow while the backward pass frees activations, and the step's
-scratch comes after both; on an H200 it was within 0.2 GiB of the measured peaks of LoRA and full
-fine-tuning runs without activation checkpointing, and up to 1.6 GiB (5%) under them with it
-(not yet explained; bench/peak_breakdown.py shows what is alive at the peak on a GPU). With float8
-storage the peak can come while the weights load (`StageEstimate.loading`).
+scratch comes after both (against measured peaks: docs/benchmarks.md, "Estimate vs earlier measured peak";
+bench/peak_breakdown.py shows what is alive at the peak on a GPU). With float8 storage the peak
+can come while the weights load (`StageEstimate.loading`).
 """
 
 from __future__ import annotations

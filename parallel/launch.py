@@ -161,13 +161,9 @@ def local_rendezvous() -> str | None:
 
 
 def configure_attention() -> None:
-    """Keep scaled-dot-product attention off the cuDNN backend.
-
-    On an H200 with torch 2.11 + CUDA 13, cuDNN attention failed at Flux's shapes and left the
-    CUDA context broken (bench/attention_backends.py shows it). `attention_backend =
-    "_native_cudnn"` opts in through diffusers' backend, which ran and is the fastest there
-    (docs/benchmarks.md, "Fast settings").
-    """
+    """Keep scaled-dot-product attention off the cuDNN backend, which can fail at Flux's shapes and
+    break the CUDA context (docs/benchmarks.md, "Fast settings"; bench/attention_backends.py);
+    `attention_backend = "_native_cudnn"` opts in through diffusers' backend."""
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 

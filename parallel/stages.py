@@ -33,8 +33,8 @@ def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
     """`partition_method` as DeepSpeed's PipelineModule takes it.
 
     "blocks" puts the same number of transformer blocks on every stage (the input and output
-    layers count as nothing). Not the default: on 2 H100s a FLUX.1 LoRA ran slower split by blocks
-    (29 + 28) than by parameters (18 + 39), see docs/benchmarks.md.
+    layers count as nothing). Not the default: it trained slower than "parameters"
+    (docs/benchmarks.md).
     """
     if method == "blocks":
         names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
