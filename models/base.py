@@ -25,6 +25,7 @@ from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
+from models.key_layout import Keymap
 from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,6 +125,10 @@ class DiffusionModel:
     pipeline_class: ClassVar[type]
     default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
     input_fields: ClassVar[PipelineFields]
+    # The map between diffusers' weight names and the original release's (models/key_layout.py):
+    # it reads a single-file `transformer_path`, writes the original-layout full model and the
+    # ComfyUI LoRA, and reads LoRAs saved on original names. None: the release uses diffusers' names.
+    keymap: ClassVar[type[Keymap] | None] = None
 
     # The pipeline layer classes that activation_checkpointing = "selective" recomputes (DeepSpeed's
     # `checkpointable_layers`); empty: the model offers no selective mode.
@@ -147,9 +152,12 @@ class DiffusionModel:
         self.root = Path(config.diffusers_path)
         self.vae = None  # loaded only while caching
         self.text_encoders = None
+        # Where the encoders run: set by load_text_encoders and load_vae.
+        self.device = torch.device("cpu")
         # Where the transformer's diffusers folder is, when not the model folder's transformer/
         # (a full fine-tune's save, for tools/sample.py).
         self.transformer_dir: Path | None = None
+        self._transformer_configs: dict[Path, dict] = {}
 
     @classmethod
     def check_dataset(cls, dataset: Dataset) -> None:
@@ -168,6 +176,13 @@ class DiffusionModel:
         raise NotImplementedError
 
     def load_text_encoders(self, device: torch.device) -> None:
+        """Load the tokenizers and text encoders onto `device`, for caching captions."""
+        self.device = device
+        self.text_encoders = self.text_encoder_parts(device)
+
+    def text_encoder_parts(self, device: torch.device) -> tuple:
+        """The model's tokenizers and text encoders, from its folder, onto `device`, in the order
+        `encode_captions` unpacks them."""
         raise NotImplementedError
 
     def load_vae(self, device: torch.device) -> None:
@@ -271,6 +286,19 @@ class DiffusionModel:
     def transformer_folder(self) -> Path:
         return self.transformer_dir or self.root / "transformer"
 
+    def transformer_config(self) -> dict:
+        """The transformer's config.json (of `transformer_folder`), read once."""
+        folder = self.transformer_folder()
+        if folder not in self._transformer_configs:
+            self._transformer_configs[folder] = self.transformer_class.load_config(folder)
+        return self._transformer_configs[folder]
+
+    @property
+    def patch_sizes(self) -> tuple[int, int]:
+        """(spatial, temporal) patch size of the transformer's token embedding."""
+        cfg = self.transformer_config()
+        return cfg["patch_size"], cfg.get("patch_size_t", 1)
+
     def build_empty_transformer(self) -> nn.Module:
         """The transformer with its parameters on the meta device: no memory, shapes only."""
         folder = self.transformer_folder()
@@ -340,16 +368,6 @@ class DiffusionModel:
         and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
         self.read_lora_file(transformer, path, adapter)
 
-    # ------------------------------------------------------------------ LoRA files of other layouts
-    def original_key_layout(self):
-        """(the models/key_layout.Layout of this transformer's original release, its part sizes),
-        to read LoRAs saved with original module names; (None, {}) when the model has none."""
-        return None, {}
-
-    def original_module_name_to_diffusers(self, name: str) -> str | None:
-        """A model whose layouts differ by names only maps an original module name here."""
-        return None
-
     def read_lora_file(self, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, tuple]:
         """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
         adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
@@ -363,8 +381,11 @@ class DiffusionModel:
             raise ConfigError(f"adapter.init_from_existing: {file} is a LoRA for model type '{model_type}' "
                               f"(its metadata says so), but model.type = '{self.name}'")
         linears = {n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
-        layout, dims = self.original_key_layout()
-        found = read_lora_as_diffusers(file, linears, layout, dims, self.original_module_name_to_diffusers)
+        if self.keymap is None:
+            found = read_lora_as_diffusers(file, linears, None, {})
+        else:
+            table, dims = self.keymap.original_modules(self.transformer_config())
+            found = read_lora_as_diffusers(file, linears, table, dims, self.keymap.renamed_module)
         ours = {n.removesuffix(".lora_A.default.weight"): p for n, p in transformer.named_parameters()
                 if n.endswith(".lora_A.default.weight")}
         # A part of a fused module without a LoRA comes out of the file with rank 0.
@@ -399,8 +420,16 @@ class DiffusionModel:
         return out
 
     def read_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The transformer's base weights for `keys` (diffusers naming), read lazily from disk."""
-        return SafetensorsFolder(self.transformer_folder()).read(keys)
+        """The transformer's base weights for `keys` (diffusers naming), read lazily from disk: from
+        the diffusers folder, or from a single-file `transformer_path` in the original layout."""
+        path = self.config.transformer_path
+        if path is None:
+            return SafetensorsFolder(self.transformer_folder()).read(keys)
+        try:
+            return self.keymap.load_diffusers_keys_from_original(path, keys, self.transformer_config())
+        except KeyError as e:
+            raise ConfigError(f"model.transformer_path: {path} lacks the weight {e} of the original "
+                              f"{self.keymap.name} layout (a checkpoint of another model?)") from None
 
     def load_weights(self, transformer: nn.Module, module_names: list[str], device: torch.device) -> None:
         """Load the base weights of the named submodules (or parameters of the transformer itself)
@@ -428,10 +457,12 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ full model saving (per model)
     def original_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The transformer weights in the original release's single-file key layout, or None when
-        the model has no such layout. Called with the weights of whole pipeline layers (one
-        pipeline stage's, or part of them), so a conversion must not need other layers' weights."""
-        return None
+        """The transformer weights in the original release's single-file key layout, without a key
+        prefix (ComfyUI's diffusion model loader, diffusers' from_single_file and
+        model.transformer_path all take it so), or None when the model has no keymap. Called with
+        the weights of whole pipeline layers (one stage's, or part of them): the keymap's fused
+        tensors join modules of one layer only, so a stage's part converts on its own."""
+        return None if self.keymap is None else self.keymap.diffusers_to_original(state_dict)
 
     # ------------------------------------------------------------------ LoRA (shared)
     def add_lora(self, transformer: nn.Module, adapter: AdapterConfig) -> None:
@@ -555,8 +586,11 @@ class DiffusionModel:
         return written
 
     def extra_lora_formats(self, lora: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """Other LoRA files to write beside the diffusers one: {file name: tensors}."""
-        return {}
+        """Other LoRA files to write beside the diffusers one: {file name: tensors}; the original
+        layout's, for ComfyUI, where the model has a keymap."""
+        if self.keymap is None:
+            return {}
+        return {"lora_comfyui.safetensors": self.keymap.comfyui_lora(lora, self.transformer_config())}
 
     # ------------------------------------------------------------------ sampling (utils/sampling.py)
     # The model's diffusers pipeline defaults for [sample]: width, height, frames, steps, guidance.

@@ -14,26 +14,8 @@ from tensor shapes, so this works at any model size (diffusers' own converter as
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
 
-import torch
-
-from models.key_layout import DOUBLE_BLOCK_RE, GUIDANCE_PREFIXES, SINGLE_BLOCK_RE, Layout, attention_dims
-from models.key_layout import block, block_counts, entry, repeat, single_stream_dims
-# Re-exported: this module's names since before the machinery moved to models/key_layout.py.
-from models.key_layout import LINEAR, ORIGINAL_PREFIXES, LayoutEntry, detect_original_prefix  # noqa: F401
-
-__all__ = [
-    "HunyuanLayout",
-    "hunyuan_layout",
-    "hunyuan_dims",
-    "detect_original_prefix",
-    "diffusers_to_original",
-    "original_to_diffusers",
-    "original_to_diffusers_keys",
-    "load_diffusers_keys_from_original",
-    "lora_to_original",
-]
+from models.key_layout import DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, Layout, LayoutEntry, block, entry, repeat
 
 WEIGHT = (("weight", "weight"),)  # RMSNorm: a scale only
 
@@ -110,11 +92,6 @@ _REFINER_RE = re.compile(r"^(?:context_embedder\.token_refiner\.refiner_blocks|t
                          r"\.(\d+)\.")
 
 
-def hunyuan_dims(config: Mapping) -> dict[str, int]:
-    """Sizes of the symbolic part dims: inner = heads * head_dim, mlp = mlp_ratio * inner."""
-    return attention_dims(config)
-
-
 class HunyuanLayout(Layout):
     """A ``hunyuan_layout`` table with lookups by original and by diffusers module name."""
 
@@ -122,30 +99,7 @@ class HunyuanLayout(Layout):
     # load_diffusers_keys_from_original also reads the release's .pt file (a state dict, or one under
     # "module"), memory-mapped; a key the file lacks raises KeyError naming the original key.
     reads_torch_files = True
-
-    @classmethod
-    def for_config(cls, config: Mapping) -> "HunyuanLayout":
-        """Layout for a diffusers HunyuanVideoTransformer3DModel config (``model.config`` or config.json dict)."""
-        return cls(hunyuan_layout(config["num_layers"], config["num_single_layers"],
-                                  config.get("num_refiner_layers", 2), config.get("guidance_embeds", True)))
-
-    @classmethod
-    def from_keys(cls, keys: Iterable[str]) -> "HunyuanLayout":
-        """Layout big enough for the given (unprefixed) original or diffusers keys."""
-        keys = list(keys)
-        double, single, refiner = block_counts(keys, (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, _REFINER_RE))
-        return cls(hunyuan_layout(double, single, refiner, any(k.startswith(GUIDANCE_PREFIXES) for k in keys)))
-
-    dims = staticmethod(hunyuan_dims)
-
-    @staticmethod
-    def dims_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        return single_stream_dims(sd, "img_in.proj.weight")
-
-
-# The conversions, as this module has always exported them (see models/key_layout.Layout).
-diffusers_to_original = HunyuanLayout.diffusers_to_original
-original_to_diffusers = HunyuanLayout.original_to_diffusers
-original_to_diffusers_keys = HunyuanLayout.original_to_diffusers_keys
-load_diffusers_keys_from_original = HunyuanLayout.load_diffusers_keys_from_original
-lora_to_original = HunyuanLayout.lora_to_original
+    table = staticmethod(hunyuan_layout)
+    block_patterns = (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, _REFINER_RE)
+    block_config = (("num_layers", None), ("num_single_layers", None), ("num_refiner_layers", 2))
+    image_in_weight = "img_in.proj.weight"

@@ -125,7 +125,7 @@ def test_diffusion_pipe_hunyuan_video_original_layout_with_shared_a(tmp_path, ti
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
     model.add_lora(transformer, adapter)
-    layout, dims = model.original_key_layout()
+    layout, dims = model.keymap.original_modules(model.transformer_config())
     ours = {n.removesuffix(".lora_A.default.weight") for n, _ in transformer.named_parameters()
             if n.endswith(".lora_A.default.weight")}
     generator = torch.Generator().manual_seed(2)
@@ -154,8 +154,7 @@ def test_diffusion_pipe_hunyuan_video_original_layout_with_shared_a(tmp_path, ti
 def test_kohya_style_file_with_alpha(tmp_path, tiny_models):
     model, adapter = flux(tiny_models), AdapterConfig(rank=4, alpha=4.0)
     transformer, lora = materialised(model, adapter, seed=3)
-    layout, _ = model.original_key_layout()
-    original = layout.lora_to_original(lora, model._transformer_config(), prefix="")
+    original = model.keymap.lora_to_original(lora, model.transformer_config(), prefix="")
     tensors = {}
     for key, value in original.items():
         module, kind = key.rsplit(".lora_", 1)
