@@ -100,7 +100,7 @@ def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]
 
 def synthetic_batch(model, width: int, height: int, frames: int, batch: int, device):
     """(inputs, labels) on `device` as the trainer's collate makes them from the cache."""
-    from models.base import generator_for
+    from utils.seeding import generator_for
 
     model.load_text_encoders(device)
     with torch.no_grad():

@@ -23,26 +23,12 @@ from torch import nn
 from utils.buckets import check_frame_buckets, check_resolutions
 from utils import objective
 from utils.config import AdapterConfig, Dataset, ModelConfig
+from utils.dtypes import DTYPES
 from utils.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields, named_weights
 from utils.schema import ConfigError
+from utils.seeding import generator_for
 from models.key_layout import Keymap
 from models.lora_import import lora_file_in, read_dora_magnitudes, read_lora_as_diffusers, suggested_targets
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from any parts, the same on every process and every run."""
-    import hashlib
-
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator_for(*parts) -> torch.Generator:
-    """A CPU generator seeded from `parts` (seed, epoch, sample, ...), never from the rank."""
-    return torch.Generator().manual_seed(stable_seed(*parts))
-
 
 class SafetensorsFolder:
     """Lazy reader of a diffusers weights folder (single or sharded safetensors)."""

@@ -85,7 +85,7 @@ def test_lora_plus_gives_lora_b_a_larger_learning_rate():
 
 def dora_setup(tiny_models, adapter):
     """The tiny Flux transformer with its weights loaded and the adapter initialised, as a stage loads."""
-    from models.base import generator_for
+    from utils.seeding import generator_for
 
     model = flux(tiny_models)
     transformer = model.build_empty_transformer()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from models.base import generator_for
+from utils.seeding import generator_for
 from models.flux import FluxConfig, FluxModel
 from utils import objective
 from utils.schema import ConfigError, build

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.base import generator_for
+from utils.seeding import generator_for
 from utils.cache import CacheReader
 
 # Fixed timesteps for evaluation: the same weights always give the same eval loss.

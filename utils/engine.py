@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
+from utils.dtypes import DTYPES
 from utils.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.schema import ConfigError
 
@@ -311,7 +312,7 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
     if swapped:
         model.load_weights(transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
     if config.full_finetune:
-        model.make_trainable(transformer, memory.DTYPES[config.trained_dtype])
+        model.make_trainable(transformer, DTYPES[config.trained_dtype])
     else:
         model.init_lora(transformer, local_names, s.adapter, device, s.seed)
         if s.adapter.init_from_existing:

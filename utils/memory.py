@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.config import OptimizerConfig
+from utils.dtypes import DTYPES
 
 GIB = 2**30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bitsandbytes' 8-bit AdamW: tensors below this size keep float32 state; larger ones keep two
 # uint8 states plus a float32 scale per block of 256 values for each.
 BNB_MIN_8BIT_SIZE = 4096

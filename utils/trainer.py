@@ -16,6 +16,7 @@ import torch.distributed as dist
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
+from utils.dtypes import DTYPES
 from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
 from utils.sampling import Sampler
@@ -23,7 +24,6 @@ from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_m
 
 # Steps after the first whose median the start-up report compares the first step with.
 STARTUP_STEADY_STEPS = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TrainingStopped(Exception):
