@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from models import get_model_class
+    from training.preflight import check_inputs
     from utils.batches import TrainPlan
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     make_topology(world, s.pipeline_stages, config.file)
     model = get_model_class(config.model.type)(config.model)
     # The model files and the LoRA to start from, by their headers: before hours of caching.
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, rank, world)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,

@@ -9,10 +9,10 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from models.base import DiffusionModel
+from models.base import ModelRecipe
 from models.flux_layout import FluxLayout
+from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import check, key
 
 
@@ -34,6 +34,8 @@ FLUX_OUTPUT = PipelineFields("prediction")
 
 class FluxInputLayer(PipelineLayer):
     """Patch embedding, timestep/guidance/pooled-text embedding and text projection."""
+
+    kind = "input"
 
     def __init__(self, transformer: FluxTransformer2DModel):
         super().__init__(FLUX_INPUTS, FLUX_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
@@ -59,6 +61,7 @@ class FluxBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer ids in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden", "encoder_hidden")
 
     def __init__(self, transformer: FluxTransformer2DModel, module_name: str):
@@ -86,6 +89,8 @@ class FluxSingleBlockLayer(FluxBlockLayer):
 
 
 class FluxFinalLayer(PipelineLayer):
+    kind = "output"
+
     def __init__(self, transformer: FluxTransformer2DModel):
         super().__init__(FLUX_STREAM, FLUX_OUTPUT, ["norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -95,7 +100,7 @@ class FluxFinalLayer(PipelineLayer):
         return {"prediction": self.proj_out(self.norm_out(s["hidden"], s["temb"]))}
 
 
-class FluxModel(DiffusionModel):
+class FluxModel(ModelRecipe):
     name = "flux"
     config_class = FluxConfig
     size_multiple = 16  # 8x VAE, then 2x2 patches

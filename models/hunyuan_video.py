@@ -17,10 +17,10 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-from models.base import DiffusionModel
+from models.base import ModelRecipe
 from models.hunyuan_layout import HunyuanLayout
+from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import ConfigError, check, key
 
 # HunyuanVideoPipeline takes the Llama hidden state before the last two layers.
@@ -72,6 +72,8 @@ def joint_attention_mask(text_mask: torch.Tensor, latent_len: int) -> torch.Tens
 class HunyuanInputLayer(PipelineLayer):
     """Patch embedding, timestep/guidance/pooled-text embedding and the text token refiner."""
 
+    kind = "input"
+
     def __init__(self, transformer: HunyuanVideoTransformer3DModel):
         super().__init__(HUNYUAN_INPUTS, HUNYUAN_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
         self.x_embedder = transformer.x_embedder
@@ -97,6 +99,7 @@ class HunyuanBlockLayer(PipelineLayer):
     """One dual-stream or single-stream block. Rotary embeddings and the attention mask are rebuilt
     from integer tensors in every layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden", "encoder_hidden")
 
     def __init__(self, transformer: HunyuanVideoTransformer3DModel, module_name: str):
@@ -129,6 +132,8 @@ class HunyuanSingleBlockLayer(HunyuanBlockLayer):
 class HunyuanFinalLayer(PipelineLayer):
     """Output norm and projection, then the patches back to a (batch, channels, frames, h, w) latent."""
 
+    kind = "output"
+
     def __init__(self, transformer: HunyuanVideoTransformer3DModel):
         super().__init__(HUNYUAN_STREAM, HUNYUAN_OUTPUT, ["norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -145,7 +150,7 @@ class HunyuanFinalLayer(PipelineLayer):
         return {"prediction": hidden}
 
 
-class HunyuanVideoModel(DiffusionModel):
+class HunyuanVideoModel(ModelRecipe):
     name = "hunyuan-video"
     config_class = HunyuanVideoConfig
     size_multiple = 16  # 8x VAE, then 2x2 patches

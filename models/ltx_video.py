@@ -18,10 +18,10 @@ from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DM
 from torch import nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from models.base import DiffusionModel
+from models.base import ModelRecipe
 from models.ltx_layout import LTXVideoKeymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
 from utils.schema import check, key
 
 
@@ -50,6 +50,8 @@ LTX_OUTPUT = PipelineFields("prediction")
 class LTXInputLayer(PipelineLayer):
     """Token projection, timestep embedding (AdaLN-single) and caption projection."""
 
+    kind = "input"
+
     def __init__(self, transformer: LTXVideoTransformer3DModel):
         super().__init__(LTX_INPUTS, LTX_STREAM, ["proj_in", "time_embed", "caption_projection"])
         self.proj_in = transformer.proj_in
@@ -71,6 +73,7 @@ class LTXBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer grid size in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden",)
 
     def __init__(self, transformer: LTXVideoTransformer3DModel, index: int, rope_scale: tuple[float, float, float]):
@@ -93,6 +96,8 @@ class LTXBlockLayer(PipelineLayer):
 class LTXFinalLayer(PipelineLayer):
     """Output norm modulated by the timestep, and the projection back to latent tokens."""
 
+    kind = "output"
+
     def __init__(self, transformer: LTXVideoTransformer3DModel):
         super().__init__(LTX_STREAM, LTX_OUTPUT, ["scale_shift_table", "norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -106,7 +111,7 @@ class LTXFinalLayer(PipelineLayer):
         return {"prediction": self.proj_out(hidden)}
 
 
-class LTXVideoModel(DiffusionModel):
+class LTXVideoModel(ModelRecipe):
     name = "ltx-video"
     config_class = LTXVideoConfig
     size_multiple = 32  # 32x VAE, 1x1 patches

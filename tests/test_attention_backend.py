@@ -10,6 +10,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 
 from conftest import write_configs
 from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
+from training import objective
 from utils.config import load_train_config
 from utils.schema import ConfigError
 
@@ -23,9 +24,9 @@ def loss(model, layers) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 16, 4, 4, generator=g)
     text = {"text": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
-    inputs, labels = model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
+    inputs, labels = objective.training_example(model, latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
     with torch.no_grad():
-        return model.loss(torch.nn.Sequential(*layers)(inputs), labels)
+        return objective.loss(model, torch.nn.Sequential(*layers)(inputs), labels)
 
 
 def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny_models, data):

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, free_port, launch, write_configs
 from models.flux import FluxConfig, FluxModel
+from training.lora import add_lora
 from utils.batches import TrainPlan
 from utils.config import load_dataset_config, load_train_config
 from utils.optimizers import ClippedAdamW
@@ -310,7 +311,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     model = flux(tiny_models)
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     lora = {n.replace(".default.", "."): torch.full(p.shape, 0.5) for n, p in transformer.named_parameters()
             if "lora_" in n}
     monkeypatch.setattr(model, "lora_state_dict", lambda transformer: lora)

@@ -10,6 +10,7 @@ import torch
 
 from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
 from test_video_models import engine_like_transformer, make_model
+from training.lora import lora_state_dict, save_lora
 from utils.config import AdapterConfig, SampleRequest
 from utils.sampling import Sampler, sample_prompts, to_uint8
 
@@ -64,7 +65,7 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     model = make_model(name, root, max_sequence_length=32)
     adapter = AdapterConfig(rank=4, alpha=8.0)
     transformer, layers = engine_like_transformer(model, adapter)
-    model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
+    save_lora(model, lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
 
     width, height, frames = SHAPES[name]
     guidance = 2.5 if model.sample_guidance == "classifier_free" else 4.0

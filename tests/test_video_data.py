@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import utils.media as media
-from models.base import DiffusionModel
+from models.base import ModelRecipe
 from tools.make_demo_dataset import COLOURS, make_demo_dataset, make_demo_videos
 from utils.buckets import (Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table,
                            frame_bucket_for)
@@ -317,14 +317,14 @@ def test_check_frame_buckets_accepts_valid_lists_and_the_default(tmp_path):
 
 
 def test_model_check_dataset_uses_frame_multiple(tmp_path):
-    class Video(DiffusionModel):
+    class Video(ModelRecipe):
         name = "ltx-video"
         frame_multiple = 8
 
     path = _dataset_file(tmp_path, 'resolutions = [64]\nframe_buckets = [1, 33, 40]\n[[directory]]\npath = "data"\n')
     with pytest.raises(ConfigError, match=r"'frame_buckets\[2\]' is 40: ltx-video takes 8k\+1 frames"):
         Video.check_dataset(load_dataset_config(path))
-    assert DiffusionModel.frame_multiple == 0
+    assert ModelRecipe.frame_multiple == 0
 
 
 @pytest.mark.parametrize("text, message", [

@@ -92,7 +92,7 @@ def test_original_layout_converts_layer_by_layer(video_models, name):
     # save_full_model hands the hook the weights of whole pipeline layers, one stage's at a time:
     # every fused tensor (q/k/v, HunyuanVideo's token refiner and single-block linear1) must join
     # weights of one layer only.
-    from models.base import SafetensorsFolder
+    from training.weights import SafetensorsFolder
 
     folder = video_models / name
     model = get_model_class(name)(get_model_class(name).config_class(type=name, diffusers_path=str(folder)))

@@ -23,7 +23,8 @@ from models import get_model_class
 from models.hunyuan_layout import HunyuanLayout
 from models.key_layout import detect_original_prefix
 from models.ltx_layout import LTXVideoKeymap
-from models.base import SafetensorsFolder
+from training.lora import add_lora, init_lora, lora_state_dict, save_lora
+from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.config import BUCKET_DEFAULTS, AdapterConfig, BucketSettings, Dataset, ResolvedDirectory
 from utils.schema import ConfigError
 
@@ -74,12 +75,12 @@ def engine_like_transformer(model, adapter: AdapterConfig | None = None, seed: i
     """The transformer as the engine builds it (meta, LoRA, layers, per-layer weights), LoRA B random."""
     transformer = model.build_empty_transformer()
     if adapter is not None:
-        model.add_lora(transformer, adapter)
+        add_lora(model, transformer, adapter)
     layers = model.layers(transformer)
     names = [n for layer in layers for n in layer.module_names]
-    model.load_weights(transformer, names, torch.device("cpu"))
+    load_weights(model, transformer, names, torch.device("cpu"))
     if adapter is not None:
-        model.init_lora(transformer, names, adapter, torch.device("cpu"), seed)
+        init_lora(transformer, names, adapter, torch.device("cpu"), seed)
         if random_b:
             g = torch.Generator().manual_seed(seed + 1)
             with torch.no_grad():
@@ -207,7 +208,7 @@ def test_ltx_rope_scale_follows_frame_rate(video_models):
 def test_default_lora_targets(video_models, name):
     model = make_model(name, video_models)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, AdapterConfig(rank=4, alpha=4.0))
+    add_lora(model, transformer, AdapterConfig(rank=4, alpha=4.0))
     targeted = {n.removesuffix(".lora_A.default.weight") for n, _ in transformer.named_parameters()
                 if n.endswith(".lora_A.default.weight")}
     if name == "ltx-video":
@@ -365,7 +366,7 @@ def test_transformer_path_reads_the_same_weights(video_models, name):
     model = make_model(name, video_models, transformer_path=str(folder / ORIGINAL_FILE[name]))
     keys = sorted(SafetensorsFolder(folder / "transformer").files)
     expected = SafetensorsFolder(folder / "transformer").read(keys)
-    got = model.read_weights(keys)
+    got = read_weights(model, keys)
     assert all(torch.equal(got[k], expected[k]) for k in keys)
 
 
@@ -400,7 +401,7 @@ def lora_through_both_formats(video_models, tmp_path, name, adapter_dir: Path | 
         with torch.no_grad():
             trained = run_layers(model, layers, batch)
         adapter_dir = tmp_path / "adapter"
-        written = model.save_lora(model.lora_state_dict(transformer), adapter, adapter_dir, torch.float32)
+        written = save_lora(model, lora_state_dict(transformer), adapter, adapter_dir, torch.float32)
         assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     cls = LTXVideoTransformer3DModel if name == "ltx-video" else HunyuanVideoTransformer3DModel
     folder = video_models / name / "transformer"

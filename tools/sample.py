@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from models import get_model_class
+    from training.preflight import check_inputs
     from utils.cache import DatasetCache
     from utils.config import load_train_config
     from utils.engine import build_engine, init_distributed, make_topology
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         model.transformer_dir = folder.resolve()
     elif s.adapter is not None:
         s.adapter.init_from_existing = None  # --base, or the checkpoint's weights replace it
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
 
     # The prompts' embeddings, in the training dataset's text cache (encoded only if missing).
     cache = DatasetCache(model, [], sample_prompts(config.samples, model), text_folder=config.dataset.directories[0].path)

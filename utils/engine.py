@@ -24,6 +24,9 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch.utils.checkpoint import checkpoint
 
+from training.lora import add_lora, init_lora, load_lora_into
+from training.objective import loss
+from training.weights import load_weights, make_trainable
 from utils import memory, memory_plan
 from utils.config import TrainConfig, pipeline_summary
 from utils.dtypes import DTYPES
@@ -287,7 +290,7 @@ def plan_stages(model, config: TrainConfig):
         # Before partitioning: "parameters" balances the trainable parameters, here all of them.
         transformer.requires_grad_(True)
     else:
-        model.add_lora(transformer, config.settings.adapter)
+        add_lora(model, transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
     method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
     names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
@@ -308,17 +311,17 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
     # blocks_to_swap: the swapped blocks' base weights go to CPU memory straight from disk, so the
     # device never holds all of them (BlockSwap takes them from there).
     swapped = {n for i in swapped_layer_indices(layers, s.blocks_to_swap, config.file) for n in layers[i].module_names}
-    model.load_weights(transformer, [n for n in local_names if n not in swapped], device)
+    load_weights(model, transformer, [n for n in local_names if n not in swapped], device)
     if swapped:
-        model.load_weights(transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
+        load_weights(model, transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
     if config.full_finetune:
-        model.make_trainable(transformer, DTYPES[config.trained_dtype])
+        make_trainable(transformer, DTYPES[config.trained_dtype])
     else:
-        model.init_lora(transformer, local_names, s.adapter, device, s.seed)
+        init_lora(transformer, local_names, s.adapter, device, s.seed)
         if s.adapter.init_from_existing:
             from pathlib import Path
 
-            model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+            load_lora_into(model, transformer, Path(s.adapter.init_from_existing), s.adapter)
         if config.model.transformer_dtype == "float8":
             from utils.float8 import quantize_lora_base_layers
 
@@ -352,8 +355,8 @@ def apply_attention_backend(transformer, name: str, device: torch.device, dtype:
 
 
 def block_layer_indices(layers) -> list[int]:
-    """The transformer-block layers: every layer but the input (first) and output (last) ones."""
-    return list(range(1, len(layers) - 1))
+    """The transformer-block layers (kind "block")."""
+    return [i for i, layer in enumerate(layers) if layer.kind == "block"]
 
 
 def swapped_layer_indices(layers, blocks_to_swap: int, config_file=None) -> list[int]:
@@ -430,7 +433,7 @@ def build_engine(model, config: TrainConfig, rank: int, world: int, device: torc
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
-        layers=layers, loss_fn=model.loss, topology=topology,
+        layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
         partition_method=method,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from models.pipeline_layers import named_weights
+from training.lora import lora_state_dict, save_lora
 from utils.config import TrainConfig
 from utils.faults import disk_full, disk_full_error, pause_for_fault_tests, remove_quietly
-from utils.pipeline_layers import named_weights
 from utils.schema import ConfigError
 from utils.secrets import redact, redacted
 
@@ -124,7 +125,7 @@ def find_run_with_checkpoint(output_dir: Path, resume: str) -> Path:
 
 def gather_adapter(model, transformer, engine, rank: int, world: int) -> dict[str, torch.Tensor] | None:
     """All LoRA weights on rank 0 (each pipeline stage holds a slice); None elsewhere."""
-    local = model.lora_state_dict(transformer) if engine.grid.get_data_parallel_rank() == 0 else {}
+    local = lora_state_dict(transformer) if engine.grid.get_data_parallel_rank() == 0 else {}
     if world == 1:
         return local
     gathered = [None] * world if rank == 0 else None
@@ -153,9 +154,9 @@ def save_adapter(model, transformer, engine, adapter, out_dir: Path, dtype: torc
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        files = model.save_lora(lora, adapter, tmp, dtype)
+        files = save_lora(model, lora, adapter, tmp, dtype)
         if averaged is not None:
-            files += model.save_lora(averaged, adapter, tmp / "ema", dtype)
+            files += save_lora(model, averaged, adapter, tmp / "ema", dtype)
     except Exception as e:
         remove_quietly(tmp)
         if disk_full(e, out_dir.parent):

@@ -8,11 +8,13 @@ import signal
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from training.objective import training_example
 from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
@@ -122,7 +124,7 @@ class Trainer:
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.dp_rank, s.gradient_accumulation_steps):
-            yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
+            yield collate(partial(training_example, self.model), self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
@@ -132,7 +134,7 @@ class Trainer:
             total = torch.zeros(2, dtype=torch.float64)
             for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(self.dp_rank, self.dp_world):
                 weight = sum(slot.weight for slot in batch)
-                inputs = iter([collate(self.model, reader, batch, s.seed, f"eval/{name}", 0)])
+                inputs = iter([collate(partial(training_example, self.model), reader, batch, s.seed, f"eval/{name}", 0)])
                 loss = self.engine.eval_batch(inputs, num_micro_batches=1)
                 total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64)
             if self.dp_world > 1:
