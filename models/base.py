@@ -20,7 +20,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from models.key_layout import Keymap
+from models.keymaps.keymap import Keymap
 from models.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields
 from utils.buckets import check_frame_buckets, check_resolutions
 from utils.config import Dataset, ModelConfig
@@ -43,7 +43,7 @@ class ModelRecipe:
     pipeline_class: ClassVar[type]
     default_lora_targets: ClassVar[str | list[str]]  # peft target_modules: names or one regex
     input_fields: ClassVar[PipelineFields]
-    # The map between diffusers' weight names and the original release's (models/key_layout.py):
+    # The map between diffusers' weight names and the original release's (models/keymaps/keymap.py):
     # it reads a single-file `transformer_path`, writes the original-layout full model and the
     # ComfyUI LoRA, and reads LoRAs saved on original names. None: the release uses diffusers' names.
     keymap: ClassVar[type[Keymap] | None] = None

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from models.base import ModelRecipe
-from models.flux_layout import FluxLayout
+from models.keymaps.flux import FluxKeymap
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
 from utils.schema import check, key
@@ -108,7 +108,7 @@ class FluxModel(ModelRecipe):
     vae_class = AutoencoderKL
     pipeline_class = FluxPipeline
     input_fields = FLUX_INPUTS
-    keymap = FluxLayout  # the BFL release / ComfyUI layout (flux1-dev.safetensors)
+    keymap = FluxKeymap  # the BFL release / ComfyUI layout (flux1-dev.safetensors)
     # Every attention projection and MLP linear of the double and single blocks.
     default_lora_targets = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
                             r"|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)")
@@ -117,11 +117,8 @@ class FluxModel(ModelRecipe):
     # activations: about 2/3 of the block activation memory saved for 2/3 of the recompute of
     # `true` (per token both kinds keep about the same and cost about the same FLOPs).
     selective_checkpoint_layers = ("FluxSingleBlockLayer",)
-    # Per token (image + text), by bench/activation_factors.py: saved_tensors_hooks on the layers as
-    # the trainer sets them up, bf16 autocast, FLUX.1-dev's width (3072) with 2 + 2 blocks at
-    # 1024x1024 and 512 text tokens; within 3% at 512x512 and at width 1024. LoRA (rank 32, float32
-    # adapter weights, the steady-state block: the first keeps less); full fine-tuning keeps 21%
-    # (double) and 13% (single) more. tests/test_memory.py re-measures them at a small size.
+    # Per token (image + text); measured by bench/activation_factors.py (docs/benchmarks.md,
+    # "Activation factors"); tests/test_memory.py re-measures them at a small size.
     activation_factors = {"FluxInputLayer": 0.0, "FluxDoubleBlockLayer": 23.3, "FluxSingleBlockLayer": 22.3,
                           "FluxFinalLayer": 1.0}
     full_finetune_activation_factors = {"FluxInputLayer": 0.2, "FluxDoubleBlockLayer": 28.2,

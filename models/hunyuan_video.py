@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
 from models.base import ModelRecipe
-from models.hunyuan_layout import HunyuanLayout
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
 from utils.schema import ConfigError, check, key
@@ -160,7 +160,7 @@ class HunyuanVideoModel(ModelRecipe):
     pipeline_class = HunyuanVideoPipeline
     input_fields = HUNYUAN_INPUTS
     # The Tencent release / ComfyUI layout (the release's own code loads the same keys from a .pt file).
-    keymap = HunyuanLayout
+    keymap = HunyuanVideoKeymap
     # Every attention projection and MLP linear of the dual- and single-stream blocks (the token
     # refiner's blocks can be added with adapter.target_modules).
     default_lora_targets = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
@@ -171,11 +171,8 @@ class HunyuanVideoModel(ModelRecipe):
     # activations: about 2/3 of the block activation memory saved for 2/3 of the recompute of
     # `true` (per token both kinds keep about the same and cost about the same FLOPs).
     selective_checkpoint_layers = ("HunyuanSingleBlockLayer",)
-    # Per token (video + text), by bench/activation_factors.py: saved_tensors_hooks on the layers as
-    # the trainer sets them up, bf16 autocast, the release's width (3072) with 2 + 2 blocks at
-    # 512x512x33 (9216 video tokens) and 256 text tokens; the same at 512x512x9. LoRA (rank 32,
-    # float32 adapter weights, the steady-state block: the first keeps less); full fine-tuning keeps
-    # 11% (dual) and 8% (single) more.
+    # Per token (video + text); measured by bench/activation_factors.py (docs/benchmarks.md,
+    # "Activation factors").
     activation_factors = {"HunyuanInputLayer": 0.0, "HunyuanDoubleBlockLayer": 25.3,
                           "HunyuanSingleBlockLayer": 24.3, "HunyuanFinalLayer": 1.0}
     full_finetune_activation_factors = {"HunyuanInputLayer": 1.1, "HunyuanDoubleBlockLayer": 28.2,

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
 from models.base import ModelRecipe
-from models.ltx_layout import LTXVideoKeymap
+from models.keymaps.ltx_video import LTXVideoKeymap
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from utils.config import ModelConfig
 from utils.schema import check, key
@@ -133,11 +133,8 @@ class LTXVideoModel(ModelRecipe):
     max_shift = 2.05
     # No "selective" checkpointing: DeepSpeed picks the layers to recompute by class name, and the
     # blocks are all of one kind (a selective mode would need classes for, say, odd and even blocks).
-    # Per video token (the 128 text tokens' cross-attention keys and values are in the factor), by
-    # bench/activation_factors.py: saved_tensors_hooks on the layers as the trainer sets them up,
-    # bf16 autocast, the release's width (2048) with 2 blocks at 768x512x49 (2688 video tokens);
-    # within 2% from 1024 to 4992 video tokens. LoRA (rank 32, float32 adapter weights, the second
-    # block: the first keeps less); full fine-tuning keeps 16% more.
+    # Per video token (the text tokens' cross-attention keys and values are in the factor);
+    # measured by bench/activation_factors.py (docs/benchmarks.md, "Activation factors").
     activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 37.5, "LTXFinalLayer": 1.0}
     full_finetune_activation_factors = {"LTXInputLayer": 0.3, "LTXBlockLayer": 43.4, "LTXFinalLayer": 3.0}
     # LTXPipeline's: 704x512, 161 frames, 50 steps, classifier-free guidance 3 on a negative prompt.

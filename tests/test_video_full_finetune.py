@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from models import get_model_class
-from models.hunyuan_layout import HunyuanLayout
-from models.key_layout import detect_original_prefix
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.keymaps.keymap import detect_original_prefix
 from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
 from utils.saving import ORIGINAL_LAYOUT_FILE, stage_weights
 
@@ -147,7 +147,7 @@ def from_original_layout(name: str, folder: Path):
         return cls.from_single_file(str(file), config=str(folder), subfolder="transformer", local_files_only=True)
     config = cls.load_config(folder / "transformer")
     transformer = cls.from_config(config)
-    transformer.load_state_dict(HunyuanLayout.original_to_diffusers(load_file(file), config), strict=True)
+    transformer.load_state_dict(HunyuanVideoKeymap.original_to_diffusers(load_file(file), config), strict=True)
     return transformer
 
 

@@ -20,9 +20,9 @@ from conftest import launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from models import get_model_class
-from models.hunyuan_layout import HunyuanLayout
-from models.key_layout import detect_original_prefix
-from models.ltx_layout import LTXVideoKeymap
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.keymaps.keymap import detect_original_prefix
+from models.keymaps.ltx_video import LTXVideoKeymap
 from training.lora import add_lora, init_lora, lora_state_dict, save_lora
 from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.config import BUCKET_DEFAULTS, AdapterConfig, BucketSettings, Dataset, ResolvedDirectory
@@ -316,7 +316,7 @@ def test_encode_pixels(video_models, name):
 def test_hunyuan_layout_round_trip(video_models):
     folder = video_models / "hunyuan-video"
     sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    original = HunyuanLayout.diffusers_to_original(sd)
+    original = HunyuanVideoKeymap.diffusers_to_original(sd)
     inner = 2 * 16
     assert original["double_blocks.0.img_attn_qkv.weight"].shape == (3 * inner, inner)
     assert original["double_blocks.1.txt_attn_qkv.bias"].shape == (3 * inner,)
@@ -325,19 +325,19 @@ def test_hunyuan_layout_round_trip(video_models):
     assert "final_layer.adaLN_modulation.1.weight" in original and "guidance_in.mlp.0.weight" in original
     assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks", "context_embedder")) for k in original)
     config = make_model("hunyuan-video", video_models).transformer_config()
-    for back in (HunyuanLayout.original_to_diffusers(original),
-                 HunyuanLayout.original_to_diffusers(original, config),
-                 HunyuanLayout.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
+    for back in (HunyuanVideoKeymap.original_to_diffusers(original),
+                 HunyuanVideoKeymap.original_to_diffusers(original, config),
+                 HunyuanVideoKeymap.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
         assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # The tiny model's single-file stand-in, read lazily key by key (also from a .pt file).
     keys = sorted(sd)
-    lazy = HunyuanLayout.load_diffusers_keys_from_original(folder / ORIGINAL_FILE["hunyuan-video"], keys, config)
+    lazy = HunyuanVideoKeymap.load_diffusers_keys_from_original(folder / ORIGINAL_FILE["hunyuan-video"], keys, config)
     assert all(torch.equal(lazy[k], sd[k]) for k in keys)
     torch.save({"module": original}, video_models / "hunyuan-original.pt")
-    lazy = HunyuanLayout.load_diffusers_keys_from_original(video_models / "hunyuan-original.pt", keys, config)
+    lazy = HunyuanVideoKeymap.load_diffusers_keys_from_original(video_models / "hunyuan-original.pt", keys, config)
     assert all(torch.equal(lazy[k], sd[k]) for k in keys)
     with pytest.raises(ValueError, match="not in the HunyuanVideo"):
-        HunyuanLayout.original_to_diffusers({**original, "double_blocks.0.unknown.weight": torch.zeros(1)})
+        HunyuanVideoKeymap.original_to_diffusers({**original, "double_blocks.0.unknown.weight": torch.zeros(1)})
 
 
 def test_ltx_layout_round_trip_and_diffusers_single_file_loader(video_models):
@@ -440,7 +440,7 @@ def test_hunyuan_fused_lora_is_blockdiagonal():
     parts = {m: (torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)) for m in ("attn.to_q", "attn.to_v")}
     lora = {f"transformer.single_transformer_blocks.0.{m}.lora_{x}.weight": t
             for m, (a, b) in parts.items() for x, t in (("A", a), ("B", b))}
-    out = HunyuanLayout.lora_to_original(lora, {"num_attention_heads": 2, "attention_head_dim": 4, "mlp_ratio": 2.0})
+    out = HunyuanVideoKeymap.lora_to_original(lora, {"num_attention_heads": 2, "attention_head_dim": 4, "mlp_ratio": 2.0})
     a, b = out["diffusion_model.single_blocks.0.linear1.lora_A.weight"], out["diffusion_model.single_blocks.0.linear1.lora_B.weight"]
     assert a.shape == (6, 8) and b.shape == (3 * 8 + 16, 6)
     delta = b @ a
@@ -465,7 +465,7 @@ def test_hunyuan_layout_matches_diffusers_single_file_loader(tmp_path):
     shapes.save_config(tmp_path / "transformer")
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(v.shape, generator=g).to(torch.bfloat16) for k, v in shapes.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in HunyuanLayout.diffusers_to_original(sd).items()},
+    save_file({k: v.contiguous() for k, v in HunyuanVideoKeymap.diffusers_to_original(sd).items()},
               str(tmp_path / "original.safetensors"))
     loaded = HunyuanVideoTransformer3DModel.from_single_file(
         str(tmp_path / "original.safetensors"), config=str(tmp_path), subfolder="transformer", local_files_only=True,

@@ -21,9 +21,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.flux_layout import FluxLayout  # noqa: E402
-from models.hunyuan_layout import HunyuanLayout  # noqa: E402
-from models.ltx_layout import LTXVideoKeymap  # noqa: E402
+from models.keymaps.flux import FluxKeymap  # noqa: E402
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap  # noqa: E402
+from models.keymaps.ltx_video import LTXVideoKeymap  # noqa: E402
 
 SEED = 0
 
@@ -249,7 +249,7 @@ def make_tiny_flux(out_dir: Path) -> Path:
     )
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (flux1-dev.safetensors layout).
-    original = {k: v.contiguous() for k, v in FluxLayout.diffusers_to_original(transformer.state_dict()).items()}
+    original = {k: v.contiguous() for k, v in FluxKeymap.diffusers_to_original(transformer.state_dict()).items()}
     save_file(original, str(target / "flux1-tiny-original.safetensors"))
     return target
 
@@ -302,7 +302,7 @@ def make_tiny_hunyuan_video(out_dir: Path) -> Path:
     )
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (original HunyuanVideo / ComfyUI layout).
-    original = HunyuanLayout.diffusers_to_original(transformer.state_dict())
+    original = HunyuanVideoKeymap.diffusers_to_original(transformer.state_dict())
     save_file({k: v.contiguous() for k, v in original.items()}, str(target / "hunyuan-video-tiny-original.safetensors"))
     return target
 

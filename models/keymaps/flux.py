@@ -1,9 +1,9 @@
-"""Flux transformer key layout: diffusers <-> original (BFL release / ComfyUI) layout.
+"""The Flux key map: diffusers <-> original (BFL release / ComfyUI) weight names.
 
-The whole mapping is one declarative table (``flux_layout``): each entry names one module of the
+The whole mapping is one declarative table (``flux_table``): each entry names one module of the
 original checkpoint and the diffusers module(s) it holds, concatenated along dim 0 in order.
 Every conversion (weights both ways, lazy per-key loading, LoRA export) reads that table; the
-machinery is shared with the other models in models/key_layout.py.
+machinery is shared with the other models in models/keymaps/keymap.py.
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config
 or from tensor shapes, so this works at any model size (diffusers' own converter assumes 3072).
@@ -11,7 +11,7 @@ or from tensor shapes, so this works at any model size (diffusers' own converter
 
 from __future__ import annotations
 
-from models.key_layout import Layout, LayoutEntry, block, entry, kohya_lora, repeat
+from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, repeat
 
 # (diffusers parameter name, original parameter name)
 RMS_NORM = (("weight", "scale"),)
@@ -60,18 +60,18 @@ _FINAL = (
 )
 
 
-def flux_layout(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[LayoutEntry, ...]:
+def flux_table(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[KeymapEntry, ...]:
     """The full mapping table for a Flux transformer of the given depth."""
     entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
     entries += repeat(_DOUBLE_BLOCK, num_layers) + repeat(_SINGLE_BLOCK, num_single_layers)
     return tuple(entries + list(_FINAL))
 
 
-class FluxLayout(Layout):
-    """A ``flux_layout`` table with lookups by original and by diffusers module name."""
+class FluxKeymap(TableKeymap):
+    """The ``flux_table`` with lookups by original and by diffusers module name."""
 
     name = "Flux"
-    table = staticmethod(flux_layout)
+    table = staticmethod(flux_table)
     image_in_weight = "img_in.weight"
 
     @classmethod

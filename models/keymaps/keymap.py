@@ -2,10 +2,10 @@
 
 ``Keymap`` is what every model's key map offers the rest of the program: weights both ways, lazy
 per-key loading from a single file, LoRA export, and what reading an original-layout LoRA needs.
-Two shapes implement it. ``Layout``: one declarative table of ``LayoutEntry``, each naming one
+Two shapes implement it. ``TableKeymap``: one declarative table of ``KeymapEntry``, each naming one
 module of the original checkpoint and the diffusers module(s) it holds, concatenated along dim 0
-in order (models/flux_layout.py, models/hunyuan_layout.py). ``RenameKeymap``: layouts that differ
-by module names only, a table of renames (models/ltx_layout.py).
+in order (models/keymaps/flux.py, models/keymaps/hunyuan_video.py). ``RenameKeymap``: layouts
+that differ by module names only, a table of renames (models/keymaps/ltx_video.py).
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config or
 from tensor shapes, so conversions work at any model size.
@@ -21,28 +21,6 @@ from typing import Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 from safetensors import safe_open
 
-__all__ = [
-    "Keymap",
-    "RenameKeymap",
-    "LINEAR",
-    "ORIGINAL_PREFIXES",
-    "LORA_SUFFIXES",
-    "LayoutEntry",
-    "Layout",
-    "entry",
-    "block",
-    "repeat",
-    "block_counts",
-    "attention_dims",
-    "DOUBLE_BLOCK_RE",
-    "SINGLE_BLOCK_RE",
-    "GUIDANCE_PREFIXES",
-    "single_stream_dims",
-    "detect_original_prefix",
-    "parse_lora_keys",
-    "kohya_lora",
-]
-
 # (diffusers parameter name, original parameter name)
 LINEAR = (("weight", "weight"), ("bias", "bias"))
 
@@ -53,7 +31,7 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 @dataclass(frozen=True)
-class LayoutEntry:
+class KeymapEntry:
     """One original module and the diffusers module(s) it holds, fused along dim 0 in this order."""
 
     original: str
@@ -71,8 +49,8 @@ class LayoutEntry:
     def original_param(self, diffusers_param: str) -> str | None:
         return dict(self.params).get(diffusers_param)
 
-    def format(self, i: int) -> "LayoutEntry":
-        return LayoutEntry(
+    def format(self, i: int) -> "KeymapEntry":
+        return KeymapEntry(
             self.original.format(i=i),
             tuple(d.format(i=i) for d in self.diffusers),
             self.params,
@@ -82,17 +60,17 @@ class LayoutEntry:
 
 
 # --- Building tables ------------------------------------------------------------------------------
-def entry(original, *diffusers, params=LINEAR, dims=(), swap=False) -> LayoutEntry:
+def entry(original, *diffusers, params=LINEAR, dims=(), swap=False) -> KeymapEntry:
     """A table entry: ``dims`` are the parts' symbolic sizes, ``swap`` the (shift, scale) half swap."""
-    return LayoutEntry(original, tuple(diffusers), params, tuple(dims), swap)
+    return KeymapEntry(original, tuple(diffusers), params, tuple(dims), swap)
 
 
-def block(original_prefix: str, diffusers_prefix: str, rows) -> tuple[LayoutEntry, ...]:
+def block(original_prefix: str, diffusers_prefix: str, rows) -> tuple[KeymapEntry, ...]:
     """Entries of one block from rows (original module, [diffusers modules], entry() keywords)."""
     return tuple(entry(original_prefix + o, *(diffusers_prefix + d for d in ds), **kw) for o, ds, kw in rows)
 
 
-def repeat(block_entries: Iterable[LayoutEntry], n: int) -> list[LayoutEntry]:
+def repeat(block_entries: Iterable[KeymapEntry], n: int) -> list[KeymapEntry]:
     """A block's entries ("{i}" in their names) for blocks 0 .. n-1, in block order."""
     block_entries = tuple(block_entries)
     return [e.format(i) for i in range(n) for e in block_entries]
@@ -229,7 +207,7 @@ class Keymap:
         return cls.lora_to_original(lora_state_dict, config)
 
     @classmethod
-    def original_modules(cls, config: Mapping) -> tuple["Layout | None", dict[str, int]]:
+    def original_modules(cls, config: Mapping) -> tuple["TableKeymap | None", dict[str, int]]:
         """(the table of fused original modules, its part sizes), to read LoRAs saved on original
         module names; (None, {}) where the layouts differ by names only."""
         return None, {}
@@ -240,9 +218,9 @@ class Keymap:
         return None
 
 
-# --- The layout -----------------------------------------------------------------------------------
+# --- Key maps from a table of entries ------------------------------------------------------------
 @dataclass
-class Layout(Keymap):
+class TableKeymap(Keymap):
     """A mapping table with lookups by original and by diffusers module name, and the conversions.
 
     Subclasses give ``name`` (for error messages), the table builder (``table``, called with the
@@ -252,9 +230,9 @@ class Layout(Keymap):
     (from the config, or big enough for the keys it is given).
     """
 
-    entries: tuple[LayoutEntry, ...]
-    by_original: dict[str, LayoutEntry] = field(init=False)
-    by_diffusers: dict[str, tuple[LayoutEntry, int]] = field(init=False)
+    entries: tuple[KeymapEntry, ...]
+    by_original: dict[str, KeymapEntry] = field(init=False)
+    by_diffusers: dict[str, tuple[KeymapEntry, int]] = field(init=False)
 
     # Whether load_diffusers_keys_from_original also reads torch .pt / .pth / .bin files.
     reads_torch_files: ClassVar[bool] = False
@@ -266,7 +244,7 @@ class Layout(Keymap):
     # ---------------------------------------------------------------- per model
     # The table for the count of each repeated block kind (in ``block_patterns`` order) and
     # whether the guidance embedder is there: a staticmethod of the subclass.
-    table: ClassVar[Callable[..., tuple[LayoutEntry, ...]]]
+    table: ClassVar[Callable[..., tuple[KeymapEntry, ...]]]
     # Each repeated block kind: a regex matching its diffusers and original keys (group 1: the
     # block index), and the config key that counts it with its default (None: required).
     block_patterns: ClassVar[tuple[re.Pattern, ...]] = (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE)
@@ -275,14 +253,14 @@ class Layout(Keymap):
     image_in_weight: ClassVar[str]
 
     @classmethod
-    def for_config(cls, config: Mapping) -> "Layout":
-        """Layout for a diffusers transformer config (``model.config`` or config.json dict)."""
+    def for_config(cls, config: Mapping) -> "TableKeymap":
+        """The table for a diffusers transformer config (``model.config`` or config.json dict)."""
         counts = [config[k] if default is None else config.get(k, default) for k, default in cls.block_config]
         return cls(cls.table(*counts, config.get("guidance_embeds", True)))
 
     @classmethod
-    def from_keys(cls, keys: Iterable[str]) -> "Layout":
-        """Layout big enough for the given (unprefixed) original or diffusers keys."""
+    def from_keys(cls, keys: Iterable[str]) -> "TableKeymap":
+        """A table big enough for the given (unprefixed) original or diffusers keys."""
         keys = list(keys)
         counts = block_counts(keys, cls.block_patterns)
         return cls(cls.table(*counts, any(k.startswith(GUIDANCE_PREFIXES) for k in keys)))
@@ -298,7 +276,7 @@ class Layout(Keymap):
         return single_stream_dims(sd, cls.image_in_weight)
 
     @classmethod
-    def original_modules(cls, config: Mapping) -> tuple["Layout", dict[str, int]]:
+    def original_modules(cls, config: Mapping) -> tuple["TableKeymap", dict[str, int]]:
         return cls.for_config(config), cls.dims(config)
 
     # ---------------------------------------------------------------- conversions
@@ -339,7 +317,7 @@ class Layout(Keymap):
 
     def _to_diffusers(self, wanted_keys: list[str], get_original_tensor, dims: Mapping[str, int]):
         # Group wanted keys by the original tensor they come from, so each fused tensor is read once.
-        plan: dict[str, tuple[LayoutEntry, list[tuple[str, int]]]] = {}
+        plan: dict[str, tuple[KeymapEntry, list[tuple[str, int]]]] = {}
         unknown = []
         for key in wanted_keys:
             module, param = _split_param(key)

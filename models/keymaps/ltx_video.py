@@ -1,13 +1,13 @@
-"""LTX-Video transformer key map: diffusers <-> original (Lightricks release / ComfyUI) layout.
+"""The LTX-Video key map: diffusers <-> original (Lightricks release / ComfyUI) layout.
 
 The original layout keeps q, k and v separate and names most modules as diffusers does, so the
-map is renames only (models/key_layout.RenameKeymap). The release file holds the transformer under
+map is renames only (models/keymaps/keymap.RenameKeymap). The release file holds the transformer under
 "model.diffusion_model." beside the VAE ("vae."); conversions strip that prefix and leave the VAE out.
 """
 
 from __future__ import annotations
 
-from models.key_layout import RenameKeymap
+from models.keymaps.keymap import RenameKeymap
 
 
 class LTXVideoKeymap(RenameKeymap):
