@@ -126,7 +126,6 @@ class FluxModel(ModelRecipe):
     # FluxPipeline's: 1024x1024 (its default sample size), 28 steps, embedded guidance 3.5.
     sample_defaults = {"width": 1024, "height": 1024, "frames": 1, "steps": 28, "guidance": 3.5}
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",

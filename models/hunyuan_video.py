@@ -181,7 +181,6 @@ class HunyuanVideoModel(ModelRecipe):
     sample_defaults = {"width": 1280, "height": 720, "frames": 129, "steps": 50, "guidance": 6.0}
     decode_tiled = True
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature(

@@ -142,7 +142,6 @@ class LTXVideoModel(ModelRecipe):
     sample_guidance = "classifier_free"
     decode_tiled = True
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "text_encoder",

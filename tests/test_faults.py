@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -305,6 +306,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
 
 def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tiny_models, monkeypatch):
     import safetensors.torch
+
+    import training.lora
     from utils.config import AdapterConfig
     from utils.saving import save_adapter
 
@@ -314,7 +317,8 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     add_lora(model, transformer, adapter)
     lora = {n.replace(".default.", "."): torch.full(p.shape, 0.5) for n, p in transformer.named_parameters()
             if "lora_" in n}
-    monkeypatch.setattr(model, "lora_state_dict", lambda transformer: lora)
+    # What this process gathers (its materialised LoRA weights), replaced where save_adapter reads it.
+    monkeypatch.setattr(sys.modules[save_adapter.__module__], "lora_state_dict", lambda transformer: lora)
 
     class Grid:
         def get_data_parallel_rank(self):
@@ -325,13 +329,13 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
-    real_save_file = safetensors.torch.save_file
+    real_save_file = training.lora.save_file
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\x00" * 64)
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(training.lora, "save_file", full_disk)
     lora = {k: v * 2 for k, v in lora.items()}
     with pytest.raises(OSError) as info:
         save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
@@ -340,7 +344,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
                                     "space on that disk and run again.")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert no_leftovers(tmp_path) == []
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    monkeypatch.setattr(training.lora, "save_file", real_save_file)
 
 
 @pytest.fixture
