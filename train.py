@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from parallel.launch import init_distributed
     from parallel.stages import make_topology
     from saving.run_dir import create_run_dir
+    from training.preflight import check_inputs
     from training.sampling import sample_prompts
     from training.trainer import Run, Trainer, total_steps
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
     # The model files and the LoRA to start from, by their headers: before hours of caching.
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import get_model_class  # noqa: E402
+from training.lora import add_lora, init_lora  # noqa: E402
 from config.train_config import AdapterConfig  # noqa: E402
 
 # The released transformers (diffusers' defaults are LTX-Video 0.9's and HunyuanVideo's).
@@ -101,9 +102,9 @@ def set_up(model, transformer, full: bool, rank: int = 32):
         transformer.requires_grad_(True)
         return model.pipeline_layers(transformer)
     adapter = AdapterConfig(rank=rank, alpha=float(rank))
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     layers = model.pipeline_layers(transformer)
-    model.init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
+    init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
                     torch.device("cpu"), seed=0)
     return layers
 
@@ -175,8 +176,8 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
     (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
     from config.train_config import OptimizerConfig, TrainConfig, TrainConfigFile
-    from parallel.stages import plan_stages
     from memory.estimate import estimate as estimate_memory
+    from parallel.stages import plan_stages
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:

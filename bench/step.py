@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training import objective  # noqa: E402
+
 MODES = ("engine", "layers", "diffusers")
 # --checkpointing as the trainer's activation_checkpointing setting.
 CHECKPOINTING = {"off": False, "on": True, "selective": "selective"}
@@ -100,7 +102,7 @@ def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]
 
 def synthetic_batch(model, width: int, height: int, frames: int, batch: int, device):
     """(inputs, labels) on `device` as the trainer's collate makes them from the cache."""
-    from models.base import generator_for
+    from utils.seeding import generator_for
 
     model.load_text_encoders(device)
     with torch.no_grad():
@@ -109,7 +111,7 @@ def synthetic_batch(model, width: int, height: int, frames: int, batch: int, dev
     text = {k: torch.stack([item[k] for item in items]).cpu() for k in items[0]}
     latents = torch.randn(batch, *latent_shape(model, width, height, frames),
                           generator=torch.Generator().manual_seed(0)).to(model.dtype)
-    inputs, labels = model.training_example(latents, text, [generator_for(0, "bench", i) for i in range(batch)])
+    inputs, labels = objective.training_example(model, latents, text, [generator_for(0, "bench", i) for i in range(batch)])
     move = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
     return move(inputs), move(labels)
 
@@ -204,8 +206,8 @@ def engine_step(model, config, device, inputs, labels, tokens):
 def layers_step(model, config, device, inputs, labels, tokens):
     from torch.utils.checkpoint import checkpoint
 
-    from training.optimizers import build_optimizer
     from memory.checkpointing import checkpointed
+    from training.optimizers import build_optimizer
 
     s = config.settings
     transformer, layers = our_layers(model, config, device)
@@ -224,7 +226,7 @@ def layers_step(model, config, device, inputs, labels, tokens):
         x = inputs
         for layer, again in zip(layers, recompute):
             x = checkpoint(layer, x, use_reentrant=False) if again else layer(x)
-        loss = model.loss(x, labels)
+        loss = objective.loss(model, x, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -262,7 +264,7 @@ def diffusers_step(model, config, device, inputs, labels, tokens):
     def step():
         with torch.autocast(device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
             prediction = model.reference_forward(transformer, named)
-        loss = model.loss(prediction, labels)
+        loss = objective.loss(model, prediction, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, s.gradient_clipping)
         opt.step()

@@ -37,7 +37,7 @@ class ModelConfig:
     mode_scale: float = 1.29
     shift: Optional[float] = None
     resolution_dependent_shift: bool = False
-    # Sampled timesteps are scaled into [min_timestep, max_timestep] (utils/objective.py).
+    # Sampled timesteps are scaled into [min_timestep, max_timestep] (training/objective.py).
     min_timestep: float = 0.0
     max_timestep: float = 1.0
     loss_type: Literal["mse", "l1", "huber", "pseudo_huber"] = "mse"
@@ -280,7 +280,7 @@ class TrainConfigFile:
     # Pretend each GPU has this many GiB (and on CUDA, limit the process to it): the memory plan
     # (memory/plan.py) chooses for this size; also makes the plan work on CPU.
     memory_budget_gib: Optional[float] = None
-    # torch.compile every pipeline layer (utils/pipeline_layers.PipelineLayer.compile_run).
+    # torch.compile every pipeline layer (models/pipeline_layers.PipelineLayer.compile_run).
     compile: bool = False
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
     # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from data.cache import CacheReader
-from models.base import generator_for
+from utils.seeding import generator_for
 
 # Fixed timesteps for evaluation: the same weights always give the same eval loss.
 EVAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -124,8 +124,9 @@ def training_text(reader: CacheReader, slot: Slot, seed: int, epoch: int) -> str
     return None
 
 
-def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int, train: bool = False):
-    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by the model.
+def collate(example, reader: CacheReader, batch: list[Slot], seed: int, tag: str, epoch: int, train: bool = False):
+    """(inputs, labels) for one micro-batch: cached tensors stacked, then noised by `example`
+    (training/objective.training_example with the recipe bound, as the trainer passes it).
     `train`: caption dropout and shuffling apply (evaluation sees the captions as written)."""
     loaded = [reader.load(s.index, training_text(reader, s, seed, epoch) if train else None) for s in batch]
     latents = torch.stack([lat["latents"] for lat, _ in loaded])
@@ -135,4 +136,4 @@ def collate(model, reader: CacheReader, batch: list[Slot], seed: int, tag: str, 
     if batch[0].timestep is not None:
         timesteps = torch.tensor([s.timestep for s in batch], dtype=torch.float32)
     weights = torch.tensor([s.weight for s in batch], dtype=torch.float32)
-    return model.training_example(latents, text, generators, timesteps=timesteps, weights=weights)
+    return example(latents, text, generators, timesteps=timesteps, weights=weights)

@@ -213,8 +213,8 @@ class BlockSwap:
 
 
 def block_layer_indices(layers) -> list[int]:
-    """The transformer-block layers: every layer but the input (first) and output (last) ones."""
-    return list(range(1, len(layers) - 1))
+    """The transformer-block layers (kind "block")."""
+    return [i for i, layer in enumerate(layers) if layer.kind == "block"]
 
 
 def swapped_layer_indices(layers, blocks_to_swap: int, config_file=None) -> list[int]:

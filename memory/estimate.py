@@ -3,7 +3,7 @@
 Weights, gradients and optimizer state follow from the parameter shapes and dtypes and are
 exact for the optimizers we build (tests/test_memory.py checks them against real optimizer
 steps). Activations are a rough model-specific figure: tokens x hidden size x bytes x a per-layer
-factor measured once (`DiffusionModel.activation_factors`, or `full_finetune_activation_factors`;
+factor measured once (`ModelRecipe.activation_factors`, or `full_finetune_activation_factors`;
 bench/activation_factors.py), by activation-checkpointing mode. Not counted: the
 CUDA context and allocator slack (often 1-2 GiB), and the pipeline's send/receive buffers.
 The total is the peak: gradients grow while the backward pass frees activations, and the step's
@@ -22,9 +22,9 @@ import torch
 from config.train_config import OptimizerConfig
 from memory.block_swap import BLOCK_SWAP_RESIDENT, block_layer_indices, swapped_layer_indices
 from memory.checkpointing import checkpointed
+from utils.dtypes import DTYPES
 
 GIB = 2**30
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bitsandbytes' 8-bit AdamW: tensors below this size keep float32 state; larger ones keep two
 # uint8 states plus a float32 scale per block of 256 values for each.
 BNB_MIN_8BIT_SIZE = 4096
@@ -122,14 +122,13 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
     in model.dtype and frozen, or with full fine-tuning trainable in the trained dtype."""
     s = config.settings
     base_dtype = DTYPES[config.trained_dtype if s.adapter is None else config.model.dtype]
-    # transformer_dtype = "float8": the LoRA base linears of the block layers (all but the first
-    # and last layer) keep a float8 weight and a float32 scale per output row (memory/float8.py).
+    # transformer_dtype = "float8": the LoRA base linears of the block layers keep a float8 weight
+    # and a float32 scale per output row (memory/float8.py).
     float8 = s.adapter is not None and config.model.transformer_dtype == "float8"
-    blocks = set(block_layer_indices(layers))
     out = []
-    for index, layer in enumerate(layers):
+    for layer in layers:
         infos = []
-        block = index in blocks
+        block = layer.kind == "block"
         for name, p in layer.named_parameters():
             if "lora_" in name:
                 info = ParamInfo(tuple(p.shape), DTYPES[s.adapter.dtype], True)

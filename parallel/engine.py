@@ -18,6 +18,7 @@ from memory.estimate import describe, estimate
 from memory.plan import device_budget, plan_memory
 from parallel.stages import (describe_partition, describe_targets, load_stage, make_topology, partition, plan_stages,
                              resolve_partition_method)
+from training.objective import loss
 from training.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.dist import Distributed
 from utils.errors import ConfigError
@@ -73,7 +74,7 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
     pipe = PipelineModule(
-        layers=layers, loss_fn=model.loss, topology=topology,
+        layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
         partition_method=method,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad

@@ -17,8 +17,10 @@ from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_a
 
 from config.train_config import TrainConfig
 from memory.block_swap import block_layer_indices, swapped_layer_indices
-from memory.estimate import DTYPES
 from memory.float8 import quantize_lora_base_layers
+from training.lora import add_lora, init_lora, load_lora_into
+from training.weights import load_weights, make_trainable
+from utils.dtypes import DTYPES
 from utils.errors import ConfigError
 
 
@@ -115,7 +117,7 @@ def plan_stages(model, config: TrainConfig):
         # Before partitioning: "parameters" balances the trainable parameters, here all of them.
         transformer.requires_grad_(True)
     else:
-        model.add_lora(transformer, config.settings.adapter)
+        add_lora(model, transformer, config.settings.adapter)
     layers = model.pipeline_layers(transformer)
     method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
     names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
@@ -136,15 +138,15 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
     # blocks_to_swap: the swapped blocks' base weights go to CPU memory straight from disk, so the
     # device never holds all of them (BlockSwap takes them from there).
     swapped = {n for i in swapped_layer_indices(layers, s.blocks_to_swap, config.file) for n in layers[i].module_names}
-    model.load_weights(transformer, [n for n in local_names if n not in swapped], device)
+    load_weights(model, transformer, [n for n in local_names if n not in swapped], device)
     if swapped:
-        model.load_weights(transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
+        load_weights(model, transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
     if config.full_finetune:
-        model.make_trainable(transformer, DTYPES[config.trained_dtype])
+        make_trainable(transformer, DTYPES[config.trained_dtype])
     else:
-        model.init_lora(transformer, local_names, s.adapter, device, s.seed)
+        init_lora(transformer, local_names, s.adapter, device, s.seed)
         if s.adapter.init_from_existing:
-            model.load_lora_into(transformer, Path(s.adapter.init_from_existing), s.adapter)
+            load_lora_into(model, transformer, Path(s.adapter.init_from_existing), s.adapter)
         if config.model.transformer_dtype == "float8":
             blocks = set(block_layer_indices(layers))
             block_modules = [transformer.get_submodule(n) for i in range(parts[stage], parts[stage + 1])

@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from models.pipeline_layers import named_weights
+from training.lora import lora_state_dict, save_lora
 from utils.atomic import replace_folder
 from utils.dist import Distributed
 from utils.faults import disk_full, disk_full_error, remove_quietly
-from utils.pipeline_layers import named_weights
 
 
 def gather_adapter(model, transformer, place: Distributed) -> dict[str, torch.Tensor] | None:
     """All LoRA weights on rank 0 (each pipeline stage holds a slice); None elsewhere."""
-    gathered = place.gather_object(model.lora_state_dict(transformer) if place.dp_rank == 0 else {})
+    gathered = place.gather_object(lora_state_dict(transformer) if place.dp_rank == 0 else {})
     if gathered is None:
         return None
     merged = {}
@@ -44,9 +45,9 @@ def save_adapter(model, transformer, adapter, out_dir: Path, dtype: torch.dtype,
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        files = model.save_lora(lora, adapter, tmp, dtype)
+        files = save_lora(model, lora, adapter, tmp, dtype)
         if averaged is not None:
-            files += model.save_lora(averaged, adapter, tmp / "ema", dtype)
+            files += save_lora(model, averaged, adapter, tmp / "ema", dtype)
     except Exception as e:
         remove_quietly(tmp)
         if disk_full(e, out_dir.parent):

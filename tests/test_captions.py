@@ -5,6 +5,8 @@ evaluation keeps the captions as written, and the choices depend on the seed onl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from config.train_config import load_train_config
@@ -13,6 +15,7 @@ from data.batches import Slot, collate, training_text
 from data.cache import shuffled_captions
 from data.prepare import prepare_dataset
 from models import get_model_class
+from training.objective import training_example
 from utils.dist import Distributed
 
 
@@ -43,8 +46,8 @@ def test_caption_dropout(tmp_path, tiny_models, image_dataset):
     for epoch in range(3):
         for index in range(len(plain)):
             batch = [Slot(index, 0)]
-            a_inputs, a_labels = collate(model, plain, batch, 0, "train", epoch, train=True)
-            b_inputs, b_labels = collate(model, dropping, batch, 0, "train", epoch, train=True)
+            a_inputs, a_labels = collate(partial(training_example, model), plain, batch, 0, "train", epoch, train=True)
+            b_inputs, b_labels = collate(partial(training_example, model), dropping, batch, 0, "train", epoch, train=True)
             drop = training_text(dropping, batch[0], 0, epoch) == empty_key
             dropped.append(drop)
             a, b = model.input_fields.unpack(a_inputs), model.input_fields.unpack(b_inputs)
@@ -54,7 +57,7 @@ def test_caption_dropout(tmp_path, tiny_models, image_dataset):
             if drop:
                 assert torch.equal(b["text"][0], empty["text"].to(b["text"].dtype))
             # evaluation keeps the captions
-            e_inputs, _ = collate(model, dropping, batch, 0, "eval/x", epoch)
+            e_inputs, _ = collate(partial(training_example, model), dropping, batch, 0, "eval/x", epoch)
             assert torch.equal(model.input_fields.unpack(e_inputs)["text"], a["text"])
     assert 0.25 < sum(dropped) / len(dropped) < 0.75
 
@@ -89,11 +92,11 @@ def test_caption_shuffling(tmp_path, tiny_models, image_dataset):
             c = shuffling.samples[index]
             assert key in {k for _, k in c.variants}
             used.add((index, key))
-            (a_inputs, a_labels), (b_inputs, b_labels) = (collate(model, r, batch, 0, "train", epoch, train=True)
+            (a_inputs, a_labels), (b_inputs, b_labels) = (collate(partial(training_example, model), r, batch, 0, "train", epoch, train=True)
                                                           for r in (plain, shuffling))
             assert torch.equal(a_labels[0], b_labels[0])  # the same noise and timesteps
             b = model.input_fields.unpack(b_inputs)
             assert torch.equal(b["text"][0], shuffling.text_stores[c.folder].get(key)["text"].to(b["text"].dtype))
-            e_inputs, _ = collate(model, shuffling, batch, 0, "eval/x", epoch)
+            e_inputs, _ = collate(partial(training_example, model), shuffling, batch, 0, "eval/x", epoch)
             assert torch.equal(model.input_fields.unpack(e_inputs)["text"], model.input_fields.unpack(a_inputs)["text"])
     assert len(used) > len(plain)  # samples see different variants over the epochs

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from data.prepare import prepare_dataset
 from data.tensor_store import TensorStore
 from models import get_model_class
 from models.flux import FluxConfig, FluxModel
+from training.lora import add_lora
 from training.optimizers import ClippedAdamW
 from utils.dist import Distributed
 
@@ -307,27 +309,30 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
 
 def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tiny_models, monkeypatch):
     import safetensors.torch
+
+    import training.lora
     from config.train_config import AdapterConfig
     from saving.export import save_adapter
 
     model = flux(tiny_models)
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     lora = {n.replace(".default.", "."): torch.full(p.shape, 0.5) for n, p in transformer.named_parameters()
             if "lora_" in n}
-    monkeypatch.setattr(model, "lora_state_dict", lambda transformer: lora)
+    # What this process gathers (its materialised LoRA weights), replaced where save_adapter reads it.
+    monkeypatch.setattr(sys.modules[save_adapter.__module__], "lora_state_dict", lambda transformer: lora)
     final = tmp_path / "run" / "adapters" / "final"
     save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
-    real_save_file = safetensors.torch.save_file
+    real_save_file = training.lora.save_file
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\x00" * 64)
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(training.lora, "save_file", full_disk)
     lora = {k: v * 2 for k, v in lora.items()}
     with pytest.raises(OSError) as info:
         save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
@@ -336,7 +341,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
                                     "space on that disk and run again.")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert no_leftovers(tmp_path) == []
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    monkeypatch.setattr(training.lora, "save_file", real_save_file)
 
 
 @pytest.fixture

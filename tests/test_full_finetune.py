@@ -107,12 +107,12 @@ def from_original_layout(folder: Path, work):
     """The single original-layout file, converted back to diffusers naming and loaded strictly."""
     from diffusers import FluxTransformer2DModel
 
-    from models.flux_layout import original_to_diffusers
+    from models.keymaps.flux import FluxKeymap
 
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     transformer = FluxTransformer2DModel.from_config(config)
     original = load_file(folder / "transformer_original_layout.safetensors")
-    transformer.load_state_dict(original_to_diffusers(original, config), strict=True)
+    transformer.load_state_dict(FluxKeymap.original_to_diffusers(original, config), strict=True)
     return transformer, original
 
 
@@ -159,7 +159,7 @@ def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
 def test_original_layout_file_is_the_same_model(full, work):
     from diffusers import FluxTransformer2DModel
 
-    from models.flux_layout import load_diffusers_keys_from_original
+    from models.keymaps.flux import FluxKeymap
 
     folder = saved(full)
     diffusers_weights = load_saved(folder).state_dict()
@@ -172,7 +172,7 @@ def test_original_layout_file_is_the_same_model(full, work):
     # and it reads back as model.transformer_path does
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     keys = sorted(diffusers_weights)
-    read = load_diffusers_keys_from_original(folder / "transformer_original_layout.safetensors", keys, config)
+    read = FluxKeymap.load_diffusers_keys_from_original(folder / "transformer_original_layout.safetensors", keys, config)
     assert all(torch.equal(read[k], diffusers_weights[k]) for k in keys)
 
 

@@ -15,10 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from config.train_config import load_train_config
 from conftest import launch, write_configs
 from memory.block_swap import BlockSwap, swapped_layer_indices
+from memory.estimate import describe as describe_memory, estimate as estimate_memory
 from memory.float8 import Float8Linear
 from models import get_model_class
 from parallel.stages import load_stage, plan_stages
-from memory.estimate import describe as describe_memory, estimate as estimate_memory
+from training import objective
 from utils.errors import ConfigError
 
 
@@ -41,7 +42,7 @@ def example(model, batch=2):
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(batch, 16, 4, 4, generator=g)
     text = {"text": torch.randn(batch, 8, 32, generator=g), "pooled": torch.randn(batch, 32, generator=g)}
-    return model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(batch)])
+    return objective.training_example(model, latents, text, [torch.Generator().manual_seed(i) for i in range(batch)])
 
 
 def loss_and_grads(model, layers, inputs, labels, checkpointed: bool):
@@ -49,7 +50,7 @@ def loss_and_grads(model, layers, inputs, labels, checkpointed: bool):
     x = inputs
     for layer in layers:
         x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
-    loss = model.loss(x, labels)
+    loss = objective.loss(model, x, labels)
     params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -94,7 +95,7 @@ def test_block_swap_forward_backward_equals_without_and_weights_go_home(tmp_path
     assert all(swap.is_home(i) for i in range(3))
     assert all(torch.equal(s.home, o) for slots, orig in zip(swap.slots, originals) for s, o in zip(slots, orig))
     with torch.no_grad():  # eval: hooks load weights, nothing saved
-        assert torch.equal(model.loss(torch.nn.Sequential(*layers)(inputs), labels), ref_loss)
+        assert torch.equal(objective.loss(model, torch.nn.Sequential(*layers)(inputs), labels), ref_loss)
 
 
 def test_config_checks(tmp_path, tiny_models, data):

@@ -11,6 +11,7 @@ import torch
 from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
 from test_video_models import engine_like_transformer, make_model
 from config.train_config import AdapterConfig, SampleRequest
+from training.lora import lora_state_dict, save_lora
 from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
 
@@ -65,7 +66,7 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     model = make_model(name, root, max_sequence_length=32)
     adapter = AdapterConfig(rank=4, alpha=8.0)
     transformer, layers = engine_like_transformer(model, adapter)
-    model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
+    save_lora(model, lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
 
     width, height, frames = SHAPES[name]
     guidance = 2.5 if model.sample_guidance == "classifier_free" else 4.0
@@ -110,9 +111,9 @@ def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
     optimizer state and gradients, plus one layer's activations for the largest sample."""
     from config.train_config import load_train_config
     from conftest import write_configs
+    from memory.estimate import describe as describe_memory, estimate as estimate_memory
     from models import get_model_class
     from parallel.stages import plan_stages
-    from memory.estimate import describe as describe_memory, estimate as estimate_memory
 
     sample = {"prompts": ["a cat", {"prompt": "a dog", "width": 128, "height": 96}], "width": 64, "height": 64}
     config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample),

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import media
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
+from data import media
 from data.buckets import Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table, frame_bucket_for
 from data.cache import DatasetCache
 from data.media import load_sample_pixels, video_info
 from data.scan import Item, scan_dataset, scan_directory
-from models.base import DiffusionModel
+from models.base import ModelRecipe
 from tools.make_demo_dataset import COLOURS, make_demo_dataset, make_demo_videos
 from utils.dist import Distributed
 from utils.errors import ConfigError, MediaError
@@ -317,14 +317,14 @@ def test_check_frame_buckets_accepts_valid_lists_and_the_default(tmp_path):
 
 
 def test_model_check_dataset_uses_frame_multiple(tmp_path):
-    class Video(DiffusionModel):
+    class Video(ModelRecipe):
         name = "ltx-video"
         frame_multiple = 8
 
     path = _dataset_file(tmp_path, 'resolutions = [64]\nframe_buckets = [1, 33, 40]\n[[directory]]\npath = "data"\n')
     with pytest.raises(ConfigError, match=r"'frame_buckets\[2\]' is 40: ltx-video takes 8k\+1 frames"):
         Video.check_dataset(load_dataset_config(path))
-    assert DiffusionModel.frame_multiple == 0
+    assert ModelRecipe.frame_multiple == 0
 
 
 @pytest.mark.parametrize("text, message", [

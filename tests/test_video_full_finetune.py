@@ -23,7 +23,9 @@ from safetensors.torch import load_file
 
 from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from models import get_model_class, hunyuan_layout, ltx_layout
+from models import get_model_class
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.keymaps.keymap import detect_original_prefix
 from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
 from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 
@@ -91,7 +93,7 @@ def test_original_layout_converts_layer_by_layer(video_models, name):
     # save_full_model hands the hook the weights of whole pipeline layers, one stage's at a time:
     # every fused tensor (q/k/v, HunyuanVideo's token refiner and single-block linear1) must join
     # weights of one layer only.
-    from models.base import SafetensorsFolder
+    from training.weights import SafetensorsFolder
 
     folder = video_models / name
     model = get_model_class(name)(get_model_class(name).config_class(type=name, diffusers_path=str(folder)))
@@ -109,7 +111,7 @@ def test_original_layout_converts_layer_by_layer(video_models, name):
     assert all(torch.equal(parts[k], whole[k]) for k in whole)
     # the same tensors as the release-layout file the tiny model comes with, without its prefix
     release = load_file(folder / ORIGINAL_FILE[name])
-    prefix = ltx_layout.detect_original_prefix(release)
+    prefix = detect_original_prefix(release)
     assert {k.removeprefix(prefix) for k in release} == whole.keys()
     assert all(torch.equal(release[prefix + k], v) for k, v in whole.items())
 
@@ -146,7 +148,7 @@ def from_original_layout(name: str, folder: Path):
         return cls.from_single_file(str(file), config=str(folder), subfolder="transformer", local_files_only=True)
     config = cls.load_config(folder / "transformer")
     transformer = cls.from_config(config)
-    transformer.load_state_dict(hunyuan_layout.original_to_diffusers(load_file(file), config), strict=True)
+    transformer.load_state_dict(HunyuanVideoKeymap.original_to_diffusers(load_file(file), config), strict=True)
     return transformer
 
 

@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     from parallel.engine import build_engine
     from parallel.launch import init_distributed
     from parallel.stages import make_topology
+    from training.preflight import check_inputs
     from training.sampling import Sampler, sample_prompts
 
     config = load_train_config(args.config, get_model_class)
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         model.transformer_dir = folder.resolve()
     elif s.adapter is not None:
         s.adapter.init_from_existing = None  # --base, or the checkpoint's weights replace it
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
 
     # The prompts' embeddings, in the training dataset's text cache (encoded only if missing).
     cache = DatasetCache(model, [], sample_prompts(config.samples, model), text_folder=config.dataset.directories[0].path)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from transformers.optimization import Adafactor
 
 from config.train_config import OptimizerConfig
-from models.base import stable_seed
+from utils.seeding import stable_seed
 
 
 class GradNormClipping:

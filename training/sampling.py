@@ -3,7 +3,7 @@
 Denoising runs the layers that train, in DeepSpeed's pipeline engine (`eval_batch`, the pipelined
 forward the eval loss uses, here returning the predictions): no second copy of the transformer.
 The model supplies the pieces its diffusers pipeline defines (starting noise, scheduler and shift,
-guidance, unpacking, VAE decoding; `DiffusionModel.sample_*`); the loop here is the same for all.
+guidance, unpacking, VAE decoding; `ModelRecipe.sample_*`); the loop here is the same for all.
 
 Work is shared out: the prompts of one shape go round the data-parallel replicas, each replica's
 prompts are micro-batches in flight together (they fill its pipeline), every stage of a replica

@@ -8,6 +8,7 @@ import signal
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,15 +20,16 @@ from data.cache import CacheReader
 from saving.checkpoints import Checkpoints, run_fingerprint
 from saving.export import save_adapter, save_full_model
 from training.ema import ema_for
+from training.objective import training_example
 from training.sampling import Sampler
 from utils.atomic import write_text_atomic
 from utils.dist import Distributed
+from utils.dtypes import DTYPES
 from utils.errors import TrainingStopped
 from utils.metrics import Metrics, peak_memory_gib
 
 # Steps after the first whose median the start-up report compares the first step with.
 STARTUP_STEADY_STEPS = 3
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def total_steps(config: TrainConfig, steps_per_epoch: int) -> int:
@@ -137,7 +139,7 @@ class Trainer:
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.place.dp_rank, s.gradient_accumulation_steps):
-            yield collate(self.model, self.train, batch, s.seed, "train", epoch, train=True)
+            yield collate(partial(training_example, self.model), self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
@@ -148,7 +150,7 @@ class Trainer:
             plan = EvalPlan(reader, s.micro_batch_size_per_gpu)
             for batch in plan.rank_batches(self.place.dp_rank, self.place.dp_world):
                 weight = sum(slot.weight for slot in batch)
-                inputs = iter([collate(self.model, reader, batch, s.seed, f"eval/{name}", 0)])
+                inputs = iter([collate(partial(training_example, self.model), reader, batch, s.seed, f"eval/{name}", 0)])
                 loss = self.engine.eval_batch(inputs, num_micro_batches=1)
                 total += torch.tensor([float(loss) * weight, weight], dtype=torch.float64)
             if self.place.dp_world > 1:

@@ -1,5 +1,8 @@
-"""The pieces of the rectified-flow objective that users choose: how training timesteps are drawn,
-the range they are kept in, and the per-element loss. Pure functions of tensors and numbers.
+"""The rectified-flow objective, for every model: how training timesteps are drawn and shifted,
+how a batch is noised into the first layer's inputs and the velocity target, and the loss.
+
+A recipe (models/base.ModelRecipe) gives what differs per model: its shift constants, its input
+packing and its layout of the target; the rest is written once here.
 
 Timesteps t are in (0, 1): 0 is the data, 1 is pure noise. Each sampler takes one CPU generator
 per sample (seeded from the seed, epoch and sample, never the rank), so a sample gets the same
@@ -12,6 +15,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from models.base import ModelRecipe
 
 TIMESTEP_METHODS = ("logit_normal", "uniform", "mode", "cosmap")
 LOSS_TYPES = ("mse", "l1", "huber", "pseudo_huber")
@@ -104,3 +109,50 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str =
         # for small errors, where the direct form is all float32 rounding.
         return x.pow(2) / (torch.sqrt(1 + (x / delta).pow(2)) + 1)
     raise ValueError(f"unknown loss type {kind!r}; one of {', '.join(LOSS_TYPES)}")
+
+
+def sample_timesteps(recipe: ModelRecipe, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
+    """One timestep in (0, 1) per sample: 0 is data, 1 is noise. Drawn from the configured
+    density, shifted (fixed or by resolution), then scaled into [min_timestep, max_timestep]."""
+    cfg = recipe.config
+    t = sample_density(cfg.timestep_sample_method, generators, logit_mean=cfg.logit_mean,
+                       logit_std=cfg.sigmoid_scale, mode_scale=cfg.mode_scale)
+    if cfg.resolution_dependent_shift:
+        slope = (recipe.max_shift - recipe.base_shift) / (recipe.max_seq_len - recipe.base_seq_len)
+        t = resolution_shift(t, recipe.base_shift + slope * (seq_len - recipe.base_seq_len))
+    elif cfg.shift is not None:
+        t = shift_timesteps(t, cfg.shift)
+    return scale_to_range(t, cfg.min_timestep, cfg.max_timestep)
+
+
+def training_example(recipe: ModelRecipe, latents: torch.Tensor, text: dict[str, torch.Tensor],
+                     generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
+                     weights: torch.Tensor | None = None):
+    """(inputs, labels) for the pipeline engine: rectified-flow noising of a batch.
+
+    The noisy latent is the straight line between data (t=0) and noise (t=1); the target is
+    the velocity noise - data. Noise and timesteps come from per-sample generators, so the
+    same sample gets the same noise whatever the process layout.
+    """
+    latents = latents.float()
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    if timesteps is None:
+        timesteps = sample_timesteps(recipe, generators, recipe.image_seq_len(latents))
+    t = timesteps.view(-1, *([1] * (latents.dim() - 1)))
+    noisy = (1 - t) * latents + t * noise
+    target = recipe.pack_latents(noise - latents)
+    inputs = recipe.model_inputs(noisy.to(recipe.dtype), timesteps, text)
+    if weights is None:
+        weights = torch.ones(latents.shape[0])
+    return recipe.input_fields.pack(inputs), (target, weights)
+
+
+def loss(recipe: ModelRecipe, prediction: torch.Tensor, labels) -> torch.Tensor:
+    """Weighted mean over samples of each sample's mean element loss (`loss_type`: MSE by
+    default; see elementwise_loss), in float32."""
+    target, weights = labels
+    err = elementwise_loss(prediction, target, recipe.config.loss_type, recipe.config.huber_delta)
+    per_sample = err.mean(dim=tuple(range(1, err.dim())))
+    weights = weights.to(per_sample)
+    # Eval padding has weight 0; an all-padding batch gives 0, not NaN.
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)

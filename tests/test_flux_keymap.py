@@ -1,4 +1,4 @@
-"""Flux layout conversion: round trips, diffusers' single-file loader, and exact LoRA export."""
+"""The Flux key map: round trips, diffusers' single-file loader, and exact LoRA export."""
 
 import pytest
 import torch
@@ -7,14 +7,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from models.flux_layout import (
-    LINEAR,
-    FluxLayout,
-    diffusers_to_original,
-    load_diffusers_keys_from_original,
-    lora_to_original,
-    original_to_diffusers,
-)
+from models.keymaps.flux import FluxKeymap
+from models.keymaps.keymap import LINEAR
 
 TINY = dict(
     patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -54,7 +48,7 @@ def assert_same(a, b):
 def test_roundtrip_and_names(tmp_path):
     model = tiny_flux()
     sd = model.state_dict()
-    orig = diffusers_to_original(sd)
+    orig = FluxKeymap.diffusers_to_original(sd)
 
     assert orig["double_blocks.0.img_attn.qkv.weight"].shape == (3 * INNER, INNER)
     assert orig["single_blocks.1.linear1.weight"].shape == (3 * INNER + 4 * INNER, INNER)
@@ -73,26 +67,26 @@ def test_roundtrip_and_names(tmp_path):
     assert torch.equal(orig["final_layer.adaLN_modulation.1.weight"][:half], sd["norm_out.linear.weight"][half:])
     assert len(orig) == len(sd) - 2 * 8 - 2 * 6  # tensors fused away: 8 per double block, 6 per single block
 
-    assert_same(original_to_diffusers(orig), sd)  # split sizes from shapes
+    assert_same(FluxKeymap.original_to_diffusers(orig), sd)  # split sizes from shapes
     prefixed = {"model.diffusion_model." + k: v for k, v in orig.items()}
     prefixed["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # other components are ignored
-    assert_same(original_to_diffusers(prefixed, model.config), sd)  # split sizes from config
+    assert_same(FluxKeymap.original_to_diffusers(prefixed, model.config), sd)  # split sizes from config
 
     # Lazy per-key loading of one "pipeline stage" from a single file.
     path = tmp_path / "flux.safetensors"
     save_file({"diffusion_model." + k: v.contiguous() for k, v in orig.items()}, str(path))
     wanted = [k for k in sd if k.startswith(("single_transformer_blocks.1.", "norm_out."))]
-    got = load_diffusers_keys_from_original(path, wanted, model.config)
+    got = FluxKeymap.load_diffusers_keys_from_original(path, wanted, model.config)
     assert_same(got, {k: sd[k] for k in wanted})
 
     with pytest.raises(ValueError, match="bogus.weight"):
-        diffusers_to_original({**sd, "bogus.weight": torch.zeros(1)})
+        FluxKeymap.diffusers_to_original({**sd, "bogus.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="double_blocks.0.img_attn.extra"):
-        original_to_diffusers({**orig, "double_blocks.0.img_attn.extra": torch.zeros(1)})
+        FluxKeymap.original_to_diffusers({**orig, "double_blocks.0.img_attn.extra": torch.zeros(1)})
 
 
 def test_layout_table_covers_model_once():
-    layout = FluxLayout.for_config(tiny_flux().config)
+    layout = FluxKeymap.for_config(tiny_flux().config)
     modules = [d for e in layout.entries for d in e.diffusers]
     assert len(modules) == len(set(modules))
     sd_modules = {k.rpartition(".")[0] for k in tiny_flux().state_dict()}
@@ -118,7 +112,7 @@ def test_full_width_single_file_matches_diffusers(tmp_path):
     del model
 
     path = tmp_path / "flux1-test.safetensors"
-    save_file(diffusers_to_original(sd), str(path))
+    save_file(FluxKeymap.diffusers_to_original(sd), str(path))
 
     loaded = FluxTransformer2DModel.from_single_file(str(path), config=str(config_dir), torch_dtype=torch.bfloat16)
     assert_same(loaded.state_dict(), sd)
@@ -127,7 +121,7 @@ def test_full_width_single_file_matches_diffusers(tmp_path):
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     # ours == sd and theirs == sd, so ours == theirs; one at a time keeps peak memory down.
-    assert_same(original_to_diffusers(load_file(str(path))), sd)
+    assert_same(FluxKeymap.original_to_diffusers(load_file(str(path))), sd)
     assert_same(convert_flux_transformer_checkpoint_to_diffusers(load_file(str(path))), sd)
 
 
@@ -164,15 +158,15 @@ def test_lora_export_is_exact(targets, use_config):
     assert not torch.allclose(lora_out, base_out, atol=1e-3)
 
     lora_sd = {k: v * (alpha / r) if "lora_B" in k else v for k, v in get_peft_model_state_dict(model).items()}
-    orig_lora = lora_to_original(lora_sd, config=model.config if use_config else None)
+    orig_lora = FluxKeymap.lora_to_original(lora_sd, config=model.config if use_config else None)
     assert all(k.startswith("diffusion_model.") for k in orig_lora)
     if targets is ALL_LINEAR:
-        linear_entries = {e.original for e in FluxLayout.for_config(model.config).entries if e.params == LINEAR}
+        linear_entries = {e.original for e in FluxKeymap.for_config(model.config).entries if e.params == LINEAR}
         assert {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in orig_lora} == linear_entries
         assert orig_lora["diffusion_model.single_blocks.0.linear1.lora_A.weight"].shape == (4 * r, INNER)
         assert orig_lora["diffusion_model.single_blocks.0.linear1.lora_B.weight"].shape == (7 * INNER, 4 * r)
 
-    merged = diffusers_to_original(base_sd)
+    merged = FluxKeymap.diffusers_to_original(base_sd)
     for k, a in orig_lora.items():
         if k.endswith(".lora_A.weight"):
             b = orig_lora[k.replace("lora_A", "lora_B")]
@@ -180,7 +174,7 @@ def test_lora_export_is_exact(targets, use_config):
             merged[w] = merged[w] + b @ a
 
     fresh = FluxTransformer2DModel(**TINY).eval()
-    fresh.load_state_dict(original_to_diffusers(merged))
+    fresh.load_state_dict(FluxKeymap.original_to_diffusers(merged))
     with torch.no_grad():
         merged_out = fresh(**inputs).sample
     torch.testing.assert_close(merged_out, lora_out, atol=1e-5, rtol=1e-5)
@@ -189,8 +183,8 @@ def test_lora_export_is_exact(targets, use_config):
 def test_lora_unknown_keys():
     a, b = torch.zeros(4, 32), torch.zeros(32, 4)
     with pytest.raises(ValueError, match="nonsense.lora_A.weight"):
-        lora_to_original({"nonsense.lora_A.weight": a, "nonsense.lora_B.weight": b})
+        FluxKeymap.lora_to_original({"nonsense.lora_A.weight": a, "nonsense.lora_B.weight": b})
     with pytest.raises(ValueError, match="lora_magnitude_vector"):
-        lora_to_original({"x_embedder.lora_magnitude_vector": a})
+        FluxKeymap.lora_to_original({"x_embedder.lora_magnitude_vector": a})
     with pytest.raises(ValueError, match="missing lora_A or lora_B"):
-        lora_to_original({"x_embedder.lora_A.weight": a})
+        FluxKeymap.lora_to_original({"x_embedder.lora_A.weight": a})

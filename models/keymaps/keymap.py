@@ -1,11 +1,11 @@
-"""Key layouts: diffusers <-> original (release / ComfyUI) transformer weights, the shared machinery.
+"""Key maps: diffusers <-> original (release / ComfyUI) transformer weight names, the shared machinery.
 
-A model's layout is one declarative table of ``LayoutEntry``: each names one module of the original
-checkpoint and the diffusers module(s) it holds, concatenated along dim 0 in order. ``Layout`` holds
-such a table with lookups by name, and every conversion (weights both ways, lazy per-key loading,
-exact LoRA export) reads it. A model subclasses ``Layout`` with its table (``for_config`` /
-``from_keys``) and its split sizes (``dims`` / ``dims_from_original``): see models/flux_layout.py
-and models/hunyuan_layout.py.
+``Keymap`` is what every model's key map offers the rest of the program: weights both ways, lazy
+per-key loading from a single file, LoRA export, and what reading an original-layout LoRA needs.
+Two shapes implement it. ``TableKeymap``: one declarative table of ``KeymapEntry``, each naming one
+module of the original checkpoint and the diffusers module(s) it holds, concatenated along dim 0
+in order (models/keymaps/flux.py, models/keymaps/hunyuan_video.py). ``RenameKeymap``: layouts
+that differ by module names only, a table of renames (models/keymaps/ltx_video.py).
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config or
 from tensor shapes, so conversions work at any model size.
@@ -19,26 +19,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
-
-__all__ = [
-    "LINEAR",
-    "ORIGINAL_PREFIXES",
-    "LORA_SUFFIXES",
-    "LayoutEntry",
-    "Layout",
-    "entry",
-    "block",
-    "repeat",
-    "block_counts",
-    "attention_dims",
-    "DOUBLE_BLOCK_RE",
-    "SINGLE_BLOCK_RE",
-    "GUIDANCE_PREFIXES",
-    "single_stream_dims",
-    "detect_original_prefix",
-    "parse_lora_keys",
-    "kohya_lora",
-]
+from safetensors import safe_open
 
 # (diffusers parameter name, original parameter name)
 LINEAR = (("weight", "weight"), ("bias", "bias"))
@@ -50,7 +31,7 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 @dataclass(frozen=True)
-class LayoutEntry:
+class KeymapEntry:
     """One original module and the diffusers module(s) it holds, fused along dim 0 in this order."""
 
     original: str
@@ -68,8 +49,8 @@ class LayoutEntry:
     def original_param(self, diffusers_param: str) -> str | None:
         return dict(self.params).get(diffusers_param)
 
-    def format(self, i: int) -> "LayoutEntry":
-        return LayoutEntry(
+    def format(self, i: int) -> "KeymapEntry":
+        return KeymapEntry(
             self.original.format(i=i),
             tuple(d.format(i=i) for d in self.diffusers),
             self.params,
@@ -79,17 +60,17 @@ class LayoutEntry:
 
 
 # --- Building tables ------------------------------------------------------------------------------
-def entry(original, *diffusers, params=LINEAR, dims=(), swap=False) -> LayoutEntry:
+def entry(original, *diffusers, params=LINEAR, dims=(), swap=False) -> KeymapEntry:
     """A table entry: ``dims`` are the parts' symbolic sizes, ``swap`` the (shift, scale) half swap."""
-    return LayoutEntry(original, tuple(diffusers), params, tuple(dims), swap)
+    return KeymapEntry(original, tuple(diffusers), params, tuple(dims), swap)
 
 
-def block(original_prefix: str, diffusers_prefix: str, rows) -> tuple[LayoutEntry, ...]:
+def block(original_prefix: str, diffusers_prefix: str, rows) -> tuple[KeymapEntry, ...]:
     """Entries of one block from rows (original module, [diffusers modules], entry() keywords)."""
     return tuple(entry(original_prefix + o, *(diffusers_prefix + d for d in ds), **kw) for o, ds, kw in rows)
 
 
-def repeat(block_entries: Iterable[LayoutEntry], n: int) -> list[LayoutEntry]:
+def repeat(block_entries: Iterable[KeymapEntry], n: int) -> list[KeymapEntry]:
     """A block's entries ("{i}" in their names) for blocks 0 .. n-1, in block order."""
     block_entries = tuple(block_entries)
     return [e.format(i) for i in range(n) for e in block_entries]
@@ -184,21 +165,75 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-# --- The layout -----------------------------------------------------------------------------------
-@dataclass
-class Layout:
-    """A mapping table with lookups by original and by diffusers module name, and the conversions.
+# --- The interface --------------------------------------------------------------------------------
+class Keymap:
+    """What a model's key map offers; every method is a classmethod (the map is class data).
 
-    Subclasses give ``name`` (for error messages), the table (``for_config`` / ``from_keys``) and
-    the split sizes (``dims`` / ``dims_from_original``). The conversions are classmethods: each
-    builds the table it needs (from the config, or big enough for the keys it is given).
+    ``config`` is the diffusers transformer config (``model.config`` or the config.json dict): it
+    gives the depth and the split sizes of fused modules. A key map of renames only ignores it.
     """
 
-    entries: tuple[LayoutEntry, ...]
-    by_original: dict[str, LayoutEntry] = field(init=False)
-    by_diffusers: dict[str, tuple[LayoutEntry, int]] = field(init=False)
+    name: ClassVar[str] = "model"  # for error messages
 
-    name: ClassVar[str] = "model"
+    @classmethod
+    def diffusers_to_original(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """A diffusers transformer state dict with original keys (``prefix`` prepended)."""
+        raise NotImplementedError
+
+    @classmethod
+    def original_to_diffusers(cls, state_dict: Mapping[str, torch.Tensor],
+                              config: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """An original-layout state dict with diffusers keys; a "model.diffusion_model." /
+        "diffusion_model." prefix is stripped, and with a prefix, keys without it are left out."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_diffusers_keys_from_original(cls, path: str | Path, wanted_keys: Iterable[str], config: Mapping,
+                                          device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Read only the tensors for ``wanted_keys`` (diffusers names) from an original-layout file;
+        a key the file lacks raises KeyError naming the original key."""
+        raise NotImplementedError
+
+    @classmethod
+    def lora_to_original(cls, lora_state_dict: Mapping[str, torch.Tensor], config: Mapping | None = None,
+                         prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+        """A diffusers-named LoRA (scale folded into lora_B) on original module names."""
+        raise NotImplementedError
+
+    @classmethod
+    def comfyui_lora(cls, lora_state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
+        """The LoRA file written beside the diffusers one (lora_comfyui.safetensors): the original
+        module names, which ComfyUI and the release's own code load."""
+        return cls.lora_to_original(lora_state_dict, config)
+
+    @classmethod
+    def original_modules(cls, config: Mapping) -> tuple["TableKeymap | None", dict[str, int]]:
+        """(the table of fused original modules, its part sizes), to read LoRAs saved on original
+        module names; (None, {}) where the layouts differ by names only."""
+        return None, {}
+
+    @classmethod
+    def renamed_module(cls, original_name: str) -> str | None:
+        """The diffusers name of an original module, where the layouts differ by names only."""
+        return None
+
+
+# --- Key maps from a table of entries ------------------------------------------------------------
+@dataclass
+class TableKeymap(Keymap):
+    """A mapping table with lookups by original and by diffusers module name, and the conversions.
+
+    Subclasses give ``name`` (for error messages), the table builder (``table``, called with the
+    count of each repeated block kind and whether the guidance embedder is there), the block kinds
+    (``block_patterns``, ``block_config``) and the image input weight (``image_in_weight``) whose
+    rows are the attention width. The conversions are classmethods: each builds the table it needs
+    (from the config, or big enough for the keys it is given).
+    """
+
+    entries: tuple[KeymapEntry, ...]
+    by_original: dict[str, KeymapEntry] = field(init=False)
+    by_diffusers: dict[str, tuple[KeymapEntry, int]] = field(init=False)
+
     # Whether load_diffusers_keys_from_original also reads torch .pt / .pth / .bin files.
     reads_torch_files: ClassVar[bool] = False
 
@@ -207,25 +242,42 @@ class Layout:
         self.by_diffusers = {d: (e, j) for e in self.entries for j, d in enumerate(e.diffusers)}
 
     # ---------------------------------------------------------------- per model
-    @classmethod
-    def for_config(cls, config: Mapping) -> "Layout":
-        """Layout for a diffusers transformer config (``model.config`` or config.json dict)."""
-        raise NotImplementedError
+    # The table for the count of each repeated block kind (in ``block_patterns`` order) and
+    # whether the guidance embedder is there: a staticmethod of the subclass.
+    table: ClassVar[Callable[..., tuple[KeymapEntry, ...]]]
+    # Each repeated block kind: a regex matching its diffusers and original keys (group 1: the
+    # block index), and the config key that counts it with its default (None: required).
+    block_patterns: ClassVar[tuple[re.Pattern, ...]] = (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE)
+    block_config: ClassVar[tuple[tuple[str, int | None], ...]] = (("num_layers", None), ("num_single_layers", None))
+    # The original image input projection's weight: its rows are the attention width.
+    image_in_weight: ClassVar[str]
 
     @classmethod
-    def from_keys(cls, keys: Iterable[str]) -> "Layout":
-        """Layout big enough for the given (unprefixed) original or diffusers keys."""
-        raise NotImplementedError
+    def for_config(cls, config: Mapping) -> "TableKeymap":
+        """The table for a diffusers transformer config (``model.config`` or config.json dict)."""
+        counts = [config[k] if default is None else config.get(k, default) for k, default in cls.block_config]
+        return cls(cls.table(*counts, config.get("guidance_embeds", True)))
+
+    @classmethod
+    def from_keys(cls, keys: Iterable[str]) -> "TableKeymap":
+        """A table big enough for the given (unprefixed) original or diffusers keys."""
+        keys = list(keys)
+        counts = block_counts(keys, cls.block_patterns)
+        return cls(cls.table(*counts, any(k.startswith(GUIDANCE_PREFIXES) for k in keys)))
 
     @staticmethod
     def dims(config: Mapping) -> dict[str, int]:
         """Sizes of the symbolic part dims from the diffusers transformer config."""
         return attention_dims(config)
 
-    @staticmethod
-    def dims_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    @classmethod
+    def dims_from_original(cls, sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Sizes of the symbolic part dims from the shapes of an unprefixed original state dict."""
-        raise NotImplementedError
+        return single_stream_dims(sd, cls.image_in_weight)
+
+    @classmethod
+    def original_modules(cls, config: Mapping) -> tuple["TableKeymap", dict[str, int]]:
+        return cls.for_config(config), cls.dims(config)
 
     # ---------------------------------------------------------------- conversions
     @classmethod
@@ -265,7 +317,7 @@ class Layout:
 
     def _to_diffusers(self, wanted_keys: list[str], get_original_tensor, dims: Mapping[str, int]):
         # Group wanted keys by the original tensor they come from, so each fused tensor is read once.
-        plan: dict[str, tuple[LayoutEntry, list[tuple[str, int]]]] = {}
+        plan: dict[str, tuple[KeymapEntry, list[tuple[str, int]]]] = {}
         unknown = []
         for key in wanted_keys:
             module, param = _split_param(key)
@@ -353,8 +405,6 @@ class Layout:
             sd = sd.get("module", sd)
             prefix = detect_original_prefix(sd)
             return cls.original_to_diffusers_keys(wanted_keys, lambda k: sd[prefix + k], config)
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt", device=device) as f:
             prefix = detect_original_prefix(f.keys())
             return cls.original_to_diffusers_keys(wanted_keys, lambda k: f.get_tensor(prefix + k), config)
@@ -418,3 +468,82 @@ class Layout:
             out[f"{prefix}{entry.original}.lora_A.weight"] = a
             out[f"{prefix}{entry.original}.lora_B.weight"] = b
         return out
+
+
+# --- Layouts that differ by module names only ------------------------------------------------------
+def _rename_pattern(path: str) -> re.Pattern:
+    # A module path as a regex matching it, and anything below it, at the start of a key.
+    escaped = re.escape(path).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{n\}", r"(?P<n>[12])")
+    return re.compile(f"^{escaped}(?=\\.|$)")
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, replacement in rules:
+        m = pattern.match(key)
+        if m:
+            return replacement.format(**m.groupdict()) + key[m.end():]
+    return key
+
+
+class RenameKeymap(Keymap):
+    """A key map of renames only: q, k and v separate in both layouts, most modules named alike.
+
+    Subclasses give ``renames``, (original module path, diffusers module path) pairs; "{i}" is a
+    block index, "{n}" an attention index (1 or 2). A module the table does not name has the same
+    name in both layouts. Every tensor passes through unchanged.
+    """
+
+    renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._rules_to_diffusers = [(_rename_pattern(o), d) for o, d in cls.renames]
+        cls._rules_to_original = [(_rename_pattern(d), o) for o, d in cls.renames]
+
+    @classmethod
+    def diffusers_to_original_key(cls, key: str) -> str:
+        """One diffusers key (parameter or module path) in the original layout."""
+        return _rename(key, cls._rules_to_original)
+
+    @classmethod
+    def original_to_diffusers_key(cls, key: str) -> str:
+        """One unprefixed original key (parameter or module path) in the diffusers layout."""
+        return _rename(key, cls._rules_to_diffusers)
+
+    @classmethod
+    def diffusers_to_original(cls, state_dict, prefix=""):
+        return {prefix + cls.diffusers_to_original_key(k): v for k, v in state_dict.items()}
+
+    @classmethod
+    def original_to_diffusers(cls, state_dict, config=None):
+        prefix = detect_original_prefix(state_dict)
+        return {cls.original_to_diffusers_key(k[len(prefix):]): v for k, v in state_dict.items()
+                if k.startswith(prefix)}
+
+    @classmethod
+    def load_diffusers_keys_from_original(cls, path, wanted_keys, config, device="cpu"):
+        with safe_open(str(path), framework="pt", device=device) as f:
+            available = set(f.keys())
+            prefix = detect_original_prefix(available)
+            out = {}
+            for key in wanted_keys:
+                original = prefix + cls.diffusers_to_original_key(key)
+                if original not in available:
+                    raise KeyError(original)
+                out[key] = f.get_tensor(original)
+        return out
+
+    @classmethod
+    def lora_to_original(cls, lora_state_dict, config=None, prefix="diffusion_model."):
+        """Keys "<diffusers module>.lora_A.weight" / ".lora_B.weight" (an optional "transformer." prefix
+        is allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight". Raises
+        ValueError on keys that are not LoRA weights."""
+        parsed, unknown = parse_lora_keys(lora_state_dict)
+        if unknown:
+            raise ValueError(f"Keys that are not LoRA weights: {unknown[:20]}")
+        return {prefix + cls.diffusers_to_original_key(module) + suffix: lora_state_dict[key]
+                for key, module, suffix in parsed}
+
+    @classmethod
+    def renamed_module(cls, original_name):
+        return cls.original_to_diffusers_key(original_name)

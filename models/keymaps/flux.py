@@ -1,9 +1,9 @@
-"""Flux transformer key layout: diffusers <-> original (BFL release / ComfyUI) layout.
+"""The Flux key map: diffusers <-> original (BFL release / ComfyUI) weight names.
 
-The whole mapping is one declarative table (``flux_layout``): each entry names one module of the
+The whole mapping is one declarative table (``flux_table``): each entry names one module of the
 original checkpoint and the diffusers module(s) it holds, concatenated along dim 0 in order.
 Every conversion (weights both ways, lazy per-key loading, LoRA export) reads that table; the
-machinery is shared with the other models in models/key_layout.py.
+machinery is shared with the other models in models/keymaps/keymap.py.
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config
 or from tensor shapes, so this works at any model size (diffusers' own converter assumes 3072).
@@ -11,27 +11,7 @@ or from tensor shapes, so this works at any model size (diffusers' own converter
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
-
-import torch
-
-from models.key_layout import DOUBLE_BLOCK_RE, GUIDANCE_PREFIXES, SINGLE_BLOCK_RE, Layout, attention_dims
-from models.key_layout import block, block_counts, entry, repeat, single_stream_dims
-# Re-exported: this module's names since before the machinery moved to models/key_layout.py.
-from models.key_layout import LINEAR, ORIGINAL_PREFIXES, LayoutEntry, detect_original_prefix  # noqa: F401
-
-__all__ = [
-    "LayoutEntry",
-    "FluxLayout",
-    "flux_layout",
-    "flux_dims",
-    "detect_original_prefix",
-    "diffusers_to_original",
-    "original_to_diffusers",
-    "original_to_diffusers_keys",
-    "load_diffusers_keys_from_original",
-    "lora_to_original",
-]
+from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, repeat
 
 # (diffusers parameter name, original parameter name)
 RMS_NORM = (("weight", "scale"),)
@@ -80,46 +60,23 @@ _FINAL = (
 )
 
 
-def flux_layout(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[LayoutEntry, ...]:
+def flux_table(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[KeymapEntry, ...]:
     """The full mapping table for a Flux transformer of the given depth."""
     entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
     entries += repeat(_DOUBLE_BLOCK, num_layers) + repeat(_SINGLE_BLOCK, num_single_layers)
     return tuple(entries + list(_FINAL))
 
 
-def flux_dims(config: Mapping) -> dict[str, int]:
-    """Sizes of the symbolic part dims: inner = heads * head_dim, mlp = mlp_ratio (4) * inner."""
-    # diffusers' FluxSingleTransformerBlock is built with its default mlp_ratio of 4.0.
-    return attention_dims(config)
-
-
-class FluxLayout(Layout):
-    """A ``flux_layout`` table with lookups by original and by diffusers module name."""
+class FluxKeymap(TableKeymap):
+    """The ``flux_table`` with lookups by original and by diffusers module name."""
 
     name = "Flux"
+    table = staticmethod(flux_table)
+    image_in_weight = "img_in.weight"
 
     @classmethod
-    def for_config(cls, config: Mapping) -> "FluxLayout":
-        """Layout for a diffusers FluxTransformer2DModel config (``model.config`` or config.json dict)."""
-        return cls(flux_layout(config["num_layers"], config["num_single_layers"], config.get("guidance_embeds", True)))
-
-    @classmethod
-    def from_keys(cls, keys: Iterable[str]) -> "FluxLayout":
-        """Layout big enough for the given (unprefixed) original or diffusers keys."""
-        keys = list(keys)
-        num_layers, num_single = block_counts(keys, (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE))
-        return cls(flux_layout(num_layers, num_single, any(k.startswith(GUIDANCE_PREFIXES) for k in keys)))
-
-    dims = staticmethod(flux_dims)
-
-    @staticmethod
-    def dims_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        return single_stream_dims(sd, "img_in.weight")
-
-
-# The conversions, as this module has always exported them (see models/key_layout.Layout).
-diffusers_to_original = FluxLayout.diffusers_to_original
-original_to_diffusers = FluxLayout.original_to_diffusers
-original_to_diffusers_keys = FluxLayout.original_to_diffusers_keys
-load_diffusers_keys_from_original = FluxLayout.load_diffusers_keys_from_original
-lora_to_original = FluxLayout.lora_to_original
+    def comfyui_lora(cls, lora_state_dict, config):
+        # The original key layout (fused q/k/v and linear1, as ComfyUI's model) in kohya's naming:
+        # ComfyUI loads it, and so does diffusers' FluxPipeline.load_lora_weights through its kohya
+        # converter (which splits the block-diagonal fused LoRAs back exactly, at FLUX.1's width).
+        return kohya_lora(cls.lora_to_original(lora_state_dict, config, prefix=""))

@@ -55,13 +55,18 @@ class _ZeroGradient(torch.autograd.Function):
 class PipelineLayer(nn.Module):
     """One entry of a model's layer list.
 
-    Subclasses implement `run(state) -> state` on a dict of named tensors. `in_fields` and
+    Subclasses set `kind` and implement `run(state) -> state` on a dict of named tensors. `in_fields` and
     `out_fields` say what the layer reads and returns; fields it does not change pass through.
     `module_names` lists what of the transformer the layer owns, so that only the layers of the
     local pipeline stage get their weights loaded: submodules, or parameters of the transformer
     itself (LTX-Video's `scale_shift_table`), which the layer registers as its own parameters
     (`bind_root_parameters`).
     """
+
+    # What the layer is: "input" (the embeddings before the first block), "block" (one
+    # transformer block: what block swapping, float8 storage and partitioning by block count act
+    # on) or "output" (the final norm and projection).
+    kind: str
 
     # The output fields this layer computes; it passes the others through unchanged. None: all of
     # them (always safe; naming fewer lets `mark_frozen_fields` find more fields without gradient).

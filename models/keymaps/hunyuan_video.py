@@ -1,11 +1,11 @@
-"""HunyuanVideo transformer key layout: diffusers <-> original (Tencent release / ComfyUI) layout.
+"""The HunyuanVideo key map: diffusers <-> original (Tencent release / ComfyUI) weight names.
 
-The whole mapping is one declarative table (``hunyuan_layout``): each entry names one module of the
-original checkpoint and the diffusers module(s) it holds, concatenated along dim 0 in order. The
+The whole mapping is one declarative table (``hunyuan_video_table``): each entry names one module
+of the original checkpoint and the diffusers module(s) it holds, concatenated along dim 0 in order. The
 original fuses q, k, v into one linear (``img_attn_qkv``, ``txt_attn_qkv``, the token refiner's
 ``self_attn_qkv``), and in the single-stream blocks q, k, v and the MLP input into ``linear1``.
 Every conversion (weights both ways, lazy per-key loading, LoRA export) reads that table; the
-machinery is shared with the other models in models/key_layout.py.
+machinery is shared with the other models in models/keymaps/keymap.py.
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config or
 from tensor shapes, so this works at any model size (diffusers' own converter assumes 3072).
@@ -14,26 +14,8 @@ from tensor shapes, so this works at any model size (diffusers' own converter as
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
 
-import torch
-
-from models.key_layout import DOUBLE_BLOCK_RE, GUIDANCE_PREFIXES, SINGLE_BLOCK_RE, Layout, attention_dims
-from models.key_layout import block, block_counts, entry, repeat, single_stream_dims
-# Re-exported: this module's names since before the machinery moved to models/key_layout.py.
-from models.key_layout import LINEAR, ORIGINAL_PREFIXES, LayoutEntry, detect_original_prefix  # noqa: F401
-
-__all__ = [
-    "HunyuanLayout",
-    "hunyuan_layout",
-    "hunyuan_dims",
-    "detect_original_prefix",
-    "diffusers_to_original",
-    "original_to_diffusers",
-    "original_to_diffusers_keys",
-    "load_diffusers_keys_from_original",
-    "lora_to_original",
-]
+from models.keymaps.keymap import DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, KeymapEntry, TableKeymap, block, entry, repeat
 
 WEIGHT = (("weight", "weight"),)  # RMSNorm: a scale only
 
@@ -97,8 +79,8 @@ _FINAL = (
 )
 
 
-def hunyuan_layout(num_layers: int, num_single_layers: int, num_refiner_layers: int,
-                   guidance_embeds: bool = True) -> tuple[LayoutEntry, ...]:
+def hunyuan_video_table(num_layers: int, num_single_layers: int, num_refiner_layers: int,
+                   guidance_embeds: bool = True) -> tuple[KeymapEntry, ...]:
     """The full mapping table for a HunyuanVideo transformer of the given depth."""
     entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
     entries += repeat(_REFINER_BLOCK, num_refiner_layers)
@@ -110,42 +92,14 @@ _REFINER_RE = re.compile(r"^(?:context_embedder\.token_refiner\.refiner_blocks|t
                          r"\.(\d+)\.")
 
 
-def hunyuan_dims(config: Mapping) -> dict[str, int]:
-    """Sizes of the symbolic part dims: inner = heads * head_dim, mlp = mlp_ratio * inner."""
-    return attention_dims(config)
-
-
-class HunyuanLayout(Layout):
-    """A ``hunyuan_layout`` table with lookups by original and by diffusers module name."""
+class HunyuanVideoKeymap(TableKeymap):
+    """The ``hunyuan_video_table`` with lookups by original and by diffusers module name."""
 
     name = "HunyuanVideo"
     # load_diffusers_keys_from_original also reads the release's .pt file (a state dict, or one under
     # "module"), memory-mapped; a key the file lacks raises KeyError naming the original key.
     reads_torch_files = True
-
-    @classmethod
-    def for_config(cls, config: Mapping) -> "HunyuanLayout":
-        """Layout for a diffusers HunyuanVideoTransformer3DModel config (``model.config`` or config.json dict)."""
-        return cls(hunyuan_layout(config["num_layers"], config["num_single_layers"],
-                                  config.get("num_refiner_layers", 2), config.get("guidance_embeds", True)))
-
-    @classmethod
-    def from_keys(cls, keys: Iterable[str]) -> "HunyuanLayout":
-        """Layout big enough for the given (unprefixed) original or diffusers keys."""
-        keys = list(keys)
-        double, single, refiner = block_counts(keys, (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, _REFINER_RE))
-        return cls(hunyuan_layout(double, single, refiner, any(k.startswith(GUIDANCE_PREFIXES) for k in keys)))
-
-    dims = staticmethod(hunyuan_dims)
-
-    @staticmethod
-    def dims_from_original(sd: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        return single_stream_dims(sd, "img_in.proj.weight")
-
-
-# The conversions, as this module has always exported them (see models/key_layout.Layout).
-diffusers_to_original = HunyuanLayout.diffusers_to_original
-original_to_diffusers = HunyuanLayout.original_to_diffusers
-original_to_diffusers_keys = HunyuanLayout.original_to_diffusers_keys
-load_diffusers_keys_from_original = HunyuanLayout.load_diffusers_keys_from_original
-lora_to_original = HunyuanLayout.lora_to_original
+    table = staticmethod(hunyuan_video_table)
+    block_patterns = (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, _REFINER_RE)
+    block_config = (("num_layers", None), ("num_single_layers", None), ("num_refiner_layers", 2))
+    image_in_weight = "img_in.proj.weight"
