@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
@@ -254,8 +255,6 @@ class HunyuanVideoModel(ModelRecipe):
         return super().sample_noise(width, height, frames, seed).float()
 
     def sample_sigmas(self, steps):
-        import numpy as np
-
         return np.linspace(1.0, 0.0, steps + 1)[:-1]
 
     def decode_latents(self, latents):
