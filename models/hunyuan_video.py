@@ -119,9 +119,7 @@ class HunyuanBlockLayer(PipelineLayer):
         return {**s, "hidden": hidden.contiguous(), "encoder_hidden": encoder_hidden.contiguous()}
 
 
-# Two classes so that layer class names tell the block kinds apart: DeepSpeed's
-# `checkpointable_layers` (activation_checkpointing = "selective") and partition_method = "type:..."
-# select layers by class name.
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class HunyuanDoubleBlockLayer(HunyuanBlockLayer):
     """A dual-stream block: video and text tokens with their own weights, joint attention."""
 
