@@ -105,7 +105,7 @@ def set_up(model, transformer, full: bool, rank: int = 32):
     add_lora(model, transformer, adapter)
     layers = model.pipeline_layers(transformer)
     init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
-                    torch.device("cpu"), seed=0)
+              torch.device("cpu"), seed=0)
     return layers
 
 

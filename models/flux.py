@@ -77,9 +77,7 @@ class FluxBlockLayer(PipelineLayer):
         return {**s, "hidden": hidden, "encoder_hidden": encoder_hidden}
 
 
-# Two classes so that layer class names tell the block kinds apart: DeepSpeed's
-# `checkpointable_layers` (activation_checkpointing = "selective") and partition_method = "type:..."
-# select layers by class name.
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class FluxDoubleBlockLayer(FluxBlockLayer):
     """A double-stream block: image and text tokens with their own weights, joint attention."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
@@ -119,9 +120,7 @@ class HunyuanBlockLayer(PipelineLayer):
         return {**s, "hidden": hidden.contiguous(), "encoder_hidden": encoder_hidden.contiguous()}
 
 
-# Two classes so that layer class names tell the block kinds apart: DeepSpeed's
-# `checkpointable_layers` (activation_checkpointing = "selective") and partition_method = "type:..."
-# select layers by class name.
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class HunyuanDoubleBlockLayer(HunyuanBlockLayer):
     """A dual-stream block: video and text tokens with their own weights, joint attention."""
 
@@ -255,8 +254,6 @@ class HunyuanVideoModel(ModelRecipe):
         return super().sample_noise(width, height, frames, seed).float()
 
     def sample_sigmas(self, steps):
-        import numpy as np
-
         return np.linspace(1.0, 0.0, steps + 1)[:-1]
 
     def decode_latents(self, latents):

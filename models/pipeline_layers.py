@@ -55,8 +55,8 @@ class _ZeroGradient(torch.autograd.Function):
 class PipelineLayer(nn.Module):
     """One entry of a model's layer list.
 
-    Subclasses set `kind` and implement `run(state) -> state` on a dict of named tensors. `in_fields` and
-    `out_fields` say what the layer reads and returns; fields it does not change pass through.
+    Subclasses set `kind` and implement `run(state) -> state` on a dict of named tensors. `in_fields`
+    and `out_fields` say what the layer reads and returns; fields it does not change pass through.
     `module_names` lists what of the transformer the layer owns, so that only the layers of the
     local pipeline stage get their weights loaded: submodules, or parameters of the transformer
     itself (LTX-Video's `scale_shift_table`), which the layer registers as its own parameters
@@ -65,7 +65,9 @@ class PipelineLayer(nn.Module):
 
     # What the layer is: "input" (the embeddings before the first block), "block" (one
     # transformer block: what block swapping, float8 storage and partitioning by block count act
-    # on) or "output" (the final norm and projection).
+    # on) or "output" (the final norm and projection). A model with two kinds of block gives each
+    # its own class: DeepSpeed's `checkpointable_layers` (activation_checkpointing = "selective")
+    # and partition_method = "type:..." select layers by class name.
     kind: str
 
     # The output fields this layer computes; it passes the others through unchanged. None: all of
