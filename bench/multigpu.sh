@@ -11,6 +11,7 @@
 #            lines added to every row (e.g. 'partition_method = "uniform"'), EXTRA_MODEL: [model]
 #            lines (e.g. 'transformer_dtype = "float8"'); TAG suffixes row names; MODEL: the
 #            model type and folder (flux, or flux2 from bench/make_full_size_flux2.py)
+#            SCRIPT runs another copy of the trainer (e.g. an earlier commit unpacked by git archive)
 #   compare  the table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
@@ -121,7 +122,7 @@ for part in ${PARTS:-${PART:-flux}}; do
     python3 tools/make_demo_dataset.py $W/data --count 8 > /dev/null
     ;;
   flux)
-    for r in ${ROWS:-f1 f2s f2r}; do row $r ${STEPS:-8} train.py; done
+    for r in ${ROWS:-f1 f2s f2r}; do row $r ${STEPS:-8} ${SCRIPT:-train.py}; done
     ;;
   compare)
     rm -f $W/rows.jsonl

@@ -11,12 +11,11 @@ from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from torch import nn
 
-from models.base import DiffusionModel
-from models.flux2_layout import Flux2Layout
-from models.key_layout import kohya_lora
-from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from config.schema import check, key
+from config.train_config import ModelConfig
+from models.base import ModelRecipe
+from models.keymaps.flux2 import Flux2Keymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
 
 # The text encoder's hidden states that Flux2Pipeline stacks into the text features (its
 # `text_encoder_out_layers` default): outputs of layers 10, 20 and 30 of Mistral Small 3.1's 40.
@@ -45,6 +44,7 @@ class Flux2InputLayer(PipelineLayer):
     """Timestep/guidance embedding, the three modulations every block shares, and the image and
     text input projections: what Flux2Transformer2DModel.forward does before its first block."""
 
+    kind = "input"
     MODULES = ["time_guidance_embed", "double_stream_modulation_img", "double_stream_modulation_txt",
                "single_stream_modulation", "x_embedder", "context_embedder"]
 
@@ -70,6 +70,7 @@ class Flux2BlockLayer(PipelineLayer):
     layer (text, then image, as the forward concatenates them): cheap, and no gradient-less float
     tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden", "encoder_hidden")
 
     def __init__(self, transformer: Flux2Transformer2DModel, module_name: str):
@@ -82,8 +83,7 @@ class Flux2BlockLayer(PipelineLayer):
         return torch.cat([text[0], image[0]], dim=0), torch.cat([text[1], image[1]], dim=0)
 
 
-# Two classes so that layer class names tell the block kinds apart (selective checkpointing and
-# partition_method = "type:..." select layers by class name).
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class Flux2DoubleBlockLayer(Flux2BlockLayer):
     """A double-stream block: image and text tokens with their own weights, joint attention."""
 
@@ -107,6 +107,8 @@ class Flux2SingleBlockLayer(Flux2BlockLayer):
 
 
 class Flux2FinalLayer(PipelineLayer):
+    kind = "output"
+
     def __init__(self, transformer: Flux2Transformer2DModel):
         super().__init__(FLUX2_STREAM, FLUX2_OUTPUT, ["norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -116,7 +118,7 @@ class Flux2FinalLayer(PipelineLayer):
         return {"prediction": self.proj_out(self.norm_out(s["hidden"], s["temb"]))}
 
 
-class Flux2Model(DiffusionModel):
+class Flux2Model(ModelRecipe):
     name = "flux2"
     config_class = Flux2Config
     size_multiple = 16  # 8x VAE, then 2x2 patches
@@ -124,6 +126,7 @@ class Flux2Model(DiffusionModel):
     vae_class = AutoencoderKLFlux2
     pipeline_class = Flux2Pipeline
     input_fields = FLUX2_INPUTS
+    keymap = Flux2Keymap  # the BFL release / ComfyUI layout (flux2-dev.safetensors)
     # Every attention projection and MLP linear of the double blocks, and the single blocks' fused
     # (q, k, v, MLP in) and (attention out, MLP out) projections.
     default_lora_targets = (r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
@@ -145,15 +148,14 @@ class Flux2Model(DiffusionModel):
         return self._config_signature("tokenizer", "text_encoder", extra=f"len={self.config.max_sequence_length} "
                                       f"layers={TEXT_ENCODER_LAYERS} system={SYSTEM_MESSAGE}")
 
-    def load_text_encoders(self, device):
+    def text_encoder_parts(self, device):
         from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
 
         # The tokenizer alone (not the release's PixtralProcessor, which needs torchvision for
         # images): the pipeline's text-only chat template is the tokenizer's.
         tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
         encoder = Mistral3ForConditionalGeneration.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype)
-        self.text_encoders = (tokenizer, encoder.to(device).eval())
-        self.device = device
+        return tokenizer, encoder.to(device).eval()
 
     def encode_captions(self, captions):
         tokenizer, encoder = self.text_encoders
@@ -199,7 +201,7 @@ class Flux2Model(DiffusionModel):
     # ---------------------------------------------------------------- sampling
     def sample_latent_shape(self, width, height, frames):
         # Flux2Pipeline.prepare_latents: the patchified channels at 1/16 size.
-        return self._transformer_config()["in_channels"], height // 16, width // 16
+        return self.transformer_config()["in_channels"], height // 16, width // 16
 
     def sample_scheduler(self, steps, latents):
         # Flux2Pipeline's shift: an empirical mu from the token count and the number of steps.
@@ -222,17 +224,6 @@ class Flux2Model(DiffusionModel):
         return self.vae.decode(latents, return_dict=False)[0].unsqueeze(2)
 
     # ---------------------------------------------------------------- transformer
-    def read_weights(self, keys):
-        if self.config.transformer_path is None:
-            return super().read_weights(keys)
-        # A single-file checkpoint in the original release layout, read lazily per key.
-        try:
-            return Flux2Layout.load_diffusers_keys_from_original(self.config.transformer_path, keys,
-                                                                 self._transformer_config())
-        except KeyError as e:
-            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
-                              f"original FLUX.2 layout (not a FLUX.2 transformer checkpoint?)") from None
-
     def layers(self, transformer):
         layers: list[nn.Module] = [Flux2InputLayer(transformer)]
         layers += [Flux2DoubleBlockLayer(transformer, f"transformer_blocks.{i}")
@@ -248,22 +239,3 @@ class Flux2Model(DiffusionModel):
         return transformer(hidden_states=inputs["latents"], encoder_hidden_states=inputs["text"],
                            timestep=inputs["timesteps"], guidance=guidance, img_ids=inputs["img_ids"],
                            txt_ids=inputs["txt_ids"], return_dict=False)[0]
-
-    def original_layout(self, state_dict):
-        # The BFL release / ComfyUI layout (flux2-dev.safetensors), without a key prefix. The fused
-        # q/k/v tensors join modules of one block, so a stage's part converts on its own.
-        return Flux2Layout.diffusers_to_original(state_dict)
-
-    def extra_lora_formats(self, lora):
-        # The original key layout (fused q/k/v) in kohya's naming: ComfyUI loads it, and so does
-        # Flux2Pipeline.load_lora_weights through its kohya converter (which splits the
-        # block-diagonal fused LoRAs back exactly).
-        original = Flux2Layout.lora_to_original(lora, self._transformer_config(), prefix="")
-        return {"lora_comfyui.safetensors": kohya_lora(original)}
-
-    def original_key_layout(self):
-        config = self._transformer_config()
-        return Flux2Layout.for_config(config), Flux2Layout.dims(config)
-
-    def _transformer_config(self):
-        return self.transformer_class.load_config(self.transformer_folder())

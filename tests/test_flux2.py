@@ -21,12 +21,13 @@ from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset
 from make_tiny_models import make_tiny_flux2
 from models import get_model_class
-from models.base import SafetensorsFolder
+from config.train_config import AdapterConfig
 from models.flux2 import TEXT_ENCODER_LAYERS
-from models.flux2_layout import Flux2Layout
+from models.keymaps.flux2 import Flux2Keymap
+from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 from test_video_models import engine_like_transformer
-from utils.config import AdapterConfig
-from utils.saving import ORIGINAL_LAYOUT_FILE, stage_weights
+from training.lora import lora_state_dict, save_lora
+from training.weights import SafetensorsFolder, read_weights
 
 ORIGINAL_FILE = "flux2-tiny-original.safetensors"
 TEXT_LEN = 64  # the tiny tokenizer's system prompt takes about 40 tokens of it
@@ -147,9 +148,9 @@ def test_layout_round_trip_and_diffusers_single_file_loader(root):
     assert "double_stream_modulation_img.lin.weight" in original and "guidance_in.in_layer.weight" in original
     assert "double_blocks.0.img_attn.norm.query_norm.scale" in original
     assert len(original) < len(sd)  # q, k, v fused
-    config = make_model(root)._transformer_config()
-    for back in (Flux2Layout.original_to_diffusers(original), Flux2Layout.original_to_diffusers(original, config),
-                 Flux2Layout.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
+    config = make_model(root).transformer_config()
+    for back in (Flux2Keymap.original_to_diffusers(original), Flux2Keymap.original_to_diffusers(original, config),
+                 Flux2Keymap.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     # diffusers' own single-file loader reads our original-layout file to the same weights.
     loaded = Flux2Transformer2DModel.from_single_file(str(root / ORIGINAL_FILE), config=str(root),
@@ -157,7 +158,7 @@ def test_layout_round_trip_and_diffusers_single_file_loader(root):
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
     # ... and model.transformer_path reads it lazily, key by key.
     keys = sorted(SafetensorsFolder(root / "transformer").files)
-    lazy = make_model(root, transformer_path=str(root / ORIGINAL_FILE)).read_weights(keys)
+    lazy = read_weights(make_model(root, transformer_path=str(root / ORIGINAL_FILE)), keys)
     assert all(torch.equal(lazy[k], sd[k]) for k in keys)
 
 
@@ -209,9 +210,9 @@ def lora_through_diffusers(root: Path, adapter_dir: Path, batch: dict) -> dict[s
     with torch.no_grad():
         out["load_lora_adapter"] = diffusers_forward(model, transformer, batch)
     merged = merge_kohya_lora(load_file(root / ORIGINAL_FILE), load_file(adapter_dir / "lora_comfyui.safetensors"))
-    config = model._transformer_config()
+    config = model.transformer_config()
     from_comfy = Flux2Transformer2DModel.from_config(config).eval()
-    from_comfy.load_state_dict(Flux2Layout.original_to_diffusers(merged, config), strict=True)
+    from_comfy.load_state_dict(Flux2Keymap.original_to_diffusers(merged, config), strict=True)
     with torch.no_grad():
         out["merged original"] = diffusers_forward(model, from_comfy, batch)
     return out
@@ -224,7 +225,7 @@ def test_lora_files_load_in_diffusers_and_comfyui_layout_equals_by_merge(root, t
     batch = random_batch(seed=1)
     with torch.no_grad():
         trained = run_layers(model, layers, batch)
-    written = model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path, torch.float32)
+    written = save_lora(model, lora_state_dict(transformer), adapter, tmp_path, torch.float32)
     assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     comfy = load_file(tmp_path / "lora_comfyui.safetensors")
     # The fused q/k/v get one block-diagonal LoRA of 3 x the rank.
@@ -242,16 +243,18 @@ def test_lora_files_load_in_diffusers_and_comfyui_layout_equals_by_merge(root, t
 
 
 def test_float8_storage_and_block_swapping(root, tmp_path):
+    from config.train_config import load_train_config
+    from memory.block_swap import BlockSwap, swapped_layer_indices
+    from memory.float8 import Float8Linear
+    from parallel.stages import load_stage, plan_stages
     from test_low_memory import loss_and_grads
-    from utils.block_swap import BlockSwap
-    from utils.config import load_train_config
-    from utils.engine import load_stage, plan_stages, swapped_layer_indices
-    from utils.float8 import Float8Linear
+    from training import objective
 
     data = make_demo_dataset(tmp_path / "data", count=2, seed=0)
     model_table = {"type": "flux2", "diffusers_path": str(root), "dtype": "bfloat16", "transformer_dtype": "float8",
                    "max_sequence_length": TEXT_LEN}
-    config = load_train_config(write_configs(tmp_path, root, data, blocks_to_swap=3, model=model_table))
+    config = load_train_config(write_configs(tmp_path, root, data, blocks_to_swap=3, model=model_table),
+                               get_model_class)
     model = get_model_class("flux2")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
@@ -264,9 +267,9 @@ def test_float8_storage_and_block_swapping(root, tmp_path):
             if "lora_B" in n:
                 p.add_(0.01)
     g = torch.Generator().manual_seed(1)
-    inputs, labels = model.training_example(torch.randn(2, 32, 2, 2, generator=g),
-                                            {"text": torch.randn(2, 8, 48, generator=g)},
-                                            [torch.Generator().manual_seed(i) for i in range(2)])
+    inputs, labels = objective.training_example(model, torch.randn(2, 32, 2, 2, generator=g),
+                                                {"text": torch.randn(2, 8, 48, generator=g)},
+                                                [torch.Generator().manual_seed(i) for i in range(2)])
     ref_loss, ref_grads = loss_and_grads(model, layers, inputs, labels, checkpointed=True)
     swapped = swapped_layer_indices(layers, 3)
     assert swapped == [2, 3, 4]  # the last 3 of the 4 blocks
@@ -399,7 +402,7 @@ def test_example_config_loads(root, tmp_path):
     import tomllib
 
     from conftest import REPO, to_toml
-    from utils.config import load_train_config
+    from config.train_config import load_train_config
 
     text = (REPO / "examples" / "flux2.toml").read_text(encoding="utf-8")
     text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
@@ -412,7 +415,7 @@ def test_example_config_loads(root, tmp_path):
     config["model"]["diffusers_path"] = str(root)
     config["model"]["transformer_path"] = str(root / ORIGINAL_FILE)
     (tmp_path / "train.toml").write_text(to_toml(config))
-    loaded = load_train_config(tmp_path / "train.toml")
+    loaded = load_train_config(tmp_path / "train.toml", get_model_class)
     assert type(loaded.model).__name__ == "Flux2Config"
     assert loaded.settings.pipeline_stages == 2 and loaded.settings.adapter.rank == 32
 
@@ -427,12 +430,13 @@ def test_full_size_writer_at_tiny_size(tmp_path):
 
     sys.path.insert(0, str(REPO / "bench"))
     from make_full_size_flux2 import make_full_size_flux2
+    from training.preflight import check_weight_files
 
     folder = make_full_size_flux2(tmp_path, device="cpu", shard_gb=1e-4, transformer=FLUX2_TRANSFORMER, vae=FLUX2_VAE)
     assert len(list((folder / "transformer").glob("*.safetensors"))) > 1
     model = make_model(folder, dtype="bfloat16")
     transformer = model.build_empty_transformer()
-    model.check_weight_files(transformer)  # every weight, in its shape
+    check_weight_files(model, transformer)  # every weight, in its shape
     model.load_text_encoders(torch.device("cpu"))
     with torch.no_grad():
         (item,) = model.encode_captions(["a red circle"])
