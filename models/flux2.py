@@ -135,11 +135,13 @@ class Flux2Model(ModelRecipe):
 
     # "selective" recomputes the 48 single-stream blocks and keeps the 8 double-stream blocks'.
     selective_checkpoint_layers = ("Flux2SingleBlockLayer",)
-    # Per token (image + text), by bench/activation_factors.py (see docs/benchmarks.md).
-    activation_factors = {"Flux2InputLayer": 0.0, "Flux2DoubleBlockLayer": 20.0, "Flux2SingleBlockLayer": 18.0,
+    # Per token (image + text), by bench/activation_factors.py at width 512 (4 heads of 128), 2
+    # blocks of each kind, 256x256 with 32 text tokens, bf16 autocast; LoRA rank 4 (float32
+    # adapter weights). tests/test_memory.py re-measures them.
+    activation_factors = {"Flux2InputLayer": 0.0, "Flux2DoubleBlockLayer": 25.1, "Flux2SingleBlockLayer": 26.1,
                           "Flux2FinalLayer": 1.0}
-    full_finetune_activation_factors = {"Flux2InputLayer": 0.2, "Flux2DoubleBlockLayer": 24.0,
-                                        "Flux2SingleBlockLayer": 21.0, "Flux2FinalLayer": 2.8}
+    full_finetune_activation_factors = {"Flux2InputLayer": 3.6, "Flux2DoubleBlockLayer": 33.1,
+                                        "Flux2SingleBlockLayer": 32.1, "Flux2FinalLayer": 2.8}
     # Flux2Pipeline's: 1024x1024 (its default sample size), 50 steps, embedded guidance 4.
     sample_defaults = {"width": 1024, "height": 1024, "frames": 1, "steps": 50, "guidance": 4.0}
 
