@@ -61,6 +61,23 @@ def diffusers_forward(model, transformer, batch: dict) -> torch.Tensor:
     return model.reference_forward(transformer, model.model_inputs(batch["noisy"], batch["timesteps"], batch["text"]))
 
 
+# ------------------------------------------------------------------------------------ tiny model
+
+
+def test_tiny_pipeline_generates_and_is_deterministic(root, tmp_path):
+    from diffusers import Flux2Pipeline
+
+    pipe = Flux2Pipeline.from_pretrained(root)
+    image = pipe(prompt="a red circle", height=64, width=48, num_inference_steps=2, max_sequence_length=TEXT_LEN,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 64, 48)
+    again = make_tiny_flux2(tmp_path)
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for rel in files:
+        assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
 # ------------------------------------------------------------------------------------ layers
 
 
