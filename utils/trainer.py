@@ -18,6 +18,7 @@ from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.ema import ema_for
 from utils.metrics import Metrics, peak_memory_gib
+from utils.optimizers import last_step
 from utils.sampling import Sampler
 from utils.saving import Checkpoints, run_fingerprint, save_adapter, save_full_model
 
@@ -220,9 +221,8 @@ class Trainer:
     def non_finite(self, loss: float) -> bool:
         """Whether this step's loss or gradient was NaN or infinite (then the optimizer skipped
         the step: see GradNormClipping). The same answer on every rank."""
-        norm = self.engine.get_global_grad_norm()
-        bad = not math.isfinite(loss) or getattr(self.engine.optimizer, "skipped_step", False) or \
-            (norm is not None and not math.isfinite(norm))
+        norm, skipped = last_step(self.engine)
+        bad = not math.isfinite(loss) or skipped or (norm is not None and not math.isfinite(norm))
         flag = torch.tensor([int(bad)], dtype=torch.int32, device=self.device)
         if self.world > 1:  # every rank must stop, or the others would wait for it forever
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -242,8 +242,7 @@ class Trainer:
             bad = [name for name, t in {**latents, **text}.items() if not torch.isfinite(t.float()).all()]
             if bad:
                 poisoned.append(f"{self.train.samples[index].sample.item.path} ({', '.join(sorted(bad))})")
-        norm = self.engine.get_global_grad_norm()
-        skipped = getattr(self.engine.optimizer, "skipped_step", False)
+        norm, skipped = last_step(self.engine)
         lines = [f"step {self.step}: the loss is {loss} (gradient norm {norm}); training stopped. "
                  + ("The optimizer skipped this step, so no weight changed." if skipped else
                     "The gradient was finite, so the weights are too."),
@@ -324,7 +323,7 @@ class Trainer:
                 self.ema.update(self.step)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                      "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
+                      "train/grad_norm": last_step(self.engine)[0] or 0.0,
                       "train/samples_per_sec": samples_per_step / elapsed,
                       "train/peak_memory_gib": peak_memory_gib(self.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
