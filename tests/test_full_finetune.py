@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, launch, write_configs
+from conftest import Launch, assert_killed_rank_ended_the_job, launch, launch_and_kill_rank, write_configs
 from test_train_flux import eval_loss_in_process
 from tools.make_demo_dataset import make_demo_dataset
 from utils import memory
@@ -263,21 +263,28 @@ def test_zero1_over_two_replicas_trains_the_same_model(two_stages, zero_hybrid):
 
 
 @pytest.mark.slow
-def test_zero1_resume_reproduces_the_run(work, zero_hybrid):
-    # Resumed from the step-5 checkpoint on 4 processes, the rest of the run is the same bit for
-    # bit: every replica's slice of master weights and moments comes back.
-    config = configure(work, "zero_hybrid_resume", FULL, pipeline_stages=2, gradient_accumulation_steps=1,
+def test_a_killed_rank_of_four_ends_the_job_and_the_zero1_run_resumes_exactly(work, zero_hybrid):
+    # The zero_hybrid run again, held while it writes its step-10 checkpoint (step 5's is
+    # complete); one of its 4 processes is killed there. The job ends, and resumed from the
+    # last complete checkpoint it finishes exactly as the run that was never killed: every
+    # replica's slice of master weights and moments comes back.
+    config = configure(work, "zero_hybrid_killed", FULL, pipeline_stages=2, gradient_accumulation_steps=1,
                        zero_stage=1, checkpoint_every_n_steps=5)
-    original = run_dir(zero_hybrid)
-    copy = config.parent / "runs" / original.name
-    shutil.copytree(original, copy)
-    shutil.rmtree(copy / "models")
-    result = ok(launch(config, "--resume_from_checkpoint", "step00000005", num_gpus=4))
+    runs = config.parent / "runs"
+    saving = lambda: any(runs.glob("*/checkpoints/step00000010/trainer_state.json"))  # noqa: E731
+    killed = launch_and_kill_rank(config, 4, 3, ready=saving, env={"TRAINER_TEST_PAUSE_AT": "checkpoint10:120"})
+    # sooner than the 30 s DeepSpeed's launcher grants each survivor: they leave at once
+    assert_killed_rank_ended_the_job(killed, 3, within=25)
+    assert "rank 0: stopping at once: only 3 of this machine's 4 ranks are still running" in killed.output
+    folder = next(runs.iterdir())
+    assert (folder / "checkpoints" / "latest").read_text() == "step00000005"
+    result = ok(launch(config, "--resume_from_checkpoint", num_gpus=4))
     assert "starting at step 5" in result.output
-    assert result.losses(copy) == zero_hybrid.losses()
-    assert evals(copy) == evals(original)
-    for shard in (original / "models" / "final" / "transformer").glob("*.safetensors"):
-        a, b = load_file(copy / "models" / "final" / "transformer" / shard.name), load_file(shard)
+    assert result.losses(folder) == zero_hybrid.losses()
+    assert evals(folder) == evals(run_dir(zero_hybrid))
+    original = saved(zero_hybrid) / "transformer"
+    for shard in original.glob("*.safetensors"):
+        a, b = load_file(folder / "models" / "final" / "transformer" / shard.name), load_file(shard)
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 

@@ -17,6 +17,7 @@ from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.ema import ema_for
+from utils.faults import end_at_once_when_a_local_rank_died
 from utils.metrics import Metrics, peak_memory_gib
 from utils.optimizers import last_step
 from utils.sampling import Sampler
@@ -283,6 +284,7 @@ class Trainer:
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        end_at_once_when_a_local_rank_died(self.rank)
         if self.step >= self.total:
             # A finished run resumed: its final save and checkpoint exist already.
             if self.rank == 0:
