@@ -17,7 +17,7 @@ from utils.batches import EvalPlan, TrainPlan, collate
 from utils.cache import CacheReader
 from utils.config import TrainConfig
 from utils.ema import ema_for
-from utils.faults import end_at_once_when_a_local_rank_died
+from utils.faults import DeadRankWatch
 from utils.metrics import Metrics, peak_memory_gib
 from utils.optimizers import last_step
 from utils.sampling import Sampler
@@ -98,6 +98,7 @@ class Trainer:
                                log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
         self.sample_schedule = Schedule(sample.every_n_steps, sample.every_n_epochs) if sample else None
         self.stop_signal: int | None = None
+        self.dead_rank_watch = DeadRankWatch(rank)
         # time.time() when train.py started: the start-up report measures from there.
         self.launched = launched if launched is not None else time.time()
         self.step_seconds: list[float] = []  # this process's steps, for the start-up report
@@ -260,6 +261,7 @@ class Trainer:
         lines.append(f"the last good checkpoint, {self.checkpoints.root / latest}, is kept: continue from it with "
                      f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
         self._write_history()
+        self.dead_rank_watch.disarm()  # every rank stops here together
         self.metrics.close()
         raise TrainingStopped("\n".join(lines))
 
@@ -284,7 +286,7 @@ class Trainer:
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.dp_world
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
-        end_at_once_when_a_local_rank_died(self.rank)
+        self.dead_rank_watch.start()
         if self.step >= self.total:
             # A finished run resumed: its final save and checkpoint exist already.
             if self.rank == 0:
@@ -311,6 +313,7 @@ class Trainer:
                 self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
                                    f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
                                    f"with --resume_from_checkpoint")
+                self.dead_rank_watch.disarm()  # every rank saved and leaves: none has died
                 self.metrics.close()
                 self.stopped_by = signum
                 return self.losses
@@ -358,5 +361,6 @@ class Trainer:
         if self.checkpoints_enabled():
             self.checkpoint()  # so a longer run can resume from the end of this one
         self._write_history()
+        self.dead_rank_watch.disarm()
         self.metrics.close()
         return self.losses
