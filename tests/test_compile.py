@@ -14,8 +14,7 @@ import torch
 
 from conftest import launch, write_configs
 from test_low_memory import data, example, loaded, loss_and_grads  # noqa: F401  (data is a fixture)
-from utils.block_swap import BlockSwap
-from utils.engine import swapped_layer_indices
+from memory.block_swap import BlockSwap, swapped_layer_indices
 
 
 @pytest.fixture(autouse=True)
