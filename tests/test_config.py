@@ -239,7 +239,7 @@ def test_values_out_of_range(tmp_path):
 def test_zero_stage_1_is_for_full_finetuning_with_adamw(tmp_path):
     file = tmp_path / "train.toml"
     full = edit(TRAIN, "[adapter]\ntype = \"lora\"\nrank = 8\n", "").replace("max_steps = 10", "max_steps = 10\nzero_stage = 1")
-    assert load_train_config(write(tmp_path, full)).settings.zero_stage == 1
+    assert load_train_config(write(tmp_path, full), get_model_class).settings.zero_stage == 1
     assert error(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\nzero_stage = 1")) == (
         f"{file}: 'zero_stage' = 1 is for full fine-tuning (no [adapter] table): a LoRA's optimizer state is small")
     assert error(tmp_path, full.replace("zero_stage = 1", "zero_stage = 2")).startswith(
