@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from data.batches import TrainPlan
     from data.prepare import cache_summary, prepare_dataset, regenerate_caches
     from models import get_model_class
-    from parallel.engine import build_engine
+    from parallel.engine import build_engine, resolve_compile
     from parallel.launch import init_distributed
     from parallel.stages import make_topology
     from saving.run_dir import create_run_dir
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     make_topology(place.world, s.pipeline_stages, config.file)
     place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
+    config = resolve_compile(config, place, model.dtype)
+    s = config.settings
     # The model files and the LoRA to start from, by their headers: before hours of caching.
     check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:

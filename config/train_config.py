@@ -283,7 +283,9 @@ class TrainConfigFile:
     # (memory/plan.py) chooses for this size; also makes the plan work on CPU.
     memory_budget_gib: Optional[float] = None
     # torch.compile every pipeline layer (models/pipeline_layers.PipelineLayer.compile_run).
-    compile: bool = False
+    # None: on where the stage runs on a CUDA GPU and a tiny compiled call checks out there
+    # (parallel/engine.resolve_compile), off on CPU.
+    compile: Optional[bool] = None
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
     # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).
     attention_backend: Optional[str] = None

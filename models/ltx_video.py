@@ -135,7 +135,7 @@ class LTXVideoModel(ModelRecipe):
     # blocks are all of one kind (a selective mode would need classes for, say, odd and even blocks).
     # Per video token (the text tokens' cross-attention keys and values are in the factor);
     # measured by bench/activation_factors.py (docs/benchmarks.md, "Activation factors").
-    activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 37.5, "LTXFinalLayer": 1.0}
+    activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 33.4, "LTXFinalLayer": 1.0}
     full_finetune_activation_factors = {"LTXInputLayer": 0.3, "LTXBlockLayer": 43.4, "LTXFinalLayer": 3.0}
     # LTXPipeline's: 704x512, 161 frames, 50 steps, classifier-free guidance 3 on a negative prompt.
     sample_defaults = {"width": 704, "height": 512, "frames": 161, "steps": 50, "guidance": 3.0}

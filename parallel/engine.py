@@ -4,6 +4,7 @@ memory plan and levers applied, the optimizer built, then PipelineModule and dee
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import deepspeed
@@ -98,6 +99,49 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps,
                           s.zero_stage)
     return engine, transformer
+
+
+def compile_probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when a tiny compiled layer (linear, layer norm, GELU) runs forward and backward on
+    `device` and matches eager to `dtype`'s round-off; otherwise the reason, in one line."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, generator=generator).to(device, dtype)
+    x = torch.randn(8, 64, generator=generator).to(device, dtype)
+
+    def layer(x):
+        return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x @ weight, (64,)))
+
+    try:
+        results = []
+        for fn in (layer, torch.compile(layer)):
+            leaf = x.clone().requires_grad_(True)
+            out = fn(leaf)
+            out.float().square().sum().backward()
+            results += [out.float(), leaf.grad.float()]
+    # The compiler stack fails in many ways (a missing Triton or C++ compiler, a GPU or driver
+    # Triton does not support, a backend bug), each its own exception type: any of them means eager.
+    except Exception as e:  # noqa: BLE001
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for eager, compiled in ((results[0], results[2]), (results[1], results[3])):
+        if not torch.allclose(eager, compiled, atol=tolerance, rtol=tolerance):
+            return f"compiled and eager results differ by {(eager - compiled).abs().max().item():.3g}"
+    return None
+
+
+def resolve_compile(config: TrainConfig, place: Distributed, dtype: torch.dtype, log=print) -> TrainConfig:
+    """`config` with `compile` decided: as set, or (not set) on for a CUDA GPU whose compile probe
+    passes, with one line saying which and why; off on CPU, where compiling costs more than it saves."""
+    s = config.settings
+    if s.compile is not None:
+        return config
+    failure = compile_probe(place.device, dtype) if place.device.type == "cuda" else "no CUDA GPU"
+    if failure and place.device.type == "cuda":
+        log(f"compile: off on rank {place.rank}, its probe failed ({failure}); set compile = false to skip the "
+            f"probe, or compile = true to compile anyway")
+    elif not failure and place.is_main:
+        log("compile: on (the default on a CUDA GPU; compile = false turns it off)")
+    return dataclasses.replace(config, settings=dataclasses.replace(s, compile=failure is None))
 
 
 def compile_layers(layers) -> None:
