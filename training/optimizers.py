@@ -16,7 +16,7 @@ from utils.seeding import stable_seed
 class GradNormClipping:
     """Mixin for a torch optimizer: before each step, measure the global gradient norm (over all
     pipeline stages), clip to `max_grad_norm` and keep the norm in `_global_grad_norm`, where
-    DeepSpeed's engine reads it for `get_global_grad_norm()`.
+    the trainer reads it (`last_step`).
 
     DeepSpeed clips too, but throws the norm away; doing it here lets us log it.
 
