@@ -10,9 +10,9 @@ for the backward pass; weights and autocast's copies of them are not counted (th
 the copies apart), and a tensor several layers keep counts once, for the first. Per layer class:
 the bytes of its last layer (in a LoRA run the first block keeps less: its inputs need no
 gradient) / (tokens x hidden size x 2), where tokens are what `model.tokens_per_sample` counts.
-`--estimate` prints the memory estimate (utils/memory.py) of the GPU runs measured so far beside
+`--estimate` prints the memory estimate (memory/estimate.py) of the GPU runs measured so far beside
 their measured peaks. Usage:
-  python bench/activation_factors.py [--models flux ltx-video hunyuan-video] [--heads 8] [--full]
+  python bench/activation_factors.py [--models flux flux2 ltx-video hunyuan-video] [--heads 8] [--full]
   python bench/activation_factors.py --estimate
 """
 
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import get_model_class  # noqa: E402
-from utils.config import AdapterConfig  # noqa: E402
+from training.lora import add_lora, init_lora  # noqa: E402
+from config.train_config import AdapterConfig  # noqa: E402
 
 # The released transformers (diffusers' defaults are LTX-Video 0.9's and HunyuanVideo's).
 RELEASED = {
@@ -38,10 +39,14 @@ RELEASED = {
                  axes_dims_rope=(16, 56, 56)),
     "ltx-video": dict(num_layers=28),
     "hunyuan-video": dict(num_layers=20, num_single_layers=40),
+    "flux2": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                  num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                  axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True),
 }
 # (width, height, frames) the GPU runs of docs/benchmarks.md trained at, and their text lengths.
-SHAPES = {"flux": (1024, 1024, 1), "ltx-video": (768, 512, 49), "hunyuan-video": (512, 512, 33)}
-TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256}
+SHAPES = {"flux": (1024, 1024, 1), "ltx-video": (768, 512, 49), "hunyuan-video": (512, 512, 33),
+          "flux2": (1024, 1024, 1)}
+TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256, "flux2": 512}
 
 
 def transformer_config(name: str, heads: int | None = None, blocks: int | tuple[int, int] | None = None) -> dict:
@@ -82,6 +87,9 @@ def example_inputs(model, width: int, height: int, frames: int, text_tokens: int
         latents = torch.randn(1, 16, height // 8, width // 8, generator=g, **bf16)
         text = {"text": torch.randn(1, text_tokens, 4096, generator=g, **bf16),
                 "pooled": torch.randn(1, 768, generator=g, **bf16)}
+    elif model.name == "flux2":  # patchified latents (128 channels at 1/16), 3 x 5120 text features
+        latents = torch.randn(1, 128, height // 16, width // 16, generator=g, **bf16)
+        text = {"text": torch.randn(1, text_tokens, 15360, generator=g, **bf16)}
     else:
         spatial, temporal, channels = (32, 8, 128) if model.name == "ltx-video" else (8, 4, 16)
         latents = torch.randn(1, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial,
@@ -101,10 +109,10 @@ def set_up(model, transformer, full: bool, rank: int = 32):
         transformer.requires_grad_(True)
         return model.pipeline_layers(transformer)
     adapter = AdapterConfig(rank=rank, alpha=float(rank))
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     layers = model.pipeline_layers(transformer)
-    model.init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
-                    torch.device("cpu"), seed=0)
+    init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
+              torch.device("cpu"), seed=0)
     return layers
 
 
@@ -171,12 +179,12 @@ def measure(name: str, heads: int | None = None, blocks: int = 2, shape: tuple[i
 def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing: bool | str = False,
              full: bool = False, rank: int = 32, blocks: int | tuple[int, int] | None = None,
              optimizer: dict | None = None, heads: int | None = None, float8: bool = False, **settings) -> list:
-    """The memory estimate train.py prints at start (utils/memory.py) for the released transformer
+    """The memory estimate train.py prints at start (memory/estimate.py) for the released transformer
     (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
-    from utils import memory
-    from utils.config import OptimizerConfig, TrainConfig, TrainConfigFile
-    from utils.engine import plan_stages
+    from config.train_config import OptimizerConfig, TrainConfig, TrainConfigFile
+    from memory.estimate import estimate as estimate_memory
+    from parallel.stages import plan_stages
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
@@ -189,7 +197,7 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
         config = TrainConfig(file=Path(__file__), settings=file, model=model_config, dataset=None,
                              eval_datasets=[], output_dir=Path("unused"))
         transformer, layers, parts = plan_stages(model, config)
-        return memory.estimate(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
+        return estimate_memory(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
                                model.hidden_size(transformer))
 
 
@@ -227,7 +235,7 @@ if __name__ == "__main__":
                     help="print the memory estimate of the measured GPU runs beside their peaks instead")
     args = ap.parse_args()
     if args.estimate:
-        from utils.memory import GIB
+        from memory.estimate import GIB
 
         for name, kwargs, peak in MEASURED:
             (e,) = estimate(name, **kwargs)

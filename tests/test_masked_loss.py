@@ -5,6 +5,7 @@ A missing or misshapen mask is a listed problem; without masks nothing changes."
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from models.base import generator_for
+from config.dataset_config import load_dataset_config
+from data.batches import Slot, collate
+from data.cache import latent_mask
+from data.prepare import prepare_dataset
+from data.scan import scan_dataset
+from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+from models import get_model_class
 from models.flux import FluxConfig, FluxModel
-from utils.batches import Slot, collate
-from utils.config import load_dataset_config
-from utils.dataset import scan_dataset
-from utils.prepare import prepare_dataset
-from utils.schema import ConfigError
+from training.objective import loss, training_example
+from utils.dist import Distributed
+from utils.errors import ConfigError
+from utils.seeding import generator_for
 
 CPU = torch.device("cpu")
 
@@ -83,7 +89,7 @@ def test_masks_are_cropped_with_the_media_and_cached_with_the_latents(tmp_path, 
 
     def build():
         return prepare_dataset(load_dataset_config(toml), model, title="test", micro_batch_size=2,
-                               caching_batch_size=2, regenerate=False, rank=0, world=1, device=CPU,
+                               caching_batch_size=2, regenerate=False, place=Distributed.alone(CPU),
                                log=lambda *_: None)
 
     reader = build()
@@ -99,7 +105,7 @@ def test_masks_are_cropped_with_the_media_and_cached_with_the_latents(tmp_path, 
     # a batch of a masked and an unmasked sample: the unmasked one weighs 1 everywhere
     index = {(c.folder.name, c.sample.item.path.name): i for i, c in enumerate(reader.samples)}
     batch = [Slot(index[image_dataset.name, "shape_001.png"], 0), Slot(index["plain", "shape_001.png"], 0)]
-    _, (target, _, packed) = collate(model, reader, batch, 0, "train", 0, train=True)
+    _, (target, _, packed) = collate(partial(training_example, model), reader, batch, 0, "train", 0, train=True)
     assert packed.shape == target.shape
     assert torch.all(packed[1] == 1) and packed[0].sum() == 16 * 12  # one latent row of 12, 16 channels
 
@@ -121,7 +127,7 @@ def test_the_mask_weights_each_elements_loss(tiny_models):
 
     def example(mask=None):
         generators = [generator_for(0, "train", 0, i, 0) for i in range(2)]
-        return model.training_example(latents, text, generators, mask=mask)
+        return training_example(model, latents, text, generators, mask=mask)
 
     inputs, labels = example()
     assert len(labels) == 2  # without a mask, the labels are as they always were
@@ -133,11 +139,11 @@ def test_the_mask_weights_each_elements_loss(tiny_models):
     _, masked_labels = example(mask)
 
     prediction = torch.randn_like(labels[0], requires_grad=True)
-    plain = model.loss(prediction, labels)
+    plain = loss(model, prediction, labels)
     # a mask of ones is no mask, to the bit
-    assert torch.equal(model.loss(prediction, ones_labels), plain)
+    assert torch.equal(loss(model, prediction, ones_labels), plain)
     (grad_plain,) = torch.autograd.grad(plain, prediction)
-    (grad_masked,) = torch.autograd.grad(model.loss(prediction, masked_labels), prediction)
+    (grad_masked,) = torch.autograd.grad(loss(model, prediction, masked_labels), prediction)
     # each element's gradient is scaled by its weight: none from the masked-out half (tokens of
     # the 2x2 patches in latent columns 0-3: token columns 0-1 of 4), a quarter from sample 1
     tokens = masked_labels[2][0, :, 0].view(4, 4)
@@ -149,10 +155,6 @@ def test_the_mask_weights_each_elements_loss(tiny_models):
 
 @pytest.mark.parametrize("name, latent_shape", [("ltx-video", (2, 16, 3, 2, 4)), ("hunyuan-video", (2, 16, 3, 4, 6))])
 def test_one_mask_weighs_every_frame_of_a_video(tmp_path, name, latent_shape):
-    from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
-    from models import get_model_class
-    from utils.cache import latent_mask
-
     (make_tiny_ltx_video if name == "ltx-video" else make_tiny_hunyuan_video)(tmp_path)
     cls = get_model_class(name)
     model = cls(cls.config_class(type=name, diffusers_path=str(tmp_path / name), dtype="float32"))
@@ -165,7 +167,7 @@ def test_one_mask_weighs_every_frame_of_a_video(tmp_path, name, latent_shape):
     text = {"text": torch.zeros(2, 12, 32), "text_mask": torch.ones(2, 12, dtype=torch.bool),
             "pooled": torch.zeros(2, 32)}
     generators = [generator_for(0, "train", 0, i, 0) for i in range(2)]
-    _, (target, _, packed) = model.training_example(latents, text, generators, mask=torch.stack([mask, mask]))
+    _, (target, _, packed) = training_example(model, latents, text, generators, mask=torch.stack([mask, mask]))
     # packed as the target is: the same weight reaches the same element whatever the patching
     expected = model.pack_latents(torch.zeros(latent_shape).index_fill(-1, torch.arange(w // 2), 1.0))
     assert packed.shape == target.shape and torch.equal(packed, expected)

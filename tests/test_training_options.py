@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import launch
 from test_parallel import compare, run_layout
-from utils.tensor_store import TensorStore
+from data.tensor_store import TensorStore
 
 OPTIONS = dict(
     model={"loss_type": "pseudo_huber", "huber_delta": 0.5, "timestep_sample_method": "mode",
