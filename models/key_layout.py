@@ -38,6 +38,7 @@ __all__ = [
     "detect_original_prefix",
     "parse_lora_keys",
     "kohya_lora",
+    "RenameTable",
 ]
 
 # (diffusers parameter name, original parameter name)
@@ -418,3 +419,76 @@ class Layout:
             out[f"{prefix}{entry.original}.lora_A.weight"] = a
             out[f"{prefix}{entry.original}.lora_B.weight"] = b
         return out
+
+
+# --- Rename-only layouts (LTX-Video, Wan): the same tensors under other names ----------------------
+class RenameTable:
+    """Module renames between an original layout and diffusers', for models whose layouts differ
+    by names only. Rows are (original path, diffusers path); "{i}" and any other "{name}" stand for
+    a number (a block index). A path matches itself and anything below it; the first matching row
+    wins, and a key no row matches has the same name in both layouts."""
+
+    def __init__(self, rows: Sequence[tuple[str, str]]):
+        self.rows = tuple(rows)
+        self._to_diffusers = [(self._pattern(o), d) for o, d in self.rows]
+        self._to_original = [(self._pattern(d), o) for o, d in self.rows]
+
+    @staticmethod
+    def _pattern(path: str) -> re.Pattern:
+        escaped = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", re.escape(path))
+        return re.compile(f"^{escaped}(?=\\.|$)")
+
+    @staticmethod
+    def _rename(key: str, rules) -> str:
+        for pattern, replacement in rules:
+            m = pattern.match(key)
+            if m:
+                return replacement.format(**m.groupdict()) + key[m.end():]
+        return key
+
+    def to_original(self, key: str) -> str:
+        """One diffusers key (parameter or module path) in the original layout."""
+        return self._rename(key, self._to_original)
+
+    def to_diffusers(self, key: str) -> str:
+        """One unprefixed original key (parameter or module path) in the diffusers layout."""
+        return self._rename(key, self._to_diffusers)
+
+    def diffusers_to_original(self, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+        """A diffusers state dict with original keys (``prefix`` prepended); tensors are not copied."""
+        return {prefix + self.to_original(k): v for k, v in state_dict.items()}
+
+    def original_to_diffusers(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An original-layout state dict with diffusers keys. A "model.diffusion_model." /
+        "diffusion_model." prefix is stripped; with a prefix, keys without it (the VAE or text
+        encoder of an all-in-one file) are left out."""
+        prefix = detect_original_prefix(state_dict)
+        return {self.to_diffusers(k[len(prefix):]): v for k, v in state_dict.items() if k.startswith(prefix)}
+
+    def load_diffusers_keys_from_original(self, path: str | Path, wanted_keys: Iterable[str],
+                                          device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Read only the tensors for ``wanted_keys`` (diffusers names) from an original-layout
+        safetensors file. Raises KeyError naming the first original key the file lacks."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=device) as f:
+            available = set(f.keys())
+            prefix = detect_original_prefix(available)
+            out = {}
+            for key in wanted_keys:
+                original = prefix + self.to_original(key)
+                if original not in available:
+                    raise KeyError(original)
+                out[key] = f.get_tensor(original)
+        return out
+
+    def lora_to_original(self, lora_state_dict: Mapping[str, torch.Tensor],
+                         prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+        """A diffusers-named LoRA (scale folded into lora_B) with original module names, for ComfyUI:
+        "[transformer.]<module>.lora_A.weight" / ".lora_B.weight" become "<prefix><original
+        module>.lora_A.weight" / ".lora_B.weight". Raises ValueError on keys that are not LoRA weights."""
+        parsed, unknown = parse_lora_keys(lora_state_dict)
+        if unknown:
+            raise ValueError(f"Keys that are not LoRA weights: {unknown[:20]}")
+        return {prefix + self.to_original(module) + suffix: lora_state_dict[key] for key, module, suffix in parsed}
+
