@@ -261,8 +261,8 @@ class WanModel(DiffusionModel):
         import diffusers
 
         folder = self.root / "scheduler"
-        cls = getattr(diffusers, diffusers.SchedulerMixin.load_config(folder)["_class_name"])
-        scheduler = cls.from_pretrained(folder)
+        name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
+        scheduler = getattr(diffusers, name).from_pretrained(folder)
         scheduler.set_timesteps(steps, device="cpu")
         scheduler.set_begin_index(0)
         return scheduler, scheduler.timesteps

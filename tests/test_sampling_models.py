@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video
+from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 from test_video_models import engine_like_transformer, make_model
 from utils.config import AdapterConfig, SampleRequest
 from utils.sampling import Sampler, sample_prompts, to_uint8
 
-MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video}
-SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5)}
+MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
+          "wan": make_tiny_wan}
+SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5), "wan": (64, 32, 5)}
 
 
 class LayersEngine:

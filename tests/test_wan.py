@@ -412,3 +412,28 @@ def test_full_finetune_of_one_expert_saves_both_layouts(wan_models, runs):
     single = WanTransformer3DModel.from_single_file(str(folder / ORIGINAL_LAYOUT_FILE), config=str(folder),
                                                     subfolder="transformer", local_files_only=True).state_dict()
     assert single.keys() == saved.keys() and all(torch.equal(single[k], saved[k]) for k in saved)
+
+
+def test_example_config_loads(wan_models, data, tmp_path):
+    """examples/wan.toml, with the tiny model, its single-file stand-in and a video dataset in
+    place of the placeholder paths, passes every check and keeps the values it sets."""
+    import re
+    import tomllib
+
+    from conftest import REPO, to_toml
+
+    text = (REPO / "examples" / "wan.toml").read_text(encoding="utf-8")
+    text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
+    assert found == 1, "expected the commented-out transformer_path example"
+    config = tomllib.loads(text)
+    assert config["model"]["type"] == "wan"
+    dataset = {"resolutions": [64], "frame_buckets": [1, 9, 17],
+               "directory": [{"path": str(data["images"])}, {"path": str(data["videos"])}]}
+    (tmp_path / "dataset.toml").write_text(to_toml(dataset))
+    config["output_dir"], config["dataset"] = str(tmp_path / "runs"), str(tmp_path / "dataset.toml")
+    config["model"]["diffusers_path"] = str(wan_models / "wan")
+    config["model"]["transformer_path"] = str(wan_models / "wan" / ORIGINAL_FILE)
+    (tmp_path / "train.toml").write_text(to_toml(config))
+    loaded = load_train_config(tmp_path / "train.toml")
+    assert type(loaded.model) is get_model_class("wan").config_class
+    assert [s.frames for s in loaded.samples] == [33] and loaded.samples[0].negative_prompt
