@@ -9,6 +9,7 @@
 #            f4 (2 stages x 2 replicas, gas 4)  f4g8 (2x2, gas 8)  f4r (4 replicas, gas 2)
 #            f2sN (2 stages, gas N: the bubble table); STEPS (default 8); EXTRA: top-level config
 #            lines added to every row (e.g. 'partition_method = "uniform"'); TAG suffixes row names
+#            SCRIPT runs another copy of the trainer (e.g. an earlier commit unpacked by git archive)
 #   compare  the table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
@@ -117,7 +118,7 @@ for part in ${PARTS:-${PART:-flux}}; do
     python3 tools/make_demo_dataset.py $W/data --count 8 > /dev/null
     ;;
   flux)
-    for r in ${ROWS:-f1 f2s f2r}; do row $r ${STEPS:-8} train.py; done
+    for r in ${ROWS:-f1 f2s f2r}; do row $r ${STEPS:-8} ${SCRIPT:-train.py}; done
     ;;
   compare)
     rm -f $W/rows.jsonl

@@ -278,3 +278,30 @@ def test_float8_quality_cost(runs):
     assert abs(fp8_matmul - bf16) / bf16 < 0.03
     assert runs["fp8"].losses() != runs["bf16"].losses()  # float8 really was used
     assert runs["fp8_matmul"].losses() != runs["fp8"].losses()  # and the float8 products
+
+
+def test_adapters_under_autocast_skip_peft_input_casts_with_the_same_numbers(tmp_path, tiny_models, data):
+    """bfloat16 base weights: the float32 LoRA weights take bfloat16 inputs as they are (autocast casts
+    the weights); peft's own cast of every input to float32 and back gives the same numbers with
+    two more copies of each activation."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.profiler import profile
+
+    _, model, transformer, layers = loaded(tmp_path, tiny_models, data, model={"dtype": "bfloat16"})
+    tuners = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+    assert tuners and not any(m.cast_input_dtype_enabled for m in tuners)
+    inputs, labels = example(model)
+
+    def measured():
+        with profile() as prof:
+            loss, grads = loss_and_grads(model, layers, inputs, labels, checkpointed=True)
+        return loss, grads, sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+    loss, grads, copies = measured()
+    for m in tuners:
+        m.cast_input_dtype_enabled = True
+    cast_loss, cast_grads, cast_copies = measured()
+    assert torch.equal(loss, cast_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, cast_grads))
+    # Two casts per adapter in each forward (the checkpointed one runs twice) and one in the backward.
+    assert cast_copies - copies >= 4 * len(tuners), (copies, cast_copies, len(tuners))
