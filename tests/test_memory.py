@@ -150,7 +150,8 @@ def test_activation_factors_match_a_measurement(name, full):
         if "Block" in layer:
             assert measured[layer] == pytest.approx(factor, rel=0.1), (layer, measured)
         else:  # the input and final layers keep little; their factors only need the right size
-            assert measured[layer] < 5 and factor < 5, (layer, measured)
+            # (Wan's final layer keeps 5: its norm input and modulation in float32, full fine-tuning)
+            assert measured[layer] < 6 and factor < 6, (layer, measured)
 
 
 @pytest.fixture(scope="module")
