@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-# The start-up report (utils/trainer.py) measures from here, before the heavy imports.
+# The start-up report (training/trainer.py) measures from here, before the heavy imports.
 LAUNCHED = time.time()
 
 # torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels) in the user's cache
@@ -23,7 +23,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from utils.schema import ConfigError  # noqa: E402
+# Neither imports torch: a config error is reported before torch loads.
+from utils.errors import UserError  # noqa: E402
+from utils.faults import disk_full  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -40,58 +42,64 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # The heavy imports after the arguments: --help and a bad command line answer at once.
     import datasets
     import torch.distributed as dist
 
+    from config.train_config import load_train_config
+    from data.batches import TrainPlan
+    from data.prepare import cache_summary, prepare_dataset, regenerate_caches
     from models import get_model_class
-    from utils.batches import TrainPlan
-    from utils.config import load_train_config
-    from utils.engine import build_engine, init_distributed, make_topology
-    from utils.prepare import cache_summary, prepare_dataset, regenerate_caches
-    from utils.sampling import sample_prompts
-    from utils.saving import create_run_dir
-    from utils.trainer import Trainer, total_steps
+    from parallel.engine import build_engine, resolve_compile
+    from parallel.launch import init_distributed
+    from parallel.stages import make_topology
+    from saving.run_dir import create_run_dir
+    from training.preflight import check_inputs
+    from training.sampling import sample_prompts
+    from training.trainer import Run, Trainer, total_steps
 
     datasets.disable_progress_bars()
-    config = load_train_config(args.config)  # every config error surfaces before any model loads
-    rank, world, device = init_distributed()
+    config = load_train_config(args.config, get_model_class)  # every config error surfaces before any model loads
+    place = init_distributed()
     s = config.settings
-    if rank == 0:
+    if place.is_main:
         for note in config.notes:
             print(f"note: {note}", file=sys.stderr)
         for warning in config.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     # Needs the GPU count, so not part of loading the config; still before any model loads.
-    make_topology(world, s.pipeline_stages, config.file)
+    make_topology(place.world, s.pipeline_stages, config.file)
+    place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
+    config = resolve_compile(config, place, model.dtype)
+    s = config.settings
     # The model files and the LoRA to start from, by their headers: before hours of caching.
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:
-        regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, rank, world)
+        regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=False, rank=rank, world=world, device=device)
+                  regenerate=False, place=place)
     # The sample prompts are embedded with the training captions, before the text encoders go.
     train = prepare_dataset(config.dataset, model, title="training dataset", **common,
                             prompts=sample_prompts(config.samples, model))
     evals = {e.name: prepare_dataset(e.dataset, model, title=f"eval dataset '{e.name}'", **common)
              for e in config.eval_datasets}
     if args.cache_only:
-        if rank == 0:
+        if place.is_main:
             print(cache_summary([train, *evals.values()], model))
         dist.destroy_process_group()
         return 0
 
-    dp_world = world // s.pipeline_stages
-    plan = TrainPlan(train, s.micro_batch_size_per_gpu, dp_world * s.gradient_accumulation_steps, s.seed)
+    plan = TrainPlan(train, s.micro_batch_size_per_gpu, place.dp_world * s.gradient_accumulation_steps, s.seed)
     steps = total_steps(config, plan.steps_per_epoch)
-    run_dir = create_run_dir(config, rank, world, args.resume_from_checkpoint)
+    run_dir = create_run_dir(config, place, args.resume_from_checkpoint)
     # The largest training shape sizes the activations in the memory estimate.
     tokens = max((model.tokens_per_sample(c.sample.bucket.width, c.sample.bucket.height, c.sample.bucket.frames) or 0
                   for c in train.samples), default=0) or None
-    engine, transformer = build_engine(model, config, rank, world, device, steps, tokens=tokens)
-    trainer = Trainer(model, config, engine, transformer, train, evals, run_dir, rank, world, device, plan, steps,
-                      resume=args.resume_from_checkpoint, launched=LAUNCHED)
-    if rank == 0:
+    engine, transformer = build_engine(model, config, place, steps, tokens=tokens)
+    run = Run(model, config, engine, transformer, train, evals, run_dir, place, plan, steps)
+    trainer = Trainer(run, resume=args.resume_from_checkpoint, launched=LAUNCHED)
+    if place.is_main:
         print(f"run folder: {run_dir}\n{steps} steps ({plan.steps_per_epoch} per epoch), starting at step {trainer.step}"
               + (f" (resumed from {trainer.resumed_from})" if trainer.resumed_from else ""))
     trainer.run()
@@ -106,25 +114,18 @@ def report_error(error: BaseException) -> int | None:
 
     Bad input exits with 2, a fault during the run (non-finite loss, full disk) with 1.
     """
-    # Only modules already imported can have raised their errors: an early config error does
-    # not wait for torch to import.
-    dataset, faults, trainer = (sys.modules.get(f"utils.{m}") for m in ("dataset", "faults", "trainer"))
     rank = os.environ.get("RANK", "0")
-    if isinstance(error, (ConfigError, FileNotFoundError)) or (dataset and isinstance(error, dataset.DataError)):
-        # Every rank raises the same: rank 0 speaks for all of them.
-        if rank == "0":
+    if isinstance(error, UserError):
+        # Every rank raises the same, except for a fault one rank can meet alone (its own
+        # checkpoint files on a full disk): rank 0 speaks for all of them unless each must.
+        if error.every_rank:
+            print(f"error: {'' if rank == '0' else f'[rank {rank}] '}{error}", file=sys.stderr)
+        elif rank == "0":
             print(f"error: {error}", file=sys.stderr)
-        return 2
-    if trainer and isinstance(error, trainer.TrainingStopped):
-        if rank == "0":
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if faults and isinstance(error, OSError) and faults.disk_full(error):
-        # A rank can meet a full disk alone (writing its own checkpoint files): each one says so.
+        return error.exit_code
+    if isinstance(error, OSError) and disk_full(error):
         where = "" if rank == "0" else f"[rank {rank}] "
-        message = str(error) if isinstance(error, faults.DiskFullError) else \
-            f"disk full: {error}. Free some space on that disk and run again."
-        print(f"error: {where}{message}", file=sys.stderr)
+        print(f"error: {where}disk full: {error}. Free some space on that disk and run again.", file=sys.stderr)
         return 1
     return None
 

@@ -10,7 +10,7 @@ for the backward pass; weights and autocast's copies of them are not counted (th
 the copies apart), and a tensor several layers keep counts once, for the first. Per layer class:
 the bytes of its last layer (in a LoRA run the first block keeps less: its inputs need no
 gradient) / (tokens x hidden size x 2), where tokens are what `model.tokens_per_sample` counts.
-`--estimate` prints the memory estimate (utils/memory.py) of the GPU runs measured so far beside
+`--estimate` prints the memory estimate (memory/estimate.py) of the GPU runs measured so far beside
 their measured peaks. Usage:
   python bench/activation_factors.py [--models flux ltx-video hunyuan-video wan] [--heads 8] [--full]
   python bench/activation_factors.py --estimate
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import get_model_class  # noqa: E402
-from utils.config import AdapterConfig  # noqa: E402
+from training.lora import add_lora, init_lora  # noqa: E402
+from config.train_config import AdapterConfig  # noqa: E402
 
 # The released transformers (diffusers' defaults are LTX-Video 0.9's and HunyuanVideo's).
 RELEASED = {
@@ -108,10 +109,10 @@ def set_up(model, transformer, full: bool, rank: int = 32):
         transformer.requires_grad_(True)
         return model.pipeline_layers(transformer)
     adapter = AdapterConfig(rank=rank, alpha=float(rank))
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     layers = model.pipeline_layers(transformer)
-    model.init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
-                    torch.device("cpu"), seed=0)
+    init_lora(transformer, [n for layer in layers for n in layer.module_names], adapter,
+              torch.device("cpu"), seed=0)
     return layers
 
 
@@ -178,12 +179,12 @@ def measure(name: str, heads: int | None = None, blocks: int = 2, shape: tuple[i
 def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing: bool | str = False,
              full: bool = False, rank: int = 32, blocks: int | tuple[int, int] | None = None,
              optimizer: dict | None = None, heads: int | None = None, float8: bool = False, **settings) -> list:
-    """The memory estimate train.py prints at start (utils/memory.py) for the released transformer
+    """The memory estimate train.py prints at start (memory/estimate.py) for the released transformer
     (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
-    from utils import memory
-    from utils.config import OptimizerConfig, TrainConfig, TrainConfigFile
-    from utils.engine import plan_stages
+    from config.train_config import OptimizerConfig, TrainConfig, TrainConfigFile
+    from memory.estimate import estimate as estimate_memory
+    from parallel.stages import plan_stages
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
@@ -196,7 +197,7 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
         config = TrainConfig(file=Path(__file__), settings=file, model=model_config, dataset=None,
                              eval_datasets=[], output_dir=Path("unused"))
         transformer, layers, parts = plan_stages(model, config)
-        return memory.estimate(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
+        return estimate_memory(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
                                model.hidden_size(transformer))
 
 
@@ -234,7 +235,7 @@ if __name__ == "__main__":
                     help="print the memory estimate of the measured GPU runs beside their peaks instead")
     args = ap.parse_args()
     if args.estimate:
-        from utils.memory import GIB
+        from memory.estimate import GIB
 
         for name, kwargs, peak in MEASURED:
             (e,) = estimate(name, **kwargs)

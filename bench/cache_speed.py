@@ -1,5 +1,5 @@
 """Caching throughput: items per second through the text encoders and through the VAE encoder,
-by the model class's own encode functions (what utils/cache.py calls), in batches of the sizes
+by the model class's own encode functions (what data/cache.py calls), in batches of the sizes
 `caching_batch_size` gives them.
 
 Without MODEL_DIR: FLUX.1's encoders at their released sizes with random weights, built in memory

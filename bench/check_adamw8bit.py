@@ -1,5 +1,5 @@
 """bitsandbytes' 8-bit AdamW through build_optimizer on a CUDA GPU (not testable on CPU), with and
-without stochastic rounding: its state bytes against utils/memory, tiny updates, a checkpoint
+without stochastic rounding: its state bytes against memory/estimate.py, tiny updates, a checkpoint
 round trip and a small fit. Needs the requirements plus bitsandbytes:
     python3 bench/check_adamw8bit.py
 """
@@ -11,9 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import OptimizerConfig, adamw8bit_missing
-from utils.memory import ParamInfo, optimizer_state_bytes
-from utils.optimizers import build_optimizer
+from config.train_config import OptimizerConfig, adamw8bit_missing
+from memory.estimate import ParamInfo, optimizer_state_bytes
+from training.optimizers import build_optimizer
 
 print("adamw8bit_missing:", repr(adamw8bit_missing()))
 dev = "cuda"

@@ -52,7 +52,7 @@ def timed(fn, device: torch.device, repeats: int = 10) -> float:
 
 
 def linear_rows(device: torch.device, small: bool) -> list[tuple]:
-    from utils.float8 import Float8Linear
+    from memory.float8 import Float8Linear
 
     rows = []
     for name, tokens, k, n in SMALL_LINEARS if small else LINEARS:

@@ -1,4 +1,4 @@
-"""What is alive at the peak of one LoRA training step, beside the memory estimate (utils/memory.py).
+"""What is alive at the peak of one LoRA training step, beside the memory estimate (memory/estimate.py).
 
 The released transformer's width with a few blocks of each kind (random bfloat16 weights, built on
 the device: nothing is read from disk), LoRA rank 32 on the default targets (float32), set up as

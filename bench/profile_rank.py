@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import train  # noqa: E402
-from utils import trainer as trainer_module  # noqa: E402
+from training import trainer as trainer_module  # noqa: E402
 
 PLAN = {int(k): v for k, v in (item.split(":") for item in os.environ.get("BENCH_PROFILE", "3:plain").split(",") if item)}
 OUT = Path(os.environ.get("BENCH_PROFILE_DIR", "/tmp/prof"))

@@ -1,4 +1,4 @@
-"""Seconds per sample: our trainer's sampling (utils/sampling.py, through the DeepSpeed pipeline engine
+"""Seconds per sample: our trainer's sampling (training/sampling.py, through the DeepSpeed pipeline engine
 as training builds it, LoRA rank 32 attached) beside the model's diffusers pipeline on the same GPU
 (`output_type="latent"`, the same LoRA added with peft, prompt embeddings given), same size, steps
 and guidance. Both time the denoising loop only (text embeddings precomputed: ours come from the
@@ -51,7 +51,7 @@ def make_model_dir(work: Path, model_type: str) -> Path:
 
 
 def make_request(args, model):
-    from utils.config import SampleRequest
+    from config.train_config import SampleRequest
 
     width, _, height = args.resolution.lower().partition("x")
     guidance = args.guidance if args.guidance is not None else model.sample_defaults["guidance"]
@@ -93,8 +93,10 @@ def timed(fn, device, warmup: int, count: int) -> float:
 def engine_row(args, model, request, device) -> dict:
     from step import row_config
 
-    from utils.engine import build_engine, configure_attention, init_distributed
-    from utils.sampling import Sampler, sample_prompts
+    from parallel.engine import build_engine
+    from parallel.launch import configure_attention, init_distributed
+    from training.sampling import Sampler, sample_prompts
+    from utils.dist import Distributed
 
     if device.type == "cuda":
         torch.cuda.set_device(0)
@@ -104,8 +106,8 @@ def engine_row(args, model, request, device) -> dict:
     config = row_config(model, argparse.Namespace(full=False, rank=32, warmup=0, steps=1, batch=1,
                                                   checkpointing=False, compile=False, attention=None, dora=False,
                                                   ema=None))
-    engine, _ = build_engine(model, config, 0, 1, device, 1, log=lambda *_: None)
-    sampler = Sampler(model, engine, [request], texts, Path(args.work) / "samples", 0, device)
+    engine, _ = build_engine(model, config, Distributed.alone(device), 1, log=lambda *_: None)
+    sampler = Sampler(model, engine, [request], texts, Path(args.work) / "samples", Distributed.alone(device))
     result = {}
     seconds = timed(lambda: result.update(sampler.denoise()), device, args.warmup, args.samples)
     model.load_vae(device)

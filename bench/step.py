@@ -1,6 +1,6 @@
 """Time one training step of a model three ways, on one GPU, with synthetic inputs.
 
-  engine    our trainer's step: utils/engine.build_engine, DeepSpeed's pipeline engine (1 stage),
+  engine    our trainer's step: parallel/engine.build_engine, DeepSpeed's pipeline engine (1 stage),
             as train.py builds it
   layers    the same layer list in a plain PyTorch loop (the engine's overhead is the difference)
   diffusers the plain loop of the diffusers example scripts: the whole transformer from
@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from training import objective  # noqa: E402
+
 MODES = ("engine", "layers", "diffusers")
 # --checkpointing as the trainer's activation_checkpointing setting.
 CHECKPOINTING = {"off": False, "on": True, "selective": "selective"}
@@ -70,8 +72,8 @@ def row_config(model, args):
     Trainer options the rows share (`--compile`) are set here: build_engine then applies them to
     the engine row, and `layers_step` to the layers row.
     """
-    from utils.config import AdapterConfig, EmaConfig, OptimizerConfig, TrainConfig, TrainConfigFile
-    from utils.memory_plan import LEVERS
+    from config.train_config import AdapterConfig, EmaConfig, OptimizerConfig, TrainConfig, TrainConfigFile
+    from memory.plan import LEVERS
 
     adapter = None if args.full else AdapterConfig(rank=args.rank, alpha=float(args.rank), use_dora=args.dora)
     ema = None if args.ema is None else EmaConfig(device=args.ema)
@@ -102,7 +104,7 @@ def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]
 
 def synthetic_batch(model, width: int, height: int, frames: int, batch: int, device):
     """(inputs, labels) on `device` as the trainer's collate makes them from the cache."""
-    from models.base import generator_for
+    from utils.seeding import generator_for
 
     model.load_text_encoders(device)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def synthetic_batch(model, width: int, height: int, frames: int, batch: int, dev
     text = {k: torch.stack([item[k] for item in items]).cpu() for k in items[0]}
     latents = torch.randn(batch, *latent_shape(model, width, height, frames),
                           generator=torch.Generator().manual_seed(0)).to(model.dtype)
-    inputs, labels = model.training_example(latents, text, [generator_for(0, "bench", i) for i in range(batch)])
+    inputs, labels = objective.training_example(model, latents, text, [generator_for(0, "bench", i) for i in range(batch)])
     move = lambda ts: tuple(t.to(device) for t in ts)  # noqa: E731
     return move(inputs), move(labels)
 
@@ -144,10 +146,10 @@ def yardstick(device) -> dict:
 
 # ------------------------------------------------------------------------------ the rows
 def our_layers(model, config, device):
-    """The transformer as our pipeline layers on `device` (one stage), loaded as utils/engine.py
+    """The transformer as our pipeline layers on `device` (one stage), loaded as parallel/stages.py
     loads a stage: what the layers row trains, built as build_engine builds the engine row's.
     `compile` is applied by the caller, after counting FLOPs on the eager layers."""
-    from utils.engine import load_stage, plan_stages
+    from parallel.stages import load_stage, plan_stages
 
     transformer, layers, _ = plan_stages(model, config)
     load_stage(model, config, transformer, layers, [0, len(layers)], 0, device)
@@ -176,12 +178,15 @@ def count_flops(model, layers, inputs) -> int:
 
 
 def engine_step(model, config, device, inputs, labels, tokens):
-    from utils.engine import build_engine, init_distributed
-    from utils.ema import ema_for
+    from parallel.engine import build_engine
+    from parallel.launch import init_distributed
+    from training.ema import ema_for
+    from utils.dist import Distributed
 
     init_distributed()
-    engine, transformer = build_engine(model, config, 0, 1, device, config.settings.max_steps, tokens=tokens)
-    # --ema: the trainer's moving average, updated after every step as utils/trainer.py does
+    engine, transformer = build_engine(model, config, Distributed.alone(device), config.settings.max_steps,
+                                       tokens=tokens)
+    # --ema: the trainer's moving average, updated after every step as training/trainer.py does
     ema = None if config.settings.ema is None else ema_for(transformer, config.settings.ema)
 
     ema_times = []
@@ -203,18 +208,18 @@ def engine_step(model, config, device, inputs, labels, tokens):
 def layers_step(model, config, device, inputs, labels, tokens):
     from torch.utils.checkpoint import checkpoint
 
-    from utils import memory
-    from utils.optimizers import build_optimizer
+    from memory.checkpointing import checkpointed
+    from training.optimizers import build_optimizer
 
     s = config.settings
     transformer, layers = our_layers(model, config, device)
     # Counted before any timing; printed at once, so that a step running out of memory keeps it.
     print("FLOPS " + json.dumps(count_flops(model, layers, inputs)), flush=True)
     if s.compile:
-        from utils.engine import compile_layers
+        from parallel.engine import compile_layers
 
         compile_layers(layers)  # as build_engine does for the engine row
-    recompute = [memory.checkpointed(layer, s.activation_checkpointing, model) for layer in layers]
+    recompute = [checkpointed(layer, s.activation_checkpointing, model) for layer in layers]
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, s.optimizer, s.gradient_clipping, None, seed=s.seed,
                           low_memory=config.full_finetune)
@@ -223,7 +228,7 @@ def layers_step(model, config, device, inputs, labels, tokens):
         x = inputs
         for layer, again in zip(layers, recompute):
             x = checkpoint(layer, x, use_reentrant=False) if again else layer(x)
-        loss = model.loss(x, labels)
+        loss = objective.loss(model, x, labels)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -261,7 +266,7 @@ def diffusers_step(model, config, device, inputs, labels, tokens):
     def step():
         with torch.autocast(device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
             prediction = model.reference_forward(transformer, named)
-        loss = model.loss(prediction, labels)
+        loss = objective.loss(model, prediction, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, s.gradient_clipping)
         opt.step()
@@ -278,7 +283,7 @@ def run_row(args) -> dict:
     """One measurement, in this process: build the row, warm up, time the steps."""
     device = torch.device(args.device)
     if device.type == "cuda":
-        from utils.engine import configure_attention
+        from parallel.launch import configure_attention
 
         torch.cuda.set_device(0)
         configure_attention()  # every row gets the trainer's attention kernels

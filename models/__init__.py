@@ -1,7 +1,8 @@
-"""Model registry: each model type name maps to the class that implements it.
+"""Model registry: each model type name maps to its recipe class.
 
-Adding a model is one file in `models/` plus one line here. Classes are imported on first use,
-so loading a config does not import every model's dependencies.
+Adding a model is a recipe file in `models/` (with its key map in `models/keymaps/`) plus one line
+here; models/README.md is the checklist. Classes are imported on first use, so loading a config
+does not import every model's dependencies.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 MODEL_CLASSES = {
     "flux": "models.flux:FluxModel",

@@ -9,12 +9,11 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from models.base import DiffusionModel
-from models.key_layout import kohya_lora
-from models.flux_layout import FluxLayout, diffusers_to_original, load_diffusers_keys_from_original, lora_to_original
-from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from models.base import ModelRecipe
+from models.keymaps.flux import FluxKeymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
+from config.train_config import ModelConfig
+from config.schema import check, key
 
 
 @dataclass
@@ -35,6 +34,8 @@ FLUX_OUTPUT = PipelineFields("prediction")
 
 class FluxInputLayer(PipelineLayer):
     """Patch embedding, timestep/guidance/pooled-text embedding and text projection."""
+
+    kind = "input"
 
     def __init__(self, transformer: FluxTransformer2DModel):
         super().__init__(FLUX_INPUTS, FLUX_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
@@ -60,6 +61,7 @@ class FluxBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer ids in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden", "encoder_hidden")
 
     def __init__(self, transformer: FluxTransformer2DModel, module_name: str):
@@ -75,9 +77,7 @@ class FluxBlockLayer(PipelineLayer):
         return {**s, "hidden": hidden, "encoder_hidden": encoder_hidden}
 
 
-# Two classes so that layer class names tell the block kinds apart: DeepSpeed's
-# `checkpointable_layers` (activation_checkpointing = "selective") and partition_method = "type:..."
-# select layers by class name.
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class FluxDoubleBlockLayer(FluxBlockLayer):
     """A double-stream block: image and text tokens with their own weights, joint attention."""
 
@@ -87,6 +87,8 @@ class FluxSingleBlockLayer(FluxBlockLayer):
 
 
 class FluxFinalLayer(PipelineLayer):
+    kind = "output"
+
     def __init__(self, transformer: FluxTransformer2DModel):
         super().__init__(FLUX_STREAM, FLUX_OUTPUT, ["norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -96,7 +98,7 @@ class FluxFinalLayer(PipelineLayer):
         return {"prediction": self.proj_out(self.norm_out(s["hidden"], s["temb"]))}
 
 
-class FluxModel(DiffusionModel):
+class FluxModel(ModelRecipe):
     name = "flux"
     config_class = FluxConfig
     size_multiple = 16  # 8x VAE, then 2x2 patches
@@ -104,6 +106,7 @@ class FluxModel(DiffusionModel):
     vae_class = AutoencoderKL
     pipeline_class = FluxPipeline
     input_fields = FLUX_INPUTS
+    keymap = FluxKeymap  # the BFL release / ComfyUI layout (flux1-dev.safetensors)
     # Every attention projection and MLP linear of the double and single blocks.
     default_lora_targets = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
                             r"|add_v_proj|to_add_out)|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)")
@@ -112,11 +115,8 @@ class FluxModel(DiffusionModel):
     # activations: about 2/3 of the block activation memory saved for 2/3 of the recompute of
     # `true` (per token both kinds keep about the same and cost about the same FLOPs).
     selective_checkpoint_layers = ("FluxSingleBlockLayer",)
-    # Per token (image + text), by bench/activation_factors.py: saved_tensors_hooks on the layers as
-    # the trainer sets them up, bf16 autocast, FLUX.1-dev's width (3072) with 2 + 2 blocks at
-    # 1024x1024 and 512 text tokens; within 3% at 512x512 and at width 1024. LoRA (rank 32, float32
-    # adapter weights, the steady-state block: the first keeps less); full fine-tuning keeps 21%
-    # (double) and 13% (single) more. tests/test_memory.py re-measures them at a small size.
+    # Per token (image + text); measured by bench/activation_factors.py (docs/benchmarks.md,
+    # "Activation factors"); tests/test_memory.py re-measures them at a small size.
     activation_factors = {"FluxInputLayer": 0.0, "FluxDoubleBlockLayer": 23.3, "FluxSingleBlockLayer": 22.3,
                           "FluxFinalLayer": 1.0}
     full_finetune_activation_factors = {"FluxInputLayer": 0.2, "FluxDoubleBlockLayer": 28.2,
@@ -124,21 +124,19 @@ class FluxModel(DiffusionModel):
     # FluxPipeline's: 1024x1024 (its default sample size), 28 steps, embedded guidance 3.5.
     sample_defaults = {"width": 1024, "height": 1024, "frames": 1, "steps": 28, "guidance": 3.5}
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                       extra=f"t5_len={self.config.max_sequence_length}")
 
-    def load_text_encoders(self, device):
+    def text_encoder_parts(self, device):
         dtype = self.dtype
-        self.text_encoders = (
+        return (
             CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
             CLIPTextModel.from_pretrained(self.root / "text_encoder", torch_dtype=dtype).to(device).eval(),
             T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
             T5EncoderModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=dtype).to(device).eval(),
         )
-        self.device = device
 
     def encode_captions(self, captions):
         clip_tok, clip, t5_tok, t5 = self.text_encoders
@@ -182,7 +180,7 @@ class FluxModel(DiffusionModel):
     # ---------------------------------------------------------------- sampling
     def sample_latent_shape(self, width, height, frames):
         # FluxPipeline.prepare_latents: 16 channels at 1/8 size, rounded down to whole 2x2 patches.
-        channels = self._transformer_config()["in_channels"] // 4
+        channels = self.transformer_config()["in_channels"] // 4
         return channels, 2 * (height // 16), 2 * (width // 16)
 
     def unpack_latents(self, packed, shape):
@@ -196,16 +194,6 @@ class FluxModel(DiffusionModel):
         return self.vae.decode(latents, return_dict=False)[0].unsqueeze(2)
 
     # ---------------------------------------------------------------- transformer
-    def read_weights(self, keys):
-        if self.config.transformer_path is None:
-            return super().read_weights(keys)
-        # A single-file checkpoint in the original release layout, read lazily per key.
-        try:
-            return load_diffusers_keys_from_original(self.config.transformer_path, keys, self._transformer_config())
-        except KeyError as e:
-            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
-                              f"original Flux layout (not a Flux transformer checkpoint?)") from None
-
     def layers(self, transformer):
         layers: list[nn.Module] = [FluxInputLayer(transformer)]
         layers += [FluxDoubleBlockLayer(transformer, f"transformer_blocks.{i}")
@@ -221,22 +209,3 @@ class FluxModel(DiffusionModel):
         return transformer(hidden_states=inputs["latents"], encoder_hidden_states=inputs["text"],
                            pooled_projections=inputs["pooled"], timestep=inputs["timesteps"], guidance=guidance,
                            img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], return_dict=False)[0]
-
-    def original_layout(self, state_dict):
-        # The BFL release / ComfyUI layout (flux1-dev.safetensors), without a key prefix. Fused
-        # tensors (qkv, linear1) join modules of one block, so a stage's part converts on its own.
-        return diffusers_to_original(state_dict)
-
-    def extra_lora_formats(self, lora):
-        # The original key layout (fused q/k/v and linear1, as ComfyUI's model) in kohya's naming:
-        # ComfyUI loads it, and so does diffusers' FluxPipeline.load_lora_weights through its kohya
-        # converter (which splits the block-diagonal fused LoRAs back exactly, at FLUX.1's width).
-        original = lora_to_original(lora, self._transformer_config(), prefix="")
-        return {"lora_comfyui.safetensors": kohya_lora(original)}
-
-    def original_key_layout(self):
-        config = self._transformer_config()
-        return FluxLayout.for_config(config), FluxLayout.dims(config)
-
-    def _transformer_config(self):
-        return self.transformer_class.load_config(self.transformer_folder())

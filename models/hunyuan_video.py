@@ -10,20 +10,20 @@ the VAE's scaling_factor, and the transformer gets the timestep and the guidance
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
 
-from models.base import DiffusionModel
-from models.hunyuan_layout import (HunyuanLayout, diffusers_to_original, load_diffusers_keys_from_original,
-                                    lora_to_original)
-from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from models.base import ModelRecipe
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
+from config.train_config import ModelConfig
+from utils.errors import ConfigError
+from config.schema import check, key
 
 # HunyuanVideoPipeline takes the Llama hidden state before the last two layers.
 NUM_HIDDEN_LAYERS_TO_SKIP = 2
@@ -74,6 +74,8 @@ def joint_attention_mask(text_mask: torch.Tensor, latent_len: int) -> torch.Tens
 class HunyuanInputLayer(PipelineLayer):
     """Patch embedding, timestep/guidance/pooled-text embedding and the text token refiner."""
 
+    kind = "input"
+
     def __init__(self, transformer: HunyuanVideoTransformer3DModel):
         super().__init__(HUNYUAN_INPUTS, HUNYUAN_STREAM, ["x_embedder", "time_text_embed", "context_embedder"])
         self.x_embedder = transformer.x_embedder
@@ -99,6 +101,7 @@ class HunyuanBlockLayer(PipelineLayer):
     """One dual-stream or single-stream block. Rotary embeddings and the attention mask are rebuilt
     from integer tensors in every layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden", "encoder_hidden")
 
     def __init__(self, transformer: HunyuanVideoTransformer3DModel, module_name: str):
@@ -117,9 +120,7 @@ class HunyuanBlockLayer(PipelineLayer):
         return {**s, "hidden": hidden.contiguous(), "encoder_hidden": encoder_hidden.contiguous()}
 
 
-# Two classes so that layer class names tell the block kinds apart: DeepSpeed's
-# `checkpointable_layers` (activation_checkpointing = "selective") and partition_method = "type:..."
-# select layers by class name.
+# A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).
 class HunyuanDoubleBlockLayer(HunyuanBlockLayer):
     """A dual-stream block: video and text tokens with their own weights, joint attention."""
 
@@ -130,6 +131,8 @@ class HunyuanSingleBlockLayer(HunyuanBlockLayer):
 
 class HunyuanFinalLayer(PipelineLayer):
     """Output norm and projection, then the patches back to a (batch, channels, frames, h, w) latent."""
+
+    kind = "output"
 
     def __init__(self, transformer: HunyuanVideoTransformer3DModel):
         super().__init__(HUNYUAN_STREAM, HUNYUAN_OUTPUT, ["norm_out", "proj_out"])
@@ -147,7 +150,7 @@ class HunyuanFinalLayer(PipelineLayer):
         return {"prediction": hidden}
 
 
-class HunyuanVideoModel(DiffusionModel):
+class HunyuanVideoModel(ModelRecipe):
     name = "hunyuan-video"
     config_class = HunyuanVideoConfig
     size_multiple = 16  # 8x VAE, then 2x2 patches
@@ -156,6 +159,8 @@ class HunyuanVideoModel(DiffusionModel):
     vae_class = AutoencoderKLHunyuanVideo
     pipeline_class = HunyuanVideoPipeline
     input_fields = HUNYUAN_INPUTS
+    # The Tencent release / ComfyUI layout (the release's own code loads the same keys from a .pt file).
+    keymap = HunyuanVideoKeymap
     # Every attention projection and MLP linear of the dual- and single-stream blocks (the token
     # refiner's blocks can be added with adapter.target_modules).
     default_lora_targets = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj"
@@ -166,11 +171,8 @@ class HunyuanVideoModel(DiffusionModel):
     # activations: about 2/3 of the block activation memory saved for 2/3 of the recompute of
     # `true` (per token both kinds keep about the same and cost about the same FLOPs).
     selective_checkpoint_layers = ("HunyuanSingleBlockLayer",)
-    # Per token (video + text), by bench/activation_factors.py: saved_tensors_hooks on the layers as
-    # the trainer sets them up, bf16 autocast, the release's width (3072) with 2 + 2 blocks at
-    # 512x512x33 (9216 video tokens) and 256 text tokens; the same at 512x512x9. LoRA (rank 32,
-    # float32 adapter weights, the steady-state block: the first keeps less); full fine-tuning keeps
-    # 11% (dual) and 8% (single) more.
+    # Per token (video + text); measured by bench/activation_factors.py (docs/benchmarks.md,
+    # "Activation factors").
     activation_factors = {"HunyuanInputLayer": 0.0, "HunyuanDoubleBlockLayer": 25.3,
                           "HunyuanSingleBlockLayer": 24.3, "HunyuanFinalLayer": 1.0}
     full_finetune_activation_factors = {"HunyuanInputLayer": 1.1, "HunyuanDoubleBlockLayer": 28.2,
@@ -179,7 +181,6 @@ class HunyuanVideoModel(DiffusionModel):
     sample_defaults = {"width": 1280, "height": 720, "frames": 129, "steps": 50, "guidance": 6.0}
     decode_tiled = True
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature(
@@ -187,18 +188,20 @@ class HunyuanVideoModel(DiffusionModel):
             extra=f"llama_len={self.config.max_sequence_length},skip={NUM_HIDDEN_LAYERS_TO_SKIP},"
                   f"template={self.prompt_template!r}")
 
-    def load_text_encoders(self, device):
+    def text_encoder_parts(self, device):
         llama_tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
         # The template crop and the transformer's text mask both expect the prompt's tokens first.
         llama_tokenizer.padding_side = "right"
-        self.text_encoders = (
+        return (
             llama_tokenizer,
             LlamaModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
             CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
             CLIPTextModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=self.dtype).to(device).eval(),
         )
-        self.crop_start = template_crop_start(llama_tokenizer, self.prompt_template)
-        self.device = device
+
+    def load_text_encoders(self, device):
+        super().load_text_encoders(device)
+        self.crop_start = template_crop_start(self.text_encoders[0], self.prompt_template)
 
     def encode_captions(self, captions):
         llama_tokenizer, llama, clip_tokenizer, clip = self.text_encoders
@@ -217,27 +220,19 @@ class HunyuanVideoModel(DiffusionModel):
                 for i in range(len(captions))]
 
     def encode_pixels(self, pixels):
-        frames = pixels.shape[2]
-        if (frames - 1) % self.frame_multiple:
-            raise ValueError(f"HunyuanVideo encodes clips of 4k+1 frames, got {frames}")
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
         # HunyuanVideoPipeline divides by scaling_factor before decoding; no shift.
         latents = latents * self.vae.config.scaling_factor
         return [{"latents": latents[i].to(self.dtype)} for i in range(latents.shape[0])]
 
     # ---------------------------------------------------------------- inputs
-    @cached_property
-    def _patch(self) -> tuple[int, int]:
-        cfg = self._transformer_config()
-        return cfg["patch_size"], cfg["patch_size_t"]
-
     def image_seq_len(self, latents):
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         return (latents.shape[2] // patch_t) * (latents.shape[3] // patch) * (latents.shape[4] // patch)
 
     def tokens_per_sample(self, width, height, frames):
         # Video and text tokens: the blocks run both (the padded text too), as Flux's.
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         video = ((frames - 1) // self.frame_multiple + 1) // patch_t * (height // 8 // patch) * (width // 8 // patch)
         return video + self.config.max_sequence_length
 
@@ -251,7 +246,7 @@ class HunyuanVideoModel(DiffusionModel):
     # ---------------------------------------------------------------- sampling
     def sample_latent_shape(self, width, height, frames):
         # HunyuanVideoPipeline.prepare_latents: 4x fewer frames (plus the first), 8x smaller.
-        channels = self._transformer_config()["in_channels"]
+        channels = self.transformer_config()["in_channels"]
         return channels, (frames - 1) // self.frame_multiple + 1, height // 8, width // 8
 
     def sample_noise(self, width, height, frames, seed):
@@ -259,8 +254,6 @@ class HunyuanVideoModel(DiffusionModel):
         return super().sample_noise(width, height, frames, seed).float()
 
     def sample_sigmas(self, steps):
-        import numpy as np
-
         return np.linspace(1.0, 0.0, steps + 1)[:-1]
 
     def decode_latents(self, latents):
@@ -268,16 +261,6 @@ class HunyuanVideoModel(DiffusionModel):
         return self.vae.decode(latents, return_dict=False)[0]
 
     # ---------------------------------------------------------------- transformer
-    def read_weights(self, keys):
-        if self.config.transformer_path is None:
-            return super().read_weights(keys)
-        # A single-file checkpoint in the original release layout, read lazily per key.
-        try:
-            return load_diffusers_keys_from_original(self.config.transformer_path, keys, self._transformer_config())
-        except KeyError as e:
-            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
-                              f"original HunyuanVideo layout (not a HunyuanVideo transformer checkpoint?)") from None
-
     def layers(self, transformer):
         if transformer.config.image_condition_type is not None:
             raise ConfigError(f"model.diffusers_path: {self.root} is an image-to-video HunyuanVideo "
@@ -297,21 +280,3 @@ class HunyuanVideoModel(DiffusionModel):
         return transformer(hidden_states=inputs["latents"], timestep=inputs["timesteps"] * 1000,
                            encoder_hidden_states=inputs["text"], encoder_attention_mask=inputs["text_mask"],
                            pooled_projections=inputs["pooled"], guidance=guidance, return_dict=False)[0]
-
-    def original_layout(self, state_dict):
-        # The Tencent release / ComfyUI layout, without a key prefix as for Flux (ComfyUI's diffusion
-        # model loader takes it as is; the release's own code loads the same keys from a .pt file).
-        # Fused tensors join modules of one layer: q/k/v of a block, of a token refiner block (the
-        # input layer's), a single block's linear1; the final layer's modulation is only reordered.
-        return diffusers_to_original(state_dict)
-
-    def extra_lora_formats(self, lora):
-        # ComfyUI and the original inference code load LoRAs against the original (fused) key layout.
-        return {"lora_comfyui.safetensors": lora_to_original(lora, self._transformer_config())}
-
-    def original_key_layout(self):
-        config = self._transformer_config()
-        return HunyuanLayout.for_config(config), HunyuanLayout.dims(config)
-
-    def _transformer_config(self):
-        return self.transformer_class.load_config(self.transformer_folder())

@@ -18,12 +18,11 @@ from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DM
 from torch import nn
 from transformers import T5EncoderModel, T5TokenizerFast
 
-from models.base import DiffusionModel
-from models.ltx_layout import (diffusers_to_original, load_diffusers_keys_from_original, lora_to_original,
-                               original_to_diffusers_key)
-from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from models.base import ModelRecipe
+from models.keymaps.ltx_video import LTXVideoKeymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
+from config.train_config import ModelConfig
+from config.schema import check, key
 
 
 @dataclass
@@ -51,6 +50,8 @@ LTX_OUTPUT = PipelineFields("prediction")
 class LTXInputLayer(PipelineLayer):
     """Token projection, timestep embedding (AdaLN-single) and caption projection."""
 
+    kind = "input"
+
     def __init__(self, transformer: LTXVideoTransformer3DModel):
         super().__init__(LTX_INPUTS, LTX_STREAM, ["proj_in", "time_embed", "caption_projection"])
         self.proj_in = transformer.proj_in
@@ -72,6 +73,7 @@ class LTXBlockLayer(PipelineLayer):
     """One transformer block. Rotary embeddings are recomputed from the integer grid size in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
 
+    kind = "block"
     writes = ("hidden",)
 
     def __init__(self, transformer: LTXVideoTransformer3DModel, index: int, rope_scale: tuple[float, float, float]):
@@ -94,6 +96,8 @@ class LTXBlockLayer(PipelineLayer):
 class LTXFinalLayer(PipelineLayer):
     """Output norm modulated by the timestep, and the projection back to latent tokens."""
 
+    kind = "output"
+
     def __init__(self, transformer: LTXVideoTransformer3DModel):
         super().__init__(LTX_STREAM, LTX_OUTPUT, ["scale_shift_table", "norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -107,7 +111,7 @@ class LTXFinalLayer(PipelineLayer):
         return {"prediction": self.proj_out(hidden)}
 
 
-class LTXVideoModel(DiffusionModel):
+class LTXVideoModel(ModelRecipe):
     name = "ltx-video"
     config_class = LTXVideoConfig
     size_multiple = 32  # 32x VAE, 1x1 patches
@@ -116,6 +120,10 @@ class LTXVideoModel(DiffusionModel):
     vae_class = AutoencoderKLLTXVideo
     pipeline_class = LTXPipeline
     input_fields = LTX_INPUTS
+    # The Lightricks release / ComfyUI names. The release's all-in-one file puts
+    # "model.diffusion_model." before them (beside the VAE's "vae."); Lightricks' own inference
+    # scripts also want a config in the file's metadata, which the saved full model does not carry.
+    keymap = LTXVideoKeymap
     # Self- and cross-attention projections and the feed-forward linears of every block.
     default_lora_targets = r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
     # The release scheduler's dynamic shift: mu from 0.95 at 1024 video tokens to 2.05 at 4096.
@@ -125,30 +133,25 @@ class LTXVideoModel(DiffusionModel):
     max_shift = 2.05
     # No "selective" checkpointing: DeepSpeed picks the layers to recompute by class name, and the
     # blocks are all of one kind (a selective mode would need classes for, say, odd and even blocks).
-    # Per video token (the 128 text tokens' cross-attention keys and values are in the factor), by
-    # bench/activation_factors.py: saved_tensors_hooks on the layers as the trainer sets them up,
-    # bf16 autocast, the release's width (2048) with 2 blocks at 768x512x49 (2688 video tokens);
-    # within 2% from 1024 to 4992 video tokens. LoRA (rank 32, float32 adapter weights, the second
-    # block: the first keeps less); full fine-tuning keeps 16% more.
-    activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 37.5, "LTXFinalLayer": 1.0}
+    # Per video token (the text tokens' cross-attention keys and values are in the factor);
+    # measured by bench/activation_factors.py (docs/benchmarks.md, "Activation factors").
+    activation_factors = {"LTXInputLayer": 0.0, "LTXBlockLayer": 33.4, "LTXFinalLayer": 1.0}
     full_finetune_activation_factors = {"LTXInputLayer": 0.3, "LTXBlockLayer": 43.4, "LTXFinalLayer": 3.0}
     # LTXPipeline's: 704x512, 161 frames, 50 steps, classifier-free guidance 3 on a negative prompt.
     sample_defaults = {"width": 704, "height": 512, "frames": 161, "steps": 50, "guidance": 3.0}
     sample_guidance = "classifier_free"
     decode_tiled = True
 
-
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "text_encoder",
                                       extra=f"t5_len={self.config.max_sequence_length},mask")
 
-    def load_text_encoders(self, device):
-        self.text_encoders = (
+    def text_encoder_parts(self, device):
+        return (
             T5TokenizerFast.from_pretrained(self.root / "tokenizer"),
             T5EncoderModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
         )
-        self.device = device
 
     def encode_captions(self, captions):
         tokenizer, t5 = self.text_encoders
@@ -161,9 +164,6 @@ class LTXVideoModel(DiffusionModel):
         return [{"text": text[i].to(self.dtype), "text_mask": mask[i]} for i in range(len(captions))]
 
     def encode_pixels(self, pixels):
-        frames = pixels.shape[2]
-        if (frames - 1) % self.frame_multiple:
-            raise ValueError(f"LTX-Video encodes clips of 8k+1 frames, got {frames}")
         latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
         # The inverse of what LTXPipeline does before decoding (_denormalize_latents).
         latents = LTXPipeline._normalize_latents(latents, self.vae.latents_mean, self.vae.latents_std,
@@ -171,11 +171,6 @@ class LTXVideoModel(DiffusionModel):
         return [{"latents": latents[i].to(self.dtype)} for i in range(latents.shape[0])]
 
     # ---------------------------------------------------------------- inputs
-    @cached_property
-    def _patch(self) -> tuple[int, int]:
-        cfg = self._transformer_config()
-        return cfg["patch_size"], cfg["patch_size_t"]
-
     @cached_property
     def rope_interpolation_scale(self) -> tuple[float, float, float]:
         """(temporal compression / frame rate, spatial compression, spatial compression), as LTXPipeline."""
@@ -185,7 +180,7 @@ class LTXVideoModel(DiffusionModel):
                 vae.spatial_compression_ratio)
 
     def pack_latents(self, latents):
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         return LTXPipeline._pack_latents(latents, patch, patch_t)
 
     def image_seq_len(self, latents):
@@ -195,11 +190,11 @@ class LTXVideoModel(DiffusionModel):
     def tokens_per_sample(self, width, height, frames):
         # Video tokens only: the text's (max_sequence_length) enter the blocks only as the
         # cross-attention's keys and values, which activation_factors counts per video token.
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         return ((frames - 1) // self.frame_multiple + 1) // patch_t * (height // 32 // patch) * (width // 32 // patch)
 
     def model_inputs(self, noisy, timesteps, text):
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         _, _, frames, height, width = noisy.shape
         return {"latents": self.pack_latents(noisy), "text": text["text"], "text_mask": text["text_mask"].long(),
                 "timesteps": timesteps.float(),
@@ -209,7 +204,7 @@ class LTXVideoModel(DiffusionModel):
     # ---------------------------------------------------------------- sampling
     def sample_latent_shape(self, width, height, frames):
         # LTXPipeline.prepare_latents: 8x fewer frames (plus the first), 32x smaller.
-        channels = self._transformer_config()["in_channels"]
+        channels = self.transformer_config()["in_channels"]
         return channels, (frames - 1) // self.frame_multiple + 1, height // 32, width // 32
 
     def sample_noise(self, width, height, frames, seed):
@@ -217,7 +212,7 @@ class LTXVideoModel(DiffusionModel):
         return super().sample_noise(width, height, frames, seed).float()
 
     def unpack_latents(self, packed, shape):
-        patch, patch_t = self._patch
+        patch, patch_t = self.patch_sizes
         b, c, f, h, w = shape
         return LTXPipeline._unpack_latents(packed, f // patch_t, h // patch, w // patch, patch, patch_t)
 
@@ -231,16 +226,6 @@ class LTXVideoModel(DiffusionModel):
         return vae.decode(latents.to(vae.dtype), timestep, return_dict=False)[0]
 
     # ---------------------------------------------------------------- transformer
-    def read_weights(self, keys):
-        if self.config.transformer_path is None:
-            return super().read_weights(keys)
-        # A single-file checkpoint in the original release layout, read lazily per key.
-        try:
-            return load_diffusers_keys_from_original(self.config.transformer_path, keys)
-        except KeyError as e:
-            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
-                              f"original LTX-Video layout (not an LTX-Video transformer checkpoint?)") from None
-
     def layers(self, transformer):
         scale = self.rope_interpolation_scale
         layers: list[nn.Module] = [LTXInputLayer(transformer)]
@@ -255,22 +240,3 @@ class LTXVideoModel(DiffusionModel):
                            timestep=inputs["timesteps"] * 1000, encoder_attention_mask=inputs["text_mask"],
                            num_frames=frames, height=height, width=width,
                            rope_interpolation_scale=self.rope_interpolation_scale, return_dict=False)[0]
-
-    def original_layout(self, state_dict):
-        # The original (Lightricks / ComfyUI) names, renames only, without a key prefix as for Flux.
-        # The release's all-in-one file puts "model.diffusion_model." before them (beside the VAE's
-        # "vae."); a transformer-only file without it is read by ComfyUI's diffusion model loader,
-        # diffusers' from_single_file and model.transformer_path (each strips the prefix only where
-        # present). Lightricks' own inference scripts also want a config in the file's metadata.
-        return diffusers_to_original(state_dict)
-
-    def extra_lora_formats(self, lora):
-        # ComfyUI loads LTX-Video LoRAs against the original key layout.
-        return {"lora_comfyui.safetensors": lora_to_original(lora)}
-
-    def original_module_name_to_diffusers(self, name):
-        # The layouts differ by module names only.
-        return original_to_diffusers_key(name)
-
-    def _transformer_config(self):
-        return self.transformer_class.load_config(self.transformer_folder())

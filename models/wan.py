@@ -30,12 +30,12 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch import nn
 from transformers import AutoTokenizer, UMT5EncoderModel
 
-from models.base import DiffusionModel
-from models.wan_layout import WAN_LAYOUT
-from utils import objective
-from utils.config import ModelConfig
-from utils.pipeline_layers import PipelineFields, PipelineLayer
-from utils.schema import ConfigError, check, key
+from config.schema import check, key
+from config.train_config import ModelConfig
+from models.base import ModelRecipe
+from models.keymaps.wan import WanKeymap
+from models.pipeline_layers import PipelineFields, PipelineLayer
+from utils.errors import ConfigError
 
 EXPERT_FOLDERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
 
@@ -69,6 +69,8 @@ class WanInputLayer(PipelineLayer):
     """Patch embedding; timestep embedding (and its projection to the blocks' six modulations);
     text projection."""
 
+    kind = "input"
+
     def __init__(self, transformer: WanTransformer3DModel):
         super().__init__(WAN_INPUTS, WAN_STREAM, ["patch_embedding", "condition_embedder"])
         self.patch_embedding = transformer.patch_embedding
@@ -88,6 +90,8 @@ class WanInputLayer(PipelineLayer):
 class WanBlockLayer(PipelineLayer):
     """One transformer block. The rotary embedding is rebuilt from the integer latent grid in every
     layer: cheap, and no gradient-less float tensor crosses a stage."""
+
+    kind = "block"
 
     writes = ("hidden",)
 
@@ -111,6 +115,8 @@ class WanFinalLayer(PipelineLayer):
     """Output norm modulated by the timestep, projection, then the patches back to a (batch,
     channels, frames, height, width) latent."""
 
+    kind = "output"
+
     def __init__(self, transformer: WanTransformer3DModel):
         super().__init__(WAN_STREAM, WAN_OUTPUT, ["scale_shift_table", "norm_out", "proj_out"])
         self.norm_out = transformer.norm_out
@@ -131,7 +137,7 @@ class WanFinalLayer(PipelineLayer):
         return {"prediction": hidden}
 
 
-class WanModel(DiffusionModel):
+class WanModel(ModelRecipe):
     name = "wan"
     config_class = WanConfig
     # 8x VAE, then 2x2 patches (Wan 2.2 TI2V-5B: 16x VAE, so 32; set per model folder in __init__).
@@ -141,6 +147,10 @@ class WanModel(DiffusionModel):
     vae_class = AutoencoderKLWan
     pipeline_class = WanPipeline
     input_fields = WAN_INPUTS
+    # The Wan-AI release / ComfyUI names, renames only (ComfyUI's diffusion model loader, diffusers'
+    # from_single_file and model.transformer_path read the saved original-layout file; ComfyUI and
+    # WanPipeline.load_lora_weights read lora_comfyui.safetensors).
+    keymap = WanKeymap
     # Self- and cross-attention projections and the feed-forward linears of every block.
     default_lora_targets = r"blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
     # No "selective" checkpointing: the blocks are all of one kind.
@@ -185,12 +195,11 @@ class WanModel(DiffusionModel):
         return self._config_signature("tokenizer", "text_encoder",
                                       extra=f"umt5_len={self.config.max_sequence_length},zero_padded")
 
-    def load_text_encoders(self, device):
-        self.text_encoders = (
+    def text_encoder_parts(self, device):
+        return (
             AutoTokenizer.from_pretrained(self.root / "tokenizer"),
             UMT5EncoderModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
         )
-        self.device = device
 
     def encode_captions(self, captions):
         tokenizer, umt5 = self.text_encoders
@@ -224,7 +233,7 @@ class WanModel(DiffusionModel):
     # ---------------------------------------------------------------- inputs
     @cached_property
     def _patch(self) -> tuple[int, int, int]:
-        return tuple(self._transformer_config()["patch_size"])
+        return tuple(self.transformer_config()["patch_size"])
 
     @cached_property
     def _vae_scale(self) -> int:
@@ -246,16 +255,10 @@ class WanModel(DiffusionModel):
         # pack_latents stays the identity.
         return {"latents": noisy, "text": text["text"], "timesteps": timesteps.float()}
 
-    def training_example(self, latents, text, generators, timesteps=None, weights=None):
-        if timesteps is not None and self.config.expert is not None:
-            # The fixed eval timesteps, in the expert's range as training draws them.
-            timesteps = objective.scale_to_range(timesteps, self.config.min_timestep, self.config.max_timestep)
-        return super().training_example(latents, text, generators, timesteps, weights)
-
     # ---------------------------------------------------------------- sampling
     def sample_latent_shape(self, width, height, frames):
         # WanPipeline.prepare_latents: 4x fewer frames (plus the first), scale_factor_spatial smaller.
-        channels = self._transformer_config()["in_channels"]
+        channels = self.transformer_config()["in_channels"]
         return channels, (frames - 1) // self.frame_multiple + 1, height // self._vae_scale, width // self._vae_scale
 
     def sample_noise(self, width, height, frames, seed):
@@ -285,16 +288,6 @@ class WanModel(DiffusionModel):
             return self.transformer_dir
         return self.root / EXPERT_FOLDERS[self.config.expert or "high_noise"]
 
-    def read_weights(self, keys):
-        if self.config.transformer_path is None:
-            return super().read_weights(keys)
-        # A single-file checkpoint in the original release layout, read lazily per key.
-        try:
-            return WAN_LAYOUT.load_diffusers_keys_from_original(self.config.transformer_path, keys)
-        except KeyError as e:
-            raise ConfigError(f"model.transformer_path: {self.config.transformer_path} lacks the weight {e} of the "
-                              f"original Wan layout (not a Wan transformer checkpoint?)") from None
-
     def layers(self, transformer):
         cfg = transformer.config
         if cfg.image_dim is not None or cfg.in_channels != cfg.out_channels:
@@ -316,20 +309,3 @@ class WanModel(DiffusionModel):
             timestep = timestep[:, None].expand(-1, tokens)
         return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=inputs["text"],
                            return_dict=False)[0]
-
-    def original_layout(self, state_dict):
-        # The Wan-AI release / ComfyUI layout, renames only, without a key prefix (ComfyUI's
-        # diffusion model loader, diffusers' from_single_file and model.transformer_path take it).
-        return WAN_LAYOUT.diffusers_to_original(state_dict)
-
-    def extra_lora_formats(self, lora):
-        # Original module names under "diffusion_model.": ComfyUI loads these, and so does
-        # diffusers' WanPipeline.load_lora_weights (its non-diffusers Wan LoRA converter).
-        return {"lora_comfyui.safetensors": WAN_LAYOUT.lora_to_original(lora)}
-
-    def original_module_name_to_diffusers(self, name):
-        # The layouts differ by module names only.
-        return WAN_LAYOUT.to_diffusers(name)
-
-    def _transformer_config(self):
-        return self.transformer_class.load_config(self.transformer_folder())

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -143,26 +144,28 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
     `reference_forward`), not our layers. `items`: the eval set's expected size, checked."""
     import torch
 
+    from config.train_config import load_train_config
+    from data.batches import EvalPlan, collate
+    from data.prepare import prepare_dataset
     from models import get_model_class
-    from utils.batches import EvalPlan, collate
-    from utils.config import load_train_config
-    from utils.prepare import prepare_dataset
+    from training.objective import training_example
+    from utils.dist import Distributed
 
-    config = load_train_config(config_path)
+    config = load_train_config(config_path, get_model_class)
     s = config.settings
     model = get_model_class(config.model.type)(config.model)
     (eval_set,) = config.eval_datasets
     reader = prepare_dataset(eval_set.dataset, model, title="eval", micro_batch_size=s.micro_batch_size_per_gpu,
-                             caching_batch_size=1, regenerate=False, rank=0, world=1, device=torch.device("cpu"),
+                             caching_batch_size=1, regenerate=False, place=Distributed.alone(),
                              log=lambda *_: None)
     assert reader.encoded == 0 and (items is None or len(reader) == items)
     total = weights = 0.0
     transformer.eval()
     for batch in EvalPlan(reader, s.micro_batch_size_per_gpu).rank_batches(0, 1):
-        inputs, labels = collate(model, reader, batch, s.seed, f"eval/{eval_set.name}", 0)
+        inputs, labels = collate(partial(training_example, model), reader, batch, s.seed, f"eval/{eval_set.name}", 0)
         with torch.no_grad():
             prediction = model.reference_forward(transformer, model.input_fields.unpack(inputs))
-        # DiffusionModel.loss, written out: per-sample MSE, weighted mean (eval padding has weight 0).
+        # training/objective.loss, written out: per-sample MSE, weighted mean (eval padding has weight 0).
         target, w = labels
         per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         loss = (per_sample * w).sum() / w.sum()

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.train_config import AdapterConfig
 from models.flux import FluxConfig, FluxModel
-from utils.config import AdapterConfig
-from utils.engine import describe_targets
-from utils.schema import ConfigError
+from parallel.stages import describe_targets
+from training.lora import add_lora, init_lora, load_lora_into, lora_state_dict, save_lora
+from training.objective import training_example
+from training.preflight import check_inputs
+from training.weights import load_weights
+from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages
 
@@ -23,7 +27,7 @@ def flux(tiny_models) -> FluxModel:
 
 def lora_modules(model, adapter) -> list[str]:
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     return [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")], transformer
 
 
@@ -56,14 +60,14 @@ def test_include_and_exclude_select_modules(tiny_models):
 ])
 def test_a_pattern_that_finds_nothing_is_a_config_error(tiny_models, keys, message):
     with pytest.raises(ConfigError) as info:
-        flux(tiny_models).check_inputs(CONFIG, AdapterConfig(rank=4, alpha=4.0, **keys))
+        check_inputs(flux(tiny_models), CONFIG, AdapterConfig(rank=4, alpha=4.0, **keys))
     assert str(info.value).startswith(f"{CONFIG}: {message}")
     assert "\n" not in str(info.value)
 
 
 def test_lora_plus_gives_lora_b_a_larger_learning_rate():
-    from utils.config import OptimizerConfig
-    from utils.optimizers import build_optimizer, lora_plus_groups
+    from config.train_config import OptimizerConfig
+    from training.optimizers import build_optimizer, lora_plus_groups
 
     def first_step(ratio):
         a, b = torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3, 4))
@@ -85,17 +89,17 @@ def test_lora_plus_gives_lora_b_a_larger_learning_rate():
 
 def dora_setup(tiny_models, adapter):
     """The tiny Flux transformer with its weights loaded and the adapter initialised, as a stage loads."""
-    from models.base import generator_for
+    from utils.seeding import generator_for
 
     model = flux(tiny_models)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     names = [n for n, _ in transformer.named_children()]
-    model.load_weights(transformer, names, torch.device("cpu"))
-    model.init_lora(transformer, names, adapter, torch.device("cpu"), seed=0)
+    load_weights(model, transformer, names, torch.device("cpu"))
+    init_lora(transformer, names, adapter, torch.device("cpu"), seed=0)
     latents = torch.randn(2, 16, 8, 8, generator=generator_for(1))
     text = {"text": torch.randn(2, 6, 32, generator=generator_for(2)), "pooled": torch.randn(2, 32, generator=generator_for(3))}
-    inputs, _ = model.training_example(latents, text, [generator_for(4, i) for i in range(2)])
+    inputs, _ = training_example(model, latents, text, [generator_for(4, i) for i in range(2)])
     return model, transformer, model.input_fields.unpack(inputs)
 
 
@@ -114,7 +118,7 @@ def test_dora_starts_as_the_base_model_and_loads_back_through_diffusers(tiny_mod
             if "lora_B" in n or "lora_magnitude_vector" in n:
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         ours = model.reference_forward(transformer, inputs)
-    files = model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "dora", torch.float32)
+    files = save_lora(model, lora_state_dict(transformer), adapter, tmp_path / "dora", torch.float32)
     # DoRA: the diffusers file only (the original layout has no magnitudes)
     assert [f.name for f in files] == ["pytorch_lora_weights.safetensors"]
     base.load_lora_adapter(str(tmp_path / "dora" / "pytorch_lora_weights.safetensors"), prefix="transformer")
@@ -126,6 +130,6 @@ def test_dora_starts_as_the_base_model_and_loads_back_through_diffusers(tiny_mod
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # and it starts a run again (init_from_existing) with the same weights
     _, again, _ = dora_setup(tiny_models, adapter)
-    model.load_lora_into(again, tmp_path / "dora", adapter)
+    load_lora_into(model, again, tmp_path / "dora", adapter)
     with torch.no_grad():
         torch.testing.assert_close(model.reference_forward(again, inputs), ours, rtol=1e-5, atol=1e-5)

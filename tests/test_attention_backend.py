@@ -10,8 +10,10 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 
 from conftest import write_configs
 from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
-from utils.config import load_train_config
-from utils.schema import ConfigError
+from config.train_config import load_train_config
+from models import get_model_class
+from training import objective
+from utils.errors import ConfigError
 
 
 def backends(transformer) -> set:
@@ -23,9 +25,9 @@ def loss(model, layers) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(2, 16, 4, 4, generator=g)
     text = {"text": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
-    inputs, labels = model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
+    inputs, labels = objective.training_example(model, latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
     with torch.no_grad():
-        return model.loss(torch.nn.Sequential(*layers)(inputs), labels)
+        return objective.loss(model, torch.nn.Sequential(*layers)(inputs), labels)
 
 
 def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny_models, data):
@@ -43,7 +45,8 @@ def test_named_backend_runs_every_attention_and_computes_the_same(tmp_path, tiny
 def test_unknown_backend_is_a_config_error(tmp_path, tiny_models, data):
     with pytest.raises(ConfigError, match=r"train.toml: 'attention_backend' = 'cudnn' is not a diffusers attention "
                                           r"backend; one of: .*_native_cudnn"):
-        load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"))
+        load_train_config(write_configs(tmp_path, tiny_models / "flux", data, attention_backend="cudnn"),
+                          get_model_class)
 
 
 def test_backend_that_cannot_run_here_is_a_config_error(tmp_path, tiny_models, data):

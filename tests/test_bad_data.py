@@ -19,11 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from config.dataset_config import load_dataset_config
+from data.prepare import prepare_dataset
 from models.flux import FluxConfig, FluxModel
 from tools.make_demo_dataset import make_demo_dataset
-from utils.config import load_dataset_config
-from utils.dataset import DataError
-from utils.prepare import prepare_dataset
+from utils.dist import Distributed
+from utils.errors import DataError
 
 CPU = torch.device("cpu")
 
@@ -51,7 +52,7 @@ def prepare(model, toml: Path):
     """(reader, everything printed) of one preparation."""
     printed: list[str] = []
     reader = prepare_dataset(load_dataset_config(toml), model, title="training dataset", micro_batch_size=2,
-                             caching_batch_size=2, regenerate=False, rank=0, world=1, device=CPU,
+                             caching_batch_size=2, regenerate=False, place=Distributed.alone(CPU),
                              log=printed.append)
     return reader, "\n".join(printed)
 

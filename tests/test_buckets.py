@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from utils.buckets import (Bucket, Sample, assign_buckets, bucket_shapes, check_resolutions,
-                           format_bucket_table, nearest_bucket, plan_batches)
-from utils.config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
-from utils.dataset import Item
-from utils.schema import ConfigError
+from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
+from data.buckets import (Bucket, Sample, assign_buckets, bucket_shapes, check_resolutions, format_bucket_table,
+                          nearest_bucket, plan_batches)
+from data.scan import Item
+from utils.errors import ConfigError
 
 
 def _settings(**overrides) -> BucketSettings:

@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from config.dataset_config import load_dataset_config
+from data.prepare import prepare_dataset
+from data.tensor_store import TensorStore
 from models.flux import FluxConfig, FluxModel
-from utils import tensor_store
-from utils.config import load_dataset_config
-from utils.prepare import prepare_dataset
-from utils.tensor_store import TensorStore
+from data import tensor_store
+from utils.dist import Distributed
 
 CPU = torch.device("cpu")
 
@@ -73,8 +74,8 @@ def build(model: CountingFlux, dataset_toml: Path, regenerate=False, caching_bat
     """One cache build as train.py does it; returns (reader, texts encoded, latents encoded)."""
     model.texts = model.latents = 0
     reader = prepare_dataset(load_dataset_config(dataset_toml), model, title="test", micro_batch_size=2,
-                             caching_batch_size=caching_batch_size, regenerate=regenerate, rank=0, world=1,
-                             device=CPU, log=lambda *_: None)
+                             caching_batch_size=caching_batch_size, regenerate=regenerate,
+                             place=Distributed.alone(CPU), log=lambda *_: None)
     # The launcher's "N new entries encoded" is reader.encoded: it must count what was encoded.
     assert reader.encoded == model.texts + model.latents
     return reader, model.texts, model.latents

@@ -5,22 +5,26 @@ evaluation keeps the captions as written, and the choices depend on the seed onl
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from config.train_config import load_train_config
 from conftest import write_configs
+from data.batches import Slot, collate, training_text
+from data.cache import shuffled_captions
+from data.prepare import prepare_dataset
 from models import get_model_class
-from utils.batches import Slot, collate, training_text
-from utils.cache import shuffled_captions
-from utils.config import load_train_config
-from utils.prepare import prepare_dataset
+from training.objective import training_example
+from utils.dist import Distributed
 
 
 def reader_for(folder, tiny_models, data, dropout, **dataset):
     config = load_train_config(write_configs(folder, tiny_models / "flux", data,
-                                             dataset={"caption_dropout": dropout, **dataset}))
+                                             dataset={"caption_dropout": dropout, **dataset}), get_model_class)
     model = get_model_class("flux")(config.model)
     reader = prepare_dataset(config.dataset, model, title="train", micro_batch_size=1, caching_batch_size=4,
-                             regenerate=False, rank=0, world=1, device=torch.device("cpu"), log=lambda *_: None)
+                             regenerate=False, place=Distributed.alone(), log=lambda *_: None)
     return model, reader
 
 
@@ -42,8 +46,8 @@ def test_caption_dropout(tmp_path, tiny_models, image_dataset):
     for epoch in range(3):
         for index in range(len(plain)):
             batch = [Slot(index, 0)]
-            a_inputs, a_labels = collate(model, plain, batch, 0, "train", epoch, train=True)
-            b_inputs, b_labels = collate(model, dropping, batch, 0, "train", epoch, train=True)
+            a_inputs, a_labels = collate(partial(training_example, model), plain, batch, 0, "train", epoch, train=True)
+            b_inputs, b_labels = collate(partial(training_example, model), dropping, batch, 0, "train", epoch, train=True)
             drop = training_text(dropping, batch[0], 0, epoch) == empty_key
             dropped.append(drop)
             a, b = model.input_fields.unpack(a_inputs), model.input_fields.unpack(b_inputs)
@@ -53,7 +57,7 @@ def test_caption_dropout(tmp_path, tiny_models, image_dataset):
             if drop:
                 assert torch.equal(b["text"][0], empty["text"].to(b["text"].dtype))
             # evaluation keeps the captions
-            e_inputs, _ = collate(model, dropping, batch, 0, "eval/x", epoch)
+            e_inputs, _ = collate(partial(training_example, model), dropping, batch, 0, "eval/x", epoch)
             assert torch.equal(model.input_fields.unpack(e_inputs)["text"], a["text"])
     assert 0.25 < sum(dropped) / len(dropped) < 0.75
 
@@ -88,11 +92,11 @@ def test_caption_shuffling(tmp_path, tiny_models, image_dataset):
             c = shuffling.samples[index]
             assert key in {k for _, k in c.variants}
             used.add((index, key))
-            (a_inputs, a_labels), (b_inputs, b_labels) = (collate(model, r, batch, 0, "train", epoch, train=True)
+            (a_inputs, a_labels), (b_inputs, b_labels) = (collate(partial(training_example, model), r, batch, 0, "train", epoch, train=True)
                                                           for r in (plain, shuffling))
             assert torch.equal(a_labels[0], b_labels[0])  # the same noise and timesteps
             b = model.input_fields.unpack(b_inputs)
             assert torch.equal(b["text"][0], shuffling.text_stores[c.folder].get(key)["text"].to(b["text"].dtype))
-            e_inputs, _ = collate(model, shuffling, batch, 0, "eval/x", epoch)
+            e_inputs, _ = collate(partial(training_example, model), shuffling, batch, 0, "eval/x", epoch)
             assert torch.equal(model.input_fields.unpack(e_inputs)["text"], model.input_fields.unpack(a_inputs)["text"])
     assert len(used) > len(plain)  # samples see different variants over the epochs

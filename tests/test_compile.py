@@ -14,8 +14,11 @@ import torch
 
 from conftest import launch, write_configs
 from test_low_memory import data, example, loaded, loss_and_grads  # noqa: F401  (data is a fixture)
-from utils.block_swap import BlockSwap
-from utils.engine import swapped_layer_indices
+from memory.block_swap import BlockSwap, swapped_layer_indices
+from config.train_config import load_train_config
+from models import get_model_class
+from parallel import engine
+from utils.dist import Distributed
 
 
 @pytest.fixture(autouse=True)
@@ -142,3 +145,26 @@ def test_compile_cache_is_kept_in_the_users_cache_folder(tmp_path):
     assert cache_dir() == str(tmp_path / ".cache" / "torchinductor")
     assert cache_dir(XDG_CACHE_HOME=str(tmp_path / "xdg")) == str(tmp_path / "xdg" / "torchinductor")
     assert cache_dir(TORCHINDUCTOR_CACHE_DIR="/somewhere") == "/somewhere"
+
+
+def test_compile_default_is_off_on_cpu_and_a_failed_probe_turns_it_off(tmp_path, tiny_models, data, monkeypatch):
+    """Not set: off on CPU without a probe; on a CUDA device the probe decides, with one line."""
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data), get_model_class)
+    assert config.settings.compile is None
+    cpu = Distributed.alone("cpu")
+    lines = []
+    assert engine.resolve_compile(config, cpu, torch.float32, lines.append).settings.compile is False
+    assert lines == []
+    # A real compile on this CPU passes the probe's check against eager.
+    assert engine.compile_probe(torch.device("cpu"), torch.float32) is None
+    # As on a GPU where the compiler stack fails: off, and said once.
+    gpu = Distributed.alone("cuda")  # only its device type is read
+    monkeypatch.setattr(engine, "compile_probe", lambda device, dtype: "Triton has no support for this GPU")
+    assert engine.resolve_compile(config, gpu, torch.bfloat16, lines.append).settings.compile is False
+    assert len(lines) == 1 and "Triton has no support" in lines[0] and "compile = false" in lines[0]
+    monkeypatch.setattr(engine, "compile_probe", lambda device, dtype: None)
+    assert engine.resolve_compile(config, gpu, torch.bfloat16, lines.append).settings.compile is True
+    # Set by the user: kept, no probe.
+    explicit = load_train_config(write_configs(tmp_path / "off", tiny_models / "flux", data, compile=False), get_model_class)
+    assert engine.resolve_compile(explicit, gpu, torch.bfloat16, lines.append).settings.compile is False
+    assert len(lines) == 2

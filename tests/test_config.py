@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from utils.config import (accumulation_for_efficiency, load_train_config, pipeline_efficiency,
-                          pipeline_summary)
-from utils.schema import ConfigError
+from config.train_config import accumulation_for_efficiency, load_train_config, pipeline_efficiency, pipeline_summary
+from models import get_model_class
+from utils.dist import Distributed
+from utils.errors import ConfigError
 
 from conftest import launch
 
@@ -60,13 +61,13 @@ def write(folder: Path, train: str = TRAIN, dataset: str = DATASET) -> Path:
 def error(folder: Path, train: str = TRAIN, dataset: str = DATASET) -> str:
     path = write(folder, train, dataset)
     with pytest.raises(ConfigError) as info:
-        load_train_config(path)
+        load_train_config(path, get_model_class)
     return str(info.value)
 
 
 def test_valid_config_loads(tmp_path):
-    config = load_train_config(write(tmp_path))
-    assert config.settings.max_steps == 10 and config.epochs is None
+    config = load_train_config(write(tmp_path), get_model_class)
+    assert config.settings.max_steps == 10 and config.settings.epochs is None
     assert config.model.type == "flux" and config.model.diffusers_path == str(tmp_path / "model")
     assert config.settings.adapter.rank == 8 and config.settings.adapter.alpha == 8.0  # alpha defaults to rank
     assert config.settings.optimizer.lr == 1e-4
@@ -224,7 +225,8 @@ def test_a_top_level_key_below_a_table_header_gets_the_toml_table_rule(tmp_path)
 def test_training_length_is_required(tmp_path):
     message = error(tmp_path, train=edit(TRAIN, "max_steps = 10\n", ""))
     assert message == f"{tmp_path / 'train.toml'}: 'epochs' or 'max_steps' must be set (how long to train)"
-    assert load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "epochs = 2"))).epochs == 2
+    config = load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "epochs = 2")), get_model_class)
+    assert config.settings.epochs == 2
 
 
 def test_values_out_of_range(tmp_path):
@@ -235,7 +237,7 @@ def test_values_out_of_range(tmp_path):
 
 
 def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):
-    from utils.engine import make_topology
+    from parallel.stages import make_topology
 
     config_file = tmp_path / "train.toml"
     with pytest.raises(ConfigError) as info:
@@ -294,16 +296,17 @@ def test_regular_expressions_are_checked(tmp_path):
 
 
 def test_pipeline_efficiency_below_75_percent_is_a_warning_naming_the_accumulation_to_use(tmp_path):
-    config = load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4")))
+    config = load_train_config(write(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4")),
+                               get_model_class)
     assert config.warnings == [
         f"{tmp_path / 'train.toml'}: 'gradient_accumulation_steps' = 1 with 'pipeline_stages' = 4: each GPU idles 75% "
         f"of each step (a pipeline fills and drains once a step: the idle share is (stages - 1) / (accumulation + "
         f"stages - 1)); set gradient_accumulation_steps to at least 9 for 75% busy (more is better)"]
     # 8 / (8 + 3) = 73%: still below
     eight = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 4\ngradient_accumulation_steps = 8")
-    assert "at least 9 for 75% busy" in load_train_config(write(tmp_path, eight)).warnings[0]
+    assert "at least 9 for 75% busy" in load_train_config(write(tmp_path, eight), get_model_class).warnings[0]
     fine = edit(TRAIN, "max_steps = 10", "max_steps = 10\npipeline_stages = 2\ngradient_accumulation_steps = 3")
-    assert load_train_config(write(tmp_path, fine)).warnings == []
+    assert load_train_config(write(tmp_path, fine), get_model_class).warnings == []
     for stages in (2, 3, 4, 8):
         m = accumulation_for_efficiency(stages, 0.75)
         assert pipeline_efficiency(stages, m) >= 0.75 > pipeline_efficiency(stages, m - 1)
@@ -315,7 +318,7 @@ def test_eval_set_that_is_the_training_set_is_a_warning(tmp_path):
     (tmp_path / "eval.toml").write_text(DATASET + '\n[[directory]]\npath = "held_out"\n')
     train = edit(TRAIN, "max_steps = 10", 'max_steps = 10\neval_datasets = [{ name = "same", config = "dataset.toml" },'
                                           ' { name = "part", config = "eval.toml" }]')
-    config = load_train_config(write(tmp_path, train))
+    config = load_train_config(write(tmp_path, train), get_model_class)
     # Still loads and trains: only said.
     assert [e.name for e in config.eval_datasets] == ["same", "part"]
     assert config.warnings == [
@@ -324,21 +327,21 @@ def test_eval_set_that_is_the_training_set_is_a_warning(tmp_path):
         f"data; give it a folder of held-out items" for name, toml in (("same", "dataset.toml"), ("part", "eval.toml"))]
     held_out = edit(TRAIN, "max_steps = 10", 'max_steps = 10\neval_datasets = [{ name = "h", config = "h.toml" }]')
     (tmp_path / "h.toml").write_text(edit(DATASET, 'path = "data"', 'path = "held_out"'))
-    assert load_train_config(write(tmp_path, held_out)).warnings == []
+    assert load_train_config(write(tmp_path, held_out), get_model_class).warnings == []
 
 
 def test_output_folder_holding_other_runs_gets_a_new_run_folder_beside_them(tmp_path, monkeypatch):
-    from utils import saving
+    from saving import run_dir as run_folders
 
-    config = load_train_config(write(tmp_path))
-    monkeypatch.setattr(saving.time, "strftime", lambda _: "20250101-120000")
+    config = load_train_config(write(tmp_path), get_model_class)
+    monkeypatch.setattr(run_folders.time, "strftime", lambda _: "20250101-120000")
     old = tmp_path / "runs" / "20250101-120000"
     (old / "checkpoints").mkdir(parents=True)
     (old / "checkpoints" / "latest").write_text("step00000010")
     (old / "losses.json").write_text("[1.0, 0.5]")
     before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
-    first = saving.create_run_dir(config, rank=0, world=1, resume=None)
-    second = saving.create_run_dir(config, rank=0, world=1, resume=None)  # the same second again
+    first = run_folders.create_run_dir(config, Distributed.alone(), resume=None)
+    second = run_folders.create_run_dir(config, Distributed.alone(), resume=None)  # the same second again
     assert (first.name, second.name) == ("20250101-120000-2", "20250101-120000-3")
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before  # never overwritten
     assert not (old / "config").exists()
@@ -346,7 +349,7 @@ def test_output_folder_holding_other_runs_gets_a_new_run_folder_beside_them(tmp_
 
 
 def test_run_folder_config_copies_never_hold_a_token(tmp_path, monkeypatch):
-    from utils.saving import create_run_dir
+    from saving.run_dir import create_run_dir
 
     env_token = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7"
     pasted = "hf_" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4J3"
@@ -355,9 +358,9 @@ def test_run_folder_config_copies_never_hold_a_token(tmp_path, monkeypatch):
     train = edit(TRAIN, "max_steps = 10", f"max_steps = 10\n# my token, for later: {pasted}\n"
                                           f"# wandb: 0123456789abcdef0123456789abcdef01234567")
     dataset = DATASET + f"# downloaded with HF_TOKEN={env_token}\n# hf_token = \"secret value\"\n"
-    config = load_train_config(write(tmp_path, train, dataset))
+    config = load_train_config(write(tmp_path, train, dataset), get_model_class)
     printed = []
-    run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=printed.append)
+    run_dir = create_run_dir(config, Distributed.alone(), resume=None, log=printed.append)
     copy_train = (run_dir / "config" / "train.toml").read_text()
     copy_dataset = (run_dir / "config" / "dataset.toml").read_text()
     for text in (copy_train, copy_dataset):
@@ -381,7 +384,7 @@ prompts_file = "prompts.txt"
 height = 768
 every_n_steps = 100
 '''
-    config = load_train_config(write(tmp_path, train))
+    config = load_train_config(write(tmp_path, train), get_model_class)
     requests = config.samples
     assert [r.prompt for r in requests] == ["a red fox", "a ship", "a cat", "a dog on a hill"]
     assert [r.index for r in requests] == [0, 1, 2, 3]

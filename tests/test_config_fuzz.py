@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from config.train_config import TrainConfig, load_train_config
 from conftest import REPO
-from utils.config import TrainConfig, load_train_config
-from utils.schema import ConfigError
+from models import get_model_class
+from utils.errors import ConfigError
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -105,7 +106,7 @@ def load(folder: Path, train: str, dataset: str):
     (folder / "train.toml").write_text(train, encoding="utf-8", errors="surrogatepass")
     (folder / "dataset.toml").write_text(dataset, encoding="utf-8", errors="surrogatepass")
     try:
-        return load_train_config(folder / "train.toml")
+        return load_train_config(folder / "train.toml", get_model_class)
     except ConfigError as e:
         message = str(e)
         # Every message names the file it is about (the training or a dataset TOML).

@@ -4,9 +4,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from config.dataset_config import BUCKET_DEFAULTS, Dataset, ResolvedDirectory
+from data.scan import Item, format_problems, scan_dataset, scan_directory
 from tools.make_demo_dataset import SIZES, make_demo_dataset
-from utils.config import BUCKET_DEFAULTS, Dataset, ResolvedDirectory
-from utils.dataset import Item, format_problems, scan_dataset, scan_directory
 
 
 def _image(path: Path, size=(32, 16), caption: str | bytes | None = None) -> Path:

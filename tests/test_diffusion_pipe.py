@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from utils.config import load_train_config
-from utils.schema import ConfigError
+from config.train_config import load_train_config
+from models import get_model_class
+from utils.dist import Distributed
+from utils.errors import ConfigError
 
 from test_config import DATASET, TRAIN, edit, error, write
 
@@ -76,7 +78,7 @@ def test_same_meaning_under_another_name_is_read_with_a_note(tmp_path):
     train = edit(train, "rank = 8", 'rank = 8\ndtype = "bfloat16"')
     train = edit(train, "lr = 1e-4", "lr = 1e-4\ntype = 'adamw_optimi'")
     dataset = edit(DATASET, "num_ar_buckets = 3", "num_ar_buckets = 3\nskip_empty_caption = false")
-    config = load_train_config(write(tmp_path, train, dataset))
+    config = load_train_config(write(tmp_path, train, dataset), get_model_class)
     s = config.settings
     assert s.eval_at_start is False
     assert config.model.resolution_dependent_shift is True and config.model.transformer_dtype == "float8"
@@ -107,7 +109,7 @@ def test_both_names_of_one_key_is_an_error(tmp_path):
 
 def test_our_own_config_gets_no_notes_when_it_says_what_it_means(tmp_path):
     dataset = edit(DATASET, "num_ar_buckets = 3", "num_ar_buckets = 3\nenable_ar_bucket = true")
-    assert load_train_config(write(tmp_path, dataset=dataset)).notes == []
+    assert load_train_config(write(tmp_path, dataset=dataset), get_model_class).notes == []
 
 
 @pytest.mark.parametrize("tables", [("", "directory"), ("directory", "")])
@@ -142,16 +144,16 @@ def test_wandb_without_the_package_is_one_line(tmp_path, monkeypatch):
     # diffusion-pipe's example table, logging off: loads as it is.
     off = TRAIN + "\n[monitoring]\nenable_wandb = false\nwandb_api_key = ''\nwandb_tracker_name = ''\n" \
                   "wandb_run_name = ''\n"
-    assert load_train_config(write(tmp_path, off)).settings.monitoring.enable_wandb is False
+    assert load_train_config(write(tmp_path, off), get_model_class).settings.monitoring.enable_wandb is False
 
 
 def test_wandb_key_in_the_config_is_not_in_the_run_folder(tmp_path):
-    from utils.saving import create_run_dir
+    from saving.run_dir import create_run_dir
 
     key = "0123456789abcdef0123456789abcdef01234567"
     train = TRAIN + f"\n[monitoring]\nenable_wandb = false\nwandb_api_key = '{key}'\n"
-    config = load_train_config(write(tmp_path, train))
-    run_dir = create_run_dir(config, rank=0, world=1, resume=None, log=lambda _: None)
+    config = load_train_config(write(tmp_path, train), get_model_class)
+    run_dir = create_run_dir(config, Distributed.alone(), resume=None, log=lambda _: None)
     assert all(key not in p.read_text() for p in run_dir.rglob("*") if p.is_file())
     assert "wandb_api_key = \"<redacted>\"" in (run_dir / "config" / "train.toml").read_text()
 
@@ -159,7 +161,7 @@ def test_wandb_key_in_the_config_is_not_in_the_run_folder(tmp_path):
 def test_wandb_offline_logs_every_step_and_writes_no_key(tmp_path, monkeypatch):
     # wandb is optional (not in requirements.txt): this runs where it is installed.
     pytest.importorskip("wandb")
-    from utils.config import MonitoringConfig
+    from config.train_config import MonitoringConfig
     from utils.metrics import Metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")

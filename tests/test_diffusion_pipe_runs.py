@@ -21,9 +21,11 @@ import pytest
 
 from conftest import launch, to_toml
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from utils.config import load_dataset_config, load_train_config
-from utils.dataset import scan_dataset
-from utils.schema import ConfigError
+from config.dataset_config import load_dataset_config
+from config.train_config import load_train_config
+from data.scan import scan_dataset
+from models import get_model_class
+from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video  # noqa: E402
@@ -135,7 +137,7 @@ def test_diffusion_pipe_config_stops_with_replacements_then_trains_its_buckets(t
 
     # 1. As written for diffusion-pipe: one message naming every key to change, each with its replacement.
     with pytest.raises(ConfigError) as info:
-        load_train_config(path)
+        load_train_config(path, get_model_class)
     message = str(info.value)
     listed = re.findall(r"^  (?:unknown key )?'([\w.]+)'", message, re.MULTILINE)
     common = ["eval_micro_batch_size_per_gpu", "eval_gradient_accumulation_steps", "video_clip_mode"]

@@ -1,4 +1,4 @@
-"""The moving average of the trained weights (utils/ema.py): its arithmetic, its schedule, and that
+"""The moving average of the trained weights (training/ema.py): its arithmetic, its schedule, and that
 using it (saving, evaluating) leaves the trained weights exactly as they were."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import launch, write_configs
-from utils.ema import EMA
+from training.ema import EMA
 
 
 def params():

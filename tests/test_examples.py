@@ -17,10 +17,10 @@ import pytest
 
 from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
+from config.dataset_config import BucketSettings, DatasetConfig, DirectoryConfig
+from config.train_config import (AdapterConfig, EmaConfig, EvalDatasetConfig, ModelConfig, MonitoringConfig,
+                                 OptimizerConfig, SampleConfig, SamplePrompt, TrainConfigFile, load_train_config)
 from models import MODEL_CLASSES, get_model_class
-from utils.config import (AdapterConfig, BucketSettings, DatasetConfig, DirectoryConfig, EmaConfig, EvalDatasetConfig,
-                          ModelConfig, MonitoringConfig, OptimizerConfig, SampleConfig, SamplePrompt,
-                          TrainConfigFile, load_train_config)
 
 EXAMPLES = REPO / "examples"
 FLUX = EXAMPLES / "flux.toml"
@@ -162,7 +162,7 @@ def test_flux_example_loads(tmp_path, tiny_models, image_dataset):
     train_file = tmp_path / "train.toml"
     train_file.write_text(to_toml(config))
 
-    loaded = load_train_config(train_file)
+    loaded = load_train_config(train_file, get_model_class)
 
     s = loaded.settings
     for key, value in config.items():
@@ -200,7 +200,7 @@ def test_demo_example_loads(tmp_path, tiny_models):
     shutil.copytree(tiny_models / "flux", demo_work / "models" / "flux")
     make_demo_dataset(demo_work / "data")
 
-    loaded = load_train_config(examples / "demo.toml")
+    loaded = load_train_config(examples / "demo.toml", get_model_class)
 
     assert loaded.model.type == "flux"
     assert loaded.model.diffusers_path == str((demo_work / "models" / "flux").resolve())

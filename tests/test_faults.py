@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +21,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from config.dataset_config import load_dataset_config
+from config.train_config import load_train_config
 from conftest import REPO, free_port, launch, write_configs
+from data.batches import TrainPlan
+from data.prepare import prepare_dataset
+from data.tensor_store import TensorStore
+from models import get_model_class
 from models.flux import FluxConfig, FluxModel
-from utils.batches import TrainPlan
-from utils.config import load_dataset_config, load_train_config
-from utils.optimizers import ClippedAdamW
-from utils.prepare import prepare_dataset
-from utils.tensor_store import TensorStore
+from training.lora import add_lora
+from training.optimizers import ClippedAdamW
+from utils.dist import Distributed
 
 CPU = torch.device("cpu")
 
@@ -39,8 +44,8 @@ def flux(tiny_models) -> FluxModel:
 def build_cache(model, dataset_toml: Path, log=None, **kwargs):
     """One cache build as train.py does it, in this process."""
     return prepare_dataset(load_dataset_config(dataset_toml), model, title="test", micro_batch_size=2,
-                           caching_batch_size=kwargs.pop("caching_batch_size", 4), regenerate=False, rank=0, world=1,
-                           device=CPU, log=log or (lambda *_: None), **kwargs)
+                           caching_batch_size=kwargs.pop("caching_batch_size", 4), regenerate=False,
+                           place=Distributed.alone(CPU), log=log or (lambda *_: None), **kwargs)
 
 
 def cached_tensors(reader) -> dict[str, tuple[dict, dict]]:
@@ -114,10 +119,10 @@ def test_non_finite_gradient_skips_the_optimizer_step():
 def test_nan_loss_stops_with_step_and_files_and_keeps_the_last_good_checkpoint(tmp_path, tiny_models, image_dataset):
     cfg = write_configs(tmp_path / "nan", tiny_models / "flux", image_dataset, max_steps=6,
                         checkpoint_every_n_steps=1, checkpoints_to_keep=10)
-    config = load_train_config(cfg)
+    config = load_train_config(cfg, get_model_class)
     reader = build_cache(flux(tiny_models), config.dataset.file)
     # Poison the cached latent of a sample that step 3 trains and steps 1 and 2 do not.
-    plan = TrainPlan(reader, 2, 1, config.seed)
+    plan = TrainPlan(reader, 2, 1, config.settings.seed)
     steps = [[slot.index for batch in plan.step_batches(0, i, 0, 1) for slot in batch] for i in range(3)]
     index = next(i for i in steps[2] if i not in steps[0] + steps[1])
     poisoned = reader.samples[index]
@@ -267,10 +272,10 @@ def _fake_engine(save):
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from saving.checkpoints import Checkpoints
     from utils import faults
-    from utils.saving import Checkpoints
 
-    checkpoints = Checkpoints(tmp_path / "run", keep=3, rank=0, world=1)
+    checkpoints = Checkpoints(tmp_path / "run", keep=3, place=Distributed.alone())
 
     def good(folder):
         folder.mkdir(parents=True)
@@ -304,42 +309,39 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
 
 def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tiny_models, monkeypatch):
     import safetensors.torch
-    from utils.config import AdapterConfig
-    from utils.saving import save_adapter
+
+    import training.lora
+    from config.train_config import AdapterConfig
+    from saving.export import save_adapter
 
     model = flux(tiny_models)
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     lora = {n.replace(".default.", "."): torch.full(p.shape, 0.5) for n, p in transformer.named_parameters()
             if "lora_" in n}
-    monkeypatch.setattr(model, "lora_state_dict", lambda transformer: lora)
-
-    class Grid:
-        def get_data_parallel_rank(self):
-            return 0
-
-    engine = type("Engine", (), {"grid": Grid()})()
+    # What this process gathers (its materialised LoRA weights), replaced where save_adapter reads it.
+    monkeypatch.setattr(sys.modules[save_adapter.__module__], "lora_state_dict", lambda transformer: lora)
     final = tmp_path / "run" / "adapters" / "final"
-    save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
+    save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
-    real_save_file = safetensors.torch.save_file
+    real_save_file = training.lora.save_file
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\x00" * 64)
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(training.lora, "save_file", full_disk)
     lora = {k: v * 2 for k, v in lora.items()}
     with pytest.raises(OSError) as info:
-        save_adapter(model, transformer, engine, adapter, final, torch.float32, rank=0, world=1)
+        save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     assert str(info.value).startswith(f"disk full: cannot write the adapter to {final} (")
     assert str(info.value).endswith("free). Earlier adapters and checkpoints are kept; final is unchanged. Free some "
                                     "space on that disk and run again.")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert no_leftovers(tmp_path) == []
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    monkeypatch.setattr(training.lora, "save_file", real_save_file)
 
 
 @pytest.fixture
@@ -467,7 +469,7 @@ def test_cache_folder_replaced_by_a_file_and_a_garbled_hash_index(cached, image_
 
 
 def test_caching_killed_midway_resumes_without_starting_over(cached, image_dataset, monkeypatch):
-    from utils import cache
+    from data import cache
 
     model, toml, reference = cached
     shutil.rmtree(image_dataset / "cache")

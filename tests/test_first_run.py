@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, wait_group_gone, write_configs
-from utils.schema import ConfigError
+from utils.errors import ConfigError
 
 
 def test_torch_extensions_are_built_per_python_environment(monkeypatch, tmp_path):
-    from utils.engine import torch_extensions_dir
+    from parallel.launch import torch_extensions_dir
 
     # setenv first: monkeypatch then restores the variable as it was, also when it was unset.
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "unset below")
@@ -31,7 +31,7 @@ def test_torch_extensions_are_built_per_python_environment(monkeypatch, tmp_path
 
 
 def test_cpu_comm_op_build_needs_a_compiler_and_is_announced(monkeypatch, tmp_path):
-    from utils.engine import prepare_cpu_comm_op
+    from parallel.launch import prepare_cpu_comm_op
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CXX", "no-such-c++")

@@ -13,17 +13,20 @@ import torch
 
 from models import get_model_class
 from test_video_models import make_model, random_batch, video_models  # noqa: F401  (video_models is a fixture)
-from utils.config import AdapterConfig
+from config.train_config import AdapterConfig
+from training.lora import add_lora, init_lora
+from training.objective import training_example
+from training.weights import load_weights
 
 
 def lora_transformer(model, rank=4):
     """The transformer as the engine builds it for a LoRA run, LoRA B lifted off zero."""
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, AdapterConfig(rank=rank, alpha=float(rank)))
+    add_lora(model, transformer, AdapterConfig(rank=rank, alpha=float(rank)))
     layers = model.pipeline_layers(transformer)
     names = [n for layer in layers for n in layer.module_names]
-    model.load_weights(transformer, names, torch.device("cpu"))
-    model.init_lora(transformer, names, AdapterConfig(rank=rank, alpha=float(rank)), torch.device("cpu"), 0)
+    load_weights(model, transformer, names, torch.device("cpu"))
+    init_lora(transformer, names, AdapterConfig(rank=rank, alpha=float(rank)), torch.device("cpu"), 0)
     for layer in layers:
         layer.bind_root_parameters(transformer)
     g = torch.Generator().manual_seed(1)
@@ -41,7 +44,7 @@ def model_and_inputs(name, tiny_models, video_models):
         g = torch.Generator().manual_seed(0)
         latents = torch.randn(2, 16, 4, 6, generator=g)
         text = {"text": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
-        inputs, labels = model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
+        inputs, labels = training_example(model, latents, text, [torch.Generator().manual_seed(i) for i in range(2)])
         return model, inputs, labels[0]
     model = make_model(name, video_models, **({"guidance": 3.5} if name == "hunyuan-video" else {}))
     batch = random_batch(name)

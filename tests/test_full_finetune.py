@@ -27,6 +27,8 @@ from conftest import Launch, launch, write_configs
 from test_train_flux import eval_loss_in_process
 from tools.make_demo_dataset import make_demo_dataset
 
+from utils.dist import Distributed
+
 EVAL = "held_out"
 FULL = dict(adapter=None, max_steps=10, eval_at_start=True, eval_every_n_steps=5, save_every_n_steps=5,
             optimizer={"lr": 1e-3})
@@ -105,12 +107,12 @@ def from_original_layout(folder: Path, work):
     """The single original-layout file, converted back to diffusers naming and loaded strictly."""
     from diffusers import FluxTransformer2DModel
 
-    from models.flux_layout import original_to_diffusers
+    from models.keymaps.flux import FluxKeymap
 
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     transformer = FluxTransformer2DModel.from_config(config)
     original = load_file(folder / "transformer_original_layout.safetensors")
-    transformer.load_state_dict(original_to_diffusers(original, config), strict=True)
+    transformer.load_state_dict(FluxKeymap.original_to_diffusers(original, config), strict=True)
     return transformer, original
 
 
@@ -157,7 +159,7 @@ def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
 def test_original_layout_file_is_the_same_model(full, work):
     from diffusers import FluxTransformer2DModel
 
-    from models.flux_layout import load_diffusers_keys_from_original
+    from models.keymaps.flux import FluxKeymap
 
     folder = saved(full)
     diffusers_weights = load_saved(folder).state_dict()
@@ -170,7 +172,7 @@ def test_original_layout_file_is_the_same_model(full, work):
     # and it reads back as model.transformer_path does
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     keys = sorted(diffusers_weights)
-    read = load_diffusers_keys_from_original(folder / "transformer_original_layout.safetensors", keys, config)
+    read = FluxKeymap.load_diffusers_keys_from_original(folder / "transformer_original_layout.safetensors", keys, config)
     assert all(torch.equal(read[k], diffusers_weights[k]) for k in keys)
 
 
@@ -252,16 +254,16 @@ class OneProcessEngine:
     """What save_full_model reads of DeepSpeed's engine, for one process holding every layer."""
 
     def __init__(self, layers):
-        self.grid = type("Grid", (), {"get_data_parallel_rank": staticmethod(lambda: 0)})()
         self.module = type("Module", (), {"forward_funcs": layers})()
 
 
 def loaded_transformer(work, tmp_path):
+    from config.train_config import load_train_config
     from models import get_model_class
-    from utils.config import load_train_config
-    from utils.engine import load_stage, plan_stages
+    from parallel.stages import load_stage, plan_stages
 
-    config = load_train_config(write_configs(tmp_path / "cfg", work["model"], work["data"], adapter=None))
+    config = load_train_config(write_configs(tmp_path / "cfg", work["model"], work["data"], adapter=None),
+                               get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
@@ -269,14 +271,15 @@ def loaded_transformer(work, tmp_path):
 
 
 def test_small_shards_and_many_original_parts_join_into_the_same_model(work, tmp_path, monkeypatch):
-    import utils.saving as saving
+    from saving import export
 
     model, transformer, layers = loaded_transformer(work, tmp_path)
     # 64 KiB shards: the tiny transformer (0.5 MiB in float32) is written in several pieces, and
     # its original-layout file is joined from as many parts.
-    monkeypatch.setattr(saving, "SHARD_BYTES", 64 * 2**10)
+    monkeypatch.setattr(export, "SHARD_BYTES", 64 * 2**10)
     out = tmp_path / "models" / "final"
-    files = saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    files = export.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32,
+                                   Distributed.alone())
     shards = sorted((out / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) >= 4 and out / "transformer" / "diffusion_pytorch_model.safetensors.index.json" in files
     assert not list(out.glob("original-part-*")) and not out.with_name("final.tmp").exists()
@@ -289,12 +292,12 @@ def test_small_shards_and_many_original_parts_join_into_the_same_model(work, tmp
 def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkeypatch):
     import errno
 
-    import utils.saving as saving
-    from utils.faults import DiskFullError
+    from saving import export
+    from utils.errors import DiskFullError
 
     model, transformer, layers = loaded_transformer(work, tmp_path)
     out = tmp_path / "models" / "final"
-    saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+    export.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, Distributed.alone())
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = []
 
@@ -304,13 +307,13 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
             raise OSError(errno.ENOSPC, "No space left on device")
         return save_file_real(tensors, path, metadata=metadata)
 
-    save_file_real = saving.save_file
-    monkeypatch.setattr(saving, "save_file", fails_on_the_second_file)
+    save_file_real = export.save_file
+    monkeypatch.setattr(export, "save_file", fails_on_the_second_file)
     with torch.no_grad():
         for p in transformer.parameters():
             p.add_(1.0)
     with pytest.raises(DiskFullError) as info:
-        saving.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, 0, 1)
+        export.save_full_model(model, transformer, OneProcessEngine(layers), out, torch.float32, Distributed.alone())
     assert str(info.value).startswith(f"disk full: cannot write the transformer to {out}")
     assert "final is unchanged" in str(info.value)
     assert not out.with_name("final.tmp").exists()
@@ -320,10 +323,11 @@ def test_a_full_disk_while_saving_keeps_the_previous_save(work, tmp_path, monkey
 def test_a_model_whose_layers_do_not_own_every_weight_refuses_full_finetuning(work, tmp_path):
     # DeepSpeed would neither average nor checkpoint a weight that no layer module holds: refused
     # with a config error before anything loads.
+    from config.train_config import load_train_config
+    from models import get_model_class
     from models.flux import FluxModel
-    from utils.config import load_train_config
-    from utils.engine import build_engine
-    from utils.schema import ConfigError
+    from parallel.engine import build_engine
+    from utils.errors import ConfigError
 
     class FinalLayerReachesItsNormElsewhere(FluxModel):
         def layers(self, transformer):
@@ -331,9 +335,9 @@ def test_a_model_whose_layers_do_not_own_every_weight_refuses_full_finetuning(wo
             del layers[-1].norm_out  # as if looked up through the transformer when it runs
             return layers
 
-    config = load_train_config(write_configs(tmp_path, work["model"], work["data"], adapter=None))
+    config = load_train_config(write_configs(tmp_path, work["model"], work["data"], adapter=None), get_model_class)
     with pytest.raises(ConfigError) as info:
-        build_engine(FinalLayerReachesItsNormElsewhere(config.model), config, 0, 1, torch.device("cpu"), 1)
+        build_engine(FinalLayerReachesItsNormElsewhere(config.model), config, Distributed.alone(), 1)
     assert str(info.value).startswith(f"{config.file}: full fine-tuning (no [adapter] table) is not available for "
                                       f"model type 'flux': its weights ['norm_out.linear.weight', "
                                       f"'norm_out.linear.bias'] are not parameters of its pipeline layers")

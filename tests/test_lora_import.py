@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from config.train_config import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel
-from utils.config import AdapterConfig
-from utils.schema import ConfigError
+from training.lora import add_lora, read_lora_file, save_lora
+from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_tiny_models import make_tiny_hunyuan_video  # noqa: E402
@@ -35,7 +36,7 @@ def materialised(model, adapter: AdapterConfig, seed: int = 0):
     """The tiny transformer with the adapter's LoRA layers, and LoRA weights for them whose A and B
     are both random, so every weight change is nonzero."""
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     generator = torch.Generator().manual_seed(seed)
     lora = {}
     for name, p in transformer.named_parameters():
@@ -52,7 +53,7 @@ def changes(lora: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tens
 
 
 def loaded_changes(model, transformer, path: Path, adapter: AdapterConfig) -> dict[str, torch.Tensor]:
-    loaded = model.read_lora_file(transformer, path, adapter)
+    loaded = read_lora_file(model, transformer, path, adapter)
     scale = adapter.alpha / adapter.rank
     for a, b in loaded.values():
         assert a.shape[0] == adapter.rank and b.shape[1] == adapter.rank
@@ -72,14 +73,14 @@ def flux(tiny_models):
 def test_our_saves_load_exactly_from_every_file_we_write(tmp_path, tiny_models):
     model, adapter = flux(tiny_models), AdapterConfig(rank=4, alpha=8.0)
     transformer, lora = materialised(model, adapter)
-    files = model.save_lora(lora, adapter, tmp_path / "final", torch.float32)
+    files = save_lora(model, lora, adapter, tmp_path / "final", torch.float32)
     expected = changes(lora, 2.0)
     # The folder (pytorch_lora_weights.safetensors), then each file we write beside it.
     for path in [tmp_path / "final"] + files:
         assert_same_changes(expected, loaded_changes(model, transformer, path, adapter))
     # Our diffusers file and our ComfyUI file give back exactly the trained A and B, not only B @ A.
     for path in [files[0], tmp_path / "final" / "lora_comfyui.safetensors"]:
-        loaded = model.read_lora_file(transformer, path, adapter)
+        loaded = read_lora_file(model, transformer, path, adapter)
         for m, (a, b) in loaded.items():
             torch.testing.assert_close(a, lora[f"{m}.lora_A.weight"])
             torch.testing.assert_close(b, lora[f"{m}.lora_B.weight"])
@@ -104,16 +105,16 @@ def test_diffusion_pipe_flux_epoch_folder(tmp_path, tiny_models):
     # With our default targets (no modulation linears) the message says what to write instead.
     default = AdapterConfig(rank=4, alpha=4.0)
     ours = model.build_empty_transformer()
-    model.add_lora(ours, default)
+    add_lora(model, ours, default)
     with pytest.raises(ConfigError) as info:
-        model.read_lora_file(ours, epoch, default)
+        read_lora_file(model, ours, epoch, default)
     message = str(info.value)
     assert message.startswith(f"adapter.init_from_existing: {epoch / 'adapter_model.safetensors'} is not a LoRA of "
                               f"this flux adapter's target_modules: 0 of its ")
     target = message.split("adapter.target_modules = '")[1].rstrip("'")
     suggested = AdapterConfig(rank=4, alpha=4.0, target_modules=target)
     again = model.build_empty_transformer()
-    model.add_lora(again, suggested)
+    add_lora(model, again, suggested)
     assert_same_changes(changes(lora, 1.0), loaded_changes(model, again, epoch, suggested))
 
 
@@ -124,8 +125,8 @@ def test_diffusion_pipe_hunyuan_video_original_layout_with_shared_a(tmp_path, ti
                                                  dtype="float32"))
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
-    layout, dims = model.original_key_layout()
+    add_lora(model, transformer, adapter)
+    layout, dims = model.keymap.original_modules(model.transformer_config())
     ours = {n.removesuffix(".lora_A.default.weight") for n, _ in transformer.named_parameters()
             if n.endswith(".lora_A.default.weight")}
     generator = torch.Generator().manual_seed(2)
@@ -154,8 +155,7 @@ def test_diffusion_pipe_hunyuan_video_original_layout_with_shared_a(tmp_path, ti
 def test_kohya_style_file_with_alpha(tmp_path, tiny_models):
     model, adapter = flux(tiny_models), AdapterConfig(rank=4, alpha=4.0)
     transformer, lora = materialised(model, adapter, seed=3)
-    layout, _ = model.original_key_layout()
-    original = layout.lora_to_original(lora, model._transformer_config(), prefix="")
+    original = model.keymap.lora_to_original(lora, model.transformer_config(), prefix="")
     tensors = {}
     for key, value in original.items():
         module, kind = key.rsplit(".lora_", 1)
@@ -178,13 +178,13 @@ def test_a_file_of_higher_rank_names_the_rank_to_set(tmp_path, tiny_models):
     save_file({"transformer." + k: v for k, v in lora.items()}, path)
     small = AdapterConfig(rank=4, alpha=4.0)
     ours = model.build_empty_transformer()
-    model.add_lora(ours, small)
+    add_lora(model, ours, small)
     with pytest.raises(ConfigError, match=r"has rank 8 LoRAs \(e.g. .*\), adapter.rank = 4: set adapter.rank = 8$"):
-        model.read_lora_file(ours, path, small)
+        read_lora_file(model, ours, path, small)
     # A lower-rank file fills the rest with fresh directions that change nothing.
     big = AdapterConfig(rank=12, alpha=12.0)
     ours = model.build_empty_transformer()
-    model.add_lora(ours, big)
+    add_lora(model, ours, big)
     assert_same_changes(changes(lora, 1.0), loaded_changes(model, ours, path, big))
 
 
@@ -194,7 +194,7 @@ def test_an_untrained_comfyui_file_loads_as_zero_changes(tmp_path, tiny_models):
     model, adapter = flux(tiny_models), AdapterConfig(rank=4, alpha=4.0)
     transformer, lora = materialised(model, adapter)
     lora = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in lora.items()}
-    model.save_lora(lora, adapter, tmp_path / "zero", torch.float32)
+    save_lora(model, lora, adapter, tmp_path / "zero", torch.float32)
     got = loaded_changes(model, transformer, tmp_path / "zero" / "lora_comfyui.safetensors", adapter)
     assert_same_changes(changes(lora, 1.0), got)
 
@@ -215,7 +215,7 @@ def test_flux_comfyui_file_loads_in_diffusers_exactly_at_the_released_width(tmp_
     model = FluxModel(FluxConfig(type="flux", diffusers_path=str(tmp_path / "model"), dtype="float32"))
     adapter = AdapterConfig(rank=2, alpha=4.0)
     _, lora = materialised(model, adapter, seed=4)
-    files = model.save_lora(lora, adapter, tmp_path / "final", torch.float32)
+    files = save_lora(model, lora, adapter, tmp_path / "final", torch.float32)
     comfy = tmp_path / "final" / "lora_comfyui.safetensors"
     assert comfy in files
 

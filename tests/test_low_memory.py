@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
+from config.train_config import load_train_config
 from conftest import launch, write_configs
+from memory.block_swap import BlockSwap, swapped_layer_indices
+from memory.estimate import describe as describe_memory, estimate as estimate_memory
+from memory.float8 import Float8Linear
 from models import get_model_class
-from utils import memory
-from utils.block_swap import BlockSwap
-from utils.config import load_train_config
-from utils.engine import load_stage, plan_stages, swapped_layer_indices
-from utils.float8 import Float8Linear
-from utils.schema import ConfigError
+from parallel.stages import load_stage, plan_stages
+from training import objective
+from utils.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def data(tmp_path_factory):
 
 
 def loaded(tmp_path, tiny_models, data, **overrides):
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides))
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides), get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
@@ -41,7 +42,7 @@ def example(model, batch=2):
     g = torch.Generator().manual_seed(1)
     latents = torch.randn(batch, 16, 4, 4, generator=g)
     text = {"text": torch.randn(batch, 8, 32, generator=g), "pooled": torch.randn(batch, 32, generator=g)}
-    return model.training_example(latents, text, [torch.Generator().manual_seed(i) for i in range(batch)])
+    return objective.training_example(model, latents, text, [torch.Generator().manual_seed(i) for i in range(batch)])
 
 
 def loss_and_grads(model, layers, inputs, labels, checkpointed: bool):
@@ -49,7 +50,7 @@ def loss_and_grads(model, layers, inputs, labels, checkpointed: bool):
     x = inputs
     for layer in layers:
         x = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
-    loss = model.loss(x, labels)
+    loss = objective.loss(model, x, labels)
     params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -94,18 +95,19 @@ def test_block_swap_forward_backward_equals_without_and_weights_go_home(tmp_path
     assert all(swap.is_home(i) for i in range(3))
     assert all(torch.equal(s.home, o) for slots, orig in zip(swap.slots, originals) for s, o in zip(slots, orig))
     with torch.no_grad():  # eval: hooks load weights, nothing saved
-        assert torch.equal(model.loss(torch.nn.Sequential(*layers)(inputs), labels), ref_loss)
+        assert torch.equal(objective.loss(model, torch.nn.Sequential(*layers)(inputs), labels), ref_loss)
 
 
 def test_config_checks(tmp_path, tiny_models, data):
     with pytest.raises(ConfigError, match="blocks_to_swap.*pipeline_stages = 1"):
         load_train_config(write_configs(tmp_path / "a", tiny_models / "flux", data, blocks_to_swap=1,
-                                        pipeline_stages=2))
+                                        pipeline_stages=2), get_model_class)
     with pytest.raises(ConfigError, match="blocks_to_swap.*LoRA"):
-        load_train_config(write_configs(tmp_path / "b", tiny_models / "flux", data, blocks_to_swap=1, adapter=None))
+        load_train_config(write_configs(tmp_path / "b", tiny_models / "flux", data, blocks_to_swap=1, adapter=None),
+                          get_model_class)
     with pytest.raises(ConfigError, match="model.transformer_dtype.*LoRA"):
         load_train_config(write_configs(tmp_path / "c", tiny_models / "flux", data, adapter=None,
-                                        model={"transformer_dtype": "float8"}))
+                                        model={"transformer_dtype": "float8"}), get_model_class)
     with pytest.raises(ConfigError, match="'blocks_to_swap' = 5 exceeds the model's 4 transformer blocks"):
         loaded(tmp_path / "d", tiny_models, data, blocks_to_swap=5)
 
@@ -142,7 +144,7 @@ def test_float8_halves_block_weights_and_estimate_counts_them(tmp_path, tiny_mod
     # The memory estimate counts the real tensors: float8 weights, float32 scales, and with
     # blocks_to_swap = 3 one of the 3 swapped blocks off the device (2 resident).
     _, _, parts = plan_stages(model, config)
-    (estimate,) = memory.estimate(model, *plan_stages(model, config)[1:], config, None, None)
+    (estimate,) = estimate_memory(model, *plan_stages(model, config)[1:], config, None, None)
     real = {}
     for layer in layers:
         for t in list(layer.parameters()) + list(layer.buffers()):
@@ -154,8 +156,8 @@ def test_float8_halves_block_weights_and_estimate_counts_them(tmp_path, tiny_mod
     assert estimate.swapped == smallest
     assert sum(estimate.weights.values()) + estimate.swapped == sum(real.values())
     assert estimate.weights["float8_e4m3fn"] <= real["float8_e4m3fn"]
-    assert "float8_e4m3fn" in memory.describe([estimate], config, None)
-    assert "swapped blocks' weights in CPU memory" in memory.describe([estimate], config, None)
+    assert "float8_e4m3fn" in describe_memory([estimate], config, None)
+    assert "swapped blocks' weights in CPU memory" in describe_memory([estimate], config, None)
 
 
 def test_float8_linear_matches_its_dequantized_weight():
@@ -175,7 +177,7 @@ def test_float8_linear_matches_its_dequantized_weight():
 def test_float8_matmul_multiplies_float8_operands():
     # float8_matmul: the product of the per-token float8 input and the stored float8 weight, their
     # scales applied to the float32 result; the backward the same with the gradient.
-    from utils.float8 import FLOAT8, quantize_rows
+    from memory.float8 import FLOAT8, quantize_rows
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
@@ -205,11 +207,11 @@ def test_float8_matmul_multiplies_float8_operands():
 def test_float8_matmul_config_checks(tmp_path, tiny_models, data):
     with pytest.raises(ConfigError, match="model.float8_matmul.*transformer_dtype = 'float8'"):
         load_train_config(write_configs(tmp_path / "a", tiny_models / "flux", data,
-                                        model={"dtype": "bfloat16", "float8_matmul": True}))
+                                        model={"dtype": "bfloat16", "float8_matmul": True}), get_model_class)
     with pytest.raises(ConfigError, match="model.float8_matmul.*bfloat16.*float32"):
         load_train_config(write_configs(tmp_path / "b", tiny_models / "flux", data,
                                         model={"dtype": "float32", "transformer_dtype": "float8",
-                                               "float8_matmul": True}))
+                                               "float8_matmul": True}), get_model_class)
     _, _, transformer, _ = loaded(tmp_path / "c", tiny_models, data, model={
         "dtype": "bfloat16", "transformer_dtype": "float8", "float8_matmul": True})
     fp8 = [m for m in transformer.modules() if isinstance(m, Float8Linear)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.flux_layout import original_to_diffusers
+from models.keymaps.flux import FluxKeymap
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_models.py"
 
@@ -54,7 +54,7 @@ def test_pipeline_loads_and_runs(flux_dir):
 
 def test_original_file_round_trips(flux_dir):
     saved = load_file(str(flux_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
-    back = original_to_diffusers(load_file(str(flux_dir / "flux1-tiny-original.safetensors")))
+    back = FluxKeymap.original_to_diffusers(load_file(str(flux_dir / "flux1-tiny-original.safetensors")))
     assert set(back) == set(saved)
     for k in saved:
         assert torch.equal(back[k], saved[k]), k

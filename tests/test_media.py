@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.media import IMAGE_EXTENSIONS, MediaError, fit_to_bucket, image_size, is_image_file, load_image
+from data.media import IMAGE_EXTENSIONS, fit_to_bucket, image_size, is_image_file, load_image
+from utils.errors import MediaError
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

@@ -1,4 +1,4 @@
-"""The memory estimate printed at start (utils/memory.py).
+"""The memory estimate printed at start (memory/estimate.py).
 
 Weights, gradients and optimizer state are checked against the real thing: each pipeline stage
 of the tiny Flux is loaded as the engine loads it, its real optimizer takes a step, and the bytes
@@ -16,12 +16,12 @@ from safetensors import safe_open
 
 from conftest import REPO, write_configs
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+from config.train_config import load_train_config
 from models import get_model_class
-from utils import memory
-from utils.config import load_train_config
-from utils.engine import load_stage, plan_stages
-from utils.optimizers import build_optimizer
-from utils.schema import ConfigError
+from parallel.stages import load_stage, plan_stages
+from training.optimizers import build_optimizer
+from memory.estimate import describe as describe_memory, estimate as estimate_memory
+from utils.errors import ConfigError
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -53,7 +53,7 @@ def measured_stage(config, stage: int) -> dict:
         key = str(p.dtype).removeprefix("torch.")
         weights[key] = weights.get(key, 0) + p.numel() * p.element_size()
     trainable = [p for p in params if p.requires_grad]
-    optimizer = build_optimizer(trainable, config.optimizer, 0.0, None, low_memory=config.full_finetune)
+    optimizer = build_optimizer(trainable, config.settings.optimizer, 0.0, None, low_memory=config.full_finetune)
     generator = torch.Generator().manual_seed(0)
     for p in trainable:
         p.grad = (torch.randn(p.shape, generator=generator) * 1e-3).to(p.dtype)
@@ -77,10 +77,10 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_weights_gradients_and_optimizer_state_match_the_real_tensors(tmp_path, tiny_models, data, case, stages):
     config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, pipeline_stages=stages,
-                                             **CASES[case]))
+                                             **CASES[case]), get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
-    estimates = memory.estimate(model, layers, parts, config, tokens=None, hidden=None)
+    estimates = estimate_memory(model, layers, parts, config, tokens=None, hidden=None)
     assert len(estimates) == stages
     for stage, estimate in enumerate(estimates):
         real = measured_stage(config, stage)
@@ -100,10 +100,10 @@ def test_activation_estimate_follows_the_checkpointing_mode(tmp_path, tiny_model
     totals = {}
     for mode in (False, "selective", True):
         config = load_train_config(write_configs(tmp_path / str(mode), tiny_models / "flux", data, adapter=None,
-                                                 activation_checkpointing=mode))
+                                                 activation_checkpointing=mode), get_model_class)
         model = get_model_class("flux")(config.model)
         transformer, layers, parts = plan_stages(model, config)
-        (estimate,) = memory.estimate(model, layers, parts, config, tokens=1000, hidden=model.hidden_size(transformer))
+        (estimate,) = estimate_memory(model, layers, parts, config, tokens=1000, hidden=model.hidden_size(transformer))
         totals[mode] = estimate.activations
     assert totals[False] > totals["selective"] > totals[True] > 0
     # Without checkpointing: the layer factors add up, x tokens x width x 4 bytes (float32) x 2 samples.
@@ -115,16 +115,17 @@ def test_activation_estimate_follows_the_checkpointing_mode(tmp_path, tiny_model
 
 
 def test_warning_when_a_stage_exceeds_the_gpu(tmp_path, tiny_models, data):
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, adapter=None, pipeline_stages=2))
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, adapter=None, pipeline_stages=2),
+                               get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
-    estimates = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
-    text = memory.describe(estimates, config, 100, device_total=estimates[1].total - 1)
+    estimates = estimate_memory(model, layers, parts, config, tokens=100, hidden=32)
+    text = describe_memory(estimates, config, 100, device_total=estimates[1].total - 1)
     assert "stage 0: weights float32" in text and "stage 1: weights float32" in text
     warnings = [line for line in text.splitlines() if line.startswith("WARNING")]
     assert len(warnings) >= 1 and all("more than the GPU's" in w for w in warnings)
     assert any(w.startswith("WARNING: stage 1 needs about") for w in warnings)
-    assert "WARNING" not in memory.describe(estimates, config, 100, device_total=10 * 2**30)
+    assert "WARNING" not in describe_memory(estimates, config, 100, device_total=10 * 2**30)
 
 
 # Per model: attention heads (width 512 at the released head size), (width, height, frames) and
@@ -165,7 +166,8 @@ def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
     def config(mode, full=False):
         table = {"type": name, "dtype": "bfloat16", "max_sequence_length": 12}
         return load_train_config(write_configs(tmp_path / f"{mode}-{full}", video_models[name], data, model=table,
-                                               activation_checkpointing=mode, **({"adapter": None} if full else {})))
+                                               activation_checkpointing=mode, **({"adapter": None} if full else {})),
+                                 get_model_class)
 
     model = get_model_class(name)(config(False).model)
     # tokens_per_sample counts what the blocks run: LTX-Video's video tokens, HunyuanVideo's video
@@ -187,8 +189,8 @@ def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
         for full in (False, True):
             cfg = config(mode, full)
             transformer, layers, parts = plan_stages(model, cfg)
-            estimates = memory.estimate(model, layers, parts, cfg, tokens, model.hidden_size(transformer))
-            printed = memory.describe(estimates, cfg, tokens)
+            estimates = estimate_memory(model, layers, parts, cfg, tokens, model.hidden_size(transformer))
+            printed = describe_memory(estimates, cfg, tokens)
             assert f"x {tokens} tokens" in printed and "not estimated" not in printed, printed
             activations[mode, full] = estimates[0].activations
     for full in (False, True):  # less memory the more is recomputed
@@ -202,7 +204,7 @@ def test_selective_checkpointing_is_refused_for_ltx_video(tmp_path, video_models
     path = write_configs(tmp_path, video_models["ltx-video"], data, activation_checkpointing="selective",
                          model={"type": "ltx-video"})
     with pytest.raises(ConfigError, match="'selective' is not available for model type 'ltx-video'"):
-        load_train_config(path)
+        load_train_config(path, get_model_class)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -211,10 +213,10 @@ def test_peak_counts_gradients_and_activations_as_they_overlap(tmp_path, tiny_mo
     # below their sum. With accumulation every gradient exists while the next micro-batch's
     # activations are kept.
     config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, adapter=None,
-                                             gradient_accumulation_steps=accumulation))
+                                             gradient_accumulation_steps=accumulation), get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
-    (e,) = memory.estimate(model, layers, parts, config, tokens=1000, hidden=model.hidden_size(transformer))
+    (e,) = estimate_memory(model, layers, parts, config, tokens=1000, hidden=model.hidden_size(transformer))
     stays = sum(e.weights.values()) + e.optimizer
     if accumulation == 1:
         assert stays + max(e.gradients + e.step_scratch, e.activations) <= e.total < stays + e.gradients + e.activations

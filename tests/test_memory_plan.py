@@ -1,7 +1,7 @@
-"""The memory plan (utils/memory_plan.py): with a configured budget the tiny Flux gets the fastest
+"""The memory plan (memory/plan.py): with a configured budget the tiny Flux gets the fastest
 settings its estimate fits, a setting in the config file is kept, and a budget nothing fits is
 one error line naming what would fit. The launch runs train.py with a plan that changes two
-settings, and checks the start-up times it records (utils/trainer.py)."""
+settings, and checks the start-up times it records (training/trainer.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import json
 
 import pytest
 
+from config.train_config import load_train_config
 from conftest import launch, write_configs
+from memory.plan import HEADROOM, Plan
 from models import get_model_class
-from utils import memory_plan
-from utils.config import load_train_config
-from utils.engine import partition, plan_stages, resolve_partition_method
-from utils.memory_plan import HEADROOM, Plan
-from utils.schema import ConfigError
+from parallel.stages import partition, plan_stages, resolve_partition_method
+from memory import plan as memory_plan
+from utils.dist import Distributed
+from utils.errors import ConfigError
 
 GIB = 2**30
 # What train.py counts for the demo images at resolution 64: 18 latent tokens in the largest aspect
@@ -33,7 +34,7 @@ def data(tmp_path_factory):
 def setup(tmp_path, tiny_models, data, **overrides):
     """(config, model, layers, parts, hidden) of a bfloat16 tiny Flux LoRA run."""
     overrides["model"] = {"dtype": "bfloat16", **overrides.get("model", {})}
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides))
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", data, **overrides), get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     return config, model, layers, parts, model.hidden_size(transformer)
@@ -114,9 +115,9 @@ def test_a_budget_nothing_fits_is_one_line_naming_what_would(tmp_path, tiny_mode
 
 def test_budget_key_and_transformer_dtype_values(tmp_path, tiny_models, data):
     config, *_ = setup(tmp_path / "ok", tiny_models, data, memory_budget_gib=0.5)
-    assert memory_plan.device_budget(config, __import__("torch").device("cpu"), 1) == GIB // 2
+    assert memory_plan.device_budget(config, Distributed.alone()) == GIB // 2
     config, *_ = setup(tmp_path / "none", tiny_models, data)
-    assert memory_plan.device_budget(config, __import__("torch").device("cpu"), 1) is None
+    assert memory_plan.device_budget(config, Distributed.alone()) is None
     for value, message in [(0, "'memory_budget_gib' must be > 0"), (-1.5, "'memory_budget_gib' must be > 0")]:
         with pytest.raises(ConfigError, match=message):
             setup(tmp_path / "bad", tiny_models, data, memory_budget_gib=value)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from config.train_config import AdapterConfig
 from conftest import launch, write_configs
 from models.flux import FluxConfig, FluxModel
-from utils.config import AdapterConfig
-from utils.schema import ConfigError
+from training.lora import add_lora, save_lora
+from training.preflight import check_inputs
+from utils.errors import ConfigError
 
 CONFIG = Path("/configs/train.toml")  # only named in the messages
 
@@ -38,7 +40,7 @@ def check(folder: Path, adapter: AdapterConfig | None = None, transformer_path: 
                                  transformer_path=str(transformer_path) if transformer_path else None))
     before = folder_digest(folder) if folder.is_dir() else None
     with pytest.raises(ConfigError) as info:
-        model.check_inputs(CONFIG, adapter)
+        check_inputs(model, CONFIG, adapter)
     if before is not None:
         assert folder_digest(folder) == before  # read, never written
     message = str(info.value)
@@ -50,10 +52,10 @@ def test_the_tiny_model_and_a_matching_lora_pass(tiny_models, tmp_path):
     model = FluxModel(FluxConfig(type="flux", diffusers_path=str(tiny_models / "flux"), dtype="float32"))
     adapter = AdapterConfig(rank=4, alpha=4.0)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, adapter)
+    add_lora(model, transformer, adapter)
     lora = {n.replace(".default.", "."): torch.zeros(p.shape) for n, p in transformer.named_parameters() if "lora_" in n}
-    model.save_lora(lora, adapter, tmp_path / "lora", torch.float32)
-    model.check_inputs(CONFIG, AdapterConfig(rank=4, alpha=4.0, init_from_existing=str(tmp_path / "lora")))
+    save_lora(model, lora, adapter, tmp_path / "lora", torch.float32)
+    check_inputs(model, CONFIG, AdapterConfig(rank=4, alpha=4.0, init_from_existing=str(tmp_path / "lora")))
 
 
 def test_a_folder_of_another_model_type(flux_copy):
@@ -124,7 +126,7 @@ def test_transformer_path_that_is_no_safetensors(flux_copy, tmp_path):
 def _lora(tmp_path, tiny_models, rank=4, metadata=None, rename=None) -> Path:
     model = FluxModel(FluxConfig(type="flux", diffusers_path=str(tiny_models / "flux"), dtype="float32"))
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, AdapterConfig(rank=rank, alpha=float(rank)))
+    add_lora(model, transformer, AdapterConfig(rank=rank, alpha=float(rank)))
     tensors = {"transformer." + n.replace(".default.", "."): torch.zeros(p.shape)
                for n, p in transformer.named_parameters() if "lora_" in n}
     if rename:

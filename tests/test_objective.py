@@ -1,4 +1,4 @@
-"""The user-chosen parts of the objective (utils/objective.py): timestep densities, shifts and
+"""The user-chosen parts of the objective (training/objective.py): timestep densities, shifts and
 range, and the element losses, checked against diffusers' and torch's own code; and through the
 model: the defaults give exactly the old draws and loss, an option changes only what it names."""
 
@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from models.base import generator_for
+from config.schema import build
 from models.flux import FluxConfig, FluxModel
-from utils import objective
-from utils.schema import ConfigError, build
+from training import objective
+from training.objective import loss, sample_timesteps, training_example
+from utils.errors import ConfigError
+from utils.seeding import generator_for
 
 
 def generators(n: int, tag: str = "t") -> list[torch.Generator]:
@@ -86,13 +88,13 @@ def test_the_defaults_draw_and_score_as_before(tiny_models):
     model = flux(tiny_models)
     # The draws of the trainer before these options: sigmoid(sigmoid_scale * n), then no range.
     old = torch.cat([torch.randn(1, generator=g) for g in generators(16)]).mul(1.0).sigmoid()
-    assert torch.equal(model.sample_timesteps(generators(16), 256), old)
+    assert torch.equal(sample_timesteps(model, generators(16), 256), old)
     prediction, target = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
     weights = torch.tensor([1.0, 0.0, 1.0])
     old_loss = ((prediction - target).pow(2).mean(dim=(1, 2)) * weights).sum() / weights.sum()
-    assert torch.equal(model.loss(prediction, (target, weights)), old_loss)
-    assert model.loss(prediction, (target, weights)) != flux(tiny_models, loss_type="huber").loss(
-        prediction, (target, weights))
+    assert torch.equal(loss(model, prediction, (target, weights)), old_loss)
+    assert loss(model, prediction, (target, weights)) != loss(flux(tiny_models, loss_type="huber"),
+                                                               prediction, (target, weights))
 
 
 def test_a_timestep_option_changes_only_the_timesteps(tiny_models):
@@ -103,7 +105,7 @@ def test_a_timestep_option_changes_only_the_timesteps(tiny_models):
     default = flux(tiny_models)
     changed = flux(tiny_models, min_timestep=0.5, max_timestep=0.9, timestep_sample_method="mode")
     (inputs_a, (target_a, _)), (inputs_b, (target_b, _)) = (
-        m.training_example(latents, text, generators(2)) for m in (default, changed))
+        training_example(m, latents, text, generators(2)) for m in (default, changed))
     assert torch.equal(target_a, target_b)
     a, b = default.input_fields.unpack(inputs_a), changed.input_fields.unpack(inputs_b)
     differ = sorted(k for k in a if not torch.equal(a[k], b[k]))

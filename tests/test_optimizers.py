@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from config.train_config import OptimizerConfig, adamw8bit_missing, load_train_config
 from conftest import write_configs
-from utils.config import OptimizerConfig, adamw8bit_missing, load_train_config
-from utils.optimizers import build_optimizer, stochastic_round_to_bf16
-from utils.schema import ConfigError
+from models import get_model_class
+from training.optimizers import build_optimizer, stochastic_round_to_bf16
+from utils.errors import ConfigError
 
 
 def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ def configs(tmp_path, tiny_models, image_dataset):
 
 def config_error(path) -> str:
     with pytest.raises(ConfigError) as info:
-        load_train_config(path)
+        load_train_config(path, get_model_class)
     return str(info.value)
 
 
@@ -162,8 +163,8 @@ def test_adamw8bit_without_bitsandbytes_or_a_gpu_is_a_config_error(configs):
 
 def test_adamw8bit_state_size_formula():
     # bitsandbytes keeps float32 state below 4096 elements, else two uint8 states and a float32
-    # scale per 256 values for each (utils/memory.py relies on this).
-    from utils.memory import ParamInfo, optimizer_state_bytes
+    # scale per 256 values for each (memory/estimate.py relies on this).
+    from memory.estimate import ParamInfo, optimizer_state_bytes
 
     config = OptimizerConfig(type="adamw8bit")
     assert optimizer_state_bytes(ParamInfo((1000,), torch.bfloat16, True), config) == 2 * 1000 * 4
@@ -178,17 +179,20 @@ def test_stochastic_rounding_needs_bfloat16_trained_weights(configs):
     message = config_error(configs(optimizer={"stochastic_rounding": True}))
     assert "float32 (adapter.dtype)" in message
     # bfloat16 full fine-tuning and a bfloat16 LoRA are fine
-    full = load_train_config(configs(adapter=None, full_finetune_dtype="bfloat16", optimizer={"stochastic_rounding": True}))
+    full = load_train_config(configs(adapter=None, full_finetune_dtype="bfloat16", optimizer={"stochastic_rounding": True}),
+                             get_model_class)
     assert full.full_finetune and full.trained_dtype == "bfloat16"
-    lora = load_train_config(configs(adapter={"dtype": "bfloat16"}, optimizer={"stochastic_rounding": True}))
+    lora = load_train_config(configs(adapter={"dtype": "bfloat16"}, optimizer={"stochastic_rounding": True}),
+                             get_model_class)
     assert not lora.full_finetune and lora.trained_dtype == "bfloat16"
 
 
 def test_full_finetune_settings(configs):
     # No [adapter]: full fine-tuning, in model.dtype unless full_finetune_dtype says otherwise.
-    config = load_train_config(configs(adapter=None, model={"dtype": "bfloat16"}))
+    config = load_train_config(configs(adapter=None, model={"dtype": "bfloat16"}), get_model_class)
     assert config.full_finetune and config.trained_dtype == "bfloat16"
-    config = load_train_config(configs(adapter=None, model={"dtype": "bfloat16"}, full_finetune_dtype="float32"))
+    config = load_train_config(configs(adapter=None, model={"dtype": "bfloat16"}, full_finetune_dtype="float32"),
+                               get_model_class)
     assert config.trained_dtype == "float32"
     path = configs(full_finetune_dtype="float32")  # with an [adapter]
     assert config_error(path) == (f"{path}: 'full_finetune_dtype' is for full fine-tuning (no [adapter] table); "
@@ -197,7 +201,8 @@ def test_full_finetune_settings(configs):
 
 def test_activation_checkpointing_values(configs):
     for value in (False, True, "selective"):
-        assert load_train_config(configs(activation_checkpointing=value)).activation_checkpointing == value
+        assert load_train_config(configs(activation_checkpointing=value),
+                                 get_model_class).settings.activation_checkpointing == value
     path = configs(activation_checkpointing="some")
     assert config_error(path) == (f"{path}: 'activation_checkpointing' must be true or false or 'selective', "
                                   f"got 'some'")

@@ -69,7 +69,7 @@ def test_data_parallel_and_hybrid_layouts_match(tmp_path, tiny_models, image_dat
 
 
 def test_each_local_process_takes_its_share_of_the_cpu_cores():
-    from utils.engine import cpu_threads_per_process
+    from parallel.launch import cpu_threads_per_process
 
     # 4 processes a thread per core each would be 256 spinning threads on 64 cores
     assert cpu_threads_per_process({"LOCAL_SIZE": "4"}, 64) == 16

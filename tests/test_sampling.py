@@ -1,4 +1,4 @@
-"""Samples during training ([sample], utils/sampling.py), checked against diffusers' own pipeline.
+"""Samples during training ([sample], training/sampling.py), checked against diffusers' own pipeline.
 
 One launch per pipeline layout (1 stage, 2 stages) trains a tiny FLUX.1 LoRA and draws its samples
 at the start (the base model) and at the end (with the trained adapter). `FluxPipeline`, given the

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from conftest import launch, write_configs
 from make_tiny_models import FLUX_TRANSFORMER
 
+from utils.dist import Distributed
+
 CLASSES = {"a red circle": ("ellipse", (220, 30, 30)), "a blue square": ("rectangle", (30, 60, 220))}
 SEEDS = range(10)
 
@@ -52,9 +54,9 @@ def wide_tiny_flux(tiny_models, folder):
 
 @pytest.mark.slow
 def test_samples_lie_nearer_their_own_class(tmp_path, tiny_models):
+    from config.train_config import load_train_config
+    from data.prepare import prepare_dataset
     from models import get_model_class
-    from utils.config import load_train_config
-    from utils.prepare import prepare_dataset
 
     data = make_classes(tmp_path / "data")
     model_dir = wide_tiny_flux(tiny_models, tmp_path / "flux")
@@ -68,10 +70,10 @@ def test_samples_lie_nearer_their_own_class(tmp_path, tiny_models):
     (run,) = result.run_dirs()
     drawn = load_file(run / "samples" / "step00001200" / "latents.safetensors")
 
-    loaded = load_train_config(config)
+    loaded = load_train_config(config, get_model_class)
     model = get_model_class("flux")(loaded.model)
     reader = prepare_dataset(loaded.dataset, model, title="classes", micro_batch_size=1, caching_batch_size=1,
-                             regenerate=False, rank=0, world=1, device=torch.device("cpu"), log=lambda *_: None)
+                             regenerate=False, place=Distributed.alone(), log=lambda *_: None)
     assert reader.encoded == 0
     latents = {p: torch.stack([reader.load(i)[0]["latents"].float() for i, c in enumerate(reader.samples)
                                if c.sample.item.caption == p]) for p in CLASSES}

@@ -1,4 +1,4 @@
-"""Each model's sampling pieces (models/*.py `sample_*`, utils/sampling.Sampler) against its own
+"""Each model's sampling pieces (models/*.py `sample_*`, training/sampling.Sampler) against its own
 diffusers pipeline, in one process: the Sampler's loop driving the model's pipeline layers (with
 a LoRA) in place of the DeepSpeed engine, beside the pipeline with that LoRA saved and loaded.
 The DeepSpeed path itself is tests/test_sampling.py."""
@@ -10,8 +10,10 @@ import torch
 
 from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 from test_video_models import engine_like_transformer, make_model
-from utils.config import AdapterConfig, SampleRequest
-from utils.sampling import Sampler, sample_prompts, to_uint8
+from config.train_config import AdapterConfig, SampleRequest
+from training.lora import lora_state_dict, save_lora
+from training.sampling import Sampler, sample_prompts, to_uint8
+from utils.dist import Distributed
 
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
           "wan": make_tiny_wan}
@@ -65,14 +67,14 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     model = make_model(name, root, max_sequence_length=32)
     adapter = AdapterConfig(rank=4, alpha=8.0)
     transformer, layers = engine_like_transformer(model, adapter)
-    model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
+    save_lora(model, lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
 
     width, height, frames = SHAPES[name]
     guidance = 2.5 if model.sample_guidance == "classifier_free" else 4.0
     request = SampleRequest(index=0, prompt="a red circle", seed=3, width=width, height=height, frames=frames,
                             steps=3, guidance=guidance, negative_prompt="blurry")
     texts = Texts(model, sample_prompts([request], model))
-    sampler = Sampler(model, LayersEngine(layers), [request], texts, tmp_path / "samples", 0, torch.device("cpu"))
+    sampler = Sampler(model, LayersEngine(layers), [request], texts, tmp_path / "samples", Distributed.alone())
     ours = sampler.denoise()[0]
 
     pipe = model.pipeline_class.from_pretrained(root / name, dtype=torch.float32)
@@ -108,28 +110,29 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
 def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
     """The estimate printed at start has a line for drawing samples: the stage's weights,
     optimizer state and gradients, plus one layer's activations for the largest sample."""
+    from config.train_config import load_train_config
     from conftest import write_configs
+    from memory.estimate import describe as describe_memory, estimate as estimate_memory
     from models import get_model_class
-    from utils import memory
-    from utils.config import load_train_config
-    from utils.engine import plan_stages
+    from parallel.stages import plan_stages
 
     sample = {"prompts": ["a cat", {"prompt": "a dog", "width": 128, "height": 96}], "width": 64, "height": 64}
-    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample))
+    config = load_train_config(write_configs(tmp_path, tiny_models / "flux", image_dataset, sample=sample),
+                               get_model_class)
     model = get_model_class("flux")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     tokens = max(model.tokens_per_sample(r.width, r.height, r.frames) for r in config.samples)
     assert tokens == (128 // 16) * (96 // 16) + 32
-    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
+    (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
     transient = max(model.activation_factors.values()) * tokens * 32 * 4
     assert est.sampling == int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
-    assert "while drawing samples: stage 0 " in memory.describe([est], config, 100)
-    (est,) = memory.estimate(model, layers, parts, config, tokens=100, hidden=32)
-    assert est.sampling is None and "drawing samples" not in memory.describe([est], config, 100)
+    assert "while drawing samples: stage 0 " in describe_memory([est], config, 100)
+    (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32)
+    assert est.sampling is None and "drawing samples" not in describe_memory([est], config, 100)
 
 
 def test_share_out_gives_every_replica_the_same_number_of_forwards():
-    from utils.sampling import share_out
+    from training.sampling import share_out
 
     def request(i, width):
         return SampleRequest(index=i, prompt=f"p{i}", seed=0, width=width, height=64, frames=1, steps=4,
@@ -158,7 +161,7 @@ def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_
                               negative_prompt="") for i, (p, w) in enumerate([("a cat", 64), ("a dog", 96)])]
     texts = Texts(model, [r.prompt for r in requests])
     lines = []
-    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    sampler = Sampler(model, LayersEngine(layers), requests, texts, tmp_path, Distributed.alone(), log=lines.append)
     assert sampler.run(3) is False
     assert lines[0] == ("step 3: sample 1 ('a dog'): OutOfMemoryError: CUDA out of memory. Tried to allocate "
                         "9.00 GiB; training goes on")
@@ -172,7 +175,7 @@ def test_a_failing_sample_is_one_line_and_the_others_are_written(tmp_path, tiny_
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
 
     lines.clear()
-    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, 0, torch.device("cpu"), log=lines.append)
+    sampler = Sampler(model, FailingEngine(layers), requests, texts, tmp_path, Distributed.alone(), log=lines.append)
     assert sampler.run(4) is False
     assert lines == ["step 4: samples failed: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB; "
                      "training goes on"]

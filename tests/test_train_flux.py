@@ -190,7 +190,7 @@ def test_diffusers_lora_file_reproduces_the_final_eval(run_a, work):
 def test_original_layout_lora_file_reproduces_the_final_eval(run_a, work):
     from diffusers import FluxTransformer2DModel
 
-    from models.flux_layout import original_to_diffusers
+    from models.keymaps.flux import FluxKeymap
 
     folder = run_dir(run_a)
     base = load_file(work["model"] / "flux1-tiny-original.safetensors")
@@ -211,7 +211,7 @@ def test_original_layout_lora_file_reproduces_the_final_eval(run_a, work):
 
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     transformer = FluxTransformer2DModel.from_config(config)
-    transformer.load_state_dict(original_to_diffusers(base, config), strict=True)
+    transformer.load_state_dict(FluxKeymap.original_to_diffusers(base, config), strict=True)
     assert eval_loss_in_process(run_a.config, transformer) == pytest.approx(evals(folder)[6], rel=1e-5)
 
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.media as media
-from models.base import DiffusionModel
+from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
+from data import media
+from data.buckets import Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table, frame_bucket_for
+from data.cache import DatasetCache
+from data.media import load_sample_pixels, video_info
+from data.scan import Item, scan_dataset, scan_directory
+from models.base import ModelRecipe
 from tools.make_demo_dataset import COLOURS, make_demo_dataset, make_demo_videos
-from utils.buckets import (Bucket, assign_buckets, check_frame_buckets, clip_starts, format_bucket_table,
-                           frame_bucket_for)
-from utils.cache import DatasetCache
-from utils.config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory, load_dataset_config
-from utils.dataset import Item, scan_dataset, scan_directory
-from utils.media import MediaError, load_sample_pixels, video_info
-from utils.schema import ConfigError
+from utils.dist import Distributed
+from utils.errors import ConfigError, MediaError
 
 
 def _settings(**overrides) -> BucketSettings:
@@ -317,14 +317,14 @@ def test_check_frame_buckets_accepts_valid_lists_and_the_default(tmp_path):
 
 
 def test_model_check_dataset_uses_frame_multiple(tmp_path):
-    class Video(DiffusionModel):
+    class Video(ModelRecipe):
         name = "ltx-video"
         frame_multiple = 8
 
     path = _dataset_file(tmp_path, 'resolutions = [64]\nframe_buckets = [1, 33, 40]\n[[directory]]\npath = "data"\n')
     with pytest.raises(ConfigError, match=r"'frame_buckets\[2\]' is 40: ltx-video takes 8k\+1 frames"):
         Video.check_dataset(load_dataset_config(path))
-    assert DiffusionModel.frame_multiple == 0
+    assert ModelRecipe.frame_multiple == 0
 
 
 @pytest.mark.parametrize("text, message", [
@@ -398,7 +398,7 @@ def test_cache_has_one_entry_per_clip_keyed_by_clip_start(tmp_path, videos):
     samples = assign_buckets(scan_dataset(dataset).items, dataset, 16)
     model = PooledVideoModel()
 
-    reader = DatasetCache(model, samples).build(torch.device("cpu"), batch_size=4, rank=0, world=1)
+    reader = DatasetCache(model, samples).build(Distributed.alone(), batch_size=4)
 
     assert reader.problems == [] and reader.encoded == 3 + 2  # latents: 2 clips + 1 image; texts: 2
     clips = [c for c in reader.samples if c.sample.item.path == video]
@@ -414,7 +414,7 @@ def test_cache_has_one_entry_per_clip_keyed_by_clip_start(tmp_path, videos):
     # Same-shape batches only: the two 9-frame clips together, the image alone.
     assert sorted(model.encoded_shapes) == [(1, 3, 1, 48, 64), (2, 3, 9, 48, 64)]
 
-    again = DatasetCache(model, samples).build(torch.device("cpu"), batch_size=4, rank=0, world=1)
+    again = DatasetCache(model, samples).build(Distributed.alone(), batch_size=4)
     assert again.encoded == 0 and len(again) == 3
 
 
@@ -428,7 +428,7 @@ def test_video_that_fails_to_decode_at_cache_time_is_listed_and_skipped(tmp_path
     samples = assign_buckets(scan_dataset(dataset).items, dataset, 16)
     video.write_bytes(b"\x00garbage" * 100)  # broken after the scan, before caching
 
-    reader = DatasetCache(PooledVideoModel(), samples).build(torch.device("cpu"), batch_size=2, rank=0, world=1)
+    reader = DatasetCache(PooledVideoModel(), samples).build(Distributed.alone(), batch_size=2)
 
     assert [(path, "cannot read video" in reason) for path, reason in reader.problems] == [(video, True)]
     assert [c.sample.item.path.suffix for c in reader.samples] == [".png"]

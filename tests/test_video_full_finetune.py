@@ -23,9 +23,11 @@ from safetensors.torch import load_file
 
 from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from models import get_model_class, hunyuan_layout, ltx_layout
+from models import get_model_class
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.keymaps.keymap import detect_original_prefix
 from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
-from utils.saving import ORIGINAL_LAYOUT_FILE, stage_weights
+from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 
 NAMES = ["ltx-video", "hunyuan-video"]
 STEPS = 8
@@ -58,11 +60,12 @@ def transformer_class(name: str):
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "lora"])
 def test_ltx_final_layer_owns_scale_shift_table(video_models, data, full):
-    from utils.config import load_train_config
-    from utils.engine import load_stage, plan_stages
+    from config.train_config import load_train_config
+    from parallel.stages import load_stage, plan_stages
 
     adapter = None if full else {"rank": 4, "alpha": 4}
-    config = load_train_config(configure(video_models, data, "ltx-video", f"unit-{full}", adapter=adapter))
+    config = load_train_config(configure(video_models, data, "ltx-video", f"unit-{full}", adapter=adapter),
+                               get_model_class)
     model = get_model_class("ltx-video")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     final = layers[-1]
@@ -90,7 +93,7 @@ def test_original_layout_converts_layer_by_layer(video_models, name):
     # save_full_model hands the hook the weights of whole pipeline layers, one stage's at a time:
     # every fused tensor (q/k/v, HunyuanVideo's token refiner and single-block linear1) must join
     # weights of one layer only.
-    from models.base import SafetensorsFolder
+    from training.weights import SafetensorsFolder
 
     folder = video_models / name
     model = get_model_class(name)(get_model_class(name).config_class(type=name, diffusers_path=str(folder)))
@@ -108,7 +111,7 @@ def test_original_layout_converts_layer_by_layer(video_models, name):
     assert all(torch.equal(parts[k], whole[k]) for k in whole)
     # the same tensors as the release-layout file the tiny model comes with, without its prefix
     release = load_file(folder / ORIGINAL_FILE[name])
-    prefix = ltx_layout.detect_original_prefix(release)
+    prefix = detect_original_prefix(release)
     assert {k.removeprefix(prefix) for k in release} == whole.keys()
     assert all(torch.equal(release[prefix + k], v) for k, v in whole.items())
 
@@ -145,7 +148,7 @@ def from_original_layout(name: str, folder: Path):
         return cls.from_single_file(str(file), config=str(folder), subfolder="transformer", local_files_only=True)
     config = cls.load_config(folder / "transformer")
     transformer = cls.from_config(config)
-    transformer.load_state_dict(hunyuan_layout.original_to_diffusers(load_file(file), config), strict=True)
+    transformer.load_state_dict(HunyuanVideoKeymap.original_to_diffusers(load_file(file), config), strict=True)
     return transformer
 
 

@@ -19,10 +19,15 @@ from safetensors.torch import load_file, save_file
 from conftest import launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
+from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
+from config.train_config import AdapterConfig
 from models import get_model_class
-from models import hunyuan_layout, ltx_layout
-from models.base import SafetensorsFolder
-from utils.config import AdapterConfig
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.keymaps.keymap import detect_original_prefix
+from models.keymaps.ltx_video import LTXVideoKeymap
+from training.lora import add_lora, init_lora, lora_state_dict, save_lora
+from training.weights import SafetensorsFolder, load_weights, read_weights
+from utils.errors import ConfigError
 
 NAMES = ["ltx-video", "hunyuan-video"]
 ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
@@ -71,19 +76,19 @@ def engine_like_transformer(model, adapter: AdapterConfig | None = None, seed: i
     """The transformer as the engine builds it (meta, LoRA, layers, per-layer weights), LoRA B random."""
     transformer = model.build_empty_transformer()
     if adapter is not None:
-        model.add_lora(transformer, adapter)
+        add_lora(model, transformer, adapter)
     layers = model.layers(transformer)
     names = [n for layer in layers for n in layer.module_names]
-    model.load_weights(transformer, names, torch.device("cpu"))
+    load_weights(model, transformer, names, torch.device("cpu"))
     if adapter is not None:
-        model.init_lora(transformer, names, adapter, torch.device("cpu"), seed)
+        init_lora(transformer, names, adapter, torch.device("cpu"), seed)
         if random_b:
             g = torch.Generator().manual_seed(seed + 1)
             with torch.no_grad():
                 for n, p in transformer.named_parameters():
                     if "lora_B" in n:
                         p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    for layer in layers:  # as utils/engine.load_stage: the loaded scale_shift_table, not the meta one
+    for layer in layers:  # as parallel/stages.load_stage: the loaded scale_shift_table, not the meta one
         layer.bind_root_parameters(transformer)
     return transformer.eval(), layers
 
@@ -171,9 +176,8 @@ def test_hunyuan_layer_order_and_modules(video_models):
 
 
 def test_partition_type_must_match_a_layer_class(video_models):
-    from utils.config import TrainConfig, TrainConfigFile
-    from utils.engine import plan_stages, resolve_partition_method
-    from utils.schema import ConfigError
+    from config.train_config import TrainConfig, TrainConfigFile
+    from parallel.stages import plan_stages, resolve_partition_method
 
     model = make_model("hunyuan-video", video_models)
 
@@ -205,7 +209,7 @@ def test_ltx_rope_scale_follows_frame_rate(video_models):
 def test_default_lora_targets(video_models, name):
     model = make_model(name, video_models)
     transformer = model.build_empty_transformer()
-    model.add_lora(transformer, AdapterConfig(rank=4, alpha=4.0))
+    add_lora(model, transformer, AdapterConfig(rank=4, alpha=4.0))
     targeted = {n.removesuffix(".lora_A.default.weight") for n, _ in transformer.named_parameters()
                 if n.endswith(".lora_A.default.weight")}
     if name == "ltx-video":
@@ -301,8 +305,10 @@ def test_encode_pixels(video_models, name):
             assert latents.shape == (2, 16, 3, 8, 8)
     torch.testing.assert_close(back, raw)
     assert not torch.allclose(latents, raw)  # the normalisation did something
-    with pytest.raises(ValueError, match="frames"):
-        model.encode_pixels(pixels[:, :, :8])
+    # A clip of 8 frames never reaches encode_pixels: check_dataset rejects its frame bucket.
+    settings = BUCKET_DEFAULTS.overridden_by(BucketSettings(frame_buckets=[8]))
+    with pytest.raises(ConfigError, match="frames"):
+        model.check_dataset(Dataset(video_models / "dataset.toml", [ResolvedDirectory(video_models, settings)]))
 
 
 # ------------------------------------------------------------------------------------ layouts
@@ -311,7 +317,7 @@ def test_encode_pixels(video_models, name):
 def test_hunyuan_layout_round_trip(video_models):
     folder = video_models / "hunyuan-video"
     sd = load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
-    original = hunyuan_layout.diffusers_to_original(sd)
+    original = HunyuanVideoKeymap.diffusers_to_original(sd)
     inner = 2 * 16
     assert original["double_blocks.0.img_attn_qkv.weight"].shape == (3 * inner, inner)
     assert original["double_blocks.1.txt_attn_qkv.bias"].shape == (3 * inner,)
@@ -319,20 +325,20 @@ def test_hunyuan_layout_round_trip(video_models):
     assert original["txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight"].shape == (3 * inner, inner)
     assert "final_layer.adaLN_modulation.1.weight" in original and "guidance_in.mlp.0.weight" in original
     assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks", "context_embedder")) for k in original)
-    config = make_model("hunyuan-video", video_models)._transformer_config()
-    for back in (hunyuan_layout.original_to_diffusers(original),
-                 hunyuan_layout.original_to_diffusers(original, config),
-                 hunyuan_layout.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
+    config = make_model("hunyuan-video", video_models).transformer_config()
+    for back in (HunyuanVideoKeymap.original_to_diffusers(original),
+                 HunyuanVideoKeymap.original_to_diffusers(original, config),
+                 HunyuanVideoKeymap.original_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})):
         assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # The tiny model's single-file stand-in, read lazily key by key (also from a .pt file).
     keys = sorted(sd)
-    lazy = hunyuan_layout.load_diffusers_keys_from_original(folder / ORIGINAL_FILE["hunyuan-video"], keys, config)
+    lazy = HunyuanVideoKeymap.load_diffusers_keys_from_original(folder / ORIGINAL_FILE["hunyuan-video"], keys, config)
     assert all(torch.equal(lazy[k], sd[k]) for k in keys)
     torch.save({"module": original}, video_models / "hunyuan-original.pt")
-    lazy = hunyuan_layout.load_diffusers_keys_from_original(video_models / "hunyuan-original.pt", keys, config)
+    lazy = HunyuanVideoKeymap.load_diffusers_keys_from_original(video_models / "hunyuan-original.pt", keys, config)
     assert all(torch.equal(lazy[k], sd[k]) for k in keys)
     with pytest.raises(ValueError, match="not in the HunyuanVideo"):
-        hunyuan_layout.original_to_diffusers({**original, "double_blocks.0.unknown.weight": torch.zeros(1)})
+        HunyuanVideoKeymap.original_to_diffusers({**original, "double_blocks.0.unknown.weight": torch.zeros(1)})
 
 
 def test_ltx_layout_round_trip_and_diffusers_single_file_loader(video_models):
@@ -346,8 +352,8 @@ def test_ltx_layout_round_trip_and_diffusers_single_file_loader(video_models):
     assert "model.diffusion_model.adaln_single.linear.weight" in original
     assert "model.diffusion_model.transformer_blocks.1.attn2.k_norm.weight" in original
     # q, k, v stay separate: every tensor is passed through unchanged, only renamed.
-    assert original.keys() == ltx_layout.diffusers_to_original(sd, prefix="model.diffusion_model.").keys()
-    back = ltx_layout.original_to_diffusers({**original, "vae.decoder.conv_in.weight": torch.zeros(1)})
+    assert original.keys() == LTXVideoKeymap.diffusers_to_original(sd, prefix="model.diffusion_model.").keys()
+    back = LTXVideoKeymap.original_to_diffusers({**original, "vae.decoder.conv_in.weight": torch.zeros(1)})
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # diffusers' own single-file loader reads our original-layout file to the same weights.
     loaded = LTXVideoTransformer3DModel.from_single_file(str(folder / ORIGINAL_FILE["ltx-video"]), config=str(folder),
@@ -361,7 +367,7 @@ def test_transformer_path_reads_the_same_weights(video_models, name):
     model = make_model(name, video_models, transformer_path=str(folder / ORIGINAL_FILE[name]))
     keys = sorted(SafetensorsFolder(folder / "transformer").files)
     expected = SafetensorsFolder(folder / "transformer").read(keys)
-    got = model.read_weights(keys)
+    got = read_weights(model, keys)
     assert all(torch.equal(got[k], expected[k]) for k in keys)
 
 
@@ -371,7 +377,7 @@ def test_transformer_path_reads_the_same_weights(video_models, name):
 def merge_original_lora(original: dict, lora: dict, prefix: str = "diffusion_model.") -> dict:
     """Merge a ComfyUI-format LoRA into original-layout weights: W += B @ A (scale 1; no alpha keys)."""
     merged = dict(original)
-    prefix_of_weights = hunyuan_layout.detect_original_prefix(original)
+    prefix_of_weights = detect_original_prefix(original)
     for key, a in lora.items():
         if key.endswith(".lora_A.weight"):
             module = key[len(prefix):-len(".lora_A.weight")]
@@ -396,10 +402,9 @@ def lora_through_both_formats(video_models, tmp_path, name, adapter_dir: Path | 
         with torch.no_grad():
             trained = run_layers(model, layers, batch)
         adapter_dir = tmp_path / "adapter"
-        written = model.save_lora(model.lora_state_dict(transformer), adapter, adapter_dir, torch.float32)
+        written = save_lora(model, lora_state_dict(transformer), adapter, adapter_dir, torch.float32)
         assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     cls = LTXVideoTransformer3DModel if name == "ltx-video" else HunyuanVideoTransformer3DModel
-    layout = ltx_layout if name == "ltx-video" else hunyuan_layout
     folder = video_models / name / "transformer"
 
     with_lora = cls.from_pretrained(folder).eval()
@@ -409,8 +414,7 @@ def lora_through_both_formats(video_models, tmp_path, name, adapter_dir: Path | 
     assert comfy and all(k.startswith("diffusion_model.") for k in comfy)
     original = load_file(video_models / name / ORIGINAL_FILE[name])
     merged = merge_original_lora(original, comfy)
-    back = (layout.original_to_diffusers(merged) if name == "ltx-video"
-            else layout.original_to_diffusers(merged, model._transformer_config()))
+    back = model.keymap.original_to_diffusers(merged, model.transformer_config())
     from_comfy = cls.from_config(cls.load_config(folder)).eval()
     from_comfy.load_state_dict(back, strict=True)
     with torch.no_grad():
@@ -437,7 +441,7 @@ def test_hunyuan_fused_lora_is_blockdiagonal():
     parts = {m: (torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g)) for m in ("attn.to_q", "attn.to_v")}
     lora = {f"transformer.single_transformer_blocks.0.{m}.lora_{x}.weight": t
             for m, (a, b) in parts.items() for x, t in (("A", a), ("B", b))}
-    out = hunyuan_layout.lora_to_original(lora, {"num_attention_heads": 2, "attention_head_dim": 4, "mlp_ratio": 2.0})
+    out = HunyuanVideoKeymap.lora_to_original(lora, {"num_attention_heads": 2, "attention_head_dim": 4, "mlp_ratio": 2.0})
     a, b = out["diffusion_model.single_blocks.0.linear1.lora_A.weight"], out["diffusion_model.single_blocks.0.linear1.lora_B.weight"]
     assert a.shape == (6, 8) and b.shape == (3 * 8 + 16, 6)
     delta = b @ a
@@ -462,7 +466,7 @@ def test_hunyuan_layout_matches_diffusers_single_file_loader(tmp_path):
     shapes.save_config(tmp_path / "transformer")
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(v.shape, generator=g).to(torch.bfloat16) for k, v in shapes.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in hunyuan_layout.diffusers_to_original(sd).items()},
+    save_file({k: v.contiguous() for k, v in HunyuanVideoKeymap.diffusers_to_original(sd).items()},
               str(tmp_path / "original.safetensors"))
     loaded = HunyuanVideoTransformer3DModel.from_single_file(
         str(tmp_path / "original.safetensors"), config=str(tmp_path), subfolder="transformer", local_files_only=True,
@@ -572,9 +576,9 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     import re
     import tomllib
 
+    from config.train_config import load_train_config
     from conftest import REPO, to_toml
-    from utils.config import load_train_config
-    from utils.schema import ConfigError
+    from utils.errors import ConfigError
 
     text = (REPO / "examples" / example).read_text(encoding="utf-8")
     text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
@@ -588,7 +592,7 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     config["model"]["diffusers_path"] = str(video_models / name)
     config["model"]["transformer_path"] = str(video_models / name / ORIGINAL_FILE[name])
     (tmp_path / "train.toml").write_text(to_toml(config))
-    loaded = load_train_config(tmp_path / "train.toml")
+    loaded = load_train_config(tmp_path / "train.toml", get_model_class)
     assert type(loaded.model) is get_model_class(name).config_class
     for key, value in config["model"].items():
         if not key.endswith("_path"):
@@ -597,4 +601,4 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     dataset["frame_buckets"] = [1, 10]
     (tmp_path / "dataset.toml").write_text(to_toml(dataset))
     with pytest.raises(ConfigError, match="frame_buckets"):
-        load_train_config(tmp_path / "train.toml")
+        load_train_config(tmp_path / "train.toml", get_model_class)

@@ -22,12 +22,14 @@ from safetensors.torch import load_file
 from conftest import eval_loss_through_diffusers, launch, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v
+from config.train_config import AdapterConfig, load_train_config
 from models import get_model_class
-from models.base import SafetensorsFolder
-from models.wan_layout import WAN_LAYOUT
+from models.keymaps.wan import WanKeymap
 from test_video_models import engine_like_transformer
-from utils.config import AdapterConfig, load_train_config
-from utils.schema import ConfigError
+from training import objective
+from training.lora import add_lora, lora_state_dict, read_lora_file, save_lora
+from training.weights import SafetensorsFolder, read_weights
+from utils.errors import ConfigError
 
 VARIANTS = ["wan", "wan2.2-ti2v", "wan2.2-a14b"]
 ORIGINAL_FILE = "wan-tiny-original.safetensors"
@@ -164,7 +166,7 @@ def test_layout_round_trip_and_diffusers_single_file_loader(wan_models):
               "blocks.1.cross_attn.o.weight", "blocks.1.norm3.weight", "blocks.1.ffn.0.weight"):
         assert k in original, k
     assert not any(".norm2." in k for k in original)  # the feed-forward norm has no weights
-    back = WAN_LAYOUT.original_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()}
+    back = WanKeymap.original_to_diffusers({f"model.diffusion_model.{k}": v for k, v in original.items()}
                                             | {"vae.decoder.conv_in.weight": torch.zeros(1)})
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     # diffusers' own single-file loader reads our original-layout file to the same weights.
@@ -173,7 +175,7 @@ def test_layout_round_trip_and_diffusers_single_file_loader(wan_models):
     assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
     # model.transformer_path reads the same weights, lazily.
     model = make_model(wan_models, transformer_path=str(folder / ORIGINAL_FILE))
-    got = model.read_weights(sorted(sd))
+    got = read_weights(model, sorted(sd))
     assert all(torch.equal(got[k], sd[k]) for k in sd)
 
 
@@ -188,7 +190,7 @@ def test_lora_files_load_in_diffusers_and_reproduce_the_layers(wan_models, tmp_p
     batch = random_batch(seed=1)
     with torch.no_grad():
         trained = run_layers(model, layers, batch)
-    written = model.save_lora(model.lora_state_dict(transformer), adapter, tmp_path, torch.float32)
+    written = save_lora(model, lora_state_dict(transformer), adapter, tmp_path, torch.float32)
     assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
     comfy = load_file(tmp_path / "lora_comfyui.safetensors")
     assert "diffusion_model.blocks.0.self_attn.q.lora_A.weight" in comfy
@@ -204,9 +206,9 @@ def test_lora_files_load_in_diffusers_and_reproduce_the_layers(wan_models, tmp_p
     assert (outputs[0] - base).abs().max() > 1e-3  # the LoRA changes the output
     # init_from_existing reads the ComfyUI file back to the same LoRA.
     fresh = model.build_empty_transformer()
-    model.add_lora(fresh, adapter)
-    read = model.read_lora_file(fresh, tmp_path / "lora_comfyui.safetensors", adapter)
-    state = model.lora_state_dict(transformer)
+    add_lora(model, fresh, adapter)
+    read = read_lora_file(model, fresh, tmp_path / "lora_comfyui.safetensors", adapter)
+    state = lora_state_dict(transformer)
     assert len(read) == 20
     for module, (a, b) in read.items():
         torch.testing.assert_close(a, state[f"{module}.lora_A.weight"])
@@ -223,14 +225,10 @@ def test_a14b_expert_trains_its_own_transformer_on_its_timesteps(wan_models):
     assert (low.config.min_timestep, low.config.max_timestep) == (0.0, 0.875)
     assert (high.config.min_timestep, high.config.max_timestep) == (0.875, 1.0)
     generators = [torch.Generator().manual_seed(i) for i in range(256)]
-    t = high.sample_timesteps(generators, 24)
+    t = objective.sample_timesteps(high, generators, 24)
     assert t.min() >= 0.875 and t.max() <= 1.0
-    t = low.sample_timesteps([torch.Generator().manual_seed(i) for i in range(256)], 24)
+    t = objective.sample_timesteps(low, [torch.Generator().manual_seed(i) for i in range(256)], 24)
     assert t.max() <= 0.875 and t.min() >= 0.0
-    # The fixed eval timesteps land in the expert's range too.
-    latents, text = torch.zeros(1, 16, 3, 4, 6), {"text": torch.zeros(1, 12, 32)}
-    inputs, _ = high.training_example(latents, text, [torch.Generator()], timesteps=torch.tensor([0.5]))
-    assert high.input_fields.unpack(inputs)["timesteps"].item() == pytest.approx(0.875 + 0.125 * 0.5)
     # The two experts' weights differ (seeded apart), and each expert reads its own.
     a = SafetensorsFolder(low.transformer_folder()).read(["proj_out.weight"])["proj_out.weight"]
     b = SafetensorsFolder(high.transformer_folder()).read(["proj_out.weight"])["proj_out.weight"]
@@ -264,14 +262,15 @@ def configure(wan_models, data, run: str, folder: str = "wan", frame_buckets=(1,
 
 def test_frame_and_size_rules_and_expert_keys_are_config_errors(wan_models, data):
     with pytest.raises(ConfigError, match=r"frame_buckets.*4k\+1"):
-        load_train_config(configure(wan_models, data, "rule_frames", frame_buckets=(1, 10)))
+        load_train_config(configure(wan_models, data, "rule_frames", frame_buckets=(1, 10)), get_model_class)
     with pytest.raises(ConfigError, match="resolutions.*multiple of 16"):
-        load_train_config(_with_resolution(configure(wan_models, data, "rule_size"), 40))
+        load_train_config(_with_resolution(configure(wan_models, data, "rule_size"), 40), get_model_class)
     with pytest.raises(ConfigError, match="model.min_timestep.*set by model.expert"):
         load_train_config(configure(wan_models, data, "rule_expert", "wan2.2-a14b",
-                                    model={"expert": "low_noise", "min_timestep": 0.1}))
+                                    model={"expert": "low_noise", "min_timestep": 0.1}), get_model_class)
     with pytest.raises(ConfigError, match="model.expert"):
-        load_train_config(configure(wan_models, data, "rule_expert_name", model={"expert": "middle"}))
+        load_train_config(configure(wan_models, data, "rule_expert_name", model={"expert": "middle"}),
+                          get_model_class)
 
 
 def _with_resolution(config: Path, size: int) -> Path:
@@ -286,12 +285,13 @@ def _with_resolution(config: Path, size: int) -> Path:
 def test_float8_storage_and_block_swap(wan_models, data):
     """float8 base weights in the blocks' LoRA linears, and block swapping: the forward and
     backward through swapped blocks equal those without, on the same float8 weights."""
-    from utils.block_swap import BlockSwap
-    from utils.engine import load_stage, plan_stages, swapped_layer_indices
-    from utils.float8 import Float8Linear
+    from memory.block_swap import BlockSwap, swapped_layer_indices
+    from memory.float8 import Float8Linear
+    from parallel.stages import load_stage, plan_stages
 
     config = load_train_config(configure(wan_models, data, "fp8", model={"dtype": "bfloat16",
-                                                                          "transformer_dtype": "float8"}))
+                                                                          "transformer_dtype": "float8"}),
+                               get_model_class)
     model = get_model_class("wan")(config.model)
     transformer, layers, parts = plan_stages(model, config)
     load_stage(model, config, transformer, layers, parts, 0, torch.device("cpu"))
@@ -302,14 +302,14 @@ def test_float8_storage_and_block_swap(wan_models, data):
             if "lora_B" in n:
                 p.add_(0.01)
     batch = random_batch()
-    inputs, labels = model.training_example(batch["noisy"], batch["text"],
+    inputs, labels = objective.training_example(model, batch["noisy"], batch["text"],
                                             [torch.Generator().manual_seed(i) for i in range(2)])
 
     def loss_and_grads():
         x = inputs
         for layer in layers:
             x = layer(x)
-        loss = model.loss(x, labels)
+        loss = objective.loss(model, x, labels)
         params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
         for p in params:
             p.grad = None
@@ -393,7 +393,7 @@ def test_two_pipeline_stages_train_like_one(runs):
 def test_full_finetune_of_one_expert_saves_both_layouts(wan_models, runs):
     from diffusers import WanTransformer3DModel
 
-    from utils.saving import ORIGINAL_LAYOUT_FILE
+    from saving.export import ORIGINAL_LAYOUT_FILE
 
     result = runs["full"]
     history = evals(result)
@@ -434,6 +434,6 @@ def test_example_config_loads(wan_models, data, tmp_path):
     config["model"]["diffusers_path"] = str(wan_models / "wan")
     config["model"]["transformer_path"] = str(wan_models / "wan" / ORIGINAL_FILE)
     (tmp_path / "train.toml").write_text(to_toml(config))
-    loaded = load_train_config(tmp_path / "train.toml")
+    loaded = load_train_config(tmp_path / "train.toml", get_model_class)
     assert type(loaded.model) is get_model_class("wan").config_class
     assert [s.frames for s in loaded.samples] == [33] and loaded.samples[0].negative_prompt

@@ -21,7 +21,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.flux_layout import diffusers_to_original  # noqa: E402
+from models.keymaps.flux import FluxKeymap  # noqa: E402
+from models.keymaps.hunyuan_video import HunyuanVideoKeymap  # noqa: E402
+from models.keymaps.ltx_video import LTXVideoKeymap  # noqa: E402
 
 SEED = 0
 
@@ -247,7 +249,7 @@ def make_tiny_flux(out_dir: Path) -> Path:
     )
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (flux1-dev.safetensors layout).
-    original = {k: v.contiguous() for k, v in diffusers_to_original(transformer.state_dict()).items()}
+    original = {k: v.contiguous() for k, v in FluxKeymap.diffusers_to_original(transformer.state_dict()).items()}
     save_file(original, str(target / "flux1-tiny-original.safetensors"))
     return target
 
@@ -256,8 +258,6 @@ def make_tiny_ltx_video(out_dir: Path) -> Path:
     """Write a tiny LTX-Video pipeline to ``out_dir/ltx-video`` (plus an original-layout transformer file)."""
     from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
     from safetensors.torch import save_file
-
-    from models.ltx_layout import diffusers_to_original
 
     target = Path(out_dir) / "ltx-video"
     tokenizer = tiny_t5_tokenizer()
@@ -274,7 +274,7 @@ def make_tiny_ltx_video(out_dir: Path) -> Path:
                        text_encoder=tiny_t5_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (ltx-video-2b-v0.9.safetensors layout).
-    original = diffusers_to_original(transformer.state_dict(), prefix="model.diffusion_model.")
+    original = LTXVideoKeymap.diffusers_to_original(transformer.state_dict(), prefix="model.diffusion_model.")
     save_file({k: v.contiguous() for k, v in original.items()}, str(target / "ltx-video-tiny-original.safetensors"))
     return target
 
@@ -289,8 +289,6 @@ def make_tiny_hunyuan_video(out_dir: Path) -> Path:
     )
     from safetensors.torch import save_file
 
-    from models.hunyuan_layout import diffusers_to_original as hunyuan_to_original
-
     target = Path(out_dir) / "hunyuan-video"
     tokenizer, tokenizer_2 = tiny_llama_tokenizer(), tiny_clip_tokenizer()
     torch.manual_seed(SEED)
@@ -304,7 +302,7 @@ def make_tiny_hunyuan_video(out_dir: Path) -> Path:
     )
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (original HunyuanVideo / ComfyUI layout).
-    original = hunyuan_to_original(transformer.state_dict())
+    original = HunyuanVideoKeymap.diffusers_to_original(transformer.state_dict())
     save_file({k: v.contiguous() for k, v in original.items()}, str(target / "hunyuan-video-tiny-original.safetensors"))
     return target
 
@@ -354,7 +352,7 @@ def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipel
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from safetensors.torch import save_file
 
-    from models.wan_layout import WAN_LAYOUT
+    from models.keymaps.wan import WanKeymap
 
     tokenizer = tiny_t5_tokenizer()
     built = []
@@ -367,7 +365,7 @@ def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipel
     pipe.save_pretrained(target)
     # Stand-ins for the single-file release checkpoints (the Wan-AI / ComfyUI layout).
     for n, transformer in enumerate(built):
-        original = WAN_LAYOUT.diffusers_to_original(transformer.state_dict())
+        original = WanKeymap.diffusers_to_original(transformer.state_dict())
         name = "wan-tiny-original.safetensors" if n == 0 else f"wan-tiny-original_{n + 1}.safetensors"
         save_file({k: v.contiguous() for k, v in original.items()}, str(target / name))
     return target

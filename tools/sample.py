@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from train import report_error  # noqa: E402
-from utils.schema import ConfigError  # noqa: E402
+from utils.errors import ConfigError, UserError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,21 +46,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch.distributed as dist
 
+    from config.train_config import load_train_config
+    from data.cache import DatasetCache
     from models import get_model_class
-    from utils.cache import DatasetCache
-    from utils.config import load_train_config
-    from utils.engine import build_engine, init_distributed, make_topology
-    from utils.sampling import Sampler, sample_prompts
+    from parallel.engine import build_engine
+    from parallel.launch import init_distributed
+    from parallel.stages import make_topology
+    from training.preflight import check_inputs
+    from training.sampling import Sampler, sample_prompts
 
-    config = load_train_config(args.config)
+    config = load_train_config(args.config, get_model_class)
     if not config.samples:
         raise ConfigError(f"{config.file}: has no [sample] table: no prompts to draw")
     s = config.settings
     source = args.adapter or args.checkpoint or args.full_model
     if source is not None and not source.exists():
-        raise FileNotFoundError(f"{source}: not found")
-    rank, world, device = init_distributed()
-    make_topology(world, s.pipeline_stages, config.file)
+        raise UserError(f"{source}: not found")
+    place = init_distributed()
+    make_topology(place.world, s.pipeline_stages, config.file)
+    place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
     if args.adapter is not None:
         if s.adapter is None:
@@ -69,32 +73,32 @@ def main(argv=None) -> int:
     elif args.full_model is not None:
         folder = args.full_model / "transformer"
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--full_model: {args.full_model} holds no transformer/config.json "
-                                    f"(expected a saved model, <run>/models/<name>)")
+            raise UserError(f"--full_model: {args.full_model} holds no transformer/config.json "
+                            f"(expected a saved model, <run>/models/<name>)")
         s.adapter = None  # every weight from the saved model; nothing of it trains here
         config.model.transformer_path = None
         model.transformer_dir = folder.resolve()
     elif s.adapter is not None:
         s.adapter.init_from_existing = None  # --base, or the checkpoint's weights replace it
-    model.check_inputs(config.file, s.adapter)
+    check_inputs(model, config.file, s.adapter)
 
     # The prompts' embeddings, in the training dataset's text cache (encoded only if missing).
     cache = DatasetCache(model, [], sample_prompts(config.samples, model), text_folder=config.dataset.directories[0].path)
-    texts = cache.build(device, s.caching_batch_size, rank, world)
-    engine, _ = build_engine(model, config, rank, world, device, 1, log=print if rank == 0 else (lambda *_: None))
+    texts = cache.build(place, s.caching_batch_size)
+    engine, _ = build_engine(model, config, place, 1, log=print if place.is_main else (lambda *_: None))
     step = 0
     if args.checkpoint is not None:
         path, _ = engine.load_checkpoint(str(args.checkpoint.parent), tag=args.checkpoint.name,
                                          load_module_strict=False, load_optimizer_states=False,
                                          load_lr_scheduler_states=False)
         if path is None:
-            raise FileNotFoundError(f"--checkpoint: DeepSpeed could not load {args.checkpoint}")
+            raise UserError(f"--checkpoint: DeepSpeed could not load {args.checkpoint}")
     if source is not None:
         found = re.search(r"step(\d+)", source.resolve().name)
         step = int(found.group(1)) if found else 0
     out = args.out or (config.output_dir / "base_samples" if args.base else
                        (source.parent if source.is_file() else source) / "samples")
-    ok = Sampler(model, engine, config.samples, texts, out, rank, device).run(step)
+    ok = Sampler(model, engine, config.samples, texts, out, place).run(step)
     dist.destroy_process_group()
     return 0 if ok else 1
 

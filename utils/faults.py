@@ -14,20 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
+from utils.errors import DiskFullError
+
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DISK_FULL_TEXTS = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
 # Below this much space a failed write is taken to be the full disk, whatever the error says.
 _NEARLY_FULL_BYTES = 1 << 20
-
-
-class DiskFullError(OSError):
-    """A write failed for lack of disk space; the message says what was kept and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
-
-    def __str__(self) -> str:
-        return self.strerror
 
 
 def free_bytes(path: Path) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import torch
@@ -14,8 +15,6 @@ def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated accelerator memory since the last reset; host RSS peak on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -23,7 +22,7 @@ def start_wandb(monitoring, run_dir: Path):
     """A Weights & Biases run for `monitoring` ([monitoring] of the config), its files in
     <run>/wandb/. The API key goes to wandb in memory only (wandb.Settings), never into a file
     this trainer writes; without one, wandb uses `wandb login` or WANDB_API_KEY."""
-    import wandb
+    import wandb  # optional: only runs that turn Weights & Biases on need it
 
     settings = wandb.Settings(api_key=monitoring.wandb_api_key) if monitoring.wandb_api_key else None
     return wandb.init(project=monitoring.wandb_tracker_name or None, name=monitoring.wandb_run_name or run_dir.name,

@@ -1,0 +1,167 @@
+"""The DeepSpeed pipeline engine: the local stage planned and loaded (parallel/stages.py), the
+memory plan and levers applied, the optimizer built, then PipelineModule and deepspeed.initialize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import deepspeed
+import torch
+from deepspeed.runtime.pipe.module import PipelineModule
+from torch.utils.checkpoint import checkpoint
+
+from config.train_config import TrainConfig, pipeline_summary
+from memory.block_swap import attach_block_swap
+from memory.checkpointing import checkpointing_args
+from memory.estimate import describe, estimate
+from memory.plan import device_budget, plan_memory
+from parallel.stages import (describe_partition, describe_targets, load_stage, make_topology, partition, plan_stages,
+                             resolve_partition_method)
+from training.objective import loss
+from training.optimizers import build_optimizer, build_scheduler, lora_plus_groups
+from utils.dist import Distributed
+from utils.errors import ConfigError
+
+
+def build_engine(model, config: TrainConfig, place: Distributed, total_steps: int, log=print,
+                 tokens: int | None = None):
+    """Build the local stage, the optimizer and the DeepSpeed pipeline engine.
+
+    Without an [adapter] table the whole transformer trains (full fine-tuning): the local
+    stage's weights in `config.trained_dtype`, all of them in the optimizer. `tokens`, the most
+    tokens one training sample gives, sizes the activations in the printed memory estimate.
+    """
+    s = config.settings
+    full = config.full_finetune
+    topology = make_topology(place.world, s.pipeline_stages, config.file)
+    transformer, layers, parts = plan_stages(model, config)
+    if full:
+        # DeepSpeed averages gradients over replicas and checkpoints only the parameters of the
+        # layer modules: a weight a layer reaches some other way would silently not train.
+        owned = {id(p) for layer in layers for p in layer.parameters()}
+        outside = [n for n, p in transformer.named_parameters() if id(p) not in owned]
+        if outside:
+            raise ConfigError(f"{config.file}: full fine-tuning (no [adapter] table) is not available for model "
+                              f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
+                              f"layers; train a LoRA instead")
+    stage = topology.get_coord(place.rank).pipe
+    method = resolve_partition_method(s.partition_method, layers, full)
+    # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
+    plan = plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                       device_budget(config, place), lambda stages: partition(layers, stages, method))
+    if place.is_main:
+        if s.pipeline_stages > 1:
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
+        log(describe_partition(layers, parts))
+        log(plan)
+        if not full:
+            log(describe_targets(transformer))
+        sample_tokens = max((model.tokens_per_sample(r.width, r.height, r.frames) or 0 for r in config.samples),
+                            default=0) or None
+        estimates = estimate(model, layers, parts, config, tokens, model.hidden_size(transformer),
+                             sample_tokens=sample_tokens)
+        device = place.device
+        device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        log(describe(estimates, config, tokens, device_total))
+        if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:
+            log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
+                "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
+                "or full_finetune_dtype = 'float32'")
+    load_stage(model, config, transformer, layers, parts, stage, place.device)
+    attach_block_swap(model, config, transformer, layers, place.device)
+    if s.compile:
+        compile_layers(layers[parts[stage]:parts[stage + 1]])
+
+    pipe = PipelineModule(
+        layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
+        partition_method=method,
+        **checkpointing_args(s.activation_checkpointing, model),
+        # non-reentrant checkpointing: several tensors flow between layers, some without grad
+        activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
+        dynamic_shape=True)  # buckets give micro-batches of different shapes
+    if list(pipe.parts) != list(parts):
+        raise RuntimeError(f"pipeline partition mismatch: DeepSpeed {pipe.parts}, ours {parts}")
+
+    trainable = [p for p in pipe.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in transformer.named_parameters()}
+    if not full:
+        trainable = lora_plus_groups(trainable, names, s.optimizer.lr, s.adapter.lora_plus_ratio)
+    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
+                                param_names=names, seed=s.seed, low_memory=full)
+    scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
+    engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
+    return engine, transformer
+
+
+def compile_probe(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when a tiny compiled layer (linear, layer norm, GELU) runs forward and backward on
+    `device` and matches eager to `dtype`'s round-off; otherwise the reason, in one line."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, generator=generator).to(device, dtype)
+    x = torch.randn(8, 64, generator=generator).to(device, dtype)
+
+    def layer(x):
+        return torch.nn.functional.gelu(torch.nn.functional.layer_norm(x @ weight, (64,)))
+
+    try:
+        results = []
+        for fn in (layer, torch.compile(layer)):
+            leaf = x.clone().requires_grad_(True)
+            out = fn(leaf)
+            out.float().square().sum().backward()
+            results += [out.float(), leaf.grad.float()]
+    # The compiler stack fails in many ways (a missing Triton or C++ compiler, a GPU or driver
+    # Triton does not support, a backend bug), each its own exception type: any of them means eager.
+    except Exception as e:  # noqa: BLE001
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for eager, compiled in ((results[0], results[2]), (results[1], results[3])):
+        if not torch.allclose(eager, compiled, atol=tolerance, rtol=tolerance):
+            return f"compiled and eager results differ by {(eager - compiled).abs().max().item():.3g}"
+    return None
+
+
+def resolve_compile(config: TrainConfig, place: Distributed, dtype: torch.dtype, log=print) -> TrainConfig:
+    """`config` with `compile` decided: as set, or (not set) on for a CUDA GPU whose compile probe
+    passes, with one line saying which and why; off on CPU, where compiling costs more than it saves."""
+    s = config.settings
+    if s.compile is not None:
+        return config
+    failure = compile_probe(place.device, dtype) if place.device.type == "cuda" else "no CUDA GPU"
+    if failure and place.device.type == "cuda":
+        log(f"compile: off on rank {place.rank}, its probe failed ({failure}); set compile = false to skip the "
+            f"probe, or compile = true to compile anyway")
+    elif not failure and place.is_main:
+        log("compile: on (the default on a CUDA GPU; compile = false turns it off)")
+    return dataclasses.replace(config, settings=dataclasses.replace(s, compile=failure is None))
+
+
+def compile_layers(layers) -> None:
+    """`compile = true`: every given layer runs its `run` through torch.compile."""
+    # DeepSpeed's pipeline engine runs one backward per stage output, with retain_graph for all
+    # but the last; compiled graphs that donate their saved buffers to the backward refuse that.
+    # A process-wide torch setting, read when each backward runs.
+    torch._functorch.config.donated_buffer = False
+    for layer in layers:
+        layer.compile_run()
+
+
+def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int):
+    """DeepSpeed's pipeline engine around `pipe`, configured the one way we use it."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        # DeepSpeed clips by default (1.0) and throws the norm away; our optimizer wrapper
+        # clips once and records the norm.
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,  # we print our own progress
+        "wall_clock_breakdown": False,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if engine.grid.get_data_parallel_world_size() == 1:
+        # One replica: nothing to average, so skip the engine's flatten/all-reduce/unflatten
+        # of every gradient each step (the attribute DeepSpeed exposes for this).
+        engine.pipeline_enable_backward_allreduce = False
+    return engine

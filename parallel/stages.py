@@ -1,0 +1,175 @@
+"""The pipeline split: the topology, the partition of the layer list (computed exactly as
+DeepSpeed's PipelineModule will compute it), and the local stage's weights.
+
+The transformer is built on the meta device and only the local stage's layers get real
+weights, so host memory does not grow with the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+from config.train_config import TrainConfig
+from memory.block_swap import block_layer_indices, swapped_layer_indices
+from memory.float8 import quantize_lora_base_layers
+from training.lora import add_lora, init_lora, load_lora_into
+from training.weights import load_weights, make_trainable
+from utils.dtypes import DTYPES
+from utils.errors import ConfigError
+
+
+def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallelTopology:
+    if world_size % stages != 0:
+        raise ConfigError(f"{config_file}: 'pipeline_stages' = {stages} does not divide the number of GPUs "
+                          f"({world_size}); use a GPU count that is a multiple of it")
+    return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
+
+
+def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
+    """`partition_method` as DeepSpeed's PipelineModule takes it.
+
+    "blocks" puts the same number of transformer blocks on every stage (the input and output
+    layers count as nothing). Not the default: it trained slower than "parameters"
+    (docs/benchmarks.md).
+    """
+    if method == "blocks":
+        names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
+        return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"
+    return method
+
+
+def partition(layers, stages: int, method: str) -> list[int]:
+    """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
+    if method == "uniform":
+        return ds_utils.partition_uniform(num_items=len(layers), num_parts=stages)
+    if method == "parameters":
+        weights = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    else:
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [1 if pattern.search(layer.__class__.__name__) else 0 for layer in layers]
+    return ds_utils.partition_balanced(weights=weights, num_parts=stages)
+
+
+def describe_partition(layers, parts: list[int]) -> str:
+    """Which layers each stage holds, with parameter counts (the memory estimate follows it; the
+    parameters are still on the meta device here, in no meaningful dtype)."""
+    lines = []
+    for stage in range(len(parts) - 1):
+        chunk = layers[parts[stage]:parts[stage + 1]]
+        params = [p for layer in chunk for p in layer.parameters()]
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        names = [f"{parts[stage] + i}:{layer.__class__.__name__}({', '.join(layer.module_names)})"
+                 for i, layer in enumerate(chunk)]
+        if len(names) > 6:
+            names = names[:3] + ["..."] + names[-2:]
+        lines.append(f"stage {stage}: layers {parts[stage]}-{parts[stage + 1] - 1}, {total / 1e6:.2f}M params "
+                     f"({trainable / 1e6:.3f}M trainable): {' '.join(names)}")
+    return "\n".join(lines)
+
+
+def describe_targets(transformer) -> str:
+    """The modules that carry an adapter, compactly: names that differ only in their first block
+    index share a line, "transformer_blocks.{0-18}: attn.to_q, attn.to_k, ...", per set of names."""
+    names = [n for n, m in transformer.named_modules() if hasattr(m, "lora_A")]
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    per_block: dict[tuple[str, int], list[str]] = {}
+    alone = []
+    for name in names:
+        match = re.match(r"^(.*?)\.(\d+)\.(.+)$", name)
+        if match:
+            per_block.setdefault((match.group(1), int(match.group(2))), []).append(match.group(3))
+        else:
+            alone.append(name)
+    for (stem, index), rests in per_block.items():
+        groups.setdefault((stem, tuple(rests)), []).append(index)
+    lines = [f"adapter on {len(names)} modules:"]
+    for (stem, rests), indices in groups.items():
+        lines.append(f"  {stem}.{{{_ranges(indices)}}}: {', '.join(rests)}")
+    if alone:
+        lines.append(f"  {', '.join(alone)}")
+    return "\n".join(lines)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    parts, start = [], None
+    numbers = sorted(numbers)
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ",".join(parts)
+
+
+def plan_stages(model, config: TrainConfig):
+    """The transformer on the meta device, set up for LoRA or full fine-tuning, as pipeline layers
+    and their stage boundaries: (transformer, layers, parts)."""
+    transformer = model.build_empty_transformer()
+    if config.full_finetune:
+        # Before partitioning: "parameters" balances the trainable parameters, here all of them.
+        transformer.requires_grad_(True)
+    else:
+        add_lora(model, transformer, config.settings.adapter)
+    layers = model.pipeline_layers(transformer)
+    method = resolve_partition_method(config.settings.partition_method, layers, config.full_finetune)
+    names = list(dict.fromkeys(layer.__class__.__name__ for layer in layers))
+    if method.startswith("type:") and not any(re.search(method[5:], n, re.IGNORECASE) for n in names):
+        # DeepSpeed would refuse it too, but only once the weights are loaded.
+        raise ConfigError(f"{config.file}: 'partition_method' = '{method}' matches none of the {model.name} "
+                          f"layer classes ({', '.join(names)})")
+    return transformer, layers, partition(layers, config.settings.pipeline_stages, method)
+
+
+def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int], stage: int,
+               device: torch.device) -> None:
+    """Materialise pipeline stage `stage`: its base weights, then its LoRA or, with full
+    fine-tuning, the base weights made trainable in the trained dtype. Layers then register the
+    loaded objects of the transformer's own parameters they hold (`bind_root_parameters`)."""
+    s = config.settings
+    local_names = [n for layer in layers[parts[stage]:parts[stage + 1]] for n in layer.module_names]
+    # blocks_to_swap: the swapped blocks' base weights go to CPU memory straight from disk, so the
+    # device never holds all of them (BlockSwap takes them from there).
+    swapped = {n for i in swapped_layer_indices(layers, s.blocks_to_swap, config.file) for n in layers[i].module_names}
+    load_weights(model, transformer, [n for n in local_names if n not in swapped], device)
+    if swapped:
+        load_weights(model, transformer, [n for n in local_names if n in swapped], torch.device("cpu"))
+    if config.full_finetune:
+        make_trainable(transformer, DTYPES[config.trained_dtype])
+    else:
+        init_lora(transformer, local_names, s.adapter, device, s.seed)
+        if s.adapter.init_from_existing:
+            load_lora_into(model, transformer, Path(s.adapter.init_from_existing), s.adapter)
+        if config.model.transformer_dtype == "float8":
+            blocks = set(block_layer_indices(layers))
+            block_modules = [transformer.get_submodule(n) for i in range(parts[stage], parts[stage + 1])
+                             if i in blocks for n in layers[i].module_names]
+            quantize_lora_base_layers(block_modules, model.dtype, config.model.float8_matmul)
+    if s.attention_backend is not None:
+        apply_attention_backend(transformer, s.attention_backend, device, model.dtype, config.file)
+    for layer in layers:
+        layer.bind_root_parameters(transformer)
+
+
+def apply_attention_backend(transformer, name: str, device: torch.device, dtype: torch.dtype, config_file) -> None:
+    """Run the transformer's attention through the diffusers backend `name`, after one tiny
+    attention call through it on `device`: a backend that cannot run here (its package missing,
+    a GPU kernel on the CPU, a dtype it does not take) is a config error naming the key, not a
+    traceback at the first step."""
+    try:
+        transformer.set_attention_backend(name)
+        # (batch, tokens, heads, head dim), as the models' attention processors call it
+        probe = torch.randn(1, 128, 2, 64, device=device, dtype=dtype)
+        dispatch_attention_fn(probe, probe, probe, backend=AttentionBackendName(name))
+    except (RuntimeError, ImportError, ValueError, TypeError) as e:
+        transformer.set_attention_backend("native")  # diffusers also keeps the choice process-wide
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{config_file}: 'attention_backend' = '{name}' cannot run on this {device.type} device "
+                          f"with {str(dtype).removeprefix('torch.')}: {reason}") from None

@@ -1,0 +1,72 @@
+"""An exponential moving average (EMA) of the trained weights, kept beside them.
+
+Each process averages the trained weights it holds (its pipeline stage's LoRA, or its stage's
+weights with full fine-tuning), in float32, on the GPU or in CPU memory. After every
+`update_every`-th optimizer step: ema <- decay * ema + (1 - decay) * weight (Polyak and Juditsky,
+"Acceleration of Stochastic Approximation by Averaging", SIAM J. Control Optim. 1992, in its
+exponential form; diffusers' `training_utils.EMAModel.step` without its decay warm-up). Replicas
+hold the same weights, so their averages agree without communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class EMA:
+    """The average of `params` ({name: trained parameter}); `device` None keeps it beside them."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, update_every: int,
+                 device: torch.device | None = None):
+        self.params = params
+        self.decay, self.update_every = decay, update_every
+        self.average = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in params.items()}
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start the average again from the weights as they are now."""
+        for n, t in self.average.items():
+            t.copy_(self.params[n].detach())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold the weights in after optimizer step `step` (counted from 1) when it is due."""
+        if step % self.update_every:
+            return
+        names = list(self.params)
+        averages = [self.average[n] for n in names]
+        weights = [self.params[n].detach().to(averages[i].device, torch.float32) for i, n in enumerate(names)]
+        # average + (weight - average) * (1 - decay), one multi-tensor kernel per device
+        torch._foreach_lerp_(averages, weights, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self):
+        """Inside the block the parameters hold the averaged weights (in their own dtype); after
+        it, their trained values again, bit for bit."""
+        kept = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            for n, p in self.params.items():
+                p.copy_(self.average[n])
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.copy_(kept[n])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.average.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.average) - set(state))
+        if missing:
+            raise ValueError(f"the EMA state lacks {len(missing)} weights, e.g. {missing[:2]}")
+        for n, t in self.average.items():
+            t.copy_(state[n])
+
+
+def ema_for(transformer: torch.nn.Module, config) -> EMA:
+    """The EMA an [ema] table (config/train_config.EmaConfig) asks for, of this process's trained weights."""
+    trained = {n: p for n, p in transformer.named_parameters() if p.requires_grad and not p.is_meta}
+    return EMA(trained, config.decay, config.update_every, torch.device("cpu") if config.device == "cpu" else None)

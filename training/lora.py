@@ -1,0 +1,391 @@
+"""LoRA for every model: injected into the modules the adapter targets, initialised the same for
+any pipeline split, saved as diffusers' file plus the recipe's extra formats, and started from an
+existing file (`init_from_existing`) of any layout users hold.
+
+Files read: this trainer's pytorch_lora_weights.safetensors ("transformer." + diffusers names) and
+lora_comfyui.safetensors (original names, fused modules with block-diagonal B); diffusion-pipe's
+saves (a folder holding adapter_model.safetensors: "diffusion_model." + the names of the model it
+trains, diffusers names for FLUX.1 and LTX-Video, original names for HunyuanVideo, whose fused
+modules share one A); and kohya-style files ("lora_unet_" + the original name with "_" for ".",
+lora_down / lora_up, with an .alpha each). Each comes out as (A, B) per diffusers module with the
+file's whole scale in B: B @ A is the weight change the file applies. A fused original module (q,
+k and v in one) becomes one LoRA per part: B's rows of that part, with the A rows its nonzero
+columns use, so each part's change is exactly the file's and no part gets more than the rank the
+file gave it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+import torch
+from accelerate import init_empty_weights
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from config.train_config import AdapterConfig
+from models.base import ModelRecipe
+from models.pipeline_layers import named_weights
+from training.weights import open_safetensors, set_parameter
+from utils.dtypes import DTYPES
+from utils.errors import ConfigError
+from utils.seeding import generator_for
+
+
+def add_lora(recipe: ModelRecipe, transformer: nn.Module, adapter: AdapterConfig) -> None:
+    """Inject LoRA layers (on the meta device until their layer is materialised) into the
+    modules `lora_targets` names."""
+    targets = adapter.target_modules or recipe.default_lora_targets
+    if adapter.target_include or adapter.target_exclude:
+        # Whole names, as one regex: a list entry would also match every name ending in it.
+        names = lora_targets(recipe, transformer, adapter)
+        targets = "|".join(re.escape(n) for n in names)
+    lora_config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                             target_modules=targets, init_lora_weights=True, use_dora=adapter.use_dora)
+    try:
+        with init_empty_weights(include_buffers=False):
+            transformer.add_adapter(lora_config)
+    except ValueError as e:
+        raise ConfigError(f"adapter.target_modules: {e}") from None
+
+
+def lora_targets(recipe: ModelRecipe, transformer: nn.Module, adapter: AdapterConfig) -> list[str]:
+    """The names of the modules that get a LoRA, in the transformer's order: those
+    target_modules (or the model's default) names as peft matches them, plus the linear
+    modules a target_include regex finds anywhere in their name, less those a target_exclude
+    regex finds. A pattern that finds nothing is a ConfigError naming it."""
+    base = LoraConfig(target_modules=adapter.target_modules or recipe.default_lora_targets)
+    modules = [(n, m) for n, m in transformer.named_modules() if n]
+    chosen = {n for n, _ in modules if check_target_module_exists(base, n)}
+    linear = [n for n, m in modules if isinstance(m, nn.Linear)]
+    for i, pattern in enumerate(adapter.target_include):
+        found = [n for n in linear if re.search(pattern, n)]
+        if not found:
+            raise ConfigError(f"adapter.target_include[{i}]: {pattern!r} matches no linear module of the "
+                              f"{recipe.name} transformer (names look like {name_examples(linear, 3)})")
+        chosen.update(found)
+    for i, pattern in enumerate(adapter.target_exclude):
+        found = [n for n in chosen if re.search(pattern, n)]
+        if not found:
+            raise ConfigError(f"adapter.target_exclude[{i}]: {pattern!r} matches none of the {len(chosen)} "
+                              f"targeted modules (names look like {name_examples(sorted(chosen), 3)})")
+        chosen.difference_update(found)
+    if not chosen:
+        raise ConfigError("adapter.target_exclude: leaves no module to train")
+    return [n for n, _ in modules if n in chosen]
+
+
+def init_lora(transformer: nn.Module, module_names: list[str], adapter: AdapterConfig,
+              device: torch.device, seed: int) -> None:
+    """Materialise the LoRA weights of the named submodules: A seeded per module, B zero;
+    with DoRA, each magnitude the norm of its base weight's rows (the base weights of these
+    modules are loaded already), so that the adapted layer starts as the base layer.
+
+    Seeding by module name makes the initial adapter identical for any pipeline split.
+    """
+    for name, param in named_weights(transformer, module_names):
+        if "lora_A" in name:
+            weight = torch.empty(param.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator_for(seed, "lora", name))
+        elif "lora_B" in name:
+            weight = torch.zeros(param.shape, dtype=torch.float32)
+        elif "lora_magnitude_vector" in name:
+            # DoRA (Liu et al., arXiv:2402.09353, eq. 5): m = ||W0||_c, one norm per output row
+            # of the base weight, as peft's DoraLinearLayer.update_layer sets it.
+            base = transformer.get_submodule(name.split(".lora_magnitude_vector.")[0]).base_layer.weight
+            weight = torch.linalg.vector_norm(base.detach().float(), dim=1).cpu()
+        else:
+            continue
+        set_parameter(transformer, name, weight.to(device=device, dtype=DTYPES[adapter.dtype]), trainable=True)
+
+
+def load_lora_into(recipe: ModelRecipe, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> None:
+    """Start from an existing LoRA for `init_from_existing` (any layout `read_lora_file` reads):
+    the materialised (this stage's) LoRA weights take the file's."""
+    loaded = read_lora_file(recipe, transformer, path, adapter)
+    magnitudes = read_dora_magnitudes(lora_file_in(path))
+    if magnitudes and not adapter.use_dora:
+        raise ConfigError(f"adapter.init_from_existing: {path} is a DoRA adapter (it has magnitudes): "
+                          f"set adapter.use_dora = true")
+    for module, (a, b) in loaded.items():
+        values = [(f"{module}.lora_A.default.weight", a), (f"{module}.lora_B.default.weight", b)]
+        if module in magnitudes:
+            values.append((f"{module}.lora_magnitude_vector.default.weight", magnitudes[module]))
+        for name, value in values:
+            param = transformer.get_parameter(name)
+            if param.is_meta:
+                continue
+            with torch.no_grad():
+                param.copy_(value)
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
+    return {_lora_file_name(n): p.detach().cpu() for n, p in transformer.named_parameters()
+            if "lora_" in n and not p.is_meta}
+
+
+def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
+              dtype: torch.dtype) -> list[Path]:
+    """Write the adapter in diffusers format plus the model's extra formats.
+
+    The alpha/rank scale is multiplied into lora_B, so every loader, with or without an
+    alpha field, applies the adapter exactly as trained.
+    """
+    scale = adapter.alpha / adapter.rank
+    scaled = {k: (v.float() * scale if ".lora_B." in k else v.float()).to(dtype).contiguous()
+              for k, v in sorted(lora.items())}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
+    save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
+              metadata={"format": "pt", "trainer_model_type": recipe.name})
+    written = [diffusers_file]
+    if adapter.use_dora:
+        return written  # the original layout has no DoRA magnitudes (examples/flux.toml)
+    for filename, tensors in recipe.extra_lora_formats(scaled).items():
+        # kohya's alpha scalars stay float32: exact at any rank.
+        save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
+                  out_dir / filename, metadata={"format": "pt"})
+        written.append(out_dir / filename)
+    return written
+
+
+def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, tuple]:
+    """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
+    adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
+    applies exactly the file's weight change. Any layout this module reads (see the top)."""
+    file = lora_file_in(path)
+    if not file.is_file():
+        raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
+    with open_safetensors(file, "adapter.init_from_existing") as st:
+        model_type = (st.metadata() or {}).get("trainer_model_type")
+    if model_type is not None and model_type != recipe.name:
+        raise ConfigError(f"adapter.init_from_existing: {file} is a LoRA for model type '{model_type}' "
+                          f"(its metadata says so), but model.type = '{recipe.name}'")
+    linears = {n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+    if recipe.keymap is None:
+        found = read_lora_as_diffusers(file, linears, None, {})
+    else:
+        table, dims = recipe.keymap.original_modules(recipe.transformer_config())
+        found = read_lora_as_diffusers(file, linears, table, dims, recipe.keymap.renamed_module)
+    ours = {n.removesuffix(".lora_A.default.weight"): p for n, p in transformer.named_parameters()
+            if n.endswith(".lora_A.default.weight")}
+    # A part of a fused module without a LoRA comes out of the file with rank 0.
+    extra = sorted(m for m in set(found) - set(ours) if found[m][0].shape[0])
+    missing = sorted(set(ours) - set(found))
+    if extra or missing:
+        wanted = sorted(m for m in found if found[m][0].shape[0])
+        raise ConfigError(f"adapter.init_from_existing: {file} is not a LoRA of this {recipe.name} adapter's "
+                          f"target_modules: {len(missing)} of its {len(ours)} modules missing (e.g. "
+                          f"{name_examples(missing, 1) or 'none'}), {len(extra)} more in the file (e.g. "
+                          f"{name_examples(extra, 1) or 'none'}); for the file's modules write adapter.target_modules "
+                          f"= '{suggested_targets(wanted)}'")
+    ranks = {m: found[m][0].shape[0] for m in ours}
+    too_high = {m: r for m, r in ranks.items() if r > adapter.rank}
+    if too_high:
+        m = sorted(too_high)[0]
+        raise ConfigError(f"adapter.init_from_existing: {file} has rank {max(too_high.values())} LoRAs (e.g. {m}), "
+                          f"adapter.rank = {adapter.rank}: set adapter.rank = {max(too_high.values())}")
+    scale = adapter.alpha / adapter.rank
+    out = {}
+    for m, (a, b) in found.items():
+        if m not in ours:
+            continue
+        pad = adapter.rank - a.shape[0]
+        if pad:
+            # Fewer directions in the file than the rank: fresh A rows with zero B columns add
+            # nothing to the weight change and train like a new LoRA's.
+            fresh = torch.empty(pad, a.shape[1])
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator_for("lora pad", m))
+            a, b = torch.cat([a, fresh]), torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        out[m] = (a, b / scale)
+    return out
+
+
+def _lora_file_name(param_name: str) -> str:
+    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
+    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it.
+    name = param_name.replace(".default.", ".")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
+
+
+def name_examples(names: list[str], n: int = 2) -> str:
+    """The first `n` names, quoted, for an error message ("..." when there are more)."""
+    return ", ".join(repr(x) for x in names[:n]) + (", ..." if len(names) > n else "")
+
+
+# --- LoRA files of other layouts ---------------------------------------------------------------
+# Files a folder may hold, in the order they are looked for.
+LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "lora_comfyui.safetensors")
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B",
+             ".alpha": "alpha"}
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+
+LoRAs = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def lora_file_in(path: Path) -> Path:
+    """The LoRA file `init_from_existing` names: the file itself, or the first of LORA_FILE_NAMES
+    in a folder (a run's adapters/<step>/, or a diffusion-pipe epoch folder)."""
+    if not path.is_dir():
+        return path
+    for name in LORA_FILE_NAMES:
+        if (path / name).is_file():
+            return path / name
+    raise ConfigError(f"adapter.init_from_existing: {path} holds none of {', '.join(LORA_FILE_NAMES)}")
+
+
+def read_lora_modules(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The LoRA of each module named in a file: {module name: {"A", "B"[, "alpha"]}}, prefixes
+    stripped (kohya names keep their "lora_unet_" form), and the keys that are no LoRA weight."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, value in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            other.append(key)
+            continue
+        name = key[: -len(suffix)]
+        for prefix in _PREFIXES:
+            name = name.removeprefix(prefix)
+        modules.setdefault(name, {})[_SUFFIXES[suffix]] = value
+    return modules, other
+
+
+DORA_MAGNITUDE = ".lora_magnitude_vector"
+
+
+def read_dora_magnitudes(file: Path) -> dict[str, torch.Tensor]:
+    """The DoRA magnitudes in a diffusers/peft LoRA file, {module name: magnitude}, prefixes
+    stripped; empty for a plain LoRA."""
+    out = {}
+    with safe_open(str(file), "pt") as st:
+        for key in st.keys():
+            name = key.removesuffix(".weight")
+            if name.endswith(DORA_MAGNITUDE):
+                name = name[: -len(DORA_MAGNITUDE)]
+                for prefix in _PREFIXES:
+                    name = name.removeprefix(prefix)
+                out[name] = st.get_tensor(key).float()
+    return out
+
+
+def with_scale_in_b(parts: dict[str, torch.Tensor], file: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in float32 with a kohya .alpha (alpha / rank) multiplied into B."""
+    if "A" not in parts or "B" not in parts:
+        raise ConfigError(f"adapter.init_from_existing: {file} has lora_A without lora_B (or the other way) for {name}")
+    a, b = parts["A"].float(), parts["B"].float()
+    if "alpha" in parts:
+        b = b * (float(parts["alpha"]) / a.shape[0])
+    return a, b
+
+
+def _part_lora(a: torch.Tensor, b_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part of a fused LoRA: its B rows with the A rows of its nonzero columns (rank 0 when
+    they are all zero: a part without a LoRA, or one whose B is still zero)."""
+    used = b_rows.abs().sum(dim=0) != 0
+    return a[used].contiguous(), b_rows[:, used].contiguous()
+
+
+def original_to_diffusers_loras(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], table,
+                                dims: Mapping[str, int]) -> tuple[LoRAs, list[str]]:
+    """LoRAs on original modules (`table`: a models/keymaps/keymap.TableKeymap) as LoRAs on
+    diffusers modules, and the names the table does not know."""
+    out: LoRAs = {}
+    unknown = []
+    for name, (a, b) in modules.items():
+        entry = table.by_original.get(name)
+        if entry is None:
+            unknown.append(name)
+            continue
+        if entry.swap_halves:
+            first, second = b.chunk(2, dim=0)
+            b = torch.cat([second, first], dim=0)
+        if not entry.fused:
+            out[entry.diffusers[0]] = (a, b)
+            continue
+        sizes = [dims[d] for d in entry.part_dims]
+        if sum(sizes) != b.shape[0]:
+            raise ConfigError(f"adapter.init_from_existing: the LoRA on {name} has {b.shape[0]} output rows; this "
+                              f"model's {name} has {sum(sizes)} (a LoRA of another model size?)")
+        for part, rows in zip(entry.diffusers, torch.split(b, sizes, dim=0)):
+            out[part] = _part_lora(a, rows)
+    return out, unknown
+
+
+def kohya_to_original(modules: dict[str, dict], original_names) -> tuple[dict[str, dict], list[str]]:
+    """kohya names ("lora_unet_double_blocks_0_img_attn_qkv") as original module names."""
+    by_flat = {n.replace(".", "_"): n for n in original_names}
+    out, unknown = {}, []
+    for name, parts in modules.items():
+        if not name.startswith(_KOHYA_PREFIXES):
+            out[name] = parts
+            continue
+        flat = name.removeprefix("lora_unet_").removeprefix("lora_transformer_")
+        if flat in by_flat:
+            out[by_flat[flat]] = parts
+        else:
+            unknown.append(name)
+    return out, unknown
+
+
+def read_lora_as_diffusers(file: Path, diffusers_modules, table,
+                           dims: Mapping[str, int],
+                           rename_original: Optional[Callable[[str], Optional[str]]] = None) -> LoRAs:
+    """Every LoRA in `file` on a diffusers module of this transformer (`diffusers_modules`: the
+    names of its linear modules), with the file's scale in B. `table` (a keymap's TableKeymap)
+    maps original names, or `rename_original` does (a model whose layouts differ only by names)."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError
+        raise ConfigError(f"adapter.init_from_existing: {file} is not a readable .safetensors file ({e})") from None
+    modules, other = read_lora_modules(tensors)
+    other = [k for k in other if not k.removesuffix(".weight").endswith(DORA_MAGNITUDE)]
+    if other:
+        raise ConfigError(f"adapter.init_from_existing: {file} holds {len(other)} tensors that are no LoRA weight "
+                          f"(e.g. {other[0]!r}): is it a LoRA file?")
+    diffusers_modules = set(diffusers_modules)
+    originals = list(table.by_original) if table is not None else []
+    modules, unknown = kohya_to_original(modules, originals)
+    loras: LoRAs = {}
+    original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, parts in modules.items():
+        lora = with_scale_in_b(parts, file, name)
+        if name in diffusers_modules:
+            loras[name] = lora
+        elif rename_original is not None and rename_original(name) in diffusers_modules:
+            loras[rename_original(name)] = lora
+        else:
+            original[name] = lora
+    if table is not None:
+        converted, not_original = original_to_diffusers_loras(original, table, dims)
+        loras.update(converted)
+        unknown += not_original
+    else:
+        unknown += list(original)
+    if unknown:
+        raise ConfigError(f"adapter.init_from_existing: {file} has LoRAs on {len(unknown)} modules this transformer "
+                          f"does not have (e.g. {sorted(unknown)[0]!r}): a LoRA of another model?")
+    return loras
+
+
+def suggested_targets(modules) -> str:
+    """A target_modules regex for exactly these diffusers modules' kinds, for an error message."""
+    stems, tails = set(), set()
+    for name in modules:
+        match = re.match(r"^(.*?)\.\d+\.(.*)$", name)
+        if match:
+            stems.add(re.escape(match.group(1)))
+            tails.add(re.escape(match.group(2)))
+        else:
+            stems.add(re.escape(name))
+    if not tails:
+        return "(" + "|".join(sorted(stems)) + ")"
+    return f"({'|'.join(sorted(stems))})\\.\\d+\\.({'|'.join(sorted(tails))})"
