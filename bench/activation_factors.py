@@ -12,7 +12,7 @@ the bytes of its last layer (in a LoRA run the first block keeps less: its input
 gradient) / (tokens x hidden size x 2), where tokens are what `model.tokens_per_sample` counts.
 `--estimate` prints the memory estimate (memory/estimate.py) of the GPU runs measured so far beside
 their measured peaks. Usage:
-  python bench/activation_factors.py [--models flux ltx-video hunyuan-video wan] [--heads 8] [--full]
+  python bench/activation_factors.py [--models flux flux2 ltx-video hunyuan-video wan] [--heads 8] [--full]
   python bench/activation_factors.py --estimate
 """
 
@@ -39,13 +39,17 @@ RELEASED = {
                  axes_dims_rope=(16, 56, 56)),
     "ltx-video": dict(num_layers=28),
     "hunyuan-video": dict(num_layers=20, num_single_layers=40),
+    "flux2": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
+                  num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
+                  axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True),
     "wan": dict(num_layers=40),  # diffusers' defaults: Wan 2.1 T2V 14B
 }
 # (width, height, frames) the GPU runs of docs/benchmarks.md trained at, and their text lengths.
 SHAPES = {"flux": (1024, 1024, 1), "ltx-video": (768, 512, 49), "hunyuan-video": (512, 512, 33),
+          "flux2": (1024, 1024, 1),
           # Wan: 17 of the 81 frames (7800 tokens, about HunyuanVideo's): the factor is per token.
           "wan": (832, 480, 17)}
-TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256, "wan": 512}
+TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256, "flux2": 512, "wan": 512}
 
 
 def transformer_config(name: str, heads: int | None = None, blocks: int | tuple[int, int] | None = None) -> dict:
@@ -88,6 +92,9 @@ def example_inputs(model, width: int, height: int, frames: int, text_tokens: int
         latents = torch.randn(1, 16, height // 8, width // 8, generator=g, **bf16)
         text = {"text": torch.randn(1, text_tokens, 4096, generator=g, **bf16),
                 "pooled": torch.randn(1, 768, generator=g, **bf16)}
+    elif model.name == "flux2":  # patchified latents (128 channels at 1/16), 3 x 5120 text features
+        latents = torch.randn(1, 128, height // 16, width // 16, generator=g, **bf16)
+        text = {"text": torch.randn(1, text_tokens, 15360, generator=g, **bf16)}
     else:
         spatial, temporal, channels = (32, 8, 128) if model.name == "ltx-video" else (8, 4, 16)
         latents = torch.randn(1, channels, (frames - 1) // temporal + 1, height // spatial, width // spatial,

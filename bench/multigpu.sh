@@ -4,11 +4,13 @@
 # activation checkpointing, 8 samples a step; the median s/step of steps 3.. from metrics.jsonl.
 # Run from the project's root on a 4-GPU machine (WHEELS=<folder of wheels> installs the missing
 # requirements with pip --target). One call can do several parts: PARTS="setup flux".
-#   setup    random full-size FLUX.1 + 8 images under $W (default /tmp/mg)
+#   setup    random full-size FLUX.1 (MODEL=flux2: FLUX.2 [dev]) + 8 images under $W (default /tmp/mg)
 #   flux     ROWS from: f1 (1 GPU, gas 8)  f2s (2 stages, gas 8)  f2r (2 replicas, gas 4)
 #            f4 (2 stages x 2 replicas, gas 4)  f4g8 (2x2, gas 8)  f4r (4 replicas, gas 2)
 #            f2sN (2 stages, gas N: the bubble table); STEPS (default 8); EXTRA: top-level config
-#            lines added to every row (e.g. 'partition_method = "uniform"'); TAG suffixes row names
+#            lines added to every row (e.g. 'partition_method = "uniform"'), EXTRA_MODEL: [model]
+#            lines (e.g. 'transformer_dtype = "float8"'); TAG suffixes row names; MODEL: the
+#            model type and folder (flux, or flux2 from bench/make_full_size_flux2.py)
 #            SCRIPT runs another copy of the trainer (e.g. an earlier commit unpacked by git archive)
 #   compare  the table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
@@ -23,6 +25,7 @@ if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/site/deepspeed ]; then
 fi
 [ -n "${WHEELS:-}" ] && export PYTHONPATH=/tmp/site
 W=${W:-/tmp/mg}; mkdir -p $W; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+MODEL=${MODEL:-flux}
 TAG=${TAG:-}
 
 cfg() { # name stages gas steps
@@ -44,9 +47,10 @@ eval_at_start = false
 seed = 7
 ${EXTRA:-}
 [model]
-type = "flux"
-diffusers_path = "$W/models/flux"
+type = "$MODEL"
+diffusers_path = "$W/models/$MODEL"
 dtype = "bfloat16"
+${EXTRA_MODEL:-}
 [adapter]
 type = "lora"
 rank = 32
@@ -114,7 +118,7 @@ for part in ${PARTS:-${PART:-flux}}; do
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     nvidia-smi topo -m 2>/dev/null | head -6
     python3 -c "import torch, deepspeed, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
-    [ -d $W/models/flux ] || python3 bench/make_full_size_flux.py $W/models > $W/setup.log 2>&1 || tail -5 $W/setup.log
+    [ -d $W/models/$MODEL ] || python3 bench/make_full_size_${MODEL}.py $W/models > $W/setup.log 2>&1 || tail -5 $W/setup.log
     python3 tools/make_demo_dataset.py $W/data --count 8 > /dev/null
     ;;
   flux)

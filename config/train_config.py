@@ -265,6 +265,8 @@ class TrainConfigFile:
     partition_method: str = "parameters"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
+    # 1: DeepSpeed's ZeRO stage 1, the optimizer state sharded over the data-parallel replicas.
+    zero_stage: int = 0
     warmup_steps: int = 0
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     save_every_n_epochs: Optional[int] = None
@@ -319,6 +321,15 @@ class TrainConfigFile:
             check(self.adapter is not None, file, "blocks_to_swap",
                   "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
         check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
+        check(self.zero_stage in (0, 1), file, "zero_stage",
+              f"must be 0 or 1, got {self.zero_stage}: stages 2 and 3 shard gradients and weights, which "
+              f"DeepSpeed's pipeline engine does not support")
+        if self.zero_stage:
+            check(self.adapter is None, file, "zero_stage",
+                  "= 1 is for full fine-tuning (no [adapter] table): a LoRA's optimizer state is small")
+            check(self.optimizer.type == "adamw", file, "zero_stage",
+                  f"= 1 needs optimizer.type = 'adamw' (got '{self.optimizer.type}'): the shards are flat slices "
+                  f"of the weights, which Adafactor's per-matrix factors and 8-bit AdamW's blocks would not match")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
         check(self.partition_method in ("blocks", "parameters", "uniform")
               or self.partition_method.startswith("type:"),
@@ -447,6 +458,9 @@ def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], 
         check(trained == "bfloat16", path, "optimizer.stochastic_rounding",
               f"rounds into bfloat16 weights, but the trained weights are {trained} ("
               + ("adapter.dtype" if settings.adapter else "full_finetune_dtype, or model.dtype when not set") + ")")
+        check(not settings.zero_stage, path, "optimizer.stochastic_rounding",
+              "= true has nothing to round with zero_stage = 1: ZeRO keeps float32 master weights of the "
+              "bfloat16 weights and steps those; set it false")
 
     dataset = load_dataset_config(resolve_path(path.parent, settings.dataset, path, "dataset"))
     eval_datasets = [EvalDataset(e.name, load_dataset_config(resolve_path(path.parent, e.config, path,

@@ -32,6 +32,9 @@ BNB_BLOCK = 256
 # Stochastic rounding steps bfloat16 weights in float32 slices of this many elements
 # (training/optimizers.StochasticRounding.chunk_elements).
 ROUNDING_CHUNK = 1 << 26
+# zero_stage = 1: elements of DeepSpeed's gradient-reduction and weight all-gather buckets
+# (parallel/engine.start_engine); DeepSpeed's default, 5e8, would hold 1 GiB of bfloat16 gradients.
+ZERO_BUCKET_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -142,10 +145,25 @@ def param_infos(model, layers, config) -> list[list[tuple[str, ParamInfo]]]:
     return out
 
 
+def zero_shard_bytes(trainable: list[ParamInfo], replicas: int) -> tuple[int, int]:
+    """zero_stage = 1: (optimizer state, step scratch) of one replica's slice of `trainable`.
+
+    DeepSpeed's ZeRO-1 keeps, for its 1/replicas slice of the flattened weights, float32 master
+    weights and AdamW's two float32 moments; the step makes the slice's gradient flat in the
+    weights' dtype and then float32, after the gradients were reduced through one bucket."""
+    if not trainable:
+        return 0, 0
+    shard = math.ceil(sum(p.numel for p in trainable) / replicas)
+    grad_size = _size(trainable[0].dtype)
+    bucket = min(ZERO_BUCKET_ELEMENTS, sum(p.numel for p in trainable)) * grad_size
+    return 12 * shard, shard * (grad_size + 4) + bucket
+
+
 def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden: int | None,
-             sample_tokens: int | None = None) -> list[StageEstimate]:
+             sample_tokens: int | None = None, replicas: int = 1) -> list[StageEstimate]:
     """The estimate for every pipeline stage; `tokens`: the most tokens one sample gives;
-    `sample_tokens`: the most one [sample] request gives (None: no samples)."""
+    `sample_tokens`: the most one [sample] request gives (None: no samples); `replicas`: the
+    data-parallel replicas, over which zero_stage = 1 shards the optimizer state."""
     s = config.settings
     infos = param_infos(model, layers, config)
     compute = model.dtype
@@ -183,8 +201,11 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
         trainable = [p for p in params if p.trainable]
         est.trainable_params = sum(p.numel for p in trainable)
         est.gradients = sum(p.nbytes for p in trainable)  # gradients have their parameter's dtype
-        est.optimizer = sum(optimizer_state_bytes(p, s.optimizer) for p in trainable)
-        est.step_scratch = step_scratch_bytes(trainable, s.optimizer)
+        if s.zero_stage:
+            est.optimizer, est.step_scratch = zero_shard_bytes(trainable, replicas)
+        else:
+            est.optimizer = sum(optimizer_state_bytes(p, s.optimizer) for p in trainable)
+            est.step_scratch = step_scratch_bytes(trainable, s.optimizer)
         est.working = est.gradients + est.step_scratch  # the optimizer step
         # 1F1B: stage k of K holds the activations of up to K - k micro-batches at once.
         est.in_flight = min(stages - stage, s.gradient_accumulation_steps)
@@ -227,12 +248,14 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
     return result
 
 
-def describe(estimates: list[StageEstimate], config, tokens: int | None, device_total: int | None = None) -> str:
+def describe(estimates: list[StageEstimate], config, tokens: int | None, device_total: int | None = None,
+             replicas: int = 1) -> str:
     """The estimate as printed at start, and a warning for stages that exceed `device_total`."""
     s = config.settings
     g = lambda b: f"{b / GIB:.2f} GiB" if b >= GIB else f"{b / 2**20:.1f} MiB"  # noqa: E731
     head = (f"memory estimate per GPU ({'full fine-tuning' if s.adapter is None else 'LoRA'}, "
-            f"optimizer {s.optimizer.type}{' + stochastic rounding' if s.optimizer.stochastic_rounding else ''}, "
+            f"optimizer {s.optimizer.type}{' + stochastic rounding' if s.optimizer.stochastic_rounding else ''}"
+            f"{f', ZeRO-1 over {replicas} replicas (float32 master weights)' if s.zero_stage else ''}, "
             f"micro-batch {s.micro_batch_size_per_gpu} x {tokens or '?'} tokens, "
             f"activation_checkpointing = {str(s.activation_checkpointing).lower()}):")
     lines = [head]

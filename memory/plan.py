@@ -93,12 +93,14 @@ def with_plan(config, plan: Plan):
     return dataclasses.replace(config, settings=settings, model=dataclasses.replace(config.model, transformer_dtype=dtype))
 
 
-def peak(model, layers, parts, config, plan: Plan, tokens, hidden) -> int:
+def peak(model, layers, parts, config, plan: Plan, tokens, hidden, replicas: int = 1) -> int:
     """The estimated peak of the fullest stage under `plan`."""
-    return max(e.total for e in estimate(model, layers, parts, with_plan(config, plan), tokens, hidden))
+    return max(e.total for e in estimate(model, layers, parts, with_plan(config, plan), tokens, hidden,
+                                        replicas=replicas))
 
 
-def choose(model, layers, parts, config, tokens, hidden, budget: int, partition) -> tuple[Plan, list[tuple[Plan, int]]]:
+def choose(model, layers, parts, config, tokens, hidden, budget: int, partition,
+           replicas: int = 1) -> tuple[Plan, list[tuple[Plan, int]]]:
     """The fastest plan whose fullest stage fits `budget` less the headroom, and the faster plans
     tried with their peaks; a ConfigError naming what would fit when none does. `partition(k)`:
     the stage boundaries with k stages (for that error's suggestions)."""
@@ -106,7 +108,7 @@ def choose(model, layers, parts, config, tokens, hidden, budget: int, partition)
     n_blocks = max(len(layers) - 2, 0)
     tried = []
     for plan in ordered(model, config):
-        need = peak(model, layers, parts, config, plan, tokens, hidden)
+        need = peak(model, layers, parts, config, plan, tokens, hidden, replicas)
         if need <= usable:
             return plan, tried
         tried.append((plan, need))
@@ -115,7 +117,7 @@ def choose(model, layers, parts, config, tokens, hidden, budget: int, partition)
         # falls as more blocks swap, so bisect).
         lean = min(tried, key=lambda t: t[1])[0]
         fits = lambda n: peak(model, layers, parts, config, dataclasses.replace(lean, blocks_to_swap=n),  # noqa: E731
-                              tokens, hidden) <= usable
+                              tokens, hidden, replicas) <= usable
         if fits(n_blocks):
             low, high = 1, n_blocks
             while low < high:
@@ -123,11 +125,13 @@ def choose(model, layers, parts, config, tokens, hidden, budget: int, partition)
                 low, high = (low, mid) if fits(mid) else (mid + 1, high)
             return dataclasses.replace(lean, blocks_to_swap=low), tried
         full = dataclasses.replace(lean, blocks_to_swap=n_blocks)
-        tried.append((full, peak(model, layers, parts, config, full, tokens, hidden)))
-    raise ConfigError(f"{config.file}: {no_fit(model, layers, config, tokens, hidden, budget, tried, partition)}")
+        tried.append((full, peak(model, layers, parts, config, full, tokens, hidden, replicas)))
+    raise ConfigError(f"{config.file}: "
+                      f"{no_fit(model, layers, config, tokens, hidden, budget, tried, partition, replicas)}")
 
 
-def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple[Plan, int]], partition) -> str:
+def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple[Plan, int]], partition,
+           replicas: int = 1) -> str:
     """The one line for a run that fits no plan: the leanest tried, and what would fit."""
     s = config.settings
     leanest, need = min(tried, key=lambda t: t[1])
@@ -137,7 +141,7 @@ def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple
     if given:  # would the plan find one with every lever free?
         try:
             plan, _ = choose(model, layers, partition(s.pipeline_stages), dataclasses.replace(config, given=frozenset()),
-                             tokens, hidden, budget, partition)
+                             tokens, hidden, budget, partition, replicas)
             hints.append(f"{plan.settings()} (leave {', '.join(given)} unset and the plan chooses)")
         except ConfigError:
             pass
@@ -150,7 +154,7 @@ def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple
                 break
     if s.micro_batch_size_per_gpu > 1:
         small = dataclasses.replace(config, settings=dataclasses.replace(s, micro_batch_size_per_gpu=1))
-        if peak(model, layers, partition(s.pipeline_stages), small, leanest, tokens, hidden) <= usable:
+        if peak(model, layers, partition(s.pipeline_stages), small, leanest, tokens, hidden, replicas) <= usable:
             hints.append("micro_batch_size_per_gpu = 1")
     return (f"memory plan: the fullest pipeline stage needs about {g(need)} even with {leanest.settings()}, more "
             f"than the {g(usable)} it may use ({100 - round(HEADROOM * 100)}% of {g(budget)} per GPU); what would "
@@ -177,7 +181,8 @@ def device_budget(config, place: Distributed) -> int | None:
     return budget if budget >= 0 else None
 
 
-def plan_memory(model, layers, parts, config, tokens, hidden, budget: int | None, partition) -> str:
+def plan_memory(model, layers, parts, config, tokens, hidden, budget: int | None, partition,
+                replicas: int = 1) -> str:
     """Choose and apply (in place) the plan for the levers the config leaves unset; returns the
     line that says what was chosen and why."""
     given = sorted(config.given & set(LEVERS))
@@ -186,8 +191,8 @@ def plan_memory(model, layers, parts, config, tokens, hidden, budget: int | None
         return (f"memory plan: none (no GPU and no memory_budget_gib): {user_plan(config).settings()}{kept}")
     if len(given) == len(LEVERS):
         return f"memory plan: all of {', '.join(LEVERS)} are set in the config; nothing to choose"
-    plan, tried = choose(model, layers, parts, config, tokens, hidden, budget, partition)
-    need = peak(model, layers, parts, config, plan, tokens, hidden)
+    plan, tried = choose(model, layers, parts, config, tokens, hidden, budget, partition, replicas)
+    need = peak(model, layers, parts, config, plan, tokens, hidden, replicas)
     s, m = config.settings, config.model
     s.activation_checkpointing, s.blocks_to_swap = plan.checkpointing, plan.blocks_to_swap
     if plan.float8:

@@ -17,6 +17,7 @@ MODEL_CLASSES = {
     "ltx-video": "models.ltx_video:LTXVideoModel",
     "hunyuan-video": "models.hunyuan_video:HunyuanVideoModel",
     "wan": "models.wan:WanModel",
+    "flux2": "models.flux2:Flux2Model",
 }
 
 

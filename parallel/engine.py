@@ -9,13 +9,14 @@ import functools
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch.utils.checkpoint import checkpoint
 
 from config.train_config import TrainConfig, pipeline_summary
 from memory.block_swap import attach_block_swap
 from memory.checkpointing import checkpointing_args
-from memory.estimate import describe, estimate
+from memory.estimate import ZERO_BUCKET_ELEMENTS, describe, estimate
 from memory.plan import device_budget, plan_memory
 from parallel.stages import (describe_partition, describe_targets, load_stage, make_topology, partition, plan_stages,
                              resolve_partition_method)
@@ -47,10 +48,11 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
                               f"type '{model.name}': its weights {outside[:3]} are not parameters of its pipeline "
                               f"layers; train a LoRA instead")
     stage = topology.get_coord(place.rank).pipe
+    replicas = place.world // s.pipeline_stages
     method = resolve_partition_method(s.partition_method, layers, full)
     # Every rank chooses (alike: the smallest GPU's budget), before any weight loads.
     plan = plan_memory(model, layers, parts, config, tokens, model.hidden_size(transformer),
-                       device_budget(config, place), lambda stages: partition(layers, stages, method))
+                       device_budget(config, place), lambda stages: partition(layers, stages, method), replicas)
     if place.is_main:
         if s.pipeline_stages > 1:
             log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
@@ -61,14 +63,14 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
         sample_tokens = max((model.tokens_per_sample(r.width, r.height, r.frames) or 0 for r in config.samples),
                             default=0) or None
         estimates = estimate(model, layers, parts, config, tokens, model.hidden_size(transformer),
-                             sample_tokens=sample_tokens)
+                             sample_tokens=sample_tokens, replicas=replicas)
         device = place.device
         device_total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        log(describe(estimates, config, tokens, device_total))
-        if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding:
+        log(describe(estimates, config, tokens, device_total, replicas))
+        if full and config.trained_dtype == "bfloat16" and not s.optimizer.stochastic_rounding and not s.zero_stage:
             log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
                 "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
-                "or full_finetune_dtype = 'float32'")
+                "full_finetune_dtype = 'float32', or with several replicas zero_stage = 1")
     load_stage(model, config, transformer, layers, parts, stage, place.device)
     attach_block_swap(model, config, transformer, layers, place.device)
     if s.compile:
@@ -88,10 +90,14 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
     names = {id(p): n for n, p in transformer.named_parameters()}
     if not full:
         trainable = lora_plus_groups(trainable, names, s.optimizer.lr, s.adapter.lora_plus_ratio)
-    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, pipe.mpu().get_pipe_parallel_group(),
+    # The gradient norm sums over what each rank steps: its stage's weights, or under ZeRO its
+    # replica's slice of them, so then over every rank of the job.
+    norm_group = dist.group.WORLD if s.zero_stage else pipe.mpu().get_pipe_parallel_group()
+    optimizer = build_optimizer(trainable, s.optimizer, s.gradient_clipping, norm_group,
                                 param_names=names, seed=s.seed, low_memory=full)
     scheduler = build_scheduler(optimizer, s.lr_scheduler, s.warmup_steps, total_steps)
-    engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps)
+    engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps,
+                          s.zero_stage)
     return engine, transformer
 
 
@@ -148,7 +154,8 @@ def compile_layers(layers) -> None:
         layer.compile_run()
 
 
-def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int):
+def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int,
+                 zero_stage: int = 0):
     """DeepSpeed's pipeline engine around `pipe`, configured the one way we use it."""
     ds_config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -159,9 +166,22 @@ def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: i
         "steps_per_print": 10**9,  # we print our own progress
         "wall_clock_breakdown": False,
     }
+    if zero_stage:
+        ds_config["zero_optimization"] = {
+            "stage": zero_stage,
+            # Under a pipeline, DeepSpeed's ZeRO norm counts only the first stage's gradients (it
+            # counts a parameter once per model-parallel group, and takes the stages for one);
+            # our optimizer measures the norm over every rank's slice instead.
+            "compute_grad_norm": False,
+            "reduce_bucket_size": ZERO_BUCKET_ELEMENTS,
+            "allgather_bucket_size": ZERO_BUCKET_ELEMENTS,
+        }
+        # Our AdamW subclass: an elementwise update, so stepping flat slices of the weights is exact.
+        ds_config["zero_allow_untested_optimizer"] = True
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if engine.grid.get_data_parallel_world_size() == 1:
+    if engine.grid.get_data_parallel_world_size() == 1 and not zero_stage:
         # One replica: nothing to average, so skip the engine's flatten/all-reduce/unflatten
-        # of every gradient each step (the attribute DeepSpeed exposes for this).
+        # of every gradient each step (the attribute DeepSpeed exposes for this). ZeRO needs the
+        # pass: it is where its optimizer collects the gradients of its slice.
         engine.pipeline_enable_backward_allreduce = False
     return engine

@@ -44,7 +44,10 @@ def run_fingerprint(config: TrainConfig, samples) -> dict:
             # None for LoRA runs: the "adapter" entry says what trains.
             "full_finetune": None if a is not None else f"dtype={config.trained_dtype}",
             "dataset": f"{len(samples)} samples, content {digest.hexdigest()[:12]}",
-            "pipeline_stages": config.settings.pipeline_stages}
+            "pipeline_stages": config.settings.pipeline_stages,
+            # ZeRO-1 checkpoints hold the optimizer state in per-replica slices; None when off, so
+            # checkpoints from before it existed still match.
+            "zero_stage": config.settings.zero_stage or None}
 
 
 class Checkpoints:
@@ -125,7 +128,13 @@ class Checkpoints:
         if differences:
             raise ConfigError("cannot resume: the config changes what the checkpoint means\n  "
                               + "\n  ".join(differences))
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+        try:
+            path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
+        except ZeRORuntimeException as e:  # zero_stage = 1 slices made for another number of replicas
+            raise ResumeError(f"cannot resume from {self.root / tag}: {e} (zero_stage = 1: resume with as many "
+                              f"replicas, number of GPUs / pipeline_stages, as the checkpoint was written with)") from None
         if path is None:
             raise ResumeError(f"--resume_from_checkpoint: DeepSpeed could not load {self.root / tag}")
         random_file = self.root / tag / f"random_state_rank{self.place.rank:04d}.pt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,6 +174,54 @@ def eval_loss_through_diffusers(config_path: Path, transformer, items: int | Non
         total += float(loss) * weight
         weights += weight
     return total / weights
+
+
+class KilledRank:
+    """A launch of which one rank was SIGKILLed: the launcher's output, its exit status and the
+    seconds from the kill until the whole job had ended (None: still running after the wait)."""
+
+    def __init__(self, output: str, returncode: int | None, seconds: float | None):
+        self.output, self.returncode, self.seconds = output, returncode, seconds
+
+
+def launch_and_kill_rank(config: Path, num_gpus: int, local_rank: int, ready, env: dict | None = None,
+                         log: Path | None = None, wait: float = 90) -> KilledRank:
+    """Launch as `launch` does with the deepspeed launcher, wait until `ready()` (at most 180 s),
+    SIGKILL the process of `local_rank` (it can say nothing itself) and wait up to `wait` seconds
+    for the job to end; whatever is left then is killed."""
+    import psutil
+
+    log = log or config.parent / "killed_rank_log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["deepspeed", f"--num_gpus={num_gpus}", f"--master_port={free_port()}",
+                                 str(REPO / "train.py"), "--deepspeed", "--config", str(config)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+        deadline = time.time() + 180
+        while not ready() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if f"--local_rank={local_rank}" in p.cmdline()] if proc.poll() is None else []
+        assert victims, f"rank {local_rank} was not running when it was to be killed:\n{log.read_text()[-3000:]}"
+        killed = time.time()
+        victims[0].kill()
+        deadline = killed + wait
+        while proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        seconds = time.time() - killed if proc.poll() is not None else None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return KilledRank(log.read_text(), proc.returncode, seconds)
+
+
+def assert_killed_rank_ended_the_job(result: KilledRank, local_rank: int, within: float = 60) -> None:
+    """The job failed within `within` seconds of the kill, and one line (DeepSpeed's launcher's)
+    names the dead rank and how it died: exit code -9, SIGKILL."""
+    assert result.seconds is not None and result.seconds < within, \
+        f"the job was still running {within:.0f} s after a rank died:\n{result.output[-3000:]}"
+    assert result.returncode != 0
+    assert re.search(rf"'--local_rank={local_rank}'.*exits with return code = -9", result.output), result.output[-3000:]
 
 
 def wait_group_gone(proc: subprocess.Popen, timeout: float = 120) -> None:

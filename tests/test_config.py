@@ -167,8 +167,8 @@ def test_missing_paths(tmp_path):
 
 
 def test_unknown_model_type(tmp_path):
-    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux2"'))
-    prefix = f"{tmp_path / 'train.toml'}: 'model.type' is 'flux2', which is not a known model; known: "
+    message = error(tmp_path, train=edit(TRAIN, 'type = "flux"', 'type = "flux9"'))
+    prefix = f"{tmp_path / 'train.toml'}: 'model.type' is 'flux9', which is not a known model; known: "
     assert message.startswith(prefix)
     assert "flux" in message.removeprefix(prefix).split(", ")
 
@@ -234,6 +234,21 @@ def test_values_out_of_range(tmp_path):
     assert message == f"{tmp_path / 'train.toml'}: 'max_steps' must be at least 1, got 0"
     message = error(tmp_path, train=edit(TRAIN, "rank = 8", "rank = 0"))
     assert message == f"{tmp_path / 'train.toml'}: 'adapter.rank' must be at least 1"
+
+
+def test_zero_stage_1_is_for_full_finetuning_with_adamw(tmp_path):
+    file = tmp_path / "train.toml"
+    full = edit(TRAIN, "[adapter]\ntype = \"lora\"\nrank = 8\n", "").replace("max_steps = 10", "max_steps = 10\nzero_stage = 1")
+    assert load_train_config(write(tmp_path, full), get_model_class).settings.zero_stage == 1
+    assert error(tmp_path, edit(TRAIN, "max_steps = 10", "max_steps = 10\nzero_stage = 1")) == (
+        f"{file}: 'zero_stage' = 1 is for full fine-tuning (no [adapter] table): a LoRA's optimizer state is small")
+    assert error(tmp_path, full.replace("zero_stage = 1", "zero_stage = 2")).startswith(
+        f"{file}: 'zero_stage' must be 0 or 1, got 2: stages 2 and 3 shard gradients and weights")
+    assert error(tmp_path, full.replace("lr = 1e-4", "lr = 1e-4\ntype = \"adafactor\"")).startswith(
+        f"{file}: 'zero_stage' = 1 needs optimizer.type = 'adamw' (got 'adafactor')")
+    bf16 = full.replace("zero_stage = 1", "zero_stage = 1\nfull_finetune_dtype = \"bfloat16\"")
+    assert error(tmp_path, bf16.replace("lr = 1e-4", "lr = 1e-4\nstochastic_rounding = true")).startswith(
+        f"{file}: 'optimizer.stochastic_rounding' = true has nothing to round with zero_stage = 1")
 
 
 def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):

@@ -4,6 +4,7 @@ Module fixtures, each one launch (~15 s on CPU):
 
     full        1 stage, float32: eval at 0, 5, 10; the transformer saved at step 5 and at the end
     two_stages  the same on 2 processes with pipeline_stages = 2 (slow)
+    zero_hybrid the same on 4 processes, 2 stages x 2 replicas with zero_stage = 1 (slow)
     bf16_sr     bfloat16 weights with stochastic rounding, lr 1e-5: updates far below bfloat16's
                 resolution (slow); bf16_plain: the same with plain rounding (slow)
     fp32_master the same with float32 master weights, the reference SR should track (slow)
@@ -16,6 +17,7 @@ The last tests call save_full_model in process: many small shards, and a full di
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,15 +25,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, launch, write_configs
+from conftest import Launch, assert_killed_rank_ended_the_job, launch, launch_and_kill_rank, write_configs
+from memory.estimate import ParamInfo, zero_shard_bytes
 from test_train_flux import eval_loss_in_process
 from tools.make_demo_dataset import make_demo_dataset
 
 from utils.dist import Distributed
 
 EVAL = "held_out"
+# 2 micro-batches of 1 sample a step: the same samples as 2 replicas at accumulation 1.
 FULL = dict(adapter=None, max_steps=10, eval_at_start=True, eval_every_n_steps=5, save_every_n_steps=5,
-            optimizer={"lr": 1e-3})
+            micro_batch_size_per_gpu=1, gradient_accumulation_steps=2, optimizer={"lr": 1e-3})
 # Updates of about lr = 1e-5 per step: under half a bfloat16 step for nearly every weight.
 TINY_UPDATES = dict(adapter=None, max_steps=40, eval_at_start=True, eval_every_n_steps=20,
                     checkpoint_every_n_steps=20, steps_per_print=10, model={"dtype": "bfloat16"},
@@ -76,6 +80,12 @@ def full(work):
 @pytest.fixture(scope="module")
 def two_stages(work, full):
     return ok(launch(configure(work, "two_stages", FULL, pipeline_stages=2), num_gpus=2))
+
+
+@pytest.fixture(scope="module")
+def zero_hybrid(work, two_stages):
+    return ok(launch(configure(work, "zero_hybrid", FULL, pipeline_stages=2, gradient_accumulation_steps=1,
+                               zero_stage=1, checkpoint_every_n_steps=5), num_gpus=4))
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +215,79 @@ def test_two_stages_train_and_save_the_same_model(full, two_stages):
     assert joined.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(joined[key], single[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+# ------------------------------------------------------------------------------------ ZeRO-1
+
+
+def optimizer_state_mib(output: str) -> list[float]:
+    """Each stage's optimizer state as the memory estimate at start printed it."""
+    return [float(m) for m in re.findall(r"optimizer state ([\d.]+) MiB", output)]
+
+
+@pytest.mark.slow
+def test_zero1_over_two_replicas_trains_the_same_model(two_stages, zero_hybrid):
+    # The same math as without ZeRO: AdamW is elementwise, so stepping each replica's flat slice
+    # and gathering the slices changes nothing; float32 weights, so the master copy is exact. What
+    # may differ is the order of the float32 sums of the gradient reduction: the same 1e-5
+    # tolerance as between layouts.
+    assert zero_hybrid.losses() == pytest.approx(two_stages.losses(), rel=1e-5)
+    assert evals(run_dir(zero_hybrid)) == pytest.approx(evals(run_dir(two_stages)), rel=1e-5)
+    folder, reference = saved(zero_hybrid) / "transformer", saved(two_stages) / "transformer"
+    shards = sorted(p.name for p in reference.glob("*-of-00002.safetensors"))
+    for shard in shards:
+        ours, theirs = load_file(folder / shard), load_file(reference / shard)
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4, msg=key)
+    # Each replica of each stage checkpointed half its stage's optimizer state: float32 master
+    # weights and AdamW's two moments of its slice (DeepSpeed pads a slice to an even length).
+    # The memory estimate counts exactly that, up to the padding.
+    checkpoint = run_dir(zero_hybrid) / "checkpoints" / "step00000010"
+    for stage, shard in enumerate(shards):
+        weights = load_file(reference / shard).values()
+        estimated, _ = zero_shard_bytes([ParamInfo(tuple(t.shape), t.dtype, True) for t in weights], 2)
+        stage_params = sum(t.numel() for t in weights)
+        for replica in range(2):
+            state = torch.load(checkpoint / f"zero_pp_rank_{replica}_mp_rank_{stage:02d}_optim_states.pt",
+                               weights_only=False)["optimizer_state_dict"]
+            (master,) = state["single_partition_of_fp32_groups"]
+            moments = state["base_optimizer_state"]["state"][0]
+            kept = [master, moments["exp_avg"], moments["exp_avg_sq"]]
+            assert all(t.dtype == torch.float32 and t.numel() == master.numel() for t in kept)
+            assert stage_params / 2 <= master.numel() <= stage_params / 2 + 2
+            assert abs(sum(t.nbytes for t in kept) - estimated) <= 3 * 4 * 2
+    # and the estimate printed at start: 12 bytes per weight of half the stage, against 8 per
+    # weight of the whole stage (printed to 0.1 MiB)
+    assert "ZeRO-1 over 2 replicas" in zero_hybrid.output
+    for sharded, whole in zip(optimizer_state_mib(zero_hybrid.output), optimizer_state_mib(two_stages.output)):
+        assert sharded == pytest.approx(whole * 12 / 2 / 8, abs=0.06)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_of_four_ends_the_job_and_the_zero1_run_resumes_exactly(work, zero_hybrid):
+    # The zero_hybrid run again, held while it writes its step-10 checkpoint (step 5's is
+    # complete); one of its 4 processes is killed there. The job ends, and resumed from the
+    # last complete checkpoint it finishes exactly as the run that was never killed: every
+    # replica's slice of master weights and moments comes back.
+    config = configure(work, "zero_hybrid_killed", FULL, pipeline_stages=2, gradient_accumulation_steps=1,
+                       zero_stage=1, checkpoint_every_n_steps=5)
+    runs = config.parent / "runs"
+    saving = lambda: any(runs.glob("*/checkpoints/step00000010/trainer_state.json"))  # noqa: E731
+    killed = launch_and_kill_rank(config, 4, 3, ready=saving, env={"TRAINER_TEST_PAUSE_AT": "checkpoint10:120"})
+    # sooner than the 30 s DeepSpeed's launcher grants each survivor: they leave at once
+    assert_killed_rank_ended_the_job(killed, 3, within=25)
+    assert "rank 0: stopping at once: only 3 of this machine's 4 ranks are still running" in killed.output
+    folder = next(runs.iterdir())
+    assert (folder / "checkpoints" / "latest").read_text() == "step00000005"
+    result = ok(launch(config, "--resume_from_checkpoint", num_gpus=4))
+    assert "starting at step 5" in result.output
+    assert result.losses(folder) == zero_hybrid.losses()
+    assert evals(folder) == evals(run_dir(zero_hybrid))
+    original = saved(zero_hybrid) / "transformer"
+    for shard in original.glob("*.safetensors"):
+        a, b = load_file(folder / "models" / "final" / "transformer" / shard.name), load_file(shard)
+        assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 # ------------------------------------------------------------------------------------ bfloat16 weights

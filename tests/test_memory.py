@@ -131,6 +131,7 @@ def test_warning_when_a_stage_exceeds_the_gpu(tmp_path, tiny_models, data):
 # Per model: attention heads (width 512 at the released head size), (width, height, frames) and
 # text tokens, with about the released share of text tokens.
 SMALL = {"flux": (4, (256, 256, 1), 32), "ltx-video": (8, (256, 256, 25), 12), "hunyuan-video": (4, (128, 128, 9), 12),
+         "flux2": (4, (256, 256, 1), 32),
          "wan": (4, (256, 256, 9), 12)}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
+from make_tiny_models import make_tiny_flux, make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 from test_video_models import engine_like_transformer, make_model
 from config.train_config import AdapterConfig, SampleRequest
 from training.lora import lora_state_dict, save_lora
@@ -16,8 +16,12 @@ from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
 
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
-          "wan": make_tiny_wan}
-SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5), "wan": (64, 32, 5)}
+          "flux2": make_tiny_flux2, "wan": make_tiny_wan}
+SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5), "flux2": (96, 48, 1),
+          "wan": (64, 32, 5)}
+# Text tokens: FLUX.2's chat template takes about 40 of the tiny tokenizer's before the caption.
+TEXT_LEN = {"flux2": 64}
+IMAGE_MODELS = ("flux", "flux2")
 
 
 class LayersEngine:
@@ -64,7 +68,8 @@ class Texts:
 def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     root = tmp_path / "models"
     MAKERS[name](root)
-    model = make_model(name, root, max_sequence_length=32)
+    text_len = TEXT_LEN.get(name, 32)
+    model = make_model(name, root, max_sequence_length=text_len)
     adapter = AdapterConfig(rank=4, alpha=8.0)
     transformer, layers = engine_like_transformer(model, adapter)
     save_lora(model, lora_state_dict(transformer), adapter, tmp_path / "lora", torch.float32)
@@ -80,7 +85,7 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
     pipe = model.pipeline_class.from_pretrained(root / name, dtype=torch.float32)
     pipe.load_lora_weights(tmp_path / "lora")
     call = dict(prompt=request.prompt, width=width, height=height, num_inference_steps=request.steps,
-                guidance_scale=guidance, max_sequence_length=32)
+                guidance_scale=guidance, max_sequence_length=text_len)
     if frames > 1:
         call["num_frames"] = frames
     if model.sample_guidance == "classifier_free":
@@ -90,14 +95,14 @@ def test_samples_equal_the_pipeline_with_our_lora(tmp_path, name):
         # for the tokenizer it has (template_crop_start), here the tiny one's.
         call["prompt_template"] = {"template": model.prompt_template, "crop_start": model.crop_start}
     theirs = pipe(**call, generator=torch.Generator().manual_seed(request.seed), output_type="latent")
-    theirs = theirs.images if name == "flux" else theirs.frames
-    # FLUX.1 and LTX-Video return their packed latents, HunyuanVideo its unpacked ones.
+    theirs = theirs.images if name in IMAGE_MODELS else theirs.frames
+    # FLUX.1, FLUX.2 and LTX-Video return their packed latents, HunyuanVideo its unpacked ones.
     expected = theirs if theirs.dim() == 3 else model.pack_latents(theirs)
     torch.testing.assert_close(model.pack_latents(ours), expected, rtol=1e-4, atol=1e-5)
 
     # Decoded as the pipeline decodes, to the same 8-bit pixels.
     picture = pipe(**call, generator=torch.Generator().manual_seed(request.seed), output_type="pt")
-    picture = picture.images.unsqueeze(1) if name == "flux" else picture.frames  # (1, frames, 3, h, w)
+    picture = picture.images.unsqueeze(1) if name in IMAGE_MODELS else picture.frames  # (1, frames, 3, h, w)
     expected = (picture[0].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
     model.load_vae(torch.device("cpu"))
     with torch.no_grad():

@@ -95,6 +95,30 @@ HUNYUAN_VAE = dict(
 HUNYUAN_SCHEDULER = dict(num_train_timesteps=1000, shift=7.0)
 
 
+# FLUX.2 [dev]: the released configs (48 heads x 128, 8 double + 48 single blocks, 32 latent channels
+# patchified 2x2 to 128, Mistral Small 3.1's hidden states from layers 10, 20 and 30 stacked into
+# 3 x 5120 = 15360 text features) at tiny widths. The text encoder stays 32 layers deep so that the
+# real layer indices (models/flux2.TEXT_ENCODER_LAYERS) read hidden states before its final norm,
+# as they do in the 40-layer release.
+FLUX2_TEXT_HIDDEN = 16
+FLUX2_TRANSFORMER = dict(
+    patch_size=1, in_channels=32, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=3 * FLUX2_TEXT_HIDDEN, timestep_guidance_channels=32, mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4),
+    rope_theta=2000, guidance_embeds=True,
+)
+FLUX2_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+    latent_channels=8, norm_num_groups=4, sample_size=64, patch_size=(2, 2),
+)
+# The FLUX.2-dev scheduler settings (its pipeline computes the shift mu itself).
+FLUX2_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential",
+)
+FLUX2_TEXT_LAYERS = 32
+
+
 # Tokenizers. The `tokenizers` trainers break frequency ties in hash-map order, so two runs give different
 # vocabularies (seen with tokenizers 0.23, even single-threaded). So the vocabularies are built here with
 # deterministic tie-breaking; every single character stays in the vocab, so any lowercase ASCII text tokenizes.
@@ -387,9 +411,78 @@ def make_tiny_wan22_a14b(out_dir: Path) -> Path:
                       boundary_ratio=WAN22_A14B_BOUNDARY)
 
 
+# Mistral's chat control tokens that the FLUX.2 prompt template is written with.
+MISTRAL_SPECIAL_TOKENS = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+# The release's chat template, cut to what Flux2Pipeline sends (a system message and a user text),
+# with the message content as a list of {"type": "text"} parts, as the pipeline writes it.
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set text = message['content'] if message['content'] is string else "
+    "message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if message['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{{ text }}[/INST]"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def tiny_mistral_tokenizer():
+    """A Mistral-like BPE tokenizer with its chat template, trained on the corpus and FLUX.2's system
+    message (so the template's fixed part stays short). Padding on the left, as the release's."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    tok = tiny_llama_tokenizer(CORPUS + [SYSTEM_MESSAGE.lower()])
+    tok.add_tokens(MISTRAL_SPECIAL_TOKENS, special_tokens=True)
+    tok.padding_side = "left"
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_mistral3_encoder(tok):
+    """A Mistral3ForConditionalGeneration (the FLUX.2 text encoder's class) with a 32-layer text
+    model of width FLUX2_TEXT_HIDDEN and a one-layer vision tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    torch.manual_seed(SEED)
+    text = MistralConfig(
+        vocab_size=len(tok), hidden_size=FLUX2_TEXT_HIDDEN, intermediate_size=32, num_hidden_layers=FLUX2_TEXT_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 image_size=64, patch_size=16)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def make_tiny_flux2(out_dir: Path) -> Path:
+    """Write a tiny FLUX.2 [dev] pipeline to ``out_dir/flux2`` (plus an original-layout transformer file)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    from models.keymaps.flux2 import Flux2Keymap
+
+    target = Path(out_dir) / "flux2"
+    tokenizer = tiny_mistral_tokenizer()
+    torch.manual_seed(SEED)
+    transformer = Flux2Transformer2DModel(**FLUX2_TRANSFORMER)
+    torch.manual_seed(SEED)
+    vae = AutoencoderKLFlux2(**FLUX2_VAE)
+    # Batch-norm statistics that are not 0 and 1, so the latent normalisation is exercised.
+    g = torch.Generator().manual_seed(SEED)
+    vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=vae,
+                         text_encoder=tiny_mistral3_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(target)
+    # Stand-in for the single-file release checkpoint (flux2-dev.safetensors layout).
+    original = Flux2Keymap.diffusers_to_original(transformer.state_dict())
+    save_file({k: v.contiguous() for k, v in original.items()}, str(target / "flux2-tiny-original.safetensors"))
+    return target
+
+
 # name -> maker
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
-          "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v, "wan2.2-a14b": make_tiny_wan22_a14b}
+          "flux2": make_tiny_flux2, "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v,
+          "wan2.2-a14b": make_tiny_wan22_a14b}
 
 
 def main(argv=None) -> None:

@@ -16,13 +16,15 @@ from utils.seeding import stable_seed
 class GradNormClipping:
     """Mixin for a torch optimizer: before each step, measure the global gradient norm (over all
     pipeline stages), clip to `max_grad_norm` and keep the norm in `_global_grad_norm`, where
-    DeepSpeed's engine reads it for `get_global_grad_norm()`.
+    the trainer reads it (`last_step`).
 
     DeepSpeed clips too, but throws the norm away; doing it here lets us log it.
 
     A norm that is NaN or infinite skips the step, so the weights and the optimizer state stay
-    as they were; `skipped_step` says so. The norm is summed over all stages and the gradients
-    are already averaged over the data-parallel replicas, so every rank skips together.
+    as they were; `skipped_step` says so. The norm is summed over `norm_group`, which together
+    holds every gradient once: the pipeline stages (the gradients are already averaged over the
+    data-parallel replicas), or under ZeRO-1 every rank, each stepping its slice of its stage's
+    weights. So every rank skips together.
     """
 
     max_grad_norm: float = 0.0
@@ -182,6 +184,13 @@ def _adamw8bit_class():
         pass
 
     return ClippedAdamW8bit
+
+
+def last_step(engine) -> tuple[float | None, bool]:
+    """The gradient norm of the engine's last optimizer step and whether it was skipped, as our
+    optimizer measured them (under ZeRO-1 DeepSpeed's wrapper around it does neither)."""
+    optimizer = engine.basic_optimizer
+    return getattr(optimizer, "_global_grad_norm", None), getattr(optimizer, "skipped_step", False)
 
 
 def lora_plus_groups(params: list[torch.Tensor], names: dict[int, str], lr: float, ratio: float | None) -> list:

@@ -21,11 +21,13 @@ from saving.checkpoints import Checkpoints, run_fingerprint
 from saving.export import save_adapter, save_full_model
 from training.ema import ema_for
 from training.objective import training_example
+from training.optimizers import last_step
 from training.sampling import Sampler
 from utils.atomic import write_text_atomic
 from utils.dist import Distributed
 from utils.dtypes import DTYPES
 from utils.errors import TrainingStopped
+from utils.faults import DeadRankWatch
 from utils.metrics import Metrics, peak_memory_gib
 
 # Steps after the first whose median the start-up report compares the first step with.
@@ -115,6 +117,7 @@ class Trainer:
                                log=self.metrics.print, writer=self.metrics.writer) if config.samples else None
         self.sample_schedule = Schedule(sample.every_n_steps, sample.every_n_epochs) if sample else None
         self.stop_signal: int | None = None
+        self.dead_rank_watch = DeadRankWatch(place.rank)
         # time.time() when train.py started: the start-up report measures from there.
         self.launched = launched if launched is not None else time.time()
         self.step_seconds: list[float] = []  # this process's steps, for the start-up report
@@ -234,9 +237,8 @@ class Trainer:
     def non_finite(self, loss: float) -> bool:
         """Whether this step's loss or gradient was NaN or infinite (then the optimizer skipped
         the step: see GradNormClipping). The same answer on every rank."""
-        norm = self.engine.get_global_grad_norm()
-        bad = not math.isfinite(loss) or getattr(self.engine.optimizer, "skipped_step", False) or \
-            (norm is not None and not math.isfinite(norm))
+        norm, skipped = last_step(self.engine)
+        bad = not math.isfinite(loss) or skipped or (norm is not None and not math.isfinite(norm))
         return self.place.any_rank(bad)
 
     def stop_non_finite(self, loss: float, epoch: int, step_in_epoch: int) -> None:
@@ -253,8 +255,7 @@ class Trainer:
             bad = [name for name, t in {**latents, **text}.items() if not torch.isfinite(t.float()).all()]
             if bad:
                 poisoned.append(f"{self.train.samples[index].sample.item.path} ({', '.join(sorted(bad))})")
-        norm = self.engine.get_global_grad_norm()
-        skipped = getattr(self.engine.optimizer, "skipped_step", False)
+        norm, skipped = last_step(self.engine)
         lines = [f"step {self.step}: the loss is {loss} (gradient norm {norm}); training stopped. "
                  + ("The optimizer skipped this step, so no weight changed." if skipped else
                     "The gradient was finite, so the weights are too."),
@@ -271,6 +272,7 @@ class Trainer:
         lines.append(f"the last good checkpoint, {self.checkpoints.root / latest}, is kept: continue from it with "
                      f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
         self._write_history()
+        self.dead_rank_watch.disarm()  # every rank stops here together
         self.metrics.close()
         raise TrainingStopped("\n".join(lines))
 
@@ -294,6 +296,7 @@ class Trainer:
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.place.dp_world
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        self.dead_rank_watch.start()
         if self.step >= self.total:
             # A finished run resumed: its final save and checkpoint exist already.
             if self.place.is_main:
@@ -320,6 +323,7 @@ class Trainer:
                 self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
                                    f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
                                    f"with --resume_from_checkpoint")
+                self.dead_rank_watch.disarm()  # every rank saved and leaves: none has died
                 self.metrics.close()
                 self.stopped_by = signum
                 return self.losses
@@ -334,7 +338,7 @@ class Trainer:
                 self.ema.update(self.step)
             self.losses.append(loss)
             values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                      "train/grad_norm": self.engine.get_global_grad_norm() or 0.0,
+                      "train/grad_norm": last_step(self.engine)[0] or 0.0,
                       "train/samples_per_sec": samples_per_step / elapsed,
                       "train/peak_memory_gib": peak_memory_gib(self.place.device), "train/epoch": epoch + 1}
             self.metrics.scalars(self.step, values)
@@ -367,5 +371,6 @@ class Trainer:
         if self.checkpoints_enabled():
             self.checkpoint()  # so a longer run can resume from the end of this one
         self._write_history()
+        self.dead_rank_watch.disarm()
         self.metrics.close()
         return self.losses
