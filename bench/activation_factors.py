@@ -1,6 +1,6 @@
 """Measure each model's `activation_factors` (models/*.py) on the CPU, for the memory estimate.
 
-A transformer of the released architecture (FLUX.1-dev, LTX-Video 0.9, HunyuanVideo) is built
+A transformer of the released architecture (FLUX.1-dev, LTX-Video 0.9, HunyuanVideo, Wan 2.1 T2V 14B) is built
 with random bfloat16 weights, `--heads` attention heads of the released head size and `--blocks`
 blocks of each kind, set up as the trainer sets it up (LoRA of the default targets, adapter
 weights in float32, then `model.pipeline_layers`; or every weight trainable for full
@@ -12,7 +12,7 @@ the bytes of its last layer (in a LoRA run the first block keeps less: its input
 gradient) / (tokens x hidden size x 2), where tokens are what `model.tokens_per_sample` counts.
 `--estimate` prints the memory estimate (memory/estimate.py) of the GPU runs measured so far beside
 their measured peaks. Usage:
-  python bench/activation_factors.py [--models flux flux2 ltx-video hunyuan-video] [--heads 8] [--full]
+  python bench/activation_factors.py [--models flux flux2 ltx-video hunyuan-video wan] [--heads 8] [--full]
   python bench/activation_factors.py --estimate
 """
 
@@ -42,11 +42,14 @@ RELEASED = {
     "flux2": dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128,
                   num_attention_heads=48, joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0,
                   axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=True),
+    "wan": dict(num_layers=40),  # diffusers' defaults: Wan 2.1 T2V 14B
 }
 # (width, height, frames) the GPU runs of docs/benchmarks.md trained at, and their text lengths.
 SHAPES = {"flux": (1024, 1024, 1), "ltx-video": (768, 512, 49), "hunyuan-video": (512, 512, 33),
-          "flux2": (1024, 1024, 1)}
-TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256, "flux2": 512}
+          "flux2": (1024, 1024, 1),
+          # Wan: 17 of the 81 frames (7800 tokens, about HunyuanVideo's): the factor is per token.
+          "wan": (832, 480, 17)}
+TEXT_TOKENS = {"flux": 512, "ltx-video": 128, "hunyuan-video": 256, "flux2": 512, "wan": 512}
 
 
 def transformer_config(name: str, heads: int | None = None, blocks: int | tuple[int, int] | None = None) -> dict:
@@ -62,6 +65,8 @@ def transformer_config(name: str, heads: int | None = None, blocks: int | tuple[
         config["num_attention_heads"] = heads
         if name == "ltx-video":  # the cross-attention width is the hidden size (heads x 64)
             config["cross_attention_dim"] = heads * 64
+        if name == "wan":  # the feed-forward keeps the release's width ratio (13824 / 5120)
+            config["ffn_dim"] = 13824 * heads // 40
     return config
 
 
@@ -73,7 +78,7 @@ def config_only_model(name: str, config: dict, folder: Path, text_tokens: int):
     cls = get_model_class(name)
     with init_empty_weights():
         cls.transformer_class(**config).save_config(folder / "transformer")
-        if name == "ltx-video":
+        if name in ("ltx-video", "wan"):
             cls.vae_class().save_config(folder / "vae")
     return cls(cls.config_class(type=name, diffusers_path=str(folder), dtype="bfloat16",
                                 max_sequence_length=text_tokens))
@@ -99,6 +104,8 @@ def example_inputs(model, width: int, height: int, frames: int, text_tokens: int
         text = {"text": torch.randn(1, text_tokens, 4096, generator=g, **bf16), "text_mask": mask}
         if model.name == "hunyuan-video":
             text["pooled"] = torch.randn(1, 768, generator=g, **bf16)
+        if model.name == "wan":  # no mask: the embeddings past the caption are zeros, as WanPipeline's
+            text = {"text": text["text"] * mask[..., None]}
     named = model.model_inputs(latents, torch.tensor([0.6]), text)
     return model.input_fields.pack(named)
 

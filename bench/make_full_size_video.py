@@ -1,11 +1,12 @@
-"""Write LTX-Video and HunyuanVideo pipeline folders at their released sizes with random weights.
+"""Write LTX-Video, HunyuanVideo and Wan 2.1 pipeline folders at their released sizes with random weights.
 
 The transformers and VAEs use diffusers' default configs, which are the released architectures
 (LTX-Video 0.9: 2B transformer, 128-channel 32x/8x VAE; HunyuanVideo: 13B transformer, 16-channel
-8x/4x VAE). The text encoders have the released output widths (T5: 4096; Llama: 4096, CLIP: 768
-pooled) but only `--text_layers` layers and the tiny offline tokenizers: their outputs are cached
-before training, so their depth does not change the step. Usage:
-  python bench/make_full_size_video.py OUT_DIR [--only ltx-video hunyuan-video]
+8x/4x VAE; Wan 2.1 T2V 14B: 40 blocks of width 5120, 16-channel 8x/4x VAE). The text encoders have
+the released output widths (T5: 4096; Llama: 4096, CLIP: 768 pooled; UMT5: 4096) but only
+`--text_layers` layers and the tiny offline tokenizers: their outputs are cached before training,
+so their depth does not change the step. Usage:
+  python bench/make_full_size_video.py OUT_DIR [--only ltx-video hunyuan-video wan]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from make_tiny_models import (  # noqa: E402
-    HUNYUAN_SCHEDULER, LTX_SCHEDULER, tiny_clip_tokenizer, tiny_llama_tokenizer, tiny_t5_tokenizer)
+    HUNYUAN_SCHEDULER, LTX_SCHEDULER, WAN_SCHEDULER, tiny_clip_tokenizer, tiny_llama_tokenizer, tiny_t5_tokenizer)
 
 
 def _t5(tok, layers):
@@ -75,7 +76,26 @@ def make_hunyuan_video(out_dir: Path, text_layers: int) -> Path:
     return folder, sum(p.numel() for p in transformer.parameters())
 
 
-MAKERS = {"ltx-video": make_ltx_video, "hunyuan-video": make_hunyuan_video}
+def make_wan(out_dir: Path, text_layers: int) -> Path:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    with torch.device("cuda"):
+        transformer = WanTransformer3DModel().to(torch.bfloat16)  # the defaults: Wan 2.1 T2V 14B
+        vae = AutoencoderKLWan().to(torch.bfloat16)
+        umt5 = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=4096, d_ff=10240, d_kv=64, num_heads=64,
+                                           num_layers=text_layers, feed_forward_proj="gated-gelu",
+                                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                           decoder_start_token_id=tok.pad_token_id)).to(torch.bfloat16)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=umt5, vae=vae, transformer=transformer,
+                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
+    folder = out_dir / "wan"
+    pipe.save_pretrained(folder, max_shard_size="10GB")
+    return folder, sum(p.numel() for p in transformer.parameters())
+
+
+MAKERS = {"ltx-video": make_ltx_video, "hunyuan-video": make_hunyuan_video, "wan": make_wan}
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

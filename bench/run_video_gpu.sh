@@ -3,6 +3,7 @@
 #   bash bench/run_video_gpu.sh setup                 # random released-size models + 2 videos (MODELS= picks)
 #   bash bench/run_video_gpu.sh train ltx-video       # 768x512, 49 frames
 #   bash bench/run_video_gpu.sh train hunyuan-video   # 512x512, 33 frames
+#   bash bench/run_video_gpu.sh train wan             # Wan 2.1 14B, 832x480, 81 frames
 # Env: WORK (default /tmp/bench_video), STEPS (default 5), CKPT (activation_checkpointing, default true);
 # EXTRA (top-level lines) and EXTRA_MODEL ([model] lines) add config, e.g. EXTRA="blocks_to_swap = 20"
 # EXTRA_MODEL='transformer_dtype = "float8"'; TAG names the run folder.
@@ -17,20 +18,22 @@ setup)
   python3 -c "
 import sys; sys.path.insert(0, 'tools')
 from make_demo_dataset import make_demo_videos
-make_demo_videos('$WORK/data', count=2, frames=(49, 49), size=(768, 512))"
+make_demo_videos('$WORK/data', count=2, frames=(49, 49), size=(768, 512))
+make_demo_videos('$WORK/data_wan', count=2, frames=(81, 81), size=(832, 480))"
   ;;
 train)
   model=$2
   case $model in
-    ltx-video) res='[[768, 512]]'; frames=49 ;;
-    hunyuan-video) res='[[512, 512]]'; frames=33 ;;
+    ltx-video) res='[[768, 512]]'; frames=49; data=data ;;
+    hunyuan-video) res='[[512, 512]]'; frames=33; data=data ;;
+    wan) res='[[832, 480]]'; frames=81; data=data_wan ;;
   esac
   cat > "$WORK/dataset_$model.toml" <<TOML
 resolutions = $res
 enable_ar_bucket = false
 frame_buckets = [$frames]
 [[directory]]
-path = "$WORK/data"
+path = "$WORK/$data"
 TOML
   cat > "$WORK/train_$model.toml" <<TOML
 output_dir = "$WORK/runs_${model}_${TAG:-plain}"

@@ -92,6 +92,8 @@ def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]
 
     with init_empty_weights():
         vae = model.vae_class.from_config(model.vae_class.load_config(model.root / "vae"))
+    if "latent_channels" not in vae.config:  # Wan's VAE (z_dim, scale_factor_*): as its pipeline shapes latents
+        return tuple(model.sample_latent_shape(width, height, frames))
     # Video VAEs say their compression; an image VAE halves the size at each block but the last.
     spatial = getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(vae.config.block_out_channels) - 1)
     shape = [vae.config.latent_channels]
@@ -400,10 +402,10 @@ def append_json_rows(path: Path, rows: list[dict]) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", type=Path, help="the model's diffusers folder")
-    ap.add_argument("--model", default="flux", help="model type: flux, ltx-video, hunyuan-video")
+    ap.add_argument("--model", default="flux", help="model type: flux, ltx-video, hunyuan-video, wan")
     ap.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--resolution", nargs="+", default=["1024"], help="WxH, or one number for a square")
-    ap.add_argument("--frames", type=int, default=1, help="frames per clip (video models: 8k+1 LTX, 4k+1 Hunyuan)")
+    ap.add_argument("--frames", type=int, default=1, help="frames per clip (video models: 8k+1 LTX, 4k+1 Hunyuan and Wan)")
     ap.add_argument("--checkpointing", nargs="+", choices=["off", "on", "both", "selective"], default=["both"],
                     help="activation checkpointing settings to measure (both: off and on); selective: the "
                          "model's selective mode (engine and layers rows)")

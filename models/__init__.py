@@ -16,6 +16,7 @@ MODEL_CLASSES = {
     "flux": "models.flux:FluxModel",
     "ltx-video": "models.ltx_video:LTXVideoModel",
     "hunyuan-video": "models.hunyuan_video:HunyuanVideoModel",
+    "wan": "models.wan:WanModel",
     "flux2": "models.flux2:Flux2Model",
 }
 

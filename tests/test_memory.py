@@ -131,7 +131,8 @@ def test_warning_when_a_stage_exceeds_the_gpu(tmp_path, tiny_models, data):
 # Per model: attention heads (width 512 at the released head size), (width, height, frames) and
 # text tokens, with about the released share of text tokens.
 SMALL = {"flux": (4, (256, 256, 1), 32), "ltx-video": (8, (256, 256, 25), 12), "hunyuan-video": (4, (128, 128, 9), 12),
-         "flux2": (4, (256, 256, 1), 32)}
+         "flux2": (4, (256, 256, 1), 32),
+         "wan": (4, (256, 256, 9), 12)}
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["LoRA", "full"])
@@ -151,7 +152,8 @@ def test_activation_factors_match_a_measurement(name, full):
         if "Block" in layer:
             assert measured[layer] == pytest.approx(factor, rel=0.1), (layer, measured)
         else:  # the input and final layers keep little; their factors only need the right size
-            assert measured[layer] < 5 and factor < 5, (layer, measured)
+            # (Wan's final layer keeps 5: its norm input and modulation in float32, full fine-tuning)
+            assert measured[layer] < 6 and factor < 6, (layer, measured)
 
 
 @pytest.fixture(scope="module")

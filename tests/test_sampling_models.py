@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from make_tiny_models import make_tiny_flux, make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video
+from make_tiny_models import make_tiny_flux, make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 from test_video_models import engine_like_transformer, make_model
 from config.train_config import AdapterConfig, SampleRequest
 from training.lora import lora_state_dict, save_lora
@@ -16,8 +16,9 @@ from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
 
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
-          "flux2": make_tiny_flux2}
-SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5), "flux2": (96, 48, 1)}
+          "flux2": make_tiny_flux2, "wan": make_tiny_wan}
+SHAPES = {"flux": (96, 48, 1), "ltx-video": (64, 96, 9), "hunyuan-video": (48, 32, 5), "flux2": (96, 48, 1),
+          "wan": (64, 32, 5)}
 # Text tokens: FLUX.2's chat template takes about 40 of the tiny tokenizer's before the caption.
 TEXT_LEN = {"flux2": 64}
 IMAGE_MODELS = ("flux", "flux2")

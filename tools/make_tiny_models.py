@@ -331,6 +331,86 @@ def make_tiny_hunyuan_video(out_dir: Path) -> Path:
     return target
 
 
+# Wan 2.1 (T2V 14B / 1.3B shapes shrunk): 2x2 patches on an 8x / 4x VAE of 16 channels.
+WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16, text_dim=32,
+    freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+    rope_max_seq_len=1024,
+)
+WAN_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
+# Wan 2.2 TI2V-5B: 48 latent channels, the VAE patchifies 2x2 first (16x / 4x in all).
+WAN22_TI2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=48, out_channels=48)
+WAN22_TI2V_VAE = dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                      temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_spatial=16)
+# The Wan release's scheduler (UniPC on flow-matching sigmas, the 480p shift of 3).
+WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+# Wan 2.2 A14B T2V: the high-noise expert takes timesteps >= 0.875 * 1000.
+WAN22_A14B_BOUNDARY = 0.875
+
+
+def tiny_umt5_encoder(tok):
+    """A 2-layer UMT5 encoder with d_model 32 (gated GELU, as umt5-xxl)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(SEED)
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id))
+
+
+def _tiny_wan_vae(config: dict):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(SEED)
+    z = config["z_dim"]
+    # Per-channel latent statistics that are not 0 and 1, so the latent normalisation is exercised.
+    g = torch.Generator().manual_seed(SEED)
+    mean = (0.1 * torch.randn(z, generator=g)).tolist()
+    std = (0.5 + torch.rand(z, generator=g)).tolist()
+    return AutoencoderKLWan(**config, latents_mean=mean, latents_std=std)
+
+
+def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipeline_config) -> Path:
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    from models.keymaps.wan import WanKeymap
+
+    tokenizer = tiny_t5_tokenizer()
+    built = []
+    for n, config in enumerate(transformers):
+        torch.manual_seed(SEED + n)
+        built.append(WanTransformer3DModel(**config))
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
+                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
+                       transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
+    pipe.save_pretrained(target)
+    # Stand-ins for the single-file release checkpoints (the Wan-AI / ComfyUI layout).
+    for n, transformer in enumerate(built):
+        original = WanKeymap.diffusers_to_original(transformer.state_dict())
+        name = "wan-tiny-original.safetensors" if n == 0 else f"wan-tiny-original_{n + 1}.safetensors"
+        save_file({k: v.contiguous() for k, v in original.items()}, str(target / name))
+    return target
+
+
+def make_tiny_wan(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.1 text-to-video pipeline to ``out_dir/wan`` (plus an original-layout transformer file)."""
+    return _write_wan(Path(out_dir) / "wan", [WAN_TRANSFORMER], WAN_VAE)
+
+
+def make_tiny_wan22_ti2v(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.2 TI2V-5B-shaped pipeline (48-channel VAE, per-token timesteps) to ``out_dir/wan2.2-ti2v``."""
+    return _write_wan(Path(out_dir) / "wan2.2-ti2v", [WAN22_TI2V_TRANSFORMER], WAN22_TI2V_VAE, expand_timesteps=True)
+
+
+def make_tiny_wan22_a14b(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.2 A14B-shaped pipeline (a high- and a low-noise expert) to ``out_dir/wan2.2-a14b``."""
+    return _write_wan(Path(out_dir) / "wan2.2-a14b", [WAN_TRANSFORMER, WAN_TRANSFORMER], WAN_VAE,
+                      boundary_ratio=WAN22_A14B_BOUNDARY)
+
+
 # Mistral's chat control tokens that the FLUX.2 prompt template is written with.
 MISTRAL_SPECIAL_TOKENS = ["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
 # The release's chat template, cut to what Flux2Pipeline sends (a system message and a user text),
@@ -401,7 +481,8 @@ def make_tiny_flux2(out_dir: Path) -> Path:
 
 # name -> maker
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
-          "flux2": make_tiny_flux2}
+          "flux2": make_tiny_flux2, "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v,
+          "wan2.2-a14b": make_tiny_wan22_a14b}
 
 
 def main(argv=None) -> None:
