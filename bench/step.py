@@ -92,8 +92,11 @@ def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]
 
     with init_empty_weights():
         vae = model.vae_class.from_config(model.vae_class.load_config(model.root / "vae"))
-    if "latent_channels" not in vae.config:  # Wan's VAE (z_dim, scale_factor_*): as its pipeline shapes latents
-        return tuple(model.sample_latent_shape(width, height, frames))
+    pipeline_shape = tuple(model.sample_latent_shape(width, height, frames))
+    # Wan's VAE config says z_dim, not latent_channels; FLUX.2 caches 2x2 patches as channels:
+    # there the cache holds what the pipeline draws.
+    if vae.config.get("latent_channels") != pipeline_shape[0]:
+        return pipeline_shape
     # Video VAEs say their compression; an image VAE halves the size at each block but the last.
     spatial = getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(vae.config.block_out_channels) - 1)
     shape = [vae.config.latent_channels]

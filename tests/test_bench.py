@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
+from make_tiny_models import make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -23,14 +23,15 @@ import step  # noqa: E402
 NAMES = ["flux", "ltx-video", "hunyuan-video"]
 # (resolution, frames, checkpointing): both checkpointing settings are covered across the models.
 SIZES = {"flux": ("64", 1, "on"), "ltx-video": ("64x32", 9, "off"), "hunyuan-video": ("64x32", 9, "on"),
-         "wan": ("64x32", 9, "on")}
+         "wan": ("64x32", 9, "on"), "flux2": ("64", 1, "on")}
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bench_models")
     return {"flux": tiny_models / "flux", "ltx-video": make_tiny_ltx_video(root),
-            "hunyuan-video": make_tiny_hunyuan_video(root), "wan": make_tiny_wan(root)}
+            "hunyuan-video": make_tiny_hunyuan_video(root), "wan": make_tiny_wan(root),
+            "flux2": make_tiny_flux2(root)}
 
 
 def bench_args(name, model_dirs, **kw):
@@ -40,7 +41,7 @@ def bench_args(name, model_dirs, **kw):
     return argparse.Namespace(**{**args, **kw})
 
 
-@pytest.mark.parametrize("name", NAMES + ["wan"])
+@pytest.mark.parametrize("name", NAMES + ["wan", "flux2"])
 def test_layers_equal_reference_forward(model_dirs, name):
     """The layers row and the diffusers row of the table run the same function: with a LoRA whose
     B is not zero, our layers and the transformer's own forward (`reference_forward`) agree on a
@@ -71,6 +72,7 @@ def test_latent_shapes_follow_the_vae(model_dirs):
     assert shape("ltx-video", 768, 512, 49) == (16, 7, 16, 24)
     assert shape("hunyuan-video", 512, 512, 33) == (16, 9, 64, 64)
     assert shape("wan", 832, 480, 81) == (16, 21, 60, 104)  # Wan 2.1: 8x and 4x in time
+    assert shape("flux2", 1024, 1024, 1) == (32, 64, 64)  # FLUX.2: 8x, then 2x2 patches of 8 channels as channels
 
 
 def run_bench(*cmd: str) -> subprocess.CompletedProcess:
