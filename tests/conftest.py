@@ -237,3 +237,25 @@ def wait_group_gone(proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("the run did not exit")
+
+
+def ok(result):
+    """A launch result that exited 0 (its output's tail as the failure message)."""
+    assert result.returncode == 0, result.output[-5000:]
+    return result
+
+
+def run_folder(result) -> Path:
+    """The one run folder a launch made."""
+    (folder,) = result.run_dirs()
+    return folder
+
+
+def losses(result) -> list[float]:
+    """The training losses a launch recorded, step by step."""
+    return json.loads((run_folder(result) / "losses.json").read_text())
+
+
+def evals(result) -> dict[int, float]:
+    """The eval loss of the "train" eval set a launch recorded, by step."""
+    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}

@@ -10,14 +10,13 @@ fine-tuning run; the tests read what they left.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, launch, write_configs
+from conftest import eval_loss_through_diffusers, evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset
 from make_tiny_models import make_tiny_flux2
 from models import get_model_class
@@ -304,22 +303,6 @@ def test_float8_storage_and_block_swapping(root, tmp_path):
 # ------------------------------------------------------------------------------------ launches
 
 
-def ok(result):
-    assert result.returncode == 0, result.output[-5000:]
-    return result
-
-
-def run_folder(result) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def losses(result) -> list[float]:
-    return json.loads((run_folder(result) / "losses.json").read_text())
-
-
-def evals(result) -> dict[int, float]:
-    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
 STEPS = 16

@@ -9,14 +9,13 @@ loader for HunyuanVideo at the hidden size its converter hard-codes (3072).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import launch, write_configs
+from conftest import evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
@@ -478,22 +477,6 @@ def test_hunyuan_layout_matches_diffusers_single_file_loader(tmp_path):
 # ------------------------------------------------------------------------------------ launches
 
 
-def ok(result):
-    assert result.returncode == 0, result.output[-5000:]
-    return result
-
-
-def run_folder(result) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def losses(result) -> list[float]:
-    return json.loads((run_folder(result) / "losses.json").read_text())
-
-
-def evals(result) -> dict[int, float]:
-    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
 @pytest.fixture(scope="module")

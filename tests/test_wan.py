@@ -12,14 +12,13 @@ A14B low-noise expert.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, launch, write_configs
+from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v
 from config.train_config import AdapterConfig, load_train_config
@@ -332,18 +331,6 @@ def test_float8_storage_and_block_swap(wan_models, data):
 # ------------------------------------------------------------------------------------ launches
 
 
-def ok(result):
-    assert result.returncode == 0, result.output[-5000:]
-    return result
-
-
-def run_folder(result) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def evals(result) -> dict[int, float]:
-    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
 @pytest.fixture(scope="module")
