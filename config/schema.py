@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -228,6 +229,21 @@ def check(condition: bool, file: Path, where: str, message: str) -> None:
     """Raise a ConfigError for key `where` of `file` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{file}: '{where}' {message}")
+
+
+def positive(obj, file: Path, names: list[str], prefix: str = "") -> None:
+    """Raise a ConfigError for the first of fields `names` of `obj` that is set and below 1."""
+    for name in names:
+        value = getattr(obj, name)
+        check(value is None or value >= 1, file, key(prefix, name), f"must be at least 1, got {value}")
+
+
+def check_regex(pattern: str, file: Path, where: str) -> None:
+    """Raise a ConfigError for key `where` unless `pattern` compiles as a regular expression."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"{file}: '{where}' is not a valid regular expression ({e}): {pattern!r}") from None
 
 
 def key(prefix: str, name: str) -> str:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Union
 
 from config.dataset_config import Dataset, check_keys, load_dataset_config, path_is, read_toml, resolve_path
 from config.diffusion_pipe import translate_train
-from config.schema import build, check, key, required, unknown_keys
+from config.data import DataSettings
+from config.evaluation import EvalSettings
+from config.memory import MemorySettings
+from config.parallel import ParallelSettings
+from config.saving import SavingSettings
+from config.schema import build, check, check_regex, key, required, unknown_keys
+from config.training import TrainingSettings
 from utils.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -99,10 +104,10 @@ class AdapterConfig:
         if self.target_modules is not None:
             check(len(self.target_modules) > 0, file, key(prefix, "target_modules"), "must not be empty")
             if isinstance(self.target_modules, str):
-                _check_regex(self.target_modules, file, key(prefix, "target_modules"))
+                check_regex(self.target_modules, file, key(prefix, "target_modules"))
         for name in ("target_include", "target_exclude"):
             for i, pattern in enumerate(getattr(self, name)):
-                _check_regex(pattern, file, f"{key(prefix, name)}[{i}]")
+                check_regex(pattern, file, f"{key(prefix, name)}[{i}]")
 
 
 @dataclass
@@ -177,12 +182,6 @@ class EmaConfig:
 
 
 @dataclass
-class EvalDatasetConfig:
-    name: str = required()
-    config: str = required()
-
-
-@dataclass
 class SamplePrompt:
     """One sample prompt with settings of its own; a key left out takes the [sample] value."""
 
@@ -250,10 +249,12 @@ class SampleRequest:
         return self.width, self.height, self.frames
 
 
-@dataclass
-class TrainConfigFile:
-    output_dir: str = required()
-    dataset: str = required()
+@dataclass(kw_only=True)
+class TrainConfigFile(EvalSettings, SavingSettings, MemorySettings, ParallelSettings, TrainingSettings, DataSettings):
+    """The training TOML. Its top level is one namespace (read as `config.settings.<key>`) composed of
+    sections, each declared beside the part that reads it (config/data.py, training.py, parallel.py,
+    memory.py, saving.py, evaluation.py); the keys here are the model's and the trained weights'."""
+
     model: dict = required()
     # No [adapter] table: full fine-tuning of the transformer.
     adapter: Optional[AdapterConfig] = None
@@ -261,103 +262,33 @@ class TrainConfigFile:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # No [ema] table: no moving average.
     ema: Optional[EmaConfig] = None
-    eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
-    epochs: Optional[int] = None
-    max_steps: Optional[int] = None
-    micro_batch_size_per_gpu: int = 1
-    pipeline_stages: int = 1
-    # The last N transformer blocks keep their frozen weights in CPU memory (memory/block_swap.py).
-    blocks_to_swap: int = 0
-    partition_method: str = "parameters"
-    gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0
-    # 1: DeepSpeed's ZeRO stage 1, the optimizer state sharded over the data-parallel replicas.
-    zero_stage: int = 0
-    warmup_steps: int = 0
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    save_every_n_epochs: Optional[int] = None
-    save_every_n_steps: Optional[int] = None
-    checkpoint_every_n_minutes: Optional[float] = None
-    checkpoint_every_n_epochs: Optional[int] = None
-    checkpoint_every_n_steps: Optional[int] = None
-    checkpoints_to_keep: int = 3
-    eval_every_n_epochs: Optional[int] = None
-    eval_every_n_steps: Optional[int] = None
-    eval_at_start: bool = True
-    activation_checkpointing: Union[bool, Literal["selective"]] = False
-    # Pretend each GPU has this many GiB (and on CUDA, limit the process to it): the memory plan
-    # (memory/plan.py) chooses for this size; also makes the plan work on CPU.
-    memory_budget_gib: Optional[float] = None
-    # torch.compile every pipeline layer (models/pipeline_layers.PipelineLayer.compile_run).
-    # None: on where the stage runs on a CUDA GPU and a tiny compiled call checks out there
-    # (parallel/engine.resolve_compile), off on CPU.
-    compile: Optional[bool] = None
-    # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
-    # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).
-    attention_backend: Optional[str] = None
-    caching_batch_size: int = 1
-    steps_per_print: int = 1
-    save_dtype: DType = "bfloat16"
-    seed: int = 42
     sample: Optional[SampleConfig] = None
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def validate(self, file, prefix):
+        for section in SECTIONS:
+            section.validate(self, file, prefix)
+        # Rules across sections.
         check(self.ema is None or self.adapter is not None, file, "ema",
               "is for LoRA runs ([adapter] table); full fine-tuning has no EMA yet")
         check(self.full_finetune_dtype is None or self.adapter is None, file, "full_finetune_dtype",
               "is for full fine-tuning (no [adapter] table); the LoRA weights' dtype is adapter.dtype")
-        check(self.epochs is not None or self.max_steps is not None, file, "epochs",
-              "or 'max_steps' must be set (how long to train)")
-        positive = ["epochs", "max_steps", "micro_batch_size_per_gpu", "pipeline_stages",
-                    "gradient_accumulation_steps", "save_every_n_epochs", "save_every_n_steps",
-                    "checkpoint_every_n_epochs", "checkpoint_every_n_steps", "checkpoints_to_keep", "eval_every_n_epochs",
-                    "eval_every_n_steps", "caching_batch_size", "steps_per_print"]
-        for name in positive:
-            value = getattr(self, name)
-            check(value is None or value >= 1, file, name, f"must be at least 1, got {value}")
-        check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
-              "checkpoint_every_n_minutes", "must be > 0")
-        check(self.memory_budget_gib is None or self.memory_budget_gib > 0, file, "memory_budget_gib", "must be > 0")
-        check(self.blocks_to_swap >= 0, file, "blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
         if self.blocks_to_swap:
             check(self.pipeline_stages == 1, file, "blocks_to_swap",
                   f"needs pipeline_stages = 1 (got {self.pipeline_stages}): swapping and a pipeline are two ways "
                   f"to fit the model; use one")
             check(self.adapter is not None, file, "blocks_to_swap",
                   "swaps frozen base weights, so it needs a LoRA run ([adapter] table); full fine-tuning trains them all")
-        check(self.gradient_clipping >= 0, file, "gradient_clipping", "must be >= 0 (0 turns it off)")
-        check(self.zero_stage in (0, 1), file, "zero_stage",
-              f"must be 0 or 1, got {self.zero_stage}: stages 2 and 3 shard gradients and weights, which "
-              f"DeepSpeed's pipeline engine does not support")
         if self.zero_stage:
             check(self.adapter is None, file, "zero_stage",
                   "= 1 is for full fine-tuning (no [adapter] table): a LoRA's optimizer state is small")
             check(self.optimizer.type == "adamw", file, "zero_stage",
                   f"= 1 needs optimizer.type = 'adamw' (got '{self.optimizer.type}'): the shards are flat slices "
                   f"of the weights, which Adafactor's per-matrix factors and 8-bit AdamW's blocks would not match")
-        check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
-        check(self.partition_method in ("blocks", "parameters", "uniform")
-              or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
-        if self.partition_method.startswith("type:"):
-            _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
-        names = [e.name for e in self.eval_datasets]
-        check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
-        if self.attention_backend is not None:
-            # only for this key: reading a config does not load diffusers
-            from diffusers.models.attention_dispatch import AttentionBackendName
-
-            known = [b.value for b in AttentionBackendName]
-            check(self.attention_backend in known, file, "attention_backend",
-                  f"= '{self.attention_backend}' is not a diffusers attention backend; one of: {', '.join(known)}")
 
 
-def _check_regex(pattern: str, file, where: str) -> None:
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as e:
-        raise ConfigError(f"{file}: '{where}' is not a valid regular expression ({e}): {pattern!r}") from None
+# The sections of the training TOML's top level, in the order their checks run.
+SECTIONS = (DataSettings, TrainingSettings, ParallelSettings, MemorySettings, SavingSettings, EvalSettings)
 
 
 @dataclass

@@ -17,9 +17,15 @@ import pytest
 
 from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
+from config.data import DataSettings
 from config.dataset_config import BucketSettings, DatasetConfig, DirectoryConfig
-from config.train_config import (AdapterConfig, EmaConfig, EvalDatasetConfig, ModelConfig, MonitoringConfig,
-                                 OptimizerConfig, SampleConfig, SamplePrompt, TrainConfigFile, load_train_config)
+from config.evaluation import EvalDatasetConfig, EvalSettings
+from config.memory import MemorySettings
+from config.parallel import ParallelSettings
+from config.saving import SavingSettings
+from config.train_config import (AdapterConfig, EmaConfig, ModelConfig, MonitoringConfig, OptimizerConfig, SampleConfig,
+                                 SamplePrompt, TrainConfigFile, load_train_config)
+from config.training import TrainingSettings
 from models import MODEL_CLASSES, get_model_class
 
 EXAMPLES = REPO / "examples"
@@ -29,6 +35,12 @@ DATASET = EXAMPLES / "dataset.toml"
 # Where each config table is documented: (file, table; "" is the top level).
 DOCUMENTED_IN = {
     TrainConfigFile: (FLUX, ""),
+    DataSettings: (FLUX, ""),
+    TrainingSettings: (FLUX, ""),
+    ParallelSettings: (FLUX, ""),
+    MemorySettings: (FLUX, ""),
+    SavingSettings: (FLUX, ""),
+    EvalSettings: (FLUX, ""),
     ModelConfig: (FLUX, "model"),
     AdapterConfig: (FLUX, "adapter"),
     OptimizerConfig: (FLUX, "optimizer"),
