@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import get_model_class  # noqa: E402
 from training.lora import add_lora, init_lora  # noqa: E402
-from config.train_config import AdapterConfig  # noqa: E402
+from config.training import AdapterConfig  # noqa: E402
 
 # The released transformers (diffusers' defaults are LTX-Video 0.9's and HunyuanVideo's).
 RELEASED = {
@@ -189,7 +189,8 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
     """The memory estimate train.py prints at start (memory/estimate.py) for the released transformer
     (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
-    from config.train_config import OptimizerConfig, TrainConfig, TrainConfigFile
+    from config.train_config import TrainConfig, TrainConfigFile
+    from config.training import OptimizerConfig
     from memory.estimate import estimate as estimate_memory
     from parallel.stages import plan_stages
 

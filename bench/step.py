@@ -72,7 +72,8 @@ def row_config(model, args):
     Trainer options the rows share (`--compile`) are set here: build_engine then applies them to
     the engine row, and `layers_step` to the layers row.
     """
-    from config.train_config import AdapterConfig, EmaConfig, OptimizerConfig, TrainConfig, TrainConfigFile
+    from config.train_config import TrainConfig, TrainConfigFile
+    from config.training import AdapterConfig, EmaConfig, OptimizerConfig
     from memory.plan import LEVERS
 
     adapter = None if args.full else AdapterConfig(rank=args.rank, alpha=float(args.rank), use_dora=args.dora)

@@ -4,7 +4,9 @@ nothing above it; the train config (config/train_config.py) composes this sectio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from config.schema import check, check_regex, positive
@@ -41,3 +43,42 @@ class ParallelSettings:
             known = [b.value for b in AttentionBackendName]
             check(self.attention_backend in known, file, "attention_backend",
                   f"= '{self.attention_backend}' is not a diffusers attention backend; one of: {', '.join(known)}")
+
+
+# Below this share of busy time, a pipelined run warns (with the accumulation that reaches it).
+PIPELINE_EFFICIENCY_WARNING = 0.75
+
+
+def pipeline_efficiency(stages: int, accumulation: int) -> float:
+    """The most of a step each GPU can compute under DeepSpeed's 1F1B schedule: the first
+    micro-batch takes stages - 1 slots to reach the last stage and the last one as long to
+    drain, so accumulation / (accumulation + stages - 1) (1.0 without a pipeline)."""
+    return accumulation / (accumulation + stages - 1)
+
+
+def accumulation_for_efficiency(stages: int, target: float) -> int:
+    """The fewest accumulation steps whose pipeline efficiency reaches `target`."""
+    m = math.ceil(target * (stages - 1) / (1 - target) - 1e-9)
+    return max(1, m)
+
+
+def pipeline_summary(stages: int, accumulation: int) -> str:
+    """The line printed at the start of a pipelined run."""
+    return (f"pipeline: {stages} stages, {accumulation} micro-batches a step: each GPU computes at most "
+            f"{pipeline_efficiency(stages, accumulation):.0%} of the time (1F1B: accumulation / (accumulation + "
+            f"stages - 1))")
+
+
+def pipeline_warnings(path: Path, stages: int, accumulation: int) -> list[str]:
+    """A pipeline of K stages needs many more than K micro-batches in flight to keep every stage
+    busy: below PIPELINE_EFFICIENCY_WARNING, say so and which accumulation reaches it (allowed:
+    memory or the samples per step may decide)."""
+    k, m = stages, accumulation
+    efficiency = pipeline_efficiency(k, m)
+    if k > 1 and efficiency < PIPELINE_EFFICIENCY_WARNING:
+        target = PIPELINE_EFFICIENCY_WARNING
+        return [f"{path}: 'gradient_accumulation_steps' = {m} with 'pipeline_stages' = {k}: each GPU idles "
+                f"{1 - efficiency:.0%} of each step (a pipeline fills and drains once a step: the idle share is "
+                f"(stages - 1) / (accumulation + stages - 1)); set gradient_accumulation_steps to at least "
+                f"{accumulation_for_efficiency(k, target)} for {target:.0%} busy (more is better)"]
+    return []

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from config.train_config import accumulation_for_efficiency, load_train_config, pipeline_efficiency, pipeline_summary
+from config.parallel import accumulation_for_efficiency, pipeline_efficiency, pipeline_summary
+from config.train_config import load_train_config
 from models import get_model_class
 from utils.dist import Distributed
 from utils.errors import ConfigError

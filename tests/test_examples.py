@@ -23,8 +23,9 @@ from config.evaluation import EvalDatasetConfig, EvalSettings
 from config.memory import MemorySettings
 from config.parallel import ParallelSettings
 from config.saving import SavingSettings
-from config.train_config import (AdapterConfig, EmaConfig, ModelConfig, MonitoringConfig, OptimizerConfig, SampleConfig,
-                                 SamplePrompt, TrainConfigFile, load_train_config)
+from config.sampling import SampleConfig, SamplePrompt
+from config.train_config import ModelConfig, TrainConfigFile, load_train_config
+from config.training import AdapterConfig, EmaConfig, MonitoringConfig, OptimizerConfig
 from config.training import TrainingSettings
 from models import MODEL_CLASSES, get_model_class
 

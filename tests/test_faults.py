@@ -311,7 +311,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     import safetensors.torch
 
     import training.lora
-    from config.train_config import AdapterConfig
+    from config.training import AdapterConfig
     from saving.export import save_adapter
 
     model = flux(tiny_models)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel
 from training.lora import add_lora, read_lora_file, save_lora

@@ -19,7 +19,7 @@ from conftest import evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models import get_model_class
 from models.keymaps.hunyuan_video import HunyuanVideoKeymap
 from models.keymaps.keymap import detect_original_prefix

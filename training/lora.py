@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.base import ModelRecipe
 from models.pipeline_layers import is_adapter_weight, named_weights
 from training.weights import open_safetensors, set_parameter
