@@ -197,13 +197,13 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
         model = config_only_model(name, transformer_config(name, heads, blocks), Path(folder), TEXT_TOKENS[name])
-        file = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": name},
+        file = TrainConfigFile(output_dir=Path("unused"), dataset_file=Path("unused"), model_table={"type": name},
                                adapter=None if full else AdapterConfig(rank=rank, alpha=float(rank)),
                                optimizer=OptimizerConfig(lr=1e-5, **(optimizer or {})), max_steps=1,
                                micro_batch_size_per_gpu=1, activation_checkpointing=checkpointing, **settings)
         model_config = dataclasses.replace(model.config, transformer_dtype="float8") if float8 else model.config
         config = TrainConfig(file=Path(__file__), settings=file, model=model_config, dataset=None,
-                             eval_datasets=[], output_dir=Path("unused"))
+                             eval_datasets=[])
         transformer, layers, parts = plan_stages(model, config)
         return estimate_memory(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
                                model.hidden_size(transformer))

@@ -5,13 +5,15 @@ itself is config/dataset_config.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from config.schema import positive, required
 
 
 @dataclass(kw_only=True)
 class DataSettings:
-    dataset: str = required()
+    # The dataset TOML (key `dataset`); the dataset it describes is TrainConfig.dataset.
+    dataset_file: Path = required("dataset")
     caching_batch_size: int = 1
 
     def validate(self, file, prefix):

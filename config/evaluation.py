@@ -4,30 +4,32 @@ config/ so that config imports nothing above it; the train config composes this 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from config.dataset_config import Dataset
-from config.schema import check, positive, required
+from config.schema import check, keyed, positive, required
 
 
 @dataclass
 class EvalDatasetConfig:
     name: str = required()
-    config: str = required()
+    # Its dataset TOML; the dataset it describes is EvalDataset.dataset.
+    config: Path = required()
 
 
 @dataclass(kw_only=True)
 class EvalSettings:
-    eval_datasets: list[EvalDatasetConfig] = field(default_factory=list)
+    # The [[eval_datasets]] tables (key `eval_datasets`); the datasets they name are TrainConfig.eval_datasets.
+    eval_dataset_configs: list[EvalDatasetConfig] = keyed("eval_datasets", default_factory=list)
     eval_every_n_epochs: Optional[int] = None
     eval_every_n_steps: Optional[int] = None
     eval_at_start: bool = True
 
     def validate(self, file, prefix):
         positive(self, file, ["eval_every_n_epochs", "eval_every_n_steps"])
-        names = [e.name for e in self.eval_datasets]
+        names = [e.name for e in self.eval_dataset_configs]
         check(len(names) == len(set(names)), file, "eval_datasets", "names must be unique")
 
 

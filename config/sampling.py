@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from config.dataset_config import path_is, resolve_path
-from config.schema import check, key, required
+from config.schema import check, key, path_is, required, resolve_path
 from utils.errors import ConfigError
 
 

@@ -5,14 +5,16 @@ imports nothing above it; the train config (config/train_config.py) composes thi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
-from config.schema import check, positive, required
+from config.schema import check, path_is, positive, required
 
 
 @dataclass(kw_only=True)
 class SavingSettings:
-    output_dir: str = required()
+    # The folder that holds the run folders.
+    output_dir: Path = required()
     save_every_n_epochs: Optional[int] = None
     save_every_n_steps: Optional[int] = None
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -26,3 +28,5 @@ class SavingSettings:
                               "checkpoint_every_n_steps", "checkpoints_to_keep"])
         check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
               "checkpoint_every_n_minutes", "must be > 0")
+        check(not path_is(self.output_dir, "exists") or path_is(self.output_dir, "dir"), file, "output_dir",
+              f"is a file, not a folder: {self.output_dir}")

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 from config.data import DataSettings
-from config.dataset_config import Dataset, check_keys, load_dataset_config, path_is, read_toml, resolve_path
+from config.dataset_config import Dataset, check_keys, load_dataset_config, read_toml
 from config.diffusion_pipe import translate_train
 from config.evaluation import EvalDataset, EvalSettings, eval_overlap_warnings
 from config.memory import MemorySettings
 from config.parallel import ParallelSettings, pipeline_warnings
 from config.sampling import SampleConfig, SampleRequest, resolve_samples
 from config.saving import SavingSettings
-from config.schema import build, check, key, required, unknown_keys
+from config.schema import build, check, key, path_is, required, resolve_path, unknown_keys
 from config.training import AdapterConfig, DType, EmaConfig, MonitoringConfig, OptimizerConfig, TrainingSettings
 from utils.errors import ConfigError
 
@@ -75,7 +75,8 @@ class TrainConfigFile(EvalSettings, SavingSettings, MemorySettings, ParallelSett
     sections, each declared beside the part that reads it (config/data.py, training.py, parallel.py,
     memory.py, saving.py, evaluation.py); the keys here are the model's and the trained weights'."""
 
-    model: dict = required()
+    # The [model] table as written (key `model`); the model type's config class reads it into TrainConfig.model.
+    model_table: dict = required("model")
     # No [adapter] table: full fine-tuning of the transformer.
     adapter: Optional[AdapterConfig] = None
     full_finetune_dtype: Optional[DType] = None
@@ -120,7 +121,6 @@ class TrainConfig:
     model: ModelConfig
     dataset: Dataset
     eval_datasets: list[EvalDataset]
-    output_dir: Path
     # Things that are allowed but probably not meant (printed at start): "file: message".
     warnings: list[str] = field(default_factory=list)
     # Things said at start: translated diffusion-pipe names, behaviour that differs from it on purpose.
@@ -217,13 +217,8 @@ def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], 
               "= true has nothing to round with zero_stage = 1: ZeRO keeps float32 master weights of the "
               "bfloat16 weights and steps those; set it false")
 
-    dataset = load_dataset_config(resolve_path(path.parent, settings.dataset, path, "dataset"))
-    eval_datasets = [EvalDataset(e.name, load_dataset_config(resolve_path(path.parent, e.config, path,
-                                                                           f"eval_datasets[{i}].config")))
-                     for i, e in enumerate(settings.eval_datasets)]
-    output_dir = resolve_path(path.parent, settings.output_dir, path, "output_dir")
-    check(not path_is(output_dir, "exists") or path_is(output_dir, "dir"), path, "output_dir",
-          f"is a file, not a folder: {output_dir}")
+    dataset = load_dataset_config(settings.dataset_file)
+    eval_datasets = [EvalDataset(e.name, load_dataset_config(e.config)) for e in settings.eval_dataset_configs]
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         model_cls.check_dataset(ds)
     given = frozenset(raw) | {f"model.{k}" for k in model_table}
@@ -231,7 +226,7 @@ def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], 
     notes = [f"{path}: {n}" for n in notes] + _difference_notes(path, raw, settings)
     for ds in [dataset] + [e.dataset for e in eval_datasets]:
         notes += [n for n in ds.notes if n not in notes]
-    return TrainConfig(path, settings, model_config, dataset, eval_datasets, output_dir,
+    return TrainConfig(path, settings, model_config, dataset, eval_datasets,
                        warnings=(pipeline_warnings(path, settings.pipeline_stages, settings.gradient_accumulation_steps)
                                  + eval_overlap_warnings(path, dataset, eval_datasets)),
                        notes=notes, given=given, samples=samples)

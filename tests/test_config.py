@@ -74,7 +74,7 @@ def test_valid_config_loads(tmp_path):
     assert config.settings.optimizer.lr == 1e-4
     (directory,) = config.dataset.directories
     assert directory.path == tmp_path / "data" and directory.settings.resolutions == [64]
-    assert config.output_dir == tmp_path / "runs"
+    assert config.settings.output_dir == tmp_path / "runs"
 
 
 # (which file, template line, replacement, the key the message names, the suggested key)

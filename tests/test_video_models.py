@@ -181,10 +181,11 @@ def test_partition_type_must_match_a_layer_class(video_models):
     model = make_model("hunyuan-video", video_models)
 
     def config(method):
-        settings = TrainConfigFile(output_dir="o", dataset="d", model={"type": model.name}, max_steps=1,
-                                   adapter=AdapterConfig(rank=4, alpha=4.0), pipeline_stages=2, partition_method=method)
+        settings = TrainConfigFile(output_dir=Path("o"), dataset_file=Path("d"), model_table={"type": model.name},
+                                   max_steps=1, adapter=AdapterConfig(rank=4, alpha=4.0), pipeline_stages=2,
+                                   partition_method=method)
         return TrainConfig(file=Path("train.toml"), settings=settings, model=model.config, dataset=None,
-                           eval_datasets=[], output_dir=Path("o"))
+                           eval_datasets=[])
 
     assert plan_stages(model, config("type:BlockLayer"))[2] == [0, 3, 6]
     # "blocks": the same number of blocks per stage
