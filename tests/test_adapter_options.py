@@ -12,7 +12,8 @@ import torch
 from config.training import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from parallel.stages import describe_targets
-from training.lora import add_lora, init_lora, load_lora_into, lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, init_lora, load_lora_into
 from training.objective import training_example
 from training.preflight import check_inputs
 from training.weights import load_weights

@@ -25,7 +25,7 @@ from models.flux2 import TEXT_ENCODER_LAYERS
 from models.keymaps.flux2 import Flux2Keymap
 from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 from test_video_models import engine_like_transformer
-from training.lora import lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
 from training.weights import SafetensorsFolder, read_weights
 
 ORIGINAL_FILE = "flux2-tiny-original.safetensors"

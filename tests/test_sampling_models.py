@@ -12,7 +12,7 @@ from make_tiny_models import make_tiny_flux, make_tiny_flux2, make_tiny_hunyuan_
 from test_video_models import engine_like_transformer, make_model
 from config.sampling import SampleRequest
 from config.training import AdapterConfig
-from training.lora import lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
 from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
 

@@ -24,7 +24,8 @@ from models import get_model_class
 from models.keymaps.hunyuan_video import HunyuanVideoKeymap
 from models.keymaps.keymap import detect_original_prefix
 from models.keymaps.ltx_video import LTXVideoKeymap
-from training.lora import add_lora, init_lora, lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, init_lora
 from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.errors import ConfigError
 

@@ -27,7 +27,8 @@ from models import get_model_class
 from models.keymaps.wan import WanKeymap
 from test_video_models import engine_like_transformer
 from training import objective
-from training.lora import add_lora, lora_state_dict, read_lora_file, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, read_lora_file
 from training.weights import SafetensorsFolder, read_weights
 from utils.errors import ConfigError
 
