@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Neither imports torch: a config error is reported before torch loads.
 from utils.errors import UserError  # noqa: E402
-from utils.faults import disk_full  # noqa: E402
+from utils.faults import OUT_OF_MEMORY_HINT, disk_full, out_of_memory, peer_gone  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -126,6 +126,16 @@ def report_error(error: BaseException) -> int | None:
     if isinstance(error, OSError) and disk_full(error):
         where = "" if rank == "0" else f"[rank {rank}] "
         print(f"error: {where}disk full: {error}. Free some space on that disk and run again.", file=sys.stderr)
+        return 1
+    if out_of_memory(error):
+        # One rank alone may run out (the fullest stage): it names itself; the launcher then ends the others.
+        first = (str(error).strip().splitlines() or ["out of memory"])[0]
+        print(f"error: [rank {rank}] out of GPU memory: {first} {OUT_OF_MEMORY_HINT}", file=sys.stderr)
+        return 1
+    if peer_gone(error):
+        # Not this rank's fault: the rank that ended first says why; its traceback would bury that.
+        print(f"error: [rank {rank}] stopped: another rank of the job ended first (its error is above)",
+              file=sys.stderr)
         return 1
     return None
 

@@ -27,7 +27,7 @@ from utils.atomic import write_text_atomic
 from utils.dist import Distributed
 from utils.dtypes import DTYPES
 from utils.errors import TrainingStopped
-from utils.faults import DeadRankWatch
+from utils.faults import DeadRankWatch, fail_for_fault_tests
 from utils.metrics import Metrics, peak_memory_gib
 
 # Steps after the first whose median the start-up report compares the first step with.
@@ -343,6 +343,7 @@ class Trainer:
                 return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
             start = time.perf_counter()
+            fail_for_fault_tests(f"step{self.step + 1}", self.place.rank)
             loss = self.engine.train_batch(self.micro_batches(epoch, step_in_epoch)).item()
             elapsed = time.perf_counter() - start
             self.step += 1
