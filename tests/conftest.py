@@ -97,6 +97,24 @@ def write_configs(folder: Path, model_dir: Path, data_dir: Path, *, dataset: dic
     return path
 
 
+def held_out_work(root: Path, tiny_models: Path) -> dict:
+    """Under `root`: 8 demo images to train on, 4 others as a held-out eval set (eval.toml), and the
+    tiny FLUX.1; for `configure_held_out`."""
+    data = make_demo_dataset(root / "data", count=8, seed=0)
+    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
+    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
+    return {"root": root, "data": data, "model": tiny_models / "flux"}
+
+
+def configure_held_out(work: dict, name: str, base: dict, eval_name: str, **overrides) -> Path:
+    """The configs of run `name` in `work` (held_out_work): `base` settings with the held-out set as eval
+    set `eval_name`; `overrides` replace keys (tables merged key by key)."""
+    settings = {**base, "eval_datasets": [{"name": eval_name, "config": str(work["root"] / "eval.toml")}]}
+    for k, v in overrides.items():
+        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
+    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
