@@ -31,9 +31,9 @@ class ParallelSettings:
         check(self.zero_stage in (0, 1), file, "zero_stage",
               f"must be 0 or 1, got {self.zero_stage}: stages 2 and 3 shard gradients and weights, which "
               f"DeepSpeed's pipeline engine does not support")
-        check(self.partition_method in ("blocks", "parameters", "uniform")
+        check(self.partition_method in ("blocks", "cost", "parameters", "uniform")
               or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
+              file, "partition_method", "must be 'blocks', 'cost', 'parameters', 'uniform' or 'type:<regex>'")
         if self.partition_method.startswith("type:"):
             check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         if self.attention_backend is not None:
