@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from make_demo_dataset import make_demo_dataset  # noqa: E402
-from make_tiny_models import make_tiny_flux  # noqa: E402
+from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,21 @@ def tiny_models(tmp_path_factory) -> Path:
     """Folder holding tiny random-weight models in their real layouts (flux/, ...)."""
     root = tmp_path_factory.mktemp("tiny_models")
     make_tiny_flux(root)
+    return root
+
+
+# The tiny video models' original-layout single files, in their folders of `video_models`.
+ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
+                 "hunyuan-video": "hunyuan-video-tiny-original.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def video_models(tmp_path_factory) -> Path:
+    """Folder holding tiny LTX-Video and HunyuanVideo (ltx-video/, hunyuan-video/), made per module:
+    some tests write beside them."""
+    root = tmp_path_factory.mktemp("video_models")
+    make_tiny_ltx_video(root)
+    make_tiny_hunyuan_video(root)
     return root
 
 
