@@ -24,7 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, eval_loss_through_diffusers, evals, launch, losses, ok, run_folder, write_configs
+from conftest import (Launch, configure_held_out, eval_loss_through_diffusers, evals, held_out_work, launch, losses, ok,
+                      run_folder, write_configs)
 from tools.make_demo_dataset import make_demo_dataset
 
 # Every test here rides on real training launches shared through module fixtures.
@@ -47,18 +48,11 @@ def cache_reports(result: Launch) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("flux_train")
-    data = make_demo_dataset(root / "data", count=8, seed=0)
-    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
-    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
-    return {"root": root, "data": data, "model": tiny_models / "flux"}
+    return held_out_work(tmp_path_factory.mktemp("flux_train"), tiny_models)
 
 
 def configure(work, name: str, **overrides) -> Path:
-    settings = {**RUN_A, "eval_datasets": [{"name": EVAL_NAME, "config": str(work["root"] / "eval.toml")}]}
-    for k, v in overrides.items():
-        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
-    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
+    return configure_held_out(work, name, RUN_A, EVAL_NAME, **overrides)
 
 
 @pytest.fixture(scope="module")

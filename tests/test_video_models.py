@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import evals, launch, losses, ok, run_folder, write_configs
+from conftest import ORIGINAL_FILE, evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
@@ -30,17 +30,7 @@ from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.errors import ConfigError
 
 NAMES = ["ltx-video", "hunyuan-video"]
-ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
-                 "hunyuan-video": "hunyuan-video-tiny-original.safetensors"}
 LATENT_SHAPE = {"ltx-video": (2, 16, 3, 2, 4), "hunyuan-video": (2, 16, 3, 4, 6)}  # (B, C, F', H', W')
-
-
-@pytest.fixture(scope="module")
-def video_models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("video_models")
-    make_tiny_ltx_video(root)
-    make_tiny_hunyuan_video(root)
-    return root
 
 
 def make_model(name: str, root: Path, **config):
