@@ -296,3 +296,46 @@ def test_lycoris_kohya_files_load_to_the_same_weight_changes(tmp_path, tiny_mode
     save_file(fused, tmp_path / "fused.safetensors")
     with pytest.raises(ConfigError, match="LoKr/LoHa modules on 1 fused original modules"):
         read_lycoris_file(model, transformer, tmp_path / "fused.safetensors", AdapterConfig(type="lokr", rank=4))
+
+
+def test_wan_kohya_names_are_original_names(tmp_path):
+    """Wan's original layout differs from diffusers' by names only (self_attn.q = attn1.to_q):
+    kohya files name the original modules ("lora_unet_blocks_0_self_attn_q"), for LoRA and LoKr."""
+    from make_tiny_models import make_tiny_wan
+    from models.keymaps.wan import WanKeymap
+    from models.wan import WanConfig, WanModel
+    from training.lora import read_lycoris_file
+
+    model = WanModel(WanConfig(type="wan", diffusers_path=str(make_tiny_wan(tmp_path)), dtype="float32"))
+
+    def kohya(module):
+        return "lora_unet_" + WanKeymap.diffusers_to_original_key(module).replace(".", "_")
+
+    adapter = AdapterConfig(rank=4, alpha=4.0)
+    transformer, lora = materialised(model, adapter)
+    assert "lora_unet_blocks_0_self_attn_q" in {kohya(k.rpartition(".lora_")[0]) for k in lora}
+    tensors = {}
+    for key, value in lora.items():
+        module, kind = key.rsplit(".lora_", 1)
+        tensors[f"{kohya(module)}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value
+        tensors[f"{kohya(module)}.alpha"] = torch.tensor(2.0)  # scale 2 / 4
+    save_file(tensors, tmp_path / "lora.safetensors")
+    assert_same_changes(changes(lora, 0.5), loaded_changes(model, transformer, tmp_path / "lora.safetensors", adapter))
+
+    adapter = AdapterConfig(type="lokr", rank=4, alpha=4.0)
+    transformer = model.build_empty_transformer()
+    add_lora(model, transformer, adapter)
+    generator = torch.Generator().manual_seed(0)
+    trained, tensors = {}, {}
+    for name, p in transformer.named_parameters():
+        if ".lokr_" in name:
+            module, _, part = name.removesuffix(".default").rpartition(".")
+            trained.setdefault(module, {})[part] = value = torch.randn(p.shape, generator=generator)
+            tensors[f"{kohya(module)}.{part}"] = value  # no alpha: scale 1, ours is 4 / 4
+    save_file(tensors, tmp_path / "lokr.safetensors")
+    got: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in read_lycoris_file(model, transformer, tmp_path / "lokr.safetensors", adapter).items():
+        module, _, part = name.removesuffix(".default").rpartition(".")
+        got.setdefault(module, {})[part] = value
+    assert_same_changes({m: lycoris_change(p, 1.0) for m, p in trained.items()},
+                        {m: lycoris_change(p, 1.0) for m, p in got.items()})

@@ -32,6 +32,7 @@ from torch import nn
 
 from config.train_config import AdapterConfig
 from models.base import ModelRecipe
+from models.keymaps.keymap import RenameKeymap
 from models.pipeline_layers import is_adapter_weight, named_weights
 from training.weights import open_safetensors, set_parameter
 from utils.dtypes import DTYPES
@@ -199,7 +200,8 @@ def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
         found = read_lora_as_diffusers(file, linears, None, {})
     else:
         table, dims = recipe.keymap.original_modules(recipe.transformer_config())
-        found = read_lora_as_diffusers(file, linears, table, dims, recipe.keymap.renamed_module)
+        found = read_lora_as_diffusers(file, linears, table, dims, recipe.keymap.renamed_module,
+                                       original_names(recipe, sorted(linears), table))
     ours = {n.removesuffix(".lora_A.default.weight"): p for n, p in transformer.named_parameters()
             if n.endswith(".lora_A.default.weight")}
     # A part of a fused module without a LoRA comes out of the file with rank 0.
@@ -316,8 +318,7 @@ def _lycoris_module_names(recipe: ModelRecipe, transformer: nn.Module, found: di
     fused parts has no exact split into one per part."""
     linears = [n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
     table = recipe.keymap.original_modules(recipe.transformer_config())[0] if recipe.keymap is not None else None
-    originals = list(table.by_original) if table is not None else []
-    flat = {n.replace(".", "_"): n for n in originals + linears}
+    flat = {n.replace(".", "_"): n for n in original_names(recipe, linears, table) + linears}
     out, unknown, fused = {}, [], []
     for name, parts in found.items():
         if name.startswith(_KOHYA_PREFIXES + ("lycoris_",)):
@@ -493,9 +494,9 @@ def original_to_diffusers_loras(modules: Mapping[str, tuple[torch.Tensor, torch.
     return out, unknown
 
 
-def kohya_to_original(modules: dict[str, dict], original_names) -> tuple[dict[str, dict], list[str]]:
+def kohya_to_original(modules: dict[str, dict], originals) -> tuple[dict[str, dict], list[str]]:
     """kohya names ("lora_unet_double_blocks_0_img_attn_qkv") as original module names."""
-    by_flat = {n.replace(".", "_"): n for n in original_names}
+    by_flat = {n.replace(".", "_"): n for n in originals}
     out, unknown = {}, []
     for name, parts in modules.items():
         if not name.startswith(_KOHYA_PREFIXES):
@@ -511,10 +512,12 @@ def kohya_to_original(modules: dict[str, dict], original_names) -> tuple[dict[st
 
 def read_lora_as_diffusers(file: Path, diffusers_modules, table,
                            dims: Mapping[str, int],
-                           rename_original: Optional[Callable[[str], Optional[str]]] = None) -> LoRAs:
+                           rename_original: Optional[Callable[[str], Optional[str]]] = None,
+                           originals: list[str] = ()) -> LoRAs:
     """Every LoRA in `file` on a diffusers module of this transformer (`diffusers_modules`: the
     names of its linear modules), with the file's scale in B. `table` (a keymap's TableKeymap)
-    maps original names, or `rename_original` does (a model whose layouts differ only by names)."""
+    maps original names, or `rename_original` does (a model whose layouts differ only by names);
+    `originals` are the original module names kohya's flat names are matched against."""
     try:
         tensors = load_file(str(file))
     except Exception as e:  # SafetensorError, OSError
@@ -529,8 +532,7 @@ def read_lora_as_diffusers(file: Path, diffusers_modules, table,
         raise ConfigError(f"adapter.init_from_existing: {file} holds {len(other)} tensors that are no LoRA weight "
                           f"(e.g. {other[0]!r}): is it a LoRA file?")
     diffusers_modules = set(diffusers_modules)
-    originals = list(table.by_original) if table is not None else []
-    modules, unknown = kohya_to_original(modules, originals)
+    modules, unknown = kohya_to_original(modules, list(originals))
     loras: LoRAs = {}
     original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, parts in modules.items():
@@ -551,6 +553,16 @@ def read_lora_as_diffusers(file: Path, diffusers_modules, table,
         raise ConfigError(f"adapter.init_from_existing: {file} has LoRAs on {len(unknown)} modules this transformer "
                           f"does not have (e.g. {sorted(unknown)[0]!r}): a LoRA of another model?")
     return loras
+
+
+def original_names(recipe: ModelRecipe, linears: list[str], table) -> list[str]:
+    """The original module names of this transformer that kohya-style files flatten ("lora_unet_"
+    + the name with "_" for "."): the key map's table, or each linear's renamed name."""
+    if table is not None:
+        return list(table.by_original)
+    if recipe.keymap is not None and issubclass(recipe.keymap, RenameKeymap):
+        return [recipe.keymap.diffusers_to_original_key(n) for n in linears]
+    return []
 
 
 def suggested_targets(modules) -> str:
