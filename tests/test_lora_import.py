@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from config.train_config import AdapterConfig
 from models.flux import FluxConfig, FluxModel
@@ -339,3 +339,24 @@ def test_wan_kohya_names_are_original_names(tmp_path):
         got.setdefault(module, {})[part] = value
     assert_same_changes({m: lycoris_change(p, 1.0) for m, p in trained.items()},
                         {m: lycoris_change(p, 1.0) for m, p in got.items()})
+
+    # Saved, a LoKr of Wan has the original layout too (no module is fused): "diffusion_model." + the
+    # original module, as ComfyUI's generic key map names the checkpoint's weights; it reads back.
+    adapter = AdapterConfig(type="lokr", rank=4, alpha=2.0)
+    transformer = model.build_empty_transformer()
+    add_lora(model, transformer, adapter)
+    saved = {f"{m}.{part}": v for m, parts in trained.items() for part, v in parts.items()}
+    files = save_lora(model, saved, adapter, tmp_path / "saved", torch.float32)
+    assert [f.name for f in files] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
+    comfy = load_file(files[1])
+    weights = {WanKeymap.diffusers_to_original_key(n) for n, _ in transformer.named_parameters()
+               if n.endswith(".base_layer.weight")}
+    assert {k.removeprefix("diffusion_model.").rpartition(".")[0] + ".base_layer.weight" for k in comfy} <= weights
+    assert "diffusion_model.blocks.0.self_attn.q.lokr_w1" in comfy
+    for path in files:
+        got = {}
+        for name, value in read_lycoris_file(model, transformer, path, adapter).items():
+            module, _, part = name.removesuffix(".default").rpartition(".")
+            got.setdefault(module, {})[part] = value
+        assert_same_changes({m: lycoris_change(p, 0.5) for m, p in trained.items()},
+                            {m: lycoris_change(p, 0.5) for m, p in got.items()})
