@@ -190,24 +190,29 @@ def test_masks_per_frame_weigh_their_latent_frames(tmp_path):
     data, masks = tmp_path / "data", tmp_path / "masks"
     data.mkdir(), masks.mkdir()
     rng = np.random.default_rng(0)
-    for name in ("per_frame", "all_ones", "one_image", "short", "image"):
+    for name in ("per_frame", "all_ones", "one_image", "short", "wide", "image"):
         if name == "image":
             Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "image.png")
         else:
-            write_video(data / f"{name}.mp4", rng.integers(0, 256, (9, 64, 64, 3), dtype=np.uint8), fps=8)
+            frames = 13 if name == "per_frame" else 9
+            write_video(data / f"{name}.mp4", rng.integers(0, 256, (frames, 64, 64, 3), dtype=np.uint8), fps=8)
         (data / f"{name}.txt").write_text("a clip")
-    write_frames(masks / "per_frame.mp4", white_frames=3)  # frames 0-2 weigh 1, 3-8 nothing
+    # 13 frames: its 9-frame clip (single_middle) starts at frame 2; frames 2-4 of it weigh 1, 5-12 nothing
+    write_frames(masks / "per_frame.mp4", white_frames=5, frames=13)
     write_frames(masks / "all_ones.mkv", white_frames=9)
     write_mask(masks / "one_image.png", 64, 64, 64)  # an image for every frame, all white
     write_frames(masks / "short.mp4", white_frames=5, frames=5)
+    write_frames(masks / "wide.mp4", white_frames=9, size=(96, 64))
     write_frames(masks / "image.mp4", white_frames=1, frames=1)  # an image's mask is an image
     toml = tmp_path / "dataset.toml"
-    toml.write_text('resolutions = [64]\nframe_buckets = [9]\n\n[[directory]]\npath = "data"\nmask_path = "masks"\n')
+    toml.write_text('resolutions = [64]\nframe_buckets = [9]\nvideo_clip_mode = "single_middle"\n\n'
+                    '[[directory]]\npath = "data"\nmask_path = "masks"\n')
     dataset = load_dataset_config(toml)
 
     reasons = {p.name: r for p, r in scan_dataset(dataset).problems}
     assert reasons == {
         "short.mp4": f"mask {masks / 'short.mp4'} has 5 frames, the video 9: a mask video has one per frame",
+        "wide.mp4": f"mask {masks / 'wide.mp4'} is 96x64, not of the media's aspect ratio (64x64)",
         "image.png": f"no mask in {masks} (an image named image.png, .jpg, ...)"}
     reader = prepare_dataset(dataset, model, title="test", micro_batch_size=3, caching_batch_size=3,
                              regenerate=False, place=Distributed.alone(CPU), log=lambda *_: None)
@@ -215,7 +220,8 @@ def test_masks_per_frame_weigh_their_latent_frames(tmp_path):
     assert set(index) == {"per_frame", "all_ones", "one_image"}
     latents = reader.load(index["per_frame"])[0]["latents"]
     assert latents.shape == (16, 3, 8, 8)
-    # By hand: latent frame 0 is pixel frame 0 (white), 1 is frames 1-4 (2 of 4 white), 2 is frames 5-8.
+    # By hand: latent frame 0 is clip frame 0 (white), 1 is clip frames 1-4 (2 of 4 white), 2 is 5-8.
+    # (Cut from frame 0 instead of the clip's, it would be 1, 1, 0.)
     by_hand = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
     assert torch.equal(reader.load(index["per_frame"])[0]["mask"], by_hand)
     assert torch.equal(reader.load(index["all_ones"])[0]["mask"], torch.ones(1, 3, 8, 8))
