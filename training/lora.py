@@ -1,6 +1,6 @@
 """LoRA for every model: injected into the modules the adapter targets, initialised the same for
-any pipeline split, saved as diffusers' file plus the recipe's extra formats, and started from an
-existing file (`init_from_existing`) of any layout users hold.
+any pipeline split, and started from an existing file (`init_from_existing`) of any layout users
+hold. Writing the files is saving/export.py's (training imports saving, never the reverse).
 
 Files read: this trainer's pytorch_lora_weights.safetensors ("transformer." + diffusers names) and
 lora_comfyui.safetensors (original names, fused modules with block-diagonal B); diffusion-pipe's
@@ -27,13 +27,14 @@ from accelerate import init_empty_weights
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.base import ModelRecipe
 from models.keymaps.keymap import LYCORIS_FACTORS, RenameKeymap
 from models.pipeline_layers import is_adapter_weight, named_weights
+from saving.export import LYCORIS_SCALED, adapter_file_key
 from training.weights import open_safetensors, set_parameter
 from utils.dtypes import DTYPES
 from utils.errors import ConfigError
@@ -148,45 +149,6 @@ def load_lora_into(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
                 param.copy_(value)
 
 
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
-    return {_lora_file_name(n): p.detach().cpu() for n, p in transformer.named_parameters()
-            if is_adapter_weight(n) and not p.is_meta}
-
-
-def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
-              dtype: torch.dtype) -> list[Path]:
-    """Write the adapter in diffusers format plus the model's extra formats.
-
-    The alpha/rank scale is multiplied into lora_B (LoKr: lokr_w1, LoHa: hada_w1_a, each a
-    factor the update is linear in), so every loader, with or without an alpha field,
-    applies the adapter exactly as trained. LoKr and LoHa have an original layout only where
-    the key map renames modules without fusing any (LTX-Video, Wan): FLUX.1 and HunyuanVideo
-    fuse q, k and v, which a Kronecker or Hadamard product cannot be split into (ComfyUI's FLUX.1
-    key map reads the diffusers file, patching slices of fused modules).
-    """
-    scale = adapter.alpha / adapter.rank
-    scaled = {k: (v.float() * scale if ".lora_B." in k or k.rpartition(".")[2] in LYCORIS_SCALED
-                  else v.float()).to(dtype).contiguous()
-              for k, v in sorted(lora.items())}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
-    save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
-              metadata={"format": "pt", "trainer_model_type": recipe.name})
-    written = [diffusers_file]
-    renames_only = recipe.keymap is not None and issubclass(recipe.keymap, RenameKeymap)
-    if adapter.use_dora or (adapter.type != "lora" and not renames_only):
-        # The original layout has no DoRA magnitudes, and LoKr / LoHa only where it fuses no
-        # module (examples/flux.toml); ComfyUI reads FLUX.1's LoKr / LoHa in the diffusers file.
-        return written
-    for filename, tensors in recipe.extra_lora_formats(scaled).items():
-        # kohya's alpha scalars stay float32: exact at any rank.
-        save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
-                  out_dir / filename, metadata={"format": "pt"})
-        written.append(out_dir / filename)
-    return written
-
-
 def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, tuple]:
     """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
     adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
@@ -244,7 +206,7 @@ def read_lycoris_file(recipe: ModelRecipe, transformer: nn.Module, path: Path,
                       adapter: AdapterConfig) -> dict[str, torch.Tensor]:
     """A LoKr or LoHa file for `init_from_existing`, as {parameter name of `transformer`: value}
     with this adapter's alpha / rank scale divided out, so the adapter applies exactly the file's
-    weight change. Files read: this trainer's saves (`save_lora`) and LyCORIS / kohya files
+    weight change. Files read: this trainer's saves (saving/export.save_lora) and LyCORIS / kohya files
     (ComfyUI's and sd-scripts' layout: "lora_unet_" + the original module name with "_" for ".",
     or "lycoris_" / "lora_transformer_" + the diffusers name, each module with its factors and an
     .alpha). The file's scale is the one LyCORIS and ComfyUI apply: alpha over the rank of the
@@ -266,7 +228,7 @@ def read_lycoris_file(recipe: ModelRecipe, transformer: nn.Module, path: Path,
     ours: dict[str, dict[str, str]] = {}
     for n, _ in transformer.named_parameters():
         if is_adapter_weight(n):
-            module, _, kind = _lora_file_name(n).rpartition(".")
+            module, _, kind = adapter_file_key(n).rpartition(".")
             ours.setdefault(module, {})[kind] = n
     extra, missing = sorted(set(modules) - set(ours)), sorted(set(ours) - set(modules))
     if extra or missing:
@@ -378,18 +340,8 @@ def _loha_values(parts: dict[str, torch.Tensor], shapes: dict[str, tuple]):
     return values, (float(parts["alpha"]) / values["hada_w1_b"].shape[0] if "alpha" in parts else 1.0)
 
 
-# peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model), and
-# the factor the alpha / rank scale is saved in.
+# peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model).
 LYCORIS_ZERO = frozenset({"lokr_w1", "lokr_w1_a", "hada_w2_b"})
-LYCORIS_SCALED = frozenset({"lokr_w1", "lokr_w1_a", "hada_w1_a"})
-
-
-def _lora_file_name(param_name: str) -> str:
-    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
-    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it; LoKr
-    # and LoHa weights "x.to_q.lokr_w1.default" -> "x.to_q.lokr_w1" (peft's state dict keys).
-    name = param_name.removesuffix(".default").replace(".default.", ".")
-    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def name_examples(names: list[str], n: int = 2) -> str:
