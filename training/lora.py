@@ -284,6 +284,7 @@ def _lycoris_module_names(recipe: ModelRecipe, transformer: nn.Module, found: di
     linears = [n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
     table = recipe.keymap.original_modules(recipe.transformer_config())[0] if recipe.keymap is not None else None
     flat = {n.replace(".", "_"): n for n in original_names(recipe, linears, table) + linears}
+    linears = set(linears)
     out, unknown, fused = {}, [], []
     for name, parts in found.items():
         if name.startswith(_KOHYA_PREFIXES + ("lycoris_",)):
