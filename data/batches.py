@@ -139,6 +139,7 @@ def collate(example, reader: CacheReader, batch: list[Slot], seed: int, tag: str
     masks = [lat.get("mask") for lat, _ in loaded]
     mask = None
     if any(m is not None for m in masks):  # a sample without a mask (another folder's) weighs 1 everywhere
-        shape = next(m.shape for m in masks if m is not None)
-        mask = torch.stack([m if m is not None else torch.ones(shape) for m in masks])
+        # One mask image for all frames (a frame axis of 1) and masks per frame mix in a batch.
+        shape = torch.broadcast_shapes(*(m.shape for m in masks if m is not None))
+        mask = torch.stack([m.expand(shape) if m is not None else torch.ones(shape) for m in masks])
     return example(latents, text, generators, timesteps=timesteps, weights=weights, mask=mask)

@@ -6,7 +6,8 @@ recomputed only when a file's size or modification time changes).
 
 Every cache entry is keyed by what decides its content: a latent by the file's content hash,
 the bucket shape (frames included), the clip's first frame, the model's latent signature and
-its loss mask's content hash (the mask is stored with the latent, at the latent's size); a
+its loss mask's content hash (the mask is stored with the latent, at the latent's size and
+frame count); a
 text embedding by the caption and the model's text signature. So a changed image, caption,
 resolution, bucket or model re-encodes just the entries that changed, and `--regenerate_cache`
 is only needed to start over.
@@ -230,7 +231,8 @@ class DatasetCache:
                 for c, out in zip(batch, outputs):
                     if c.sample.item.mask is not None:
                         b = c.sample.bucket
-                        out["mask"] = latent_mask(load_mask(c.sample.item.mask, b.width, b.height), out["latents"])
+                        pixel_mask = load_mask(c.sample.item.mask, b.width, b.height, b.frames, c.sample.clip_start)
+                        out["mask"] = latent_mask(pixel_mask, out["latents"])
                 return outputs
 
             problems += _encode_distributed(todo_latents, latent_stores, batch_size, place, writers, "Caching latents",
@@ -252,11 +254,27 @@ class DatasetCache:
 
 
 def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """A (1, height, width) pixel mask as weights of the latent elements: averaged over the pixels
-    each latent element covers, shaped to broadcast over `latents` ((1, h, w), or (1, 1, h, w)
-    for video latents (channels, frames, h, w): one mask for every frame)."""
-    small = torch.nn.functional.interpolate(mask[None].float(), size=tuple(latents.shape[-2:]), mode="area")[0]
-    return small.view(1, *([1] * (latents.dim() - 3)), *small.shape[-2:])
+    """A pixel mask as weights of the latent elements, averaged over the pixels each latent
+    element covers, shaped to broadcast over `latents`.
+
+    A mask image (1, height, width) gives (1, h, w), or (1, 1, h, w) for video latents
+    (channels, frames, h, w): one weight map for every frame. Masks per frame (1, frames, height,
+    width) give (1, latent frames, h, w): the video VAEs here are causal, so latent frame 0 holds
+    pixel frame 0 alone and each later one the next (frames - 1) / (latent frames - 1) frames
+    (4 for HunyuanVideo and Wan, 8 for LTX-Video); each weighs the mean of its frames."""
+    h, w = latents.shape[-2:]
+    if mask.dim() == 4 and latents.dim() == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]  # a one-frame clip of a video for an image model
+    if mask.dim() == 3:
+        small = torch.nn.functional.interpolate(mask[None].float(), size=(h, w), mode="area")[0]
+        return small.view(1, *([1] * (latents.dim() - 3)), h, w)
+    frames, latent_frames = mask.shape[1], (latents.shape[1] if latents.dim() == 4 else 0)
+    group = (frames - 1) // max(latent_frames - 1, 1)
+    if latent_frames < 1 or (latent_frames == 1 and frames != 1) or group * (latent_frames - 1) != frames - 1:
+        raise ValueError(f"a mask of {frames} frames does not fit a latent of {latent_frames} frames")
+    small = torch.nn.functional.interpolate(mask.float().transpose(0, 1), size=(h, w), mode="area").transpose(0, 1)
+    later = small[:, 1:].reshape(1, latent_frames - 1, group, h, w).mean(dim=2)
+    return torch.cat([small[:, :1], later], dim=1)
 
 
 def _text_keys(c: CachedSample) -> list[str]:

@@ -320,11 +320,16 @@ def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 
     return fit_to_bucket(load_image(path), width, height).unsqueeze(1)
 
 
-def load_mask(path: Path | str, width: int, height: int) -> torch.Tensor:
-    """A loss mask image fitted to a bucket exactly as its media file is (scaled to cover, center
-    cropped), as (1, height, width) float32 weights in [0, 1]: white 1, black 0, gray between
-    (the mean of the R, G and B values; transparency composited on white)."""
-    rgb = fit_to_bucket(load_image(path), width, height)
+def load_mask(path: Path | str, width: int, height: int, frames: int = 1, clip_start: int = 0) -> torch.Tensor:
+    """A loss mask fitted to a bucket exactly as its media file is (scaled to cover, center
+    cropped), as float32 weights in [0, 1]: white 1, black 0, gray between (the mean of the R, G
+    and B values; transparency composited on white). A mask image is (1, height, width), one
+    weight map for every frame; a mask video (a video's masks per frame) gives the same clip as
+    its video, (1, frames, height, width)."""
+    if is_video_file(path):
+        rgb = load_video_clip(path, width, height, frames, clip_start)
+    else:
+        rgb = fit_to_bucket(load_image(path), width, height)
     # Lanczos overshoots at hard edges: clamp back to [0, 1].
     return rgb.mean(dim=0, keepdim=True).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
 

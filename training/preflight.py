@@ -67,7 +67,7 @@ def check_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, ada
     """The LoRA file for `init_from_existing` must be this model's, with this adapter's rank
     and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
     if adapter.type != "lora":
-        read_lycoris_file(transformer, path, adapter)
+        read_lycoris_file(recipe, transformer, path, adapter)
     else:
         read_lora_file(recipe, transformer, path, adapter)
 

@@ -176,6 +176,14 @@ class Trainer:
             results[name] = (total[0] / total[1]).item()
         return results
 
+    def draw_samples(self, step: int) -> None:
+        """The [sample] pictures for `step`, with the averaged weights where [ema] samples says so."""
+        if self.ema is not None and self.config.settings.ema.samples:
+            with self.ema.applied():
+                self.sampler.run(step)
+        else:
+            self.sampler.run(step)
+
     def log_eval(self):
         results = self.evaluate()
         if self.ema is not None and self.config.settings.ema.eval and self.evals:
@@ -322,7 +330,7 @@ class Trainer:
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         if self.sampler and s.sample.at_start and self.step == 0:
-            self.sampler.run(0)
+            self.draw_samples(0)
         while self.step < self.total:
             signum = self.stop_requested()
             if signum:
@@ -371,7 +379,7 @@ class Trainer:
             if self.eval_schedule.due(self.step, spe):
                 self.log_eval()
             if self.sampler and self.sample_schedule.due(self.step, spe):
-                self.sampler.run(self.step)
+                self.draw_samples(self.step)
             if self.save_schedule.due(self.step, spe):
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
@@ -381,7 +389,7 @@ class Trainer:
         if self.evals:
             self.log_eval()
         if self.sampler:
-            self.sampler.run(self.step)
+            self.draw_samples(self.step)
         self._write_memory_peaks()
         self.save("final")
         if self.checkpoints_enabled():

@@ -28,6 +28,9 @@ LINEAR = (("weight", "weight"), ("bias", "bias"))
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# The factors of a LoKr / LoHa module (peft's and LyCORIS's names), after "<module>.".
+LYCORIS_FACTORS = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                             "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
 
 
 @dataclass(frozen=True)
@@ -536,13 +539,20 @@ class RenameKeymap(Keymap):
     @classmethod
     def lora_to_original(cls, lora_state_dict, config=None, prefix="diffusion_model."):
         """Keys "<diffusers module>.lora_A.weight" / ".lora_B.weight" (an optional "transformer." prefix
-        is allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight". Raises
-        ValueError on keys that are not LoRA weights."""
+        is allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight"; LoKr / LoHa
+        factors ("<module>.lokr_w1", ...: LYCORIS_FACTORS) are renamed alike, each module being
+        one module in both layouts. Raises ValueError on keys that are neither."""
         parsed, unknown = parse_lora_keys(lora_state_dict)
+        factors = [k for k in unknown if k.rpartition(".")[2] in LYCORIS_FACTORS]
+        unknown = [k for k in unknown if k not in factors]
         if unknown:
             raise ValueError(f"Keys that are not LoRA weights: {unknown[:20]}")
-        return {prefix + cls.diffusers_to_original_key(module) + suffix: lora_state_dict[key]
-                for key, module, suffix in parsed}
+        out = {prefix + cls.diffusers_to_original_key(module) + suffix: lora_state_dict[key]
+               for key, module, suffix in parsed}
+        for key in factors:
+            module, _, factor = key.removeprefix("transformer.").rpartition(".")
+            out[f"{prefix}{cls.diffusers_to_original_key(module)}.{factor}"] = lora_state_dict[key]
+        return out
 
     @classmethod
     def renamed_module(cls, original_name):
