@@ -106,6 +106,10 @@ class ModelRecipe:
         `encode_captions` unpacks them."""
         raise NotImplementedError
 
+    def check_encoder_files(self) -> None:
+        """Check the VAE and text encoder files given beside the diffusers folder (a model's
+        single-file keys) by their headers, before anything is cached: a ConfigError line each."""
+
     def load_vae(self, device: torch.device) -> None:
         """Load the model's VAE (`vae_class` from the `vae/` folder) for caching latents."""
         self.vae = self.vae_class.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()

@@ -1,0 +1,140 @@
+"""Single-file VAEs and text encoders as users hold them (a model's release, ComfyUI's files), read
+into the diffusers / transformers module their diffusers folder describes.
+
+A ``SingleFileLayout`` says how such a file names the module's weights: under which key prefix
+(the first one listed is the one written, by ``to_single_file``) and which names differ. Other
+keys the file holds beside them (a language model's output head, CLIP's projections) are left
+unread. The module itself is built from the diffusers folder's config, so the file gives the
+weights only. Every mismatch is one ConfigError line naming the config key and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from utils.errors import ConfigError
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """How one kind of single file names a module's weights."""
+
+    name: str  # what the file holds, for messages: "HunyuanVideo VAE"
+    example: str  # the file users have, for messages: "hunyuan_video_vae_bf16.safetensors"
+    # Key prefixes before the module's own names, the one written first; "" for none.
+    prefixes: tuple[str, ...] = ("",)
+    # (file's name, module's name) of weights the layouts name differently.
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def module_key(self, file_key: str) -> str:
+        return dict(self.renames).get(file_key, file_key)
+
+    def file_key(self, module_key: str) -> str:
+        return {m: f for f, m in self.renames}.get(module_key, module_key)
+
+    def to_single_file(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A module's state dict in this layout (the first prefix): what the users' file holds."""
+        return {self.prefixes[0] + self.file_key(k): v.contiguous() for k, v in state_dict.items()}
+
+
+def _torch_state_dict(path: Path) -> dict:
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    # Training checkpoints keep the weights under one of these entries.
+    for entry in ("state_dict", "module", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(entry), dict):
+            sd = sd[entry]
+    if not isinstance(sd, dict):
+        raise ValueError(f"holds a {type(sd).__name__}, not a state dict")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+class SingleFile:
+    """A single weights file opened lazily (.safetensors) or memory-mapped (a torch .pt file)."""
+
+    def __init__(self, path: str | Path, config_key: str, layout: SingleFileLayout):
+        self.path, self.config_key, self.layout = Path(path), config_key, layout
+        try:
+            if self.path.suffix in _TORCH_SUFFIXES:
+                self._tensors = _torch_state_dict(self.path)
+                self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
+            else:
+                self._tensors = None
+                with safe_open(str(self.path), "pt") as f:
+                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # SafetensorError, pickle or OSError: not this kind of file
+            kind = "torch" if self.path.suffix in _TORCH_SUFFIXES else ".safetensors"
+            raise ConfigError(f"model.{config_key}: {self.path} is not a readable {kind} file ({e}); expected "
+                              f"the {layout.name} ({layout.example})") from None
+
+    def _error(self, problem: str) -> ConfigError:
+        return ConfigError(f"model.{self.config_key}: {self.path} is not the {self.layout.name} the config in "
+                           f"diffusers_path describes: {problem}; expected {self.layout.example} (or the "
+                           f"diffusers folder's own weights: remove model.{self.config_key})")
+
+    def match(self, expected: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+        """{module key: file key} for every expected weight (module key -> shape), checked against
+        the file's header; the prefix is the listed one under which most expected weights are found."""
+        best: dict[str, str] = {}
+        for prefix in self.layout.prefixes:
+            found = {k: prefix + self.layout.file_key(k) for k in expected}
+            found = {k: f for k, f in found.items() if f in self.shapes}
+            if len(found) > len(best):
+                best = found
+        # Keys beyond the module's are left unread: files carry heads and projections it does not use.
+        if not best:
+            some = ", ".join(sorted(self.shapes)[:3])
+            raise self._error(f"it holds none of its {len(expected)} weights (its keys: {some}, ...)")
+        missing = sorted(set(expected) - set(best))
+        if missing:
+            raise self._error(f"{len(missing)} of its {len(expected)} weights are missing (e.g. "
+                              f"{', '.join(best.get(k, k) for k in missing[:3])})")
+        wrong = [k for k in sorted(expected) if tuple(expected[k]) != self.shapes[best[k]]]
+        if wrong:
+            k = wrong[0]
+            raise self._error(f"{len(wrong)} weights have another shape (e.g. {best[k]!r}: expected "
+                              f"{tuple(expected[k])}, found {self.shapes[best[k]]}): a model of another size")
+        return best
+
+    def read(self, keys: Mapping[str, str]) -> dict[str, torch.Tensor]:
+        """{module key: tensor} for {module key: file key}."""
+        if self._tensors is not None:
+            return {k: self._tensors[f] for k, f in keys.items()}
+        with safe_open(str(self.path), "pt") as f:
+            return {k: f.get_tensor(fk) for k, fk in keys.items()}
+
+
+def expected_weights(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The module's state dict shapes (works on the meta device)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_single_file(path: str | Path, config_key: str, layout: SingleFileLayout, module: nn.Module) -> None:
+    """Check the file's header against `module` (built from its config, on the meta device or not)."""
+    SingleFile(path, config_key, layout).match(expected_weights(module))
+
+
+def load_single_file(path: str | Path, config_key: str, layout: SingleFileLayout, module: nn.Module,
+                     dtype: torch.dtype) -> nn.Module:
+    """`module` (built from its config, parameters on the meta device) with the file's weights in
+    `dtype` (floating point ones; others as stored)."""
+    file = SingleFile(path, config_key, layout)
+    tensors = file.read(file.match(expected_weights(module)))
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    module.load_state_dict(tensors, strict=True, assign=True)
+    return module
+
+
+# ComfyUI's clip_l.safetensors (HunyuanVideo's and FLUX.1's CLIP text encoder): transformers'
+# CLIPTextModel names under "text_model." (as CLIPModel keeps them; a text_projection beside them
+# is not read); all-in-one checkpoints add a prefix before that.
+CLIP_L = SingleFileLayout("CLIP-L text encoder", "clip_l.safetensors",
+                          prefixes=("text_model.", "", "cond_stage_model.transformer.text_model.",
+                                    "text_encoders.clip_l.transformer.text_model."))
