@@ -10,7 +10,6 @@ the VAE's scaling_factor, and the transformer gets the timestep and the guidance
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Optional
 
 import numpy as np
@@ -18,12 +17,11 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from torch import nn
-from accelerate import init_empty_weights
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel
 
-from models.base import ModelRecipe
+from models.base import EncoderFile, ModelRecipe
 from models.keymaps.hunyuan_video import HUNYUAN_VIDEO_VAE, LLAVA_LLAMA3, HunyuanVideoKeymap
-from models.keymaps.single_file import CLIP_L, SingleFileLayout, check_single_file, load_single_file
+from models.keymaps.single_file import CLIP_L
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from config.train_config import ModelConfig
 from utils.errors import ConfigError
@@ -195,94 +193,26 @@ class HunyuanVideoModel(ModelRecipe):
     decode_tiled = True
 
     # ---------------------------------------------------------------- encoders
-    # Each encoder: its config key, the diffusers folder's subfolders (weights, tokenizer), the
-    # class and its config class, and the layout of its single file.
-    ENCODERS = {"llm_path": ("text_encoder", "tokenizer", LlamaModel, LlamaConfig, LLAVA_LLAMA3),
-                "clip_path": ("text_encoder_2", "tokenizer_2", CLIPTextModel, CLIPTextConfig, CLIP_L)}
+    encoder_files = {
+        "vae_path": EncoderFile("vae", AutoencoderKLHunyuanVideo, HUNYUAN_VIDEO_VAE),
+        "llm_path": EncoderFile("text_encoder", LlamaModel, LLAVA_LLAMA3, LlamaConfig, "tokenizer", AutoTokenizer),
+        "clip_path": EncoderFile("text_encoder_2", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer_2", CLIPTokenizer),
+    }
 
     def latent_cache_signature(self) -> str:
-        return self._config_signature("vae", extra="mode" + self._single_files_signature("vae_path"))
+        return self._config_signature("vae", extra="mode" + self.encoder_files_signature("vae_path"))
 
     def text_cache_signature(self) -> str:
         return self._config_signature(
             "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
             extra=f"llama_len={self.config.max_sequence_length},skip={NUM_HIDDEN_LAYERS_TO_SKIP},"
-                  f"template={self.prompt_template!r}" + self._single_files_signature("llm_path", "clip_path"))
-
-    def _single_files_signature(self, *keys: str) -> str:
-        # A file or folder given instead of the diffusers folder's weights: its files' names and sizes.
-        parts = []
-        for k in keys:
-            value = getattr(self.config, k)
-            if value is not None:
-                path = Path(value)
-                files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-                parts.append(f"{k}=" + ",".join(f"{f}:{f.stat().st_size}" for f in files))
-        return "".join(f",{p}" for p in parts)
-
-    def _single_file_module(self, key: str, layout: SingleFileLayout, build, meta: bool):
-        """The module `build()` makes (from the diffusers folder's config), with the weights of
-        the single file model.<key>; on the meta device, for a header check, when `meta`."""
-        with init_empty_weights(include_buffers=False):
-            module = build()
-        if meta:
-            check_single_file(getattr(self.config, key), key, layout, module)
-            return module
-        return load_single_file(getattr(self.config, key), key, layout, module, self.dtype)
-
-    def _empty_vae(self):
-        if not (self.root / "vae" / "config.json").is_file():
-            raise ConfigError(f"model.diffusers_path: {self.root} has no vae/config.json, which gives the "
-                              f"architecture of model.vae_path's single file")
-        return self.vae_class.from_config(self.vae_class.load_config(self.root / "vae"))
-
-    def _text_encoder(self, key: str, device, meta: bool = False):
-        """(tokenizer, encoder) of model.<key>: a transformers folder with its tokenizer
-        (diffusion-pipe's llm_path / clip_path), a single file (ComfyUI's), or the diffusers folder's."""
-        subfolder, tokenizer_folder, model_class, config_class, layout = self.ENCODERS[key]
-        value = getattr(self.config, key)
-        tokenizer_class = AutoTokenizer if key == "llm_path" else CLIPTokenizer
-        if value is not None and Path(value).is_dir():
-            folder = Path(value)
-            for needed in ("config.json", "tokenizer_config.json"):
-                if not (folder / needed).is_file():
-                    raise ConfigError(f"model.{key}: {folder} has no {needed}; expected a transformers folder of "
-                                      f"the {layout.name} with its tokenizer, or the single file {layout.example}")
-            if meta:
-                return None, None
-            return (tokenizer_class.from_pretrained(folder),
-                    model_class.from_pretrained(folder, torch_dtype=self.dtype).to(device).eval())
-        tokenizer = None if meta else tokenizer_class.from_pretrained(self.root / tokenizer_folder)
-        if value is None:
-            if meta:
-                return None, None
-            return tokenizer, model_class.from_pretrained(self.root / subfolder, torch_dtype=self.dtype).to(device).eval()
-        if not (self.root / subfolder / "config.json").is_file():
-            raise ConfigError(f"model.diffusers_path: {self.root} has no {subfolder}/config.json, which gives the "
-                              f"architecture of model.{key}'s single file")
-        config = config_class.from_pretrained(self.root / subfolder)
-        encoder = self._single_file_module(key, layout, lambda: model_class(config), meta)
-        return tokenizer, (encoder if meta else encoder.to(device).eval())
-
-    def check_encoder_files(self) -> None:
-        # The single files' headers against the configs, before anything is cached.
-        if self.config.vae_path is not None:
-            self._single_file_module("vae_path", HUNYUAN_VIDEO_VAE, self._empty_vae, meta=True)
-        for key in self.ENCODERS:
-            if getattr(self.config, key) is not None:
-                self._text_encoder(key, "cpu", meta=True)
-
-    def load_vae(self, device):
-        if self.config.vae_path is None:
-            return super().load_vae(device)
-        self.vae = self._single_file_module("vae_path", HUNYUAN_VIDEO_VAE, self._empty_vae, meta=False).to(device).eval()
-        self.device = device
+                  f"template={self.prompt_template!r}" + self.encoder_files_signature("llm_path", "clip_path"))
 
     def text_encoder_parts(self, device):
-        llama_tokenizer, llama = self._text_encoder("llm_path", device)
+        llama_tokenizer, llama = self.encoder_part("llm_path", device)
         # The template crop and the transformer's text mask both expect the prompt's tokens first.
         llama_tokenizer.padding_side = "right"
-        clip_tokenizer, clip = self._text_encoder("clip_path", device)
+        clip_tokenizer, clip = self.encoder_part("clip_path", device)
         return llama_tokenizer, llama, clip_tokenizer, clip
 
     def load_text_encoders(self, device):

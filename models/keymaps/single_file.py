@@ -10,9 +10,10 @@ weights only. Every mismatch is one ConfigError line naming the config key and t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -31,18 +32,29 @@ class SingleFileLayout:
     example: str  # the file users have, for messages: "hunyuan_video_vae_bf16.safetensors"
     # Key prefixes before the module's own names, the one written first; "" for none.
     prefixes: tuple[str, ...] = ("",)
-    # (file's name, module's name) of weights the layouts name differently.
-    renames: tuple[tuple[str, str], ...] = ()
+    # Where the layouts name modules differently: the file's name of every module key (unprefixed),
+    # given all of them (a name may depend on how many blocks there are). None: the same names.
+    file_names: Optional[Callable[[list[str]], dict[str, str]]] = None
+    # A regex of the file's (unprefixed) keys stored as 1x1 convolution kernels where the module
+    # has linear weights (two trailing dimensions of 1).
+    conv_kernels: Optional[str] = None
 
-    def module_key(self, file_key: str) -> str:
-        return dict(self.renames).get(file_key, file_key)
+    def file_keys(self, module_keys: Iterable[str]) -> dict[str, str]:
+        """{module key: the file's key, without prefix}."""
+        module_keys = list(module_keys)
+        return self.file_names(module_keys) if self.file_names else {k: k for k in module_keys}
 
-    def file_key(self, module_key: str) -> str:
-        return {m: f for f, m in self.renames}.get(module_key, module_key)
+    def file_shape(self, file_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the file stores the module's weight of `shape` under `file_key` in."""
+        if self.conv_kernels and len(shape) == 2 and re.match(self.conv_kernels, file_key):
+            return (*shape, 1, 1)
+        return tuple(shape)
 
     def to_single_file(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A module's state dict in this layout (the first prefix): what the users' file holds."""
-        return {self.prefixes[0] + self.file_key(k): v.contiguous() for k, v in state_dict.items()}
+        names = self.file_keys(state_dict)
+        return {self.prefixes[0] + names[k]: v.reshape(self.file_shape(names[k], tuple(v.shape))).contiguous()
+                for k, v in state_dict.items()}
 
 
 def _torch_state_dict(path: Path) -> dict:
@@ -82,12 +94,14 @@ class SingleFile:
     def match(self, expected: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
         """{module key: file key} for every expected weight (module key -> shape), checked against
         the file's header; the prefix is the listed one under which most expected weights are found."""
+        names = self.layout.file_keys(expected)
         best: dict[str, str] = {}
+        best_prefix = ""
         for prefix in self.layout.prefixes:
-            found = {k: prefix + self.layout.file_key(k) for k in expected}
+            found = {k: prefix + names[k] for k in expected}
             found = {k: f for k, f in found.items() if f in self.shapes}
             if len(found) > len(best):
-                best = found
+                best, best_prefix = found, prefix
         # Keys beyond the module's are left unread: files carry heads and projections it does not use.
         if not best:
             some = ", ".join(sorted(self.shapes)[:3])
@@ -95,12 +109,13 @@ class SingleFile:
         missing = sorted(set(expected) - set(best))
         if missing:
             raise self._error(f"{len(missing)} of its {len(expected)} weights are missing (e.g. "
-                              f"{', '.join(best.get(k, k) for k in missing[:3])})")
-        wrong = [k for k in sorted(expected) if tuple(expected[k]) != self.shapes[best[k]]]
+                              f"{', '.join(best_prefix + names[k] for k in missing[:3])})")
+        stored = {k: self.layout.file_shape(names[k], expected[k]) for k in expected}
+        wrong = [k for k in sorted(expected) if stored[k] != self.shapes[best[k]]]
         if wrong:
             k = wrong[0]
             raise self._error(f"{len(wrong)} weights have another shape (e.g. {best[k]!r}: expected "
-                              f"{tuple(expected[k])}, found {self.shapes[best[k]]}): a model of another size")
+                              f"{stored[k]}, found {self.shapes[best[k]]}): a model of another size")
         return best
 
     def read(self, keys: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -111,9 +126,16 @@ class SingleFile:
             return {k: f.get_tensor(fk) for k, fk in keys.items()}
 
 
+def _tied_keys(module: nn.Module) -> set[str]:
+    # transformers' tied weights (T5's encoder.embed_tokens is its shared embedding): set by tie_weights().
+    tied = getattr(module, "_tied_weights_keys", None)
+    return set(tied) if isinstance(tied, dict) else set()
+
+
 def expected_weights(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The module's state dict shapes (works on the meta device)."""
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """The module's state dict shapes, without tied copies (works on the meta device)."""
+    tied = _tied_keys(module)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if k not in tied}
 
 
 def check_single_file(path: str | Path, config_key: str, layout: SingleFileLayout, module: nn.Module) -> None:
@@ -126,9 +148,13 @@ def load_single_file(path: str | Path, config_key: str, layout: SingleFileLayout
     """`module` (built from its config, parameters on the meta device) with the file's weights in
     `dtype` (floating point ones; others as stored)."""
     file = SingleFile(path, config_key, layout)
-    tensors = file.read(file.match(expected_weights(module)))
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    module.load_state_dict(tensors, strict=True, assign=True)
+    expected = expected_weights(module)
+    tensors = file.read(file.match(expected))
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).reshape(expected[k]) for k, v in tensors.items()}
+    tied = _tied_keys(module)
+    module.load_state_dict(tensors, strict=not tied, assign=True)
+    if tied:
+        module.tie_weights()
     return module
 
 
