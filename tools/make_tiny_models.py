@@ -21,9 +21,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.keymaps.flux import FluxKeymap  # noqa: E402
+from models.keymaps.flux import FLUX_VAE as FLUX_VAE_FILE, FluxKeymap  # noqa: E402
 from models.keymaps.hunyuan_video import HUNYUAN_VIDEO_VAE, LLAVA_LLAMA3, HunyuanVideoKeymap  # noqa: E402
-from models.keymaps.single_file import CLIP_L  # noqa: E402
+from models.keymaps.single_file import CLIP_L, T5_XXL  # noqa: E402
 from models.keymaps.ltx_video import LTXVideoKeymap  # noqa: E402
 
 SEED = 0
@@ -263,12 +263,13 @@ def make_tiny_flux(out_dir: Path) -> Path:
     transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
     torch.manual_seed(SEED)
     vae = AutoencoderKL(**FLUX_VAE)
+    clip, t5 = tiny_clip_text_encoder(tokenizer), tiny_t5_encoder(tokenizer_2)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
-        text_encoder=tiny_clip_text_encoder(tokenizer),
+        text_encoder=clip,
         tokenizer=tokenizer,
-        text_encoder_2=tiny_t5_encoder(tokenizer_2),
+        text_encoder_2=t5,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
@@ -276,6 +277,15 @@ def make_tiny_flux(out_dir: Path) -> Path:
     # Stand-in for the single-file release checkpoint (flux1-dev.safetensors layout).
     original = {k: v.contiguous() for k, v in FluxKeymap.diffusers_to_original(transformer.state_dict()).items()}
     save_file(original, str(target / "flux1-tiny-original.safetensors"))
+    # Stand-ins for the VAE and text encoder files FLUX.1 users hold: BFL's ae.safetensors, ComfyUI's
+    # clip_l.safetensors (with CLIP's text projection, which is not read) and t5xxl_fp16.safetensors.
+    save_file(FLUX_VAE_FILE.to_single_file(vae.state_dict()), str(target / "ae_tiny.safetensors"))
+    g = torch.Generator().manual_seed(SEED)
+    save_file({**CLIP_L.to_single_file(clip.state_dict()),
+               "text_projection.weight": torch.randn(clip.config.hidden_size, clip.config.hidden_size, generator=g)},
+              str(target / "clip_l_tiny.safetensors"))
+    t5_weights = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    save_file(T5_XXL.to_single_file(t5_weights), str(target / "t5xxl_tiny.safetensors"))
     return target
 
 

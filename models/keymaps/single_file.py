@@ -150,7 +150,16 @@ def load_single_file(path: str | Path, config_key: str, layout: SingleFileLayout
     file = SingleFile(path, config_key, layout)
     expected = expected_weights(module)
     tensors = file.read(file.match(expected))
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).reshape(expected[k]) for k, v in tensors.items()}
+    keep = set(getattr(module, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        # As transformers' from_pretrained: modules that overflow in float16 (T5's wo) stay float32.
+        keep |= set(getattr(module, "_keep_in_fp32_modules", None) or [])
+
+    def stored_dtype(key: str) -> torch.dtype:
+        return torch.float32 if keep & set(key.split(".")) else dtype
+
+    tensors = {k: (v.to(stored_dtype(k)) if v.is_floating_point() else v).reshape(expected[k])
+               for k, v in tensors.items()}
     tied = _tied_keys(module)
     module.load_state_dict(tensors, strict=not tied, assign=True)
     if tied:
@@ -164,3 +173,8 @@ def load_single_file(path: str | Path, config_key: str, layout: SingleFileLayout
 CLIP_L = SingleFileLayout("CLIP-L text encoder", "clip_l.safetensors",
                           prefixes=("text_model.", "", "cond_stage_model.transformer.text_model.",
                                     "text_encoders.clip_l.transformer.text_model."))
+
+# ComfyUI's t5xxl_fp16.safetensors (FLUX.1's T5 text encoder): transformers' T5EncoderModel names
+# ("shared", "encoder.block..."); its encoder.embed_tokens is the shared embedding, tied on load.
+T5_XXL = SingleFileLayout("T5-XXL text encoder", "t5xxl_fp16.safetensors",
+                          prefixes=("", "text_encoders.t5xxl.transformer."))
