@@ -424,6 +424,12 @@ def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], 
     top_level = frozenset(f.name for f in dataclasses.fields(TrainConfigFile))
     check_keys(path, problems, unknown_keys(TrainConfigFile, raw) + unknown_keys(model_cls.config_class, model_table,
                                                                                      "model"), top_level=top_level)
+    if "diffusers_path" not in model_table and "transformer_path" in model_table:
+        # diffusion-pipe's configs name only single files for some models; the configs come from a folder here.
+        raise ConfigError(f"{path}: missing required key 'model.diffusers_path': a diffusers folder of the model, "
+                          f"for its configs, tokenizers and scheduler (the single files give the weights they "
+                          f"hold; with every part's file given, only the folder's small files are read: download "
+                          f"it with --exclude \"*.safetensors\")")
     settings = build(TrainConfigFile, raw, path)
     model_config = build(model_cls.config_class, model_table, path, "model", top_level)
     single_files = {"transformer_path": "the transformer's single .safetensors file", **model_cls.config_class.path_keys}

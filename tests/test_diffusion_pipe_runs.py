@@ -148,6 +148,12 @@ def test_diffusion_pipe_config_stops_with_replacements_then_trains_its_buckets(t
 
     # 2. Those keys changed as the message says (removed; the model as a diffusers folder): it trains.
     config = drop_named(config, message)
+    if "transformer_path" in config["model"]:
+        # Its configs name the single files only: the folder for the configs is asked for in one line.
+        path.write_text(to_toml(config))
+        with pytest.raises(ConfigError, match=r"missing required key 'model.diffusers_path': a diffusers folder of "
+                                              r"the model, for its configs, tokenizers and scheduler"):
+            load_train_config(path, get_model_class)
     config["model"]["diffusers_path"] = str(model_dir)
     if name == "ltx-video":
         config["model"]["transformer_path"] = str(model_dir / "ltx-video-tiny-original.safetensors")
