@@ -9,6 +9,7 @@ weights (training/weights.py), LoRA (training/lora.py) and the file checks (trai
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -45,6 +46,16 @@ class EncoderFile:
     config_class: type | None = None
     tokenizer_subfolder: str | None = None
     tokenizer_class: type | None = None
+    # model_type values of a transformers folder's config.json it takes beside config_class's
+    # (CLIP's text encoder from a whole CLIPModel folder: "clip").
+    folder_model_types: tuple[str, ...] = ()
+
+
+def _model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class ModelRecipe:
@@ -148,6 +159,11 @@ class ModelRecipe:
                     raise ConfigError(f"model.{key}: {folder} has no {needed}; expected a transformers folder of "
                                       f"the {part.layout.name} with its tokenizer, or the single file "
                                       f"{part.layout.example}")
+            found = _model_type(folder / "config.json")
+            expected = (part.config_class.model_type, *part.folder_model_types)
+            if found not in expected:
+                raise ConfigError(f"model.{key}: {folder} holds a model of type {found!r}, not the {part.layout.name} "
+                                  f"(model_type {' or '.join(map(repr, expected))} in its config.json)")
             if check_only:
                 return None, None
             return (part.tokenizer_class.from_pretrained(folder),

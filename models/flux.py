@@ -141,7 +141,8 @@ class FluxModel(ModelRecipe):
     # ---------------------------------------------------------------- encoders
     encoder_files = {
         "vae_path": EncoderFile("vae", AutoencoderKL, FLUX_VAE),
-        "clip_path": EncoderFile("text_encoder", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer", CLIPTokenizer),
+        "clip_path": EncoderFile("text_encoder", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer", CLIPTokenizer,
+                                 folder_model_types=("clip",)),
         "t5_path": EncoderFile("text_encoder_2", T5EncoderModel, T5_XXL, T5Config, "tokenizer_2", T5TokenizerFast),
     }
 

@@ -196,7 +196,8 @@ class HunyuanVideoModel(ModelRecipe):
     encoder_files = {
         "vae_path": EncoderFile("vae", AutoencoderKLHunyuanVideo, HUNYUAN_VIDEO_VAE),
         "llm_path": EncoderFile("text_encoder", LlamaModel, LLAVA_LLAMA3, LlamaConfig, "tokenizer", AutoTokenizer),
-        "clip_path": EncoderFile("text_encoder_2", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer_2", CLIPTokenizer),
+        "clip_path": EncoderFile("text_encoder_2", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer_2", CLIPTokenizer,
+                                 folder_model_types=("clip",)),
     }
 
     def latent_cache_signature(self) -> str:

@@ -420,6 +420,9 @@ def test_hunyuan_wrong_encoder_file_is_one_line(video_models, tmp_path):
         ({"vae_path": html}, f"model.vae_path: {html} is not a readable .safetensors file ("),
         ({"llm_path": tmp_path / "empty"}, f"model.llm_path: {tmp_path / 'empty'} has no config.json; expected a "
                                            f"transformers folder of the LLaVA-Llama-3 text encoder with its tokenizer"),
+        ({"llm_path": folder / "clip-vit-large-patch14-tiny"},
+         f"model.llm_path: {folder / 'clip-vit-large-patch14-tiny'} holds a model of type 'clip', not the LLaVA-Llama-3 "
+         f"text encoder (model_type 'llama' in its config.json)"),
     ]
     for paths, start in cases:
         model = make_model("hunyuan-video", video_models, **{k: str(v) for k, v in paths.items()})
