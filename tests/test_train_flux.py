@@ -5,7 +5,8 @@ Launches are expensive (~16 s each on CPU), so they are module fixtures shared b
 
     cache_only  --cache_only on a fresh dataset: encodes, no run folder
     run_a       the reference run: eval set, eval at start, LoRA rank 4 / alpha 8
-    run_b       as run_a, but the transformer read from the original-layout single file
+    run_b       as run_a, but the transformer, VAE and text encoders read from the single files
+                (BFL / ComfyUI layouts)
     run_c       init_from_existing = run_a's final adapter, with --regenerate_cache, and a second
                 eval set that reads the training folder
     overfit     2 images, 600 steps
@@ -72,8 +73,10 @@ def run_a(cache_only):
 
 @pytest.fixture(scope="module")
 def run_b(work, run_a):
-    original = work["model"] / "flux1-tiny-original.safetensors"
-    return ok(launch(configure(work, "b", model={"transformer_path": str(original)})))
+    # Every weight from the single files users hold (tools/make_tiny_models.py writes stand-ins).
+    files = {"transformer_path": "flux1-tiny-original.safetensors", "vae_path": "ae_tiny.safetensors",
+             "clip_path": "clip_l_tiny.safetensors", "t5_path": "t5xxl_tiny.safetensors"}
+    return ok(launch(configure(work, "b", model={k: str(work["model"] / v) for k, v in files.items()})))
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +125,10 @@ def test_eval_is_deterministic_across_launches(run_a, run_b):
     assert evals(run_b, EVAL_NAME)[0] == evals(run_a, EVAL_NAME)[0]
 
 
-def test_transformer_path_single_file_trains_like_the_diffusers_folder(run_a, run_b):
+def test_single_files_train_like_the_diffusers_folder(run_a, run_b):
     a, b = run_folder(run_a), run_folder(run_b)
+    # Other weight files: the cache is encoded again from them (same values, so the same run).
+    assert cache_reports(run_b) == [(16, 8), (8, 4)]
     assert len(losses(b)) == 6
     assert losses(b) == losses(a)
     assert evals(b, EVAL_NAME) == evals(a, EVAL_NAME)

@@ -25,6 +25,7 @@ def check_inputs(recipe: ModelRecipe, config_file: Path, adapter: AdapterConfig 
                               f"{recipe.name} model (a single-file transformer goes in model.transformer_path)")
         transformer = recipe.build_empty_transformer()
         check_weight_files(recipe, transformer)
+        recipe.check_encoder_files()
         if adapter is not None:
             add_lora(recipe, transformer, adapter)  # target patterns that find nothing fail here
         if adapter is not None and adapter.init_from_existing:
