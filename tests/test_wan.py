@@ -3,11 +3,12 @@ the original (Wan-AI / ComfyUI) layout, LoRA files loaded by diffusers, the A14B
 frame and size rules, float8 storage and block swapping; and training launched as users launch it.
 
 Quick tests run in process on tiny models: Wan 2.1 T2V (`wan`), Wan 2.2 TI2V-5B-shaped
-(`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline) and Wan 2.2
-A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875). Slow ones share three launches (module
-fixture `runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
+(`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline), Wan 2.2
+A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875) and Wan 2.1 I2V-shaped (`wan-i2v`:
+conditioning channels and a CLIP vision encoder). Slow ones share four launches (module fixture
+`runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
 processes, reading the transformer from the original-layout single file; full fine-tuning of the
-A14B low-noise expert.
+A14B low-noise expert; a LoRA run of the image-to-video model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v
+from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v, make_tiny_wan_i2v
 from config.train_config import AdapterConfig, load_train_config
 from models import get_model_class
 from models.keymaps.wan import WanKeymap
@@ -37,7 +38,7 @@ ORIGINAL_FILE = "wan-tiny-original.safetensors"
 @pytest.fixture(scope="module")
 def wan_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wan_models")
-    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b):
+    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b, make_tiny_wan_i2v):
         maker(root)
     return root
 
@@ -278,6 +279,137 @@ def _with_resolution(config: Path, size: int) -> Path:
     return config
 
 
+# ------------------------------------------------------------------------------------ image-to-video
+
+
+def i2v_example(model, seed: int = 2):
+    """A training example of an image-to-video model: clean latents (3 latent frames, 4x6), its
+    conditions as the cache holds them (the condition latent and the CLIP embedding for `wan-i2v`;
+    none for TI2V, whose condition is the clip's own first latent frame), inputs and labels."""
+    g = torch.Generator().manual_seed(seed)
+    z = model.transformer_config()["out_channels"]
+    latents = torch.randn(2, z, 3, 4, 6, generator=g)
+    conditions = {}
+    if model.image_to_video == "channels":
+        conditions = {"condition": torch.randn(2, z, 3, 4, 6, generator=g), "image": torch.randn(2, 17, 16, generator=g)}
+    inputs, labels = objective.training_example(model, latents, random_batch()["text"],
+                                                [torch.Generator().manual_seed(i) for i in range(2)],
+                                                timesteps=torch.tensor([0.3, 0.8]), conditions=conditions)
+    return latents, conditions, inputs, labels
+
+
+@pytest.mark.parametrize("folder", ["wan-i2v", "wan2.2-ti2v"])
+def test_image_to_video_layers_equal_the_transformer_forward(wan_models, folder):
+    """The layers equal diffusers' forward on the image-to-video inputs, and the inputs are those
+    WanImageToVideoPipeline builds: conditioning channels and the CLIP embedding (Wan 2.1 I2V,
+    detected from the transformer), or the clean first frame at timestep 0, left out of the loss
+    (TI2V-5B with model.image_to_video = true)."""
+    model = make_model(wan_models, folder, **({"image_to_video": True} if folder == "wan2.2-ti2v" else {}))
+    transformer, layers = engine_like_transformer(model, AdapterConfig(rank=4, alpha=8.0))
+    latents, conditions, inputs, labels = i2v_example(model)
+    named = model.input_fields.unpack(inputs)
+    with torch.no_grad():
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        reference = model.reference_forward(transformer, named)
+    assert x.shape == reference.shape == latents.shape
+    torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+    if folder == "wan-i2v":
+        assert model.image_to_video == "channels" and model.input_fields.names[-1] == "image"
+        stacked = named["latents"]
+        assert stacked.shape[1] == 16 + 4 + 16
+        assert stacked[:, 16:20, 0].eq(1).all() and stacked[:, 16:20, 1:].eq(0).all()
+        assert torch.equal(stacked[:, 20:], conditions["condition"]) and torch.equal(named["image"], conditions["image"])
+        assert len(labels) == 2  # the pipeline generates every frame: all of them count
+        with torch.no_grad():  # the CLIP embedding reaches the output
+            another = torch.randn(named["image"].shape, generator=torch.Generator().manual_seed(9))
+            other = model.reference_forward(transformer, {**named, "image": another})
+        assert (other - reference).abs().max() > 1e-4
+    else:
+        assert model.image_to_video == "first_frame"
+        assert torch.equal(named["latents"][:, :, 0], latents[:, :, 0])
+        assert not torch.equal(named["latents"][:, :, 1:], latents[:, :, 1:])
+        # One timestep per token (3 frames of 2x3 patches): 0 on the first frame's.
+        assert named["timesteps"].shape == (2, 18)
+        assert named["timesteps"][:, :6].eq(0).all()
+        assert torch.equal(named["timesteps"][:, 6:], torch.tensor([[0.3], [0.8]]).expand(2, 12))
+        # The loss is the mean over the generated frames: the first frame's prediction counts for nothing.
+        target = labels[0]
+        prediction = x.clone().requires_grad_(True)
+        value = objective.loss(model, prediction, labels)
+        value.backward()
+        assert prediction.grad[:, :, 0].eq(0).all() and prediction.grad[:, :, 1:].ne(0).all()
+        expected = (x[:, :, 1:] - target[:, :, 1:]).pow(2).flatten(1).mean(dim=1).mean()
+        torch.testing.assert_close(value, expected)
+
+
+def test_image_to_video_conditions_match_the_pipeline(wan_models):
+    """What is cached per clip equals what WanImageToVideoPipeline computes from the clip's first
+    frame: the condition latent and the CLIP embedding (Wan 2.1 I2V); for TI2V-5B the pipeline's
+    condition is the cached clip's own first latent frame (the VAE is causal in time), and its
+    per-token timesteps are ours."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    frames = torch.randint(0, 256, (2, 9, 64, 64, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    model = make_model(wan_models, "wan-i2v")
+    model.load_vae(torch.device("cpu"))
+    with torch.no_grad():
+        items = model.encode_pixels(pixels)
+    assert sorted(items[0]) == ["condition", "image", "latents"]
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan-i2v")
+    with torch.no_grad():
+        # The pipeline conditions a batch on one image: an image at a time.
+        condition = torch.cat([pipe.prepare_latents(pixels[i:i + 1, :, 0], 1, 16, 64, 64, 9, torch.float32,
+                                                    torch.device("cpu"))[1] for i in range(2)])
+        for i in range(2):
+            embeds = pipe.encode_image(Image.fromarray(frames[i, 0].numpy()), torch.device("cpu"))
+            torch.testing.assert_close(items[i]["image"], embeds[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack([item["condition"] for item in items]), condition[:, 4:],
+                               rtol=1e-5, atol=1e-5)
+    latents = torch.stack([item["latents"] for item in items])
+    cached = {k: torch.stack([item[k] for item in items]) for k in ("condition", "image")}
+    inputs, _ = objective.training_example(model, latents, random_batch()["text"],
+                                           [torch.Generator().manual_seed(i) for i in range(2)], conditions=cached)
+    assert torch.equal(model.input_fields.unpack(inputs)["latents"][:, 16:20], condition[:, :4])  # the mask
+    model.free_encoders()
+    assert model.image_encoder is None and model.vae is None
+
+    ti2v = make_model(wan_models, "wan2.2-ti2v", image_to_video=True)
+    ti2v.load_vae(torch.device("cpu"))
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan2.2-ti2v")
+    with torch.no_grad():
+        latents = torch.stack([item["latents"] for item in ti2v.encode_pixels(pixels)])
+        parts = [pipe.prepare_latents(pixels[i:i + 1, :, 0], 1, 48, 64, 64, 9, torch.float32, torch.device("cpu"))
+                 for i in range(2)]
+    first, first_frame_mask = torch.cat([p[1] for p in parts]), parts[0][2]
+    assert pipe.config.expand_timesteps and ti2v.encode_pixels(pixels)[0].keys() == {"latents"}
+    torch.testing.assert_close(latents[:, :, :1], first, rtol=1e-5, atol=1e-5)
+    # WanImageToVideoPipeline's timesteps at t = 300: the mask's 2x2-patch grid times t.
+    expected = (first_frame_mask[0][0][:, ::2, ::2] * 300.0).flatten()
+    inputs, _ = objective.training_example(ti2v, latents, random_batch()["text"],
+                                           [torch.Generator().manual_seed(i) for i in range(2)],
+                                           timesteps=torch.tensor([0.3, 0.3]), conditions={})
+    torch.testing.assert_close(ti2v.input_fields.unpack(inputs)["timesteps"] * 1000, expected.expand(2, -1))
+
+
+def test_image_to_video_keys_are_config_errors(wan_models, data):
+    from training.sampling import sample_prompts
+
+    with pytest.raises(ConfigError, match="model.image_to_video: .* is a text-to-video transformer"):
+        make_model(wan_models, "wan", image_to_video=True)
+    with pytest.raises(ConfigError, match="model.image_to_video: .* is an image-to-video transformer"):
+        make_model(wan_models, "wan-i2v", image_to_video=False)
+    assert make_model(wan_models, "wan2.2-ti2v").image_to_video is None  # TI2V-5B: text-to-video unless asked
+    config = load_train_config(configure(wan_models, data, "i2v_sample", "wan-i2v",
+                                         sample={"prompts": ["a fox"], "frames": 9, "width": 64, "height": 64}),
+                               get_model_class)
+    with pytest.raises(ConfigError, match=r"\[sample\]: image-to-video sampling .* is not supported yet"):
+        sample_prompts(config.samples, get_model_class("wan")(config.model))
+
+
 # ------------------------------------------------------------------------------------ low memory
 
 
@@ -343,6 +475,27 @@ def runs(wan_models, data) -> dict:
                                max_steps=8, eval_every_n_steps=8, optimizer={"lr": 1e-3},
                                model={"expert": "low_noise"})))
     return {"one": one, "two": two, "full": full}
+
+
+@pytest.fixture(scope="module")
+def i2v_run(wan_models, data):
+    return ok(launch(configure(wan_models, data, "i2v", "wan-i2v")))
+
+
+@pytest.mark.slow
+def test_image_to_video_lora_trains_and_loads_in_diffusers(wan_models, i2v_run):
+    """Wan 2.1 I2V: the condition latents and CLIP embeddings are cached with the clips, the LoRA
+    trains, and WanImageToVideoPipeline's transformer with the saved LoRA reproduces the final eval
+    loss on the same cached conditions."""
+    from diffusers import WanImageToVideoPipeline
+
+    result = i2v_run
+    assert "cache: 24 new entries encoded, 12 samples ready" in result.output
+    history = evals(result)
+    assert history[12] < 0.95 * history[0], history
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan-i2v")
+    pipe.load_lora_weights(run_folder(result) / "adapters" / "final")
+    assert eval_loss_through_diffusers(result.config, pipe.transformer) == pytest.approx(history[12], rel=1e-5)
 
 
 @pytest.mark.slow
