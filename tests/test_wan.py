@@ -5,7 +5,8 @@ frame and size rules, float8 storage and block swapping; and training launched a
 Quick tests run in process on tiny models: Wan 2.1 T2V (`wan`), Wan 2.2 TI2V-5B-shaped
 (`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline), Wan 2.2
 A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875) and Wan 2.1 I2V-shaped (`wan-i2v`:
-conditioning channels and a CLIP vision encoder). Slow ones share four launches (module fixture
+conditioning channels and a CLIP vision encoder), Wan 2.2 I2V A14B-shaped (`wan2.2-i2v-a14b`:
+conditioning channels, no image encoder, two experts). Slow ones share four launches (module fixture
 `runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
 processes, reading the transformer from the original-layout single file; full fine-tuning of the
 A14B low-noise expert; a LoRA run of the image-to-video model.
@@ -21,7 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v, make_tiny_wan_i2v
+from make_tiny_models import (make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_i2v_a14b, make_tiny_wan22_ti2v,
+                              make_tiny_wan_i2v)
 from config.train_config import AdapterConfig, load_train_config
 from models import get_model_class
 from models.keymaps.wan import WanKeymap
@@ -38,14 +40,15 @@ ORIGINAL_FILE = "wan-tiny-original.safetensors"
 @pytest.fixture(scope="module")
 def wan_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wan_models")
-    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b, make_tiny_wan_i2v):
+    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b, make_tiny_wan_i2v,
+                  make_tiny_wan22_i2v_a14b):
         maker(root)
     return root
 
 
 def make_model(root: Path, folder: str = "wan", **config):
     cls = get_model_class("wan")
-    if folder == "wan2.2-a14b":
+    if folder in ("wan2.2-a14b", "wan2.2-i2v-a14b"):
         config.setdefault("expert", "high_noise")
     return cls(cls.config_class(type="wan", diffusers_path=str(root / folder), dtype="float32", **config))
 
@@ -291,14 +294,16 @@ def i2v_example(model, seed: int = 2):
     latents = torch.randn(2, z, 3, 4, 6, generator=g)
     conditions = {}
     if model.image_to_video == "channels":
-        conditions = {"condition": torch.randn(2, z, 3, 4, 6, generator=g), "image": torch.randn(2, 17, 16, generator=g)}
+        conditions = {"condition": torch.randn(2, z, 3, 4, 6, generator=g)}
+    if "image" in model.input_fields.names:
+        conditions["image"] = torch.randn(2, 17, 16, generator=g)
     inputs, labels = objective.training_example(model, latents, random_batch()["text"],
                                                 [torch.Generator().manual_seed(i) for i in range(2)],
                                                 timesteps=torch.tensor([0.3, 0.8]), conditions=conditions)
     return latents, conditions, inputs, labels
 
 
-@pytest.mark.parametrize("folder", ["wan-i2v", "wan2.2-ti2v"])
+@pytest.mark.parametrize("folder", ["wan-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b"])
 def test_image_to_video_layers_equal_the_transformer_forward(wan_models, folder):
     """The layers equal diffusers' forward on the image-to-video inputs, and the inputs are those
     WanImageToVideoPipeline builds: conditioning channels and the CLIP embedding (Wan 2.1 I2V,
@@ -315,7 +320,10 @@ def test_image_to_video_layers_equal_the_transformer_forward(wan_models, folder)
         reference = model.reference_forward(transformer, named)
     assert x.shape == reference.shape == latents.shape
     torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
-    if folder == "wan-i2v":
+    if folder == "wan2.2-i2v-a14b":  # conditioning channels without an image encoder
+        assert model.image_to_video == "channels" and model.input_fields.names == ("latents", "text", "timesteps")
+        assert model.config.min_timestep == 0.9 and named["latents"].shape[1] == 36
+    elif folder == "wan-i2v":
         assert model.image_to_video == "channels" and model.input_fields.names[-1] == "image"
         stacked = named["latents"]
         assert stacked.shape[1] == 16 + 4 + 16

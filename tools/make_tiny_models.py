@@ -353,6 +353,8 @@ WAN_CLIP_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2
 WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 # Wan 2.2 A14B T2V: the high-noise expert takes timesteps >= 0.875 * 1000.
 WAN22_A14B_BOUNDARY = 0.875
+# Wan 2.2 A14B I2V: 0.9.
+WAN22_I2V_A14B_BOUNDARY = 0.9
 
 
 def tiny_umt5_encoder(tok):
@@ -378,7 +380,7 @@ def _tiny_wan_vae(config: dict):
     return AutoencoderKLWan(**config, latents_mean=mean, latents_std=std)
 
 
-def _write_wan(target: Path, transformers: list[dict], vae_config: dict, image_encoder: bool = False,
+def _write_wan(target: Path, transformers: list[dict], vae_config: dict, image_to_video: bool = False,
                **pipeline_config) -> Path:
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from safetensors.torch import save_file
@@ -394,12 +396,14 @@ def _write_wan(target: Path, transformers: list[dict], vae_config: dict, image_e
     parts = dict(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
                  scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
                  transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
-    if image_encoder:
+    if image_to_video and transformers[0].get("image_dim") is not None:
         torch.manual_seed(SEED)
         size = WAN_CLIP_VISION["image_size"]
         pipe = WanImageToVideoPipeline(
             **parts, image_encoder=CLIPVisionModel(CLIPVisionConfig(**WAN_CLIP_VISION)).eval(),
             image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+    elif image_to_video:
+        pipe = WanImageToVideoPipeline(**parts)
     else:
         pipe = WanPipeline(**parts)
     pipe.save_pretrained(target)
@@ -424,7 +428,15 @@ def make_tiny_wan22_ti2v(out_dir: Path) -> Path:
 def make_tiny_wan_i2v(out_dir: Path) -> Path:
     """Write a tiny Wan 2.1 I2V-14B-shaped pipeline (conditioning channels, a CLIP vision encoder) to
     ``out_dir/wan-i2v``, in WanImageToVideoPipeline's layout."""
-    return _write_wan(Path(out_dir) / "wan-i2v", [WAN_I2V_TRANSFORMER], WAN_VAE, image_encoder=True)
+    return _write_wan(Path(out_dir) / "wan-i2v", [WAN_I2V_TRANSFORMER], WAN_VAE, image_to_video=True)
+
+
+def make_tiny_wan22_i2v_a14b(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.2 I2V A14B-shaped pipeline (two experts with conditioning channels, no image
+    encoder, boundary 0.9) to ``out_dir/wan2.2-i2v-a14b``."""
+    experts = [{k: v for k, v in WAN_I2V_TRANSFORMER.items() if k not in ("image_dim", "added_kv_proj_dim")}] * 2
+    return _write_wan(Path(out_dir) / "wan2.2-i2v-a14b", experts, WAN_VAE, image_to_video=True,
+                      boundary_ratio=WAN22_I2V_A14B_BOUNDARY)
 
 
 def make_tiny_wan22_a14b(out_dir: Path) -> Path:
@@ -504,7 +516,8 @@ def make_tiny_flux2(out_dir: Path) -> Path:
 # name -> maker
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
           "flux2": make_tiny_flux2, "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v,
-          "wan2.2-a14b": make_tiny_wan22_a14b, "wan-i2v": make_tiny_wan_i2v}
+          "wan2.2-a14b": make_tiny_wan22_a14b, "wan-i2v": make_tiny_wan_i2v,
+          "wan2.2-i2v-a14b": make_tiny_wan22_i2v_a14b}
 
 
 def main(argv=None) -> None:
