@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -219,6 +218,14 @@ class WanModel(ModelRecipe):
             # Tokens are 2x2 patches of latents scale_factor_spatial times smaller than the pixels.
             self.size_multiple = 2 * json.loads(vae_config.read_text()).get("scale_factor_spatial", 8)
         self.image_to_video = self._image_to_video_mode(config.image_to_video)
+        if self.image_to_video == "first_frame":
+            # Per-token timesteps make the blocks keep per-token float32 modulations (6 x width, and
+            # two scales) instead of one per sample: by bench/activation_factors.py's hooks on a
+            # TI2V-5B-shaped transformer (8 heads of 128, 832x480x17), 16 more per token in each
+            # block in both modes, 1 more in the final layer, 4.2 more in the input layer (full).
+            self.activation_factors = {**self.activation_factors, "WanBlockLayer": 27.0 + 16.0, "WanFinalLayer": 3.0}
+            self.full_finetune_activation_factors = {"WanInputLayer": 0.3 + 4.2, "WanBlockLayer": 40.1 + 16.0,
+                                                     "WanFinalLayer": 6.0}
         self.image_encoder = None  # CLIP vision model and its image processor, while caching
         if self.image_to_video == "channels" and self.transformer_config().get("image_dim") is not None:
             self.input_fields = WAN_IMAGE_INPUTS

@@ -14,13 +14,14 @@ A14B low-noise expert; a LoRA run of the image-to-video model.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
+from conftest import REPO, eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import (make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_i2v_a14b, make_tiny_wan22_ti2v,
                               make_tiny_wan_i2v)
@@ -401,6 +402,43 @@ def test_image_to_video_conditions_match_the_pipeline(wan_models):
                                            [torch.Generator().manual_seed(i) for i in range(2)],
                                            timesteps=torch.tensor([0.3, 0.3]), conditions={})
     torch.testing.assert_close(ti2v.input_fields.unpack(inputs)["timesteps"] * 1000, expected.expand(2, -1))
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["LoRA", "full"])
+def test_image_to_video_activation_factors_match_a_measurement(tmp_path, full):
+    """TI2V-5B's per-token timesteps make each block keep per-token modulations: the extra the
+    declared factors add over text-to-video is what saved-tensor hooks measure (as
+    bench/activation_factors.py does) on a TI2V-5B-shaped transformer of width 512, 2 blocks."""
+    import json
+
+    from accelerate import init_empty_weights
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from activation_factors import saved_bytes_per_layer, set_up
+
+    cls = get_model_class("wan")
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=48, out_channels=48,
+                  text_dim=4096, freq_dim=256, ffn_dim=14336 * 4 // 24, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6)
+    with init_empty_weights():
+        cls.transformer_class(**config).save_config(tmp_path / "transformer")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"z_dim": 48, "scale_factor_spatial": 16}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"expand_timesteps": True}))
+    measured, declared = {}, {}
+    for i2v in (False, True):
+        model = cls(cls.config_class(type="wan", diffusers_path=str(tmp_path), dtype="bfloat16", image_to_video=i2v))
+        torch.manual_seed(0)
+        transformer = cls.transformer_class(**config).to(torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 48, 3, 16, 16, generator=g).bfloat16()
+        text = torch.randn(1, 12, 4096, generator=g).bfloat16()
+        inputs, _ = objective.training_example(model, latents, {"text": text}, [g], timesteps=torch.tensor([0.6]))
+        layers = set_up(model, transformer, full, rank=4)
+        unit = model.tokens_per_sample(256, 256, 9) * 512 * 2
+        measured[i2v] = saved_bytes_per_layer(layers, inputs)[-2] / unit  # the last block
+        declared[i2v] = (model.full_finetune_activation_factors if full else model.activation_factors)["WanBlockLayer"]
+    assert measured[True] - measured[False] == pytest.approx(declared[True] - declared[False], rel=0.1), measured
 
 
 def test_image_to_video_keys_are_config_errors(wan_models, data):
