@@ -4,12 +4,13 @@ frame and size rules, float8 storage and block swapping; and training launched a
 
 Quick tests run in process on tiny models: Wan 2.1 T2V (`wan`), Wan 2.2 TI2V-5B-shaped
 (`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline), Wan 2.2
-A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875) and Wan 2.1 I2V-shaped (`wan-i2v`:
-conditioning channels and a CLIP vision encoder), Wan 2.2 I2V A14B-shaped (`wan2.2-i2v-a14b`:
-conditioning channels, no image encoder, two experts). Slow ones share four launches (module fixture
-`runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
+A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875), Wan 2.1 I2V-shaped (`wan-i2v`:
+conditioning channels and a CLIP vision encoder) and Wan 2.2 I2V A14B-shaped (`wan2.2-i2v-a14b`:
+conditioning channels, no image encoder, two experts). Slow ones share three launches (module
+fixture `runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
 processes, reading the transformer from the original-layout single file; full fine-tuning of the
-A14B low-noise expert; a LoRA run of the image-to-video model.
+A14B low-noise expert; and one of their own (`i2v_run`): a LoRA run of the Wan 2.1 I2V model on
+2 pipeline stages.
 """
 
 from __future__ import annotations
@@ -525,18 +526,19 @@ def runs(wan_models, data) -> dict:
 
 @pytest.fixture(scope="module")
 def i2v_run(wan_models, data):
-    return ok(launch(configure(wan_models, data, "i2v", "wan-i2v")))
+    # On 2 pipeline stages: the CLIP embedding enters the first stage only.
+    return ok(launch(configure(wan_models, data, "i2v", "wan-i2v", pipeline_stages=2), num_gpus=2))
 
 
 @pytest.mark.slow
 def test_image_to_video_lora_trains_and_loads_in_diffusers(wan_models, i2v_run):
-    """Wan 2.1 I2V: the condition latents and CLIP embeddings are cached with the clips, the LoRA
-    trains, and WanImageToVideoPipeline's transformer with the saved LoRA reproduces the final eval
-    loss on the same cached conditions."""
+    """Wan 2.1 I2V on 2 pipeline stages: the condition latents and CLIP embeddings are cached with
+    the clips, the LoRA trains, and WanImageToVideoPipeline's transformer (one process, diffusers'
+    forward) with the saved LoRA reproduces the final eval loss on the same cached conditions."""
     from diffusers import WanImageToVideoPipeline
 
     result = i2v_run
-    assert "cache: 24 new entries encoded, 12 samples ready" in result.output
+    assert "cache: 24 new entries encoded, 12 samples ready" in result.output and "stage 1:" in result.output
     history = evals(result)
     assert history[12] < 0.95 * history[0], history
     pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan-i2v")
