@@ -337,9 +337,9 @@ class TrainConfigFile:
                   f"= 1 needs optimizer.type = 'adamw' (got '{self.optimizer.type}'): the shards are flat slices "
                   f"of the weights, which Adafactor's per-matrix factors and 8-bit AdamW's blocks would not match")
         check(self.warmup_steps >= 0, file, "warmup_steps", "must be >= 0")
-        check(self.partition_method in ("blocks", "parameters", "uniform")
+        check(self.partition_method in ("blocks", "cost", "parameters", "uniform")
               or self.partition_method.startswith("type:"),
-              file, "partition_method", "must be 'blocks', 'parameters', 'uniform' or 'type:<regex>'")
+              file, "partition_method", "must be 'blocks', 'cost', 'parameters', 'uniform' or 'type:<regex>'")
         if self.partition_method.startswith("type:"):
             _check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         names = [e.name for e in self.eval_datasets]
