@@ -12,7 +12,8 @@ Variants, from the model folder's configs: Wan 2.1 T2V (14B, 1.3B); Wan 2.2 TI2V
 VAE that patchifies 2x2 first: sizes are multiples of 32; the pipeline's per-token timesteps,
 `expand_timesteps`, are all the same number in text-to-video, so the layers take one per sample);
 Wan 2.2 A14B (two experts: `transformer/` denoises timesteps >= boundary_ratio * 1000, and
-`transformer_2/` those below): `model.expert` picks the one to train, on its timesteps only.
+`transformer_2/` those below): `model.expert` picks the one to train, on its timesteps only; both
+experts are two runs (examples/wan.toml says why not one).
 
 Image-to-video, as WanImageToVideoPipeline conditions on a clip's first frame, in two forms:
 - "first_frame" (Wan 2.2 TI2V-5B with `model.image_to_video = true`): the first latent frame is
