@@ -245,12 +245,15 @@ def test_a14b_expert_trains_its_own_transformer_on_its_timesteps(wan_models):
         cls(cls.config_class(type="wan", diffusers_path=str(wan_models / "wan"), expert="low_noise"))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("wan_data")
+def make_data(root: Path) -> dict:
     images = make_demo_dataset(root / "images", count=8, seed=0)
     videos = make_demo_videos(root / "videos", count=4, seed=0, frames=(9, 17))
     return {"root": root, "images": images, "videos": videos}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    return make_data(tmp_path_factory.mktemp("wan_data"))
 
 
 def configure(wan_models, data, run: str, folder: str = "wan", frame_buckets=(1, 9, 17), **overrides) -> Path:
@@ -525,8 +528,10 @@ def runs(wan_models, data) -> dict:
 
 
 @pytest.fixture(scope="module")
-def i2v_run(wan_models, data):
-    # On 2 pipeline stages: the CLIP embedding enters the first stage only.
+def i2v_run(wan_models, tmp_path_factory):
+    # On 2 pipeline stages: the CLIP embedding enters the first stage only. Data of its own: its
+    # caches (of the same model type) would otherwise be found by the text-to-video runs.
+    data = make_data(tmp_path_factory.mktemp("wan_i2v_data"))
     return ok(launch(configure(wan_models, data, "i2v", "wan-i2v", pipeline_stages=2), num_gpus=2))
 
 
