@@ -66,17 +66,18 @@ EOF
 }
 
 launch() { # name ngpus port script
-  ( nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > $W/$1.smi ) & local smi=$!
-  ( sleep 45; nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader > $W/$1.apps ) & local apps=$!
+  # Helpers write nothing to stdout: a `sleep` left holding it would keep `| tee` waiting.
+  ( nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > $W/$1.smi ) >/dev/null 2>&1 & local smi=$!
+  ( sleep 45; nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader > $W/$1.apps ) >/dev/null 2>&1 & local apps=$!
   local t0=$(date +%s)
   # In a session of its own, so that a row over its time limit takes every rank with it: a rank
   # left behind spins on its GPU and slows the next rows.
   local gpus="--num_gpus=$2"; [ -n "${ON:-}" ] && gpus="--include localhost:$ON"
   setsid -w python3 -m deepspeed.launcher.runner --master_port $3 $gpus ${4:-train.py} \
     --deepspeed --config $W/$1.toml > $W/$1.log 2>&1 & local job=$!
-  ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) 2>/dev/null & local watchdog=$!
+  ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) >/dev/null 2>&1 & local watchdog=$!
   wait $job; local rc=$?
-  kill -9 -- -$job 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
+  kill -9 -- -$job 2>/dev/null; pkill -P $watchdog 2>/dev/null; pkill -P $apps 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
   echo "$1: rc=$rc wall=$(( $(date +%s) - t0 ))s"
   [ $rc = 0 ] || { tr '\r' '\n' < $W/$1.log | grep -v "^\s*$\|it/s\|s/it" | tail -25; }
   python3 - $W $1 $2 "${ON:-}" <<'PY'

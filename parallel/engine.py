@@ -13,7 +13,8 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch.utils.checkpoint import checkpoint
 
-from config.train_config import TrainConfig, pipeline_summary
+from config.parallel import pipeline_summary
+from config.train_config import TrainConfig
 from memory.block_swap import attach_block_swap
 from memory.checkpointing import checkpointing_args
 from memory.estimate import ZERO_BUCKET_ELEMENTS, describe, estimate

@@ -54,6 +54,11 @@ def run_layout(tmp_path, tiny_models, data, name, num_gpus, **settings):
     run_dir = result.run_dirs()[-1]
     weights = load_file(run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors")
     evals = json.loads((run_dir / "eval.json").read_text())
+    # every rank's peak memory, with its stage (the estimate printed at start is per stage)
+    peaks = json.loads((run_dir / "memory.json").read_text())
+    replicas = num_gpus // settings["pipeline_stages"]
+    assert [(p["rank"], p["stage"]) for p in peaks] == [(r, r // replicas) for r in range(num_gpus)], peaks
+    assert all(p["peak_gib"] > 0 for p in peaks)
     return result.losses(run_dir), weights, evals, result.output
 
 
