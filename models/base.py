@@ -245,6 +245,14 @@ class ModelRecipe:
         """The first layer's named inputs from noisy latents, timesteps and text embeddings."""
         raise NotImplementedError
 
+    def condition_inputs(self, inputs: dict[str, torch.Tensor], latents: torch.Tensor,
+                         conditions: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The first layer's inputs with the clip's conditioning applied (image-to-video), and the
+        loss weights it asks for (broadcasting over `latents`; None: every element counts).
+        `latents` are the clean latents; `conditions` the batch's other cached tensors
+        (`encode_pixels` items' keys beside "latents"), stacked. By default: no conditioning."""
+        return inputs, None
+
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents in the layout the transformer predicts (the target's layout)."""
         return latents
@@ -327,6 +335,10 @@ class ModelRecipe:
     # Decode in tiles (video VAEs at full size do not fit otherwise); the tiny test sizes are below
     # one tile, so tiling changes nothing there.
     decode_tiled: ClassVar[bool] = False
+
+    def sampling_unsupported(self) -> str | None:
+        """Why this model (as configured) cannot draw [sample]s, or None when it can."""
+        return None
 
     def sample_latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         """The unpacked latent shape of one sample (no batch dimension), as the pipeline makes it."""

@@ -390,10 +390,18 @@ WAN22_TI2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=48, out_channels=48)
 WAN22_TI2V_VAE = dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                       temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                       patch_size=2, scale_factor_spatial=16)
+# Wan 2.1 I2V-14B: the noisy latents, a 4-channel mask and the 16-channel condition latent in; the
+# CLIP vision embedding (image_dim) through added key/value projections of the width's size.
+WAN_I2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=36, image_dim=16, added_kv_proj_dim=32)
+# The release's image encoder is CLIP ViT-H/14 at 224 pixels (257 tokens); here 32 pixels, 8x8 patches (17).
+WAN_CLIP_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8, projection_dim=16)
 # The Wan release's scheduler (UniPC on flow-matching sigmas, the 480p shift of 3).
 WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 # Wan 2.2 A14B T2V: the high-noise expert takes timesteps >= 0.875 * 1000.
 WAN22_A14B_BOUNDARY = 0.875
+# Wan 2.2 A14B I2V: 0.9.
+WAN22_I2V_A14B_BOUNDARY = 0.9
 
 
 def tiny_umt5_encoder(tok):
@@ -419,9 +427,11 @@ def _tiny_wan_vae(config: dict):
     return AutoencoderKLWan(**config, latents_mean=mean, latents_std=std)
 
 
-def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipeline_config) -> Path:
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def _write_wan(target: Path, transformers: list[dict], vae_config: dict, image_to_video: bool = False,
+               **pipeline_config) -> Path:
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     from models.keymaps.wan import WanKeymap
 
@@ -430,9 +440,19 @@ def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipel
     for n, config in enumerate(transformers):
         torch.manual_seed(SEED + n)
         built.append(WanTransformer3DModel(**config))
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
-                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
-                       transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
+    parts = dict(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
+                 scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
+                 transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
+    if image_to_video and transformers[0].get("image_dim") is not None:
+        torch.manual_seed(SEED)
+        size = WAN_CLIP_VISION["image_size"]
+        pipe = WanImageToVideoPipeline(
+            **parts, image_encoder=CLIPVisionModel(CLIPVisionConfig(**WAN_CLIP_VISION)).eval(),
+            image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+    elif image_to_video:
+        pipe = WanImageToVideoPipeline(**parts)
+    else:
+        pipe = WanPipeline(**parts)
     pipe.save_pretrained(target)
     # Stand-ins for the single-file release checkpoints (the Wan-AI / ComfyUI layout).
     for n, transformer in enumerate(built):
@@ -450,6 +470,20 @@ def make_tiny_wan(out_dir: Path) -> Path:
 def make_tiny_wan22_ti2v(out_dir: Path) -> Path:
     """Write a tiny Wan 2.2 TI2V-5B-shaped pipeline (48-channel VAE, per-token timesteps) to ``out_dir/wan2.2-ti2v``."""
     return _write_wan(Path(out_dir) / "wan2.2-ti2v", [WAN22_TI2V_TRANSFORMER], WAN22_TI2V_VAE, expand_timesteps=True)
+
+
+def make_tiny_wan_i2v(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.1 I2V-14B-shaped pipeline (conditioning channels, a CLIP vision encoder) to
+    ``out_dir/wan-i2v``, in WanImageToVideoPipeline's layout."""
+    return _write_wan(Path(out_dir) / "wan-i2v", [WAN_I2V_TRANSFORMER], WAN_VAE, image_to_video=True)
+
+
+def make_tiny_wan22_i2v_a14b(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.2 I2V A14B-shaped pipeline (two experts with conditioning channels, no image
+    encoder, boundary 0.9) to ``out_dir/wan2.2-i2v-a14b``."""
+    experts = [{k: v for k, v in WAN_I2V_TRANSFORMER.items() if k not in ("image_dim", "added_kv_proj_dim")}] * 2
+    return _write_wan(Path(out_dir) / "wan2.2-i2v-a14b", experts, WAN_VAE, image_to_video=True,
+                      boundary_ratio=WAN22_I2V_A14B_BOUNDARY)
 
 
 def make_tiny_wan22_a14b(out_dir: Path) -> Path:
@@ -529,7 +563,8 @@ def make_tiny_flux2(out_dir: Path) -> Path:
 # name -> maker
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
           "flux2": make_tiny_flux2, "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v,
-          "wan2.2-a14b": make_tiny_wan22_a14b}
+          "wan2.2-a14b": make_tiny_wan22_a14b, "wan-i2v": make_tiny_wan_i2v,
+          "wan2.2-i2v-a14b": make_tiny_wan22_i2v_a14b}
 
 
 def main(argv=None) -> None:
