@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from models.keymaps.single_file import SingleFileLayout
-from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, repeat
+from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, stream_table
 
 # (diffusers parameter name, original parameter name)
 RMS_NORM = (("weight", "scale"),)
@@ -67,9 +67,8 @@ _FINAL = (
 
 def flux_table(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[KeymapEntry, ...]:
     """The full mapping table for a Flux transformer of the given depth."""
-    entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
-    entries += repeat(_DOUBLE_BLOCK, num_layers) + repeat(_SINGLE_BLOCK, num_single_layers)
-    return tuple(entries + list(_FINAL))
+    head = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
+    return stream_table(head, _DOUBLE_BLOCK, _SINGLE_BLOCK, _FINAL, num_layers, num_single_layers)
 
 
 class FluxKeymap(TableKeymap):

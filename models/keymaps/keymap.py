@@ -79,6 +79,13 @@ def repeat(block_entries: Iterable[KeymapEntry], n: int) -> list[KeymapEntry]:
     return [e.format(i) for i in range(n) for e in block_entries]
 
 
+def stream_table(head: Iterable[KeymapEntry], double_block: Iterable[KeymapEntry], single_block: Iterable[KeymapEntry],
+                 final: Iterable[KeymapEntry], num_layers: int, num_single_layers: int) -> tuple[KeymapEntry, ...]:
+    """The table of a transformer of double- then single-stream blocks (the FLUX family): the
+    entries before the blocks, each block kind's entries for every block of it, the final ones."""
+    return tuple(list(head) + repeat(double_block, num_layers) + repeat(single_block, num_single_layers) + list(final))
+
+
 def block_counts(keys: Iterable[str], patterns: Sequence[re.Pattern]) -> list[int]:
     """For each pattern (group 1: a block index), 1 + the largest index among the keys, or 0."""
     counts = [0] * len(patterns)
