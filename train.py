@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     if args.regenerate_cache:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=False, place=place)
+                  caching_workers=s.caching_workers, regenerate=False, place=place)
     # The sample prompts are embedded with the training captions, before the text encoders go.
     train = prepare_dataset(config.dataset, model, title="training dataset", **common,
                             prompts=sample_prompts(config.samples, model))

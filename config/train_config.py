@@ -296,6 +296,9 @@ class TrainConfigFile:
     # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).
     attention_backend: Optional[str] = None
     caching_batch_size: int = 1
+    # Processes per GPU that read and resize media files while the VAE encodes; None:
+    # data.cache.default_caching_workers (the cores shared by this machine's ranks, at most 8).
+    caching_workers: Optional[int] = None
     steps_per_print: int = 1
     save_dtype: DType = "bfloat16"
     seed: int = 42
@@ -319,6 +322,8 @@ class TrainConfigFile:
         check(self.checkpoint_every_n_minutes is None or self.checkpoint_every_n_minutes > 0, file,
               "checkpoint_every_n_minutes", "must be > 0")
         check(self.memory_budget_gib is None or self.memory_budget_gib > 0, file, "memory_budget_gib", "must be > 0")
+        check(self.caching_workers is None or self.caching_workers >= 0, file, "caching_workers",
+              f"must be >= 0 (0: read media files in the training process), got {self.caching_workers}")
         check(self.blocks_to_swap >= 0, file, "blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
         if self.blocks_to_swap:
             check(self.pipeline_stages == 1, file, "blocks_to_swap",
