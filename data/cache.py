@@ -36,7 +36,7 @@ from data.buckets import Sample
 from data.media import load_mask, load_sample_pixels_uint8, to_unit_range
 from data.tensor_store import TensorStore
 from utils.atomic import write_text_atomic
-from utils.dist import Distributed
+from utils.dist import Distributed, available_cores, local_processes
 from utils.errors import MediaError
 from utils.faults import disk_full, disk_full_error
 
@@ -296,13 +296,10 @@ def load_media(batch: list[CachedSample]) -> list[_LoadedMedia]:
     return out
 
 
-def default_caching_workers(local_processes: int | None = None) -> int:
+def default_caching_workers() -> int:
     """Processes per rank that read media files while caching: the cores this process may use,
     shared by the ranks on this machine, at most 8 (more seldom keeps a GPU busier)."""
-    if local_processes is None:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, local_processes)))
+    return min(8, available_cores() // local_processes(os.environ))
 
 
 class _BatchLoads(torch.utils.data.Dataset):

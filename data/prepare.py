@@ -24,9 +24,9 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
     bucket, a file that fails to encode) are listed by path in one summary after caching, never
     silently dropped; the rest train. `prompts` (sample prompts) are embedded into the text cache
     too (`CacheReader.prompt_text`). `caching_workers` processes per rank read the media files
-    ahead of the VAE (None: `default_caching_workers()`; 0: none). Raises DataError, the same on every rank, when nothing is
-    left to train on, when a directory has missing_caption = "error" and a caption is missing,
-    or when the dataset is `strict` and any file cannot be used.
+    ahead of the VAE (None: `default_caching_workers()`; 0: none). Raises DataError, the same on
+    every rank, when nothing is left to train on, when a directory has missing_caption = "error"
+    and a caption is missing, or when the dataset is `strict` and any file cannot be used.
     """
     scan = scan_dataset(dataset)
     too_short: list = []

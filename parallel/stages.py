@@ -211,8 +211,8 @@ def resolve_attention_backend(config: TrainConfig, place: Distributed, dtype: to
             f"its probe: {failure}")
         return config
     if place.is_main:
-        log(f"attention: cuDNN's kernel (the default on a CUDA GPU where it checks out; attention_backend = "
-            f"\"native\" turns it off)")
+        log("attention: cuDNN's kernel (the default on a CUDA GPU where it checks out; attention_backend = "
+            "\"native\" turns it off)")
     return dataclasses.replace(config, settings=dataclasses.replace(s, attention_backend=DEFAULT_ATTENTION_BACKEND))
 
 

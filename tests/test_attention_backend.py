@@ -84,7 +84,8 @@ def test_default_backend_is_cudnn_where_its_probe_passes(tmp_path, tiny_models, 
     assert chosen.settings.attention_backend == "_native_cudnn" and probed == ["_native_cudnn"]
     assert len(lines) == 1 and 'attention_backend = "native"' in lines[0]
     monkeypatch.setattr(stages, "attention_probe", probe("CUDNN_STATUS_NOT_SUPPORTED"))
-    assert stages.resolve_attention_backend(config, gpu, torch.bfloat16, lines.append).settings.attention_backend is None
+    kept = stages.resolve_attention_backend(config, gpu, torch.bfloat16, lines.append)
+    assert kept.settings.attention_backend is None
     assert len(lines) == 2 and "CUDNN_STATUS_NOT_SUPPORTED" in lines[1]
     explicit = load_train_config(write_configs(tmp_path / "native", tiny_models / "flux", data,
                                                attention_backend="native"), get_model_class)

@@ -296,3 +296,16 @@ def test_caching_workers_write_the_same_cache(model, image_dataset, monkeypatch)
     assert readers and os.getpid() not in readers and len(readers) <= 2
     assert _part_bytes(image_dataset / "cache") == alone
     assert len(alone) >= 2  # text and latents
+
+
+def test_default_caching_workers_share_the_cores(monkeypatch):
+    from data import cache as cache_module
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cache_module, "available_cores", lambda: 64)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert cache_module.default_caching_workers() == 8  # at most 8
+    monkeypatch.setenv("LOCAL_SIZE", "16")
+    assert cache_module.default_caching_workers() == 4
+    monkeypatch.setattr(cache_module, "available_cores", lambda: 2)
+    assert cache_module.default_caching_workers() == 0  # fewer cores than processes: they read their own files
