@@ -100,7 +100,9 @@ sec = [r["seconds"] for r in rows[2:]] or [r["seconds"] for r in rows]
 print(f"  {name}: {len(rows)} steps, s/step {[round(r['seconds'], 2) for r in rows]}, median(3..) {statistics.median(sec):.3f}; "
       f"nvidia-smi peak MiB {peak}; mean util% {({i: round(statistics.mean(u)) for i, u in util.items()})}")
 print(f"  {name}: GPU processes at 45 s: {apps}")
+memory = runs[-1].parent / "memory.json"  # every rank's allocator peak and reserve (training/trainer.py)
 row = {"row": name, "gpus": gpus, "s_per_step": statistics.median(sec), "smi_peak_mib": peak,
+       "allocator_peak_gib": json.loads(memory.read_text()) if memory.exists() else None,
        "losses": [round(r["train/loss"], 6) for r in rows]}
 print("  ROW " + json.dumps(row))
 with open(W / "rows.jsonl", "a") as f:
