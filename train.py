@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from models import get_model_class
     from parallel.engine import build_engine, resolve_compile
     from parallel.launch import init_distributed
-    from parallel.stages import make_topology
+    from parallel.stages import make_topology, resolve_attention_backend
     from saving.run_dir import create_run_dir
     from training.preflight import check_inputs
     from training.sampling import sample_prompts
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     make_topology(place.world, s.pipeline_stages, config.file)
     place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
-    config = resolve_compile(config, place, model.dtype)
+    config = resolve_attention_backend(resolve_compile(config, place, model.dtype), place, model.dtype)
     s = config.settings
     # The model files and the LoRA to start from, by their headers: before hours of caching.
     check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=False, place=place)
+                  caching_workers=s.caching_workers, regenerate=False, place=place)
     # The sample prompts are embedded with the training captions, before the text encoders go.
     train = prepare_dataset(config.dataset, model, title="training dataset", **common,
                             prompts=sample_prompts(config.samples, model))

@@ -53,7 +53,8 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
                             "its formula), and remove it",
     ("", "disable_block_swap_for_eval"): "eval swaps the same blocks as training here: " + _REMOVE,
     ("", "reentrant_activation_checkpointing"): "activation_checkpointing chooses the method here: " + _REMOVE,
-    ("", "map_num_proc"): "the cache is filled by the GPUs' processes here (caching_batch_size): " + _REMOVE,
+    ("", "map_num_proc"): "the cache is filled by the GPUs' processes here (caching_batch_size, caching_workers): "
+                          + _REMOVE,
     ("", "x_axis_examples"): "TensorBoard's x-axis is the step here: " + _REMOVE,
     ("", "upload_hf_from_epoch"): "nothing is uploaded here; upload <run>/adapters/ yourself, and " + _REMOVE,
     ("", "huggingface_repo"): "nothing is uploaded here; upload <run>/adapters/ yourself, and " + _REMOVE,

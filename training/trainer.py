@@ -289,7 +289,8 @@ class Trainer:
             lines.append("the cached inputs are finite: likely causes are a learning rate too high "
                          "(lower optimizer.lr, add warmup_steps) or float16 overflow (use bfloat16)"
                          + (f", or the attention kernel: attention_backend = '{s.attention_backend}' (resume "
-                            f"without it)" if s.attention_backend else ""))
+                            f"with attention_backend = \"native\", torch's default kernels)"
+                            if s.attention_backend not in (None, "native") else ""))
         latest = self.checkpoints.latest()
         lines.append(f"the last good checkpoint, {self.checkpoints.root / latest}, is kept: continue from it with "
                      f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
