@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
 from torch import nn
 
 from config.schema import check, key
@@ -151,8 +153,6 @@ class Flux2Model(ModelRecipe):
                                       f"layers={TEXT_ENCODER_LAYERS} system={SYSTEM_MESSAGE}")
 
     def text_encoder_parts(self, device):
-        from transformers import AutoTokenizer, Mistral3ForConditionalGeneration
-
         # The tokenizer alone (not the release's PixtralProcessor, which needs torchvision for
         # images): the pipeline's text-only chat template is the tokenizer's.
         tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
@@ -207,9 +207,6 @@ class Flux2Model(ModelRecipe):
 
     def sample_scheduler(self, steps, latents):
         # Flux2Pipeline's shift: an empirical mu from the token count and the number of steps.
-        from diffusers import FlowMatchEulerDiscreteScheduler
-        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu, retrieve_timesteps
-
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.root / "scheduler")
         mu = compute_empirical_mu(image_seq_len=self.image_seq_len(latents), num_steps=steps)
         timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=self.sample_sigmas(steps), mu=mu)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, Optional
 
+import diffusers
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -403,8 +404,6 @@ class WanModel(ModelRecipe):
     def sample_scheduler(self, steps, latents):
         # The folder's scheduler (UniPC on shifted flow-matching sigmas in the release), set up as
         # WanPipeline sets it: its own timesteps for `steps`, no shift from the token count.
-        import diffusers
-
         folder = self.root / "scheduler"
         name = json.loads((folder / "scheduler_config.json").read_text())["_class_name"]
         scheduler = getattr(diffusers, name).from_pretrained(folder)

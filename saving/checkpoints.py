@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
 from config.train_config import TrainConfig
 from utils.atomic import write_json_atomic, write_text_atomic
@@ -128,8 +129,6 @@ class Checkpoints:
         if differences:
             raise ConfigError("cannot resume: the config changes what the checkpoint means\n  "
                               + "\n  ".join(differences))
-        from deepspeed.runtime.zero.utils import ZeRORuntimeException
-
         try:
             path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=False)
         except ZeRORuntimeException as e:  # zero_stage = 1 slices made for another number of replicas

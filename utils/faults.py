@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,7 +110,7 @@ def fail_for_fault_tests(point: str, rank: int) -> None:
     """Fault-injection hook for the tests of one rank failing alone: TRAINER_TEST_FAIL_AT=<point>:<rank>
     raises there, on that rank, the out-of-memory error a full GPU raises (e.g. step3:1)."""
     if os.environ.get("TRAINER_TEST_FAIL_AT", "") == f"{point}:{rank}":
-        import torch
+        import torch  # this module loads before torch (train.py reports config errors without it)
 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (TRAINER_TEST_FAIL_AT)")
 
@@ -135,9 +137,6 @@ class DeadRankWatch:
 
     def start(self) -> None:
         """Call from the main thread, after the signal handlers are installed."""
-        import signal
-        import threading
-
         expected = int(os.environ.get("LOCAL_SIZE") or 0)
         launcher = os.getppid()
         if expected < 2 or not Path(f"/proc/{launcher}").is_dir():
@@ -153,8 +152,6 @@ class DeadRankWatch:
         self.armed = False
 
     def _watch(self, read: int, launcher: int, expected: int) -> None:
-        import sys
-
         while os.read(read, 64):
             alive = _live_children(launcher)
             if self.armed and alive is not None and len(alive) < expected:
