@@ -144,12 +144,21 @@ def resolve_compile(config: TrainConfig, place: Distributed, dtype: torch.dtype,
     return dataclasses.replace(config, settings=dataclasses.replace(s, compile=failure is None))
 
 
+# Graphs Dynamo may keep for one layer function (`compile_layers` says why).
+COMPILED_GRAPHS_PER_FUNCTION = 64
+
+
 def compile_layers(layers) -> None:
     """`compile = true`: every given layer runs its `run` through torch.compile."""
     # DeepSpeed's pipeline engine runs one backward per stage output, with retain_graph for all
     # but the last; compiled graphs that donate their saved buffers to the backward refuse that.
     # A process-wide torch setting, read when each backward runs.
     torch._functorch.config.donated_buffer = False
+    # Dynamo keeps at most `recompile_limit` (8) graphs per function and runs it eagerly past that,
+    # with one warning. The blocks of a model share one `run`: block classes x (first block's
+    # input without gradient or not) x (static, dynamic shapes) fill 8 in training alone, and
+    # evaluation (no gradients) and sampling (no gradients, no autocast) need theirs too.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_FUNCTION)
     for layer in layers:
         layer.compile_run()
 

@@ -175,6 +175,16 @@ def test_memory_estimate_counts_sampling(tmp_path, tiny_models, image_dataset):
     (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32)
     assert est.sampling is None and "drawing samples" not in describe_memory([est], config, 100)
 
+    # bfloat16 base weights: sampling copies the float32 adapter weights to bfloat16 for the round.
+    config = load_train_config(write_configs(tmp_path / "bf16", tiny_models / "flux", image_dataset, sample=sample,
+                                             model={"dtype": "bfloat16"}), get_model_class)
+    model = get_model_class("flux")(config.model)
+    transformer, layers, parts = plan_stages(model, config)
+    (est,) = estimate_memory(model, layers, parts, config, tokens=100, hidden=32, sample_tokens=tokens)
+    adapter = sum(p.numel() for n, p in transformer.named_parameters() if "lora_" in n)
+    transient = max(model.activation_factors.values()) * tokens * 32 * 2
+    assert est.sampling == int(sum(est.weights.values()) + est.optimizer + est.gradients + transient + adapter * 2)
+
 
 def test_share_out_gives_every_replica_the_same_number_of_forwards():
     from training.sampling import share_out

@@ -75,6 +75,8 @@ class Sampler:
         TensorBoard SummaryWriter (rank 0), or None."""
         self.model, self.engine, self.requests, self.texts = model, engine, requests, texts
         self.out_dir, self.place, self.log, self.writer = out_dir, place, log, writer
+        self.seconds = 0.0  # spent in `run` so far (this rank), for the share of training time
+        self.rounds = 0
 
     # ------------------------------------------------------------------ denoising
     def _text(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -181,6 +183,13 @@ class Sampler:
         """Draw and write every sample for `step`; a failure is reported in one line and the run
         goes on (returns False on rank 0). Call on every rank together."""
         start = time.perf_counter()
+        try:
+            return self._run(step, start)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.rounds += 1
+
+    def _run(self, step: int, start: float) -> bool:
         try:
             latents = self.denoise()
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report, keep training
