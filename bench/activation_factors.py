@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import get_model_class  # noqa: E402
 from training.lora import add_lora, init_lora  # noqa: E402
-from config.train_config import AdapterConfig  # noqa: E402
+from config.training import AdapterConfig  # noqa: E402
 
 # The released transformers (diffusers' defaults are LTX-Video 0.9's and HunyuanVideo's).
 RELEASED = {
@@ -189,20 +189,21 @@ def estimate(name: str, shape: tuple[int, int, int] | None = None, checkpointing
     """The memory estimate train.py prints at start (memory/estimate.py) for the released transformer
     (or `blocks` of each kind, `heads` attention heads) at this shape, batch 1, bfloat16, from configs alone: a
     StageEstimate per pipeline stage. `settings`: more top-level config keys (pipeline_stages)."""
-    from config.train_config import OptimizerConfig, TrainConfig, TrainConfigFile
+    from config.train_config import TrainConfig, TrainConfigFile
+    from config.training import OptimizerConfig
     from memory.estimate import estimate as estimate_memory
     from parallel.stages import plan_stages
 
     width, height, frames = shape or SHAPES[name]
     with tempfile.TemporaryDirectory() as folder:
         model = config_only_model(name, transformer_config(name, heads, blocks), Path(folder), TEXT_TOKENS[name])
-        file = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": name},
+        file = TrainConfigFile(output_dir=Path("unused"), dataset_file=Path("unused"), model_table={"type": name},
                                adapter=None if full else AdapterConfig(rank=rank, alpha=float(rank)),
                                optimizer=OptimizerConfig(lr=1e-5, **(optimizer or {})), max_steps=1,
                                micro_batch_size_per_gpu=1, activation_checkpointing=checkpointing, **settings)
         model_config = dataclasses.replace(model.config, transformer_dtype="float8") if float8 else model.config
         config = TrainConfig(file=Path(__file__), settings=file, model=model_config, dataset=None,
-                             eval_datasets=[], output_dir=Path("unused"))
+                             eval_datasets=[])
         transformer, layers, parts = plan_stages(model, config)
         return estimate_memory(model, layers, parts, config, model.tokens_per_sample(width, height, frames),
                                model.hidden_size(transformer))

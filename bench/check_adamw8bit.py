@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.train_config import OptimizerConfig, adamw8bit_missing
+from config.training import OptimizerConfig, adamw8bit_missing
 from memory.estimate import ParamInfo, optimizer_state_bytes
 from training.optimizers import build_optimizer
 

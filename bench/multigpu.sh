@@ -10,8 +10,12 @@
 #            f2sN (2 stages, gas N: the bubble table); STEPS (default 8); EXTRA: top-level config
 #            lines added to every row (e.g. 'partition_method = "uniform"'), EXTRA_MODEL: [model]
 #            lines (e.g. 'transformer_dtype = "float8"'); TAG suffixes row names; MODEL: the
-#            model type and folder (flux, or flux2 from bench/make_full_size_flux2.py)
+#            model type and folder (flux, or flux2 from bench/make_full_size_flux2.py); FULL=1:
+#            full fine-tuning (no [adapter]; AdamW with stochastic rounding); FULL=plain: without
+#            it, for EXTRA='zero_stage = 1' 
 #            SCRIPT runs another copy of the trainer (e.g. an earlier commit unpacked by git archive)
+#            ON=1,2 runs the rows on those GPUs only (DeepSpeed's --include), so that rows on
+#            disjoint GPUs can run at once: (ON=0 ROWS=f1 bash ... & ON=1,2 ROWS=f2s bash ... & wait)
 #   compare  the issue's table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
@@ -51,36 +55,41 @@ type = "$MODEL"
 diffusers_path = "$W/models/$MODEL"
 dtype = "bfloat16"
 ${EXTRA_MODEL:-}
-[adapter]
-type = "lora"
-rank = 32
-[optimizer]
-type = "adamw"
-lr = 1e-4
 EOF
+  if [ "${FULL:-}" = plain ]; then  # full fine-tuning with EXTRA='zero_stage = 1' (float32 master weights)
+    printf '[optimizer]\ntype = "adamw"\nlr = 1e-5\n' >> $W/$1.toml
+  elif [ -n "${FULL:-}" ]; then  # full fine-tuning: no [adapter]; bfloat16 weights need stochastic rounding
+    printf '[optimizer]\ntype = "adamw"\nlr = 1e-5\nstochastic_rounding = true\n' >> $W/$1.toml
+  else
+    printf '[adapter]\ntype = "lora"\nrank = 32\n[optimizer]\ntype = "adamw"\nlr = 1e-4\n' >> $W/$1.toml
+  fi
 }
 
 launch() { # name ngpus port script
-  ( nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > $W/$1.smi ) & local smi=$!
-  ( sleep 45; nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader > $W/$1.apps ) & local apps=$!
+  # Helpers write nothing to stdout: a `sleep` left holding it would keep `| tee` waiting.
+  ( nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > $W/$1.smi ) >/dev/null 2>&1 & local smi=$!
+  ( sleep 45; nvidia-smi --query-compute-apps=pid,gpu_bus_id,used_memory --format=csv,noheader > $W/$1.apps ) >/dev/null 2>&1 & local apps=$!
   local t0=$(date +%s)
   # In a session of its own, so that a row over its time limit takes every rank with it: a rank
   # left behind spins on its GPU and slows the next rows.
-  setsid -w python3 -m deepspeed.launcher.runner --master_port $3 --num_gpus=$2 ${4:-train.py} \
+  local gpus="--num_gpus=$2"; [ -n "${ON:-}" ] && gpus="--include localhost:$ON"
+  setsid -w python3 -m deepspeed.launcher.runner --master_port $3 $gpus ${4:-train.py} \
     --deepspeed --config $W/$1.toml > $W/$1.log 2>&1 & local job=$!
-  ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) 2>/dev/null & local watchdog=$!
+  ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) >/dev/null 2>&1 & local watchdog=$!
   wait $job; local rc=$?
-  kill -9 -- -$job 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
+  kill -9 -- -$job 2>/dev/null; pkill -P $watchdog 2>/dev/null; pkill -P $apps 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
   echo "$1: rc=$rc wall=$(( $(date +%s) - t0 ))s"
   [ $rc = 0 ] || { tr '\r' '\n' < $W/$1.log | grep -v "^\s*$\|it/s\|s/it" | tail -25; }
-  python3 - $W $1 $2 <<'PY'
+  python3 - $W $1 $2 "${ON:-}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
 W, name, gpus = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+on = {int(i) for i in sys.argv[4].split(",")} if sys.argv[4] else None  # rows beside it use the others
 peak, util = {}, {}
 for line in (W / f"{name}.smi").read_text().splitlines():
     try: i, m, u = [int(x) for x in line.split(",")]
     except ValueError: continue
+    if on is not None and i not in on: continue
     peak[i] = max(peak.get(i, 0), m)
     util.setdefault(i, []).append(u)
 apps = (W / f"{name}.apps").read_text().strip().replace("\n", "; ") if (W / f"{name}.apps").exists() else "-"
@@ -91,7 +100,9 @@ sec = [r["seconds"] for r in rows[2:]] or [r["seconds"] for r in rows]
 print(f"  {name}: {len(rows)} steps, s/step {[round(r['seconds'], 2) for r in rows]}, median(3..) {statistics.median(sec):.3f}; "
       f"nvidia-smi peak MiB {peak}; mean util% {({i: round(statistics.mean(u)) for i, u in util.items()})}")
 print(f"  {name}: GPU processes at 45 s: {apps}")
+memory = runs[-1].parent / "memory.json"  # every rank's allocator peak and reserve (training/trainer.py)
 row = {"row": name, "gpus": gpus, "s_per_step": statistics.median(sec), "smi_peak_mib": peak,
+       "allocator_peak_gib": json.loads(memory.read_text()) if memory.exists() else None,
        "losses": [round(r["train/loss"], 6) for r in rows]}
 print("  ROW " + json.dumps(row))
 with open(W / "rows.jsonl", "a") as f:
@@ -101,14 +112,15 @@ PY
 
 row() { # row-name steps script
   local n=$1$TAG
+  local port=$(( 29600 + $(echo $n | cksum | cut -d' ' -f1) % 300 ))  # rows running at once differ
   case $1 in
-    f1) cfg $n 1 8 $2; launch $n 1 29611 $3;;
-    f2s) cfg $n 2 8 $2; launch $n 2 29612 $3;;
-    f2r) cfg $n 1 4 $2; launch $n 2 29613 $3;;
-    f4) cfg $n 2 4 $2; launch $n 4 29614 $3;;
-    f4g8) cfg $n 2 8 $2; launch $n 4 29616 $3;;
-    f4r) cfg $n 1 2 $2; launch $n 4 29615 $3;;
-    f2s*) cfg $n 2 ${1#f2s} $2; launch $n 2 29617 $3;;
+    f1) cfg $n 1 8 $2; launch $n 1 $port $3;;
+    f2s) cfg $n 2 8 $2; launch $n 2 $port $3;;
+    f2r) cfg $n 1 4 $2; launch $n 2 $port $3;;
+    f4) cfg $n 2 4 $2; launch $n 4 $port $3;;
+    f4g8) cfg $n 2 8 $2; launch $n 4 $port $3;;
+    f4r) cfg $n 1 2 $2; launch $n 4 $port $3;;
+    f2s*) cfg $n 2 ${1#f2s} $2; launch $n 2 $port $3;;
   esac
 }
 

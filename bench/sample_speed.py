@@ -51,7 +51,7 @@ def make_model_dir(work: Path, model_type: str) -> Path:
 
 
 def make_request(args, model):
-    from config.train_config import SampleRequest
+    from config.sampling import SampleRequest
 
     width, _, height = args.resolution.lower().partition("x")
     guidance = args.guidance if args.guidance is not None else model.sample_defaults["guidance"]

@@ -72,18 +72,20 @@ def row_config(model, args):
     Trainer options the rows share (`--compile`) are set here: build_engine then applies them to
     the engine row, and `layers_step` to the layers row.
     """
-    from config.train_config import AdapterConfig, EmaConfig, OptimizerConfig, TrainConfig, TrainConfigFile
+    from config.train_config import TrainConfig, TrainConfigFile
+    from config.training import AdapterConfig, EmaConfig, OptimizerConfig
     from memory.plan import LEVERS
 
     adapter = None if args.full else AdapterConfig(rank=args.rank, alpha=float(args.rank), use_dora=args.dora)
     ema = None if args.ema is None else EmaConfig(device=args.ema)
-    settings = TrainConfigFile(output_dir="unused", dataset="unused", model={"type": model.name}, adapter=adapter,
-                               ema=ema, optimizer=OptimizerConfig(lr=1e-5), max_steps=args.warmup + args.steps,
-                               micro_batch_size_per_gpu=args.batch, activation_checkpointing=args.checkpointing,
-                               compile=args.compile, attention_backend=args.attention, seed=0)
+    settings = TrainConfigFile(output_dir=Path("unused"), dataset_file=Path("unused"), model_table={"type": model.name},
+                               adapter=adapter, ema=ema, optimizer=OptimizerConfig(lr=1e-5),
+                               max_steps=args.warmup + args.steps, micro_batch_size_per_gpu=args.batch,
+                               activation_checkpointing=args.checkpointing, compile=args.compile,
+                               attention_backend=args.attention, seed=0)
     # Each row's settings are its own: the memory plan leaves them as they are.
     return TrainConfig(file=Path(__file__), settings=settings, model=model.config, dataset=None, eval_datasets=[],
-                       output_dir=Path("unused"), given=frozenset(LEVERS))
+                       given=frozenset(LEVERS))
 
 
 def latent_shape(model, width: int, height: int, frames: int) -> tuple[int, ...]:

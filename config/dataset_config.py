@@ -1,5 +1,5 @@
 """The dataset config (dataset TOML) as typed objects, each directory's settings resolved, and
-what both config files share: reading TOML, resolving paths, reporting unknown keys.
+what both config files share: reading TOML, reporting unknown keys.
 
 Every key is documented in `examples/dataset.toml`. Loading checks keys, types, ranges and paths
 and raises `ConfigError` naming the file and key.
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from config.diffusion_pipe import replacement_for_key, translate_dataset
-from config.schema import build, check, described, key, near_name_hint, required, table_rule, unknown_keys
+from config.schema import (build, check, described, key, near_name_hint, path_is, required, resolve_path, table_rule,
+                           unknown_keys)
 from utils.errors import ConfigError
 
 
@@ -73,29 +74,6 @@ def _explain_toml_error(message: str, path: Path) -> str:
                   if (m := re.match(rf"\s*\[\[?\s*({_TOML_KEY})\s*\]\]?\s*(#.*)?$", line))), None)
     name = ".".join(part.strip("'\"") for part in re.split(r"\s*\.\s*", written.group(1)))
     return f"'{f'{table}.{name}' if table else name}' is set twice {found.group(1)}; a key may be set only once"
-
-
-def path_is(path: Path, kind: str) -> bool:
-    """Whether `path` is a file / dir / exists; False for names the OS rejects (too long, ...)."""
-    try:
-        return {"file": path.is_file, "dir": path.is_dir, "exists": path.exists}[kind]()
-    except (OSError, ValueError):
-        return False
-
-
-def resolve_path(base: Path, value: str, file: Optional[Path] = None, where: str = "") -> Path:
-    """`value` as an absolute path, relative to `base`; a ConfigError naming `file` and key
-    `where` for a value that is no usable path (a NUL byte, a symlink loop, ~unknown_user)."""
-    try:
-        if "\0" in value:
-            raise ValueError("embedded null byte")
-        p = Path(value).expanduser()
-        return (p if p.is_absolute() else (base / p)).resolve()
-    except RuntimeError as e:  # symlink loops and unknown users' home folders
-        reason = str(e)
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-    raise ConfigError(f"{file or base}: '{where or 'path'}' is not a usable path ({reason}): {value!r}")
 
 
 @dataclass

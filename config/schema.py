@@ -3,7 +3,8 @@
 Each config section is a dataclass whose fields carry their types and defaults. `build` turns a
 parsed TOML table into that dataclass and reports every problem as a `ConfigError` naming the
 file and the dotted key: unknown keys (with the nearest valid name), wrong types, missing
-required keys and values out of range.
+required keys and values out of range. A `Path` field is resolved against the folder of the file
+that sets it; a field whose loaded form takes the key's name is declared under another (`keyed`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,13 +22,32 @@ from utils.errors import ConfigError
 from utils.secrets import redacted
 
 
-def required():
-    """Field marker for a key that has no default."""
-    return dataclasses.field(default=dataclasses.MISSING)
+def required(toml_key: str | None = None):
+    """Field marker for a key that has no default (`toml_key`: as for `keyed`)."""
+    return keyed(toml_key) if toml_key else dataclasses.field(default=dataclasses.MISSING)
 
 
+def keyed(toml_key: str, **field_kwargs):
+    """A field read from TOML key `toml_key` under another name: for a value that loading turns
+    into an object which takes the key's name (the `dataset` key is `dataset_file`, a path; the
+    loaded dataset is `TrainConfig.dataset`), so that each name has one meaning."""
+    return dataclasses.field(metadata={"toml_key": toml_key}, **field_kwargs)
+
+
+def toml_key(f: dataclasses.Field) -> str:
+    """The TOML key field `f` is read from."""
+    return f.metadata.get("toml_key", f.name)
+
+
+def toml_fields(cls) -> dict[str, dataclasses.Field]:
+    """The fields of dataclass `cls` that TOML sets, by TOML key."""
+    return {toml_key(f): f for f in dataclasses.fields(cls) if f.init}
+
+
+# A Path field is a string in TOML, resolved against the folder of the file that sets it.
 _NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
-          str: ("a string", "strings"), bool: ("true or false", "true/false values"), dict: ("a table", "tables")}
+          str: ("a string", "strings"), Path: ("a string", "strings"), bool: ("true or false", "true/false values"),
+          dict: ("a table", "tables")}
 
 
 def described(tp, description: str):
@@ -126,6 +147,10 @@ def _convert(value: Any, tp, where: str, file: Path, top_level: frozenset = froz
         if isinstance(value, str):
             return value
         raise _Mismatch
+    if tp is Path:
+        if isinstance(value, str):
+            return resolve_path(file.parent, value, file, where)
+        raise _Mismatch
     if tp is dict:
         if isinstance(value, dict):
             return value
@@ -160,14 +185,15 @@ def unknown_keys(cls, table: dict, prefix: str = "") -> list[tuple[str, list[str
     """Every key of `table` and of its nested tables that `cls` does not have, as (dotted key,
     the valid names beside it), so that all of them can be reported at once."""
     hints = typing.get_type_hints(cls)
-    fields = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+    by_key = toml_fields(cls)
+    fields = sorted(by_key)
     found = []
     for key, value in table.items():
         where = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
+        if key not in by_key:
             found.append((where, fields))
             continue
-        inner, is_list = _table_types(hints[key])
+        inner, is_list = _table_types(hints[by_key[key].name])
         if inner is None:
             continue
         if is_list and isinstance(value, list):
@@ -194,7 +220,7 @@ def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: froze
     """
     file = Path(file)
     hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = toml_fields(cls)
     if not prefix:
         top_level = frozenset(fields)
     kwargs = {}
@@ -204,11 +230,11 @@ def build(cls, table: dict, file: Path | str, prefix: str = "", top_level: froze
             if prefix and key in top_level:
                 raise ConfigError(f"{file}: unknown key '{where}': {table_rule(prefix, key)}")
             raise ConfigError(f"{file}: unknown key '{where}'{near_name_hint(key, list(fields))}")
-        kwargs[key] = _convert_item(value, hints[key], where, file, top_level)
-    for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            where = f"{prefix}.{name}" if prefix else name
-            raise ConfigError(f"{file}: missing required key '{where}' ({_type_name(hints[name])})")
+        kwargs[fields[key].name] = _convert_item(value, hints[fields[key].name], where, file, top_level)
+    for key, f in fields.items():
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{file}: missing required key '{where}' ({_type_name(hints[f.name])})")
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(file, prefix)
@@ -224,10 +250,48 @@ def table_rule(prefix: str, name: str) -> str:
             f"table; move '{name}' above the first [table] header of the file")
 
 
+def path_is(path: Path, kind: str) -> bool:
+    """Whether `path` is a file / dir / exists; False for names the OS rejects (too long, ...)."""
+    try:
+        return {"file": path.is_file, "dir": path.is_dir, "exists": path.exists}[kind]()
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_path(base: Path, value: str, file: Path | None = None, where: str = "") -> Path:
+    """`value` as an absolute path, relative to `base`; a ConfigError naming `file` and key
+    `where` for a value that is no usable path (a NUL byte, a symlink loop, ~unknown_user)."""
+    try:
+        if "\0" in value:
+            raise ValueError("embedded null byte")
+        p = Path(value).expanduser()
+        return (p if p.is_absolute() else (base / p)).resolve()
+    except RuntimeError as e:  # symlink loops and unknown users' home folders
+        reason = str(e)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+    raise ConfigError(f"{file or base}: '{where or 'path'}' is not a usable path ({reason}): {value!r}")
+
+
 def check(condition: bool, file: Path, where: str, message: str) -> None:
     """Raise a ConfigError for key `where` of `file` unless `condition` holds."""
     if not condition:
         raise ConfigError(f"{file}: '{where}' {message}")
+
+
+def positive(obj, file: Path, names: list[str], prefix: str = "") -> None:
+    """Raise a ConfigError for the first of fields `names` of `obj` that is set and below 1."""
+    for name in names:
+        value = getattr(obj, name)
+        check(value is None or value >= 1, file, key(prefix, name), f"must be at least 1, got {value}")
+
+
+def check_regex(pattern: str, file: Path, where: str) -> None:
+    """Raise a ConfigError for key `where` unless `pattern` compiles as a regular expression."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ConfigError(f"{file}: '{where}' is not a valid regular expression ({e}): {pattern!r}") from None
 
 
 def key(prefix: str, name: str) -> str:

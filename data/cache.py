@@ -174,11 +174,19 @@ class DatasetCache:
         return out
 
     def build(self, place: Distributed, batch_size: int, log=None) -> "CacheReader":
-        """Encode what is missing (all ranks share the work, rank 0 writes) and open the stores.
+        """Encode what is missing (all ranks share the work; rank 0 writes, and on a node that
+        does not see its cache folder, that node's first rank) and open the stores.
 
         Damaged cache parts are reported through `log` (rank 0) and their entries encoded again.
         """
         keyed = place.broadcast_object(self._keys() if place.is_main else None)
+        # Who writes: rank 0, and on nodes that do not see rank 0's cache folder, their lowest rank.
+        leaders = place.folder_leaders(self.cache_dir(self.folders[0]))
+        writers = sorted(set(leaders))
+        writer = place.rank in writers
+        if len(writers) > 1 and place.is_main and log is not None:
+            log(f"cache: {self.cache_dir(self.folders[0])} is not one folder for every rank (nodes without a shared "
+                f"filesystem): ranks {', '.join(map(str, writers))} each write the cache where their node sees it")
         problems: list[tuple[Path, str]] = []
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
@@ -186,7 +194,7 @@ class DatasetCache:
         if damaged and place.is_main and log is not None:
             log(f"cache: {len(damaged)} damaged part(s) are left out, removed, and their entries encoded again:\n"
                 + "\n".join(f"  {path}: {reason}" for path, reason in damaged))
-        if damaged and place.is_main:
+        if damaged and writer:
             for stores in (text_stores, latent_stores):
                 for store in stores.values():
                     store.remove_leftovers()
@@ -199,17 +207,18 @@ class DatasetCache:
         text_sig = self.model.text_cache_signature()
         texts = [_Text(c.sample.item.caption, c.text_key, c.folder) for c in keyed + extra]
         texts += [_Text(p, _sha(p, text_sig), self.folders[0]) for p in self.prompts]
-        todo_text = _unique((((c.folder, c.text_key), c) for c in texts if c.text_key not in text_stores[c.folder]))
+        todo_text = _unique((((c.folder, c.text_key), c)
+                             for c in _missing(texts, text_stores, lambda c: c.text_key, place, writers)))
         if todo_text:
             self.model.load_text_encoders(place.device)
             problems += _encode_distributed(
-                todo_text, text_stores, batch_size, place, "Caching text embeddings",
+                todo_text, text_stores, batch_size, place, writers, "Caching text embeddings",
                 group_of=lambda c: "",
                 encode=lambda batch: self.model.encode_captions([c.caption for c in batch]))
             self.model.free_encoders()
 
-        todo_latents = _unique((((c.folder, c.latent_key), c) for c in keyed
-                                if c.latent_key not in latent_stores[c.folder]))
+        todo_latents = _unique((((c.folder, c.latent_key), c)
+                                for c in _missing(keyed, latent_stores, lambda c: c.latent_key, place, writers)))
         if todo_latents:
             self.model.load_vae(place.device)
 
@@ -224,12 +233,12 @@ class DatasetCache:
                         out["mask"] = latent_mask(load_mask(c.sample.item.mask, b.width, b.height), out["latents"])
                 return outputs
 
-            problems += _encode_distributed(todo_latents, latent_stores, batch_size, place, "Caching latents",
+            problems += _encode_distributed(todo_latents, latent_stores, batch_size, place, writers, "Caching latents",
                                             group_of=lambda c: c.sample.bucket, encode=encode_images,
                                             key_of=lambda c: c.latent_key)
             self.model.free_encoders()
         place.barrier()
-        # Re-open so every rank sees the parts rank 0 wrote.
+        # Re-open so every rank sees the parts its node's writer wrote.
         text_stores = {f: TensorStore(self.cache_dir(f) / "text") for f in self.folders}
         latent_stores = {f: TensorStore(self.cache_dir(f) / "latents") for f in self.folders}
         # Entries written now; files that failed to load (see problems) are not counted.
@@ -270,9 +279,21 @@ def _unique(pairs) -> list:
     return out
 
 
-def _encode_distributed(todo, stores, batch_size, place: Distributed, desc, group_of, encode,
+def _missing(entries, stores, key_of, place: Distributed, writers: list[int]) -> list:
+    """The `entries` whose key the store of some writer lacks: the same list on every rank."""
+    if len(writers) == 1:  # one cache folder, which every rank reads alike
+        return [c for c in entries if key_of(c) not in stores[c.folder]]
+    lacking = {(c.folder, key_of(c)) for c in entries if key_of(c) not in stores[c.folder]} \
+        if place.rank in writers else set()
+    union = set().union(*place.all_gather_object(lacking))
+    return [c for c in entries if (c.folder, key_of(c)) in union]
+
+
+def _encode_distributed(todo, stores, batch_size, place: Distributed, writers: list[int], desc, group_of, encode,
                         key_of=lambda c: c.text_key) -> list[tuple[Path, str]]:
-    """Encode `todo` in same-shape batches spread over all ranks; rank 0 gathers and writes.
+    """Encode `todo` in same-shape batches spread over all ranks; the `writers` (rank 0, and one
+    rank per node that does not share its folders) gather the results and write what their
+    stores lack.
 
     Items that fail to load are skipped, never a crash mid-cache, and returned (path, reason),
     the same list on every rank.
@@ -305,11 +326,16 @@ def _encode_distributed(todo, stores, batch_size, place: Distributed, desc, grou
                         # The message starts with the path; the problem list shows it already.
                         path = c.sample.item.path
                         my_problems.append((path, str(e).removeprefix(f"{path}: ")))
-        gathered = place.gather_object((rows, my_problems))
-        if place.is_main:
+        # With one writer the results go to it alone; with several, to every rank.
+        gathered = place.gather_object((rows, my_problems)) if len(writers) == 1 else \
+            place.all_gather_object((rows, my_problems))
+        if place.rank in writers:
             for r, p in gathered:
-                problems.extend(p)
+                if place.is_main:
+                    problems.extend(p)
                 for key, folder, tensors in r:
+                    if key in stores[folder]:
+                        continue  # this writer's copy has it; another writer's lacked it
                     pending.setdefault(folder, []).append((key, tensors))
                     pending_since.setdefault(folder, time.monotonic())
                 bar.update(len(r) + len(p))
@@ -319,7 +345,7 @@ def _encode_distributed(todo, stores, batch_size, place: Distributed, desc, grou
                     stores[folder].write_part(folder_rows)
                     folder_rows.clear()
                     pending_since.pop(folder, None)
-    if place.is_main:
+    if place.rank in writers:
         for folder, folder_rows in pending.items():
             stores[folder].write_part(folder_rows)
     bar.close()

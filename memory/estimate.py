@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config.train_config import OptimizerConfig
+from config.training import OptimizerConfig
 from memory.block_swap import BLOCK_SWAP_RESIDENT, block_layer_indices, swapped_layer_indices
 from memory.checkpointing import checkpointed
 from models.pipeline_layers import is_adapter_weight

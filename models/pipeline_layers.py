@@ -99,6 +99,11 @@ class PipelineLayer(nn.Module):
     # and partition_method = "type:..." select layers by class name.
     kind: str
 
+    # The relative time of one training pass (forward, recompute, backward) of this layer, for
+    # partition_method = "cost"; measured with bench/layer_costs.py. None: 1 for a block, 0 for
+    # the input and output layers.
+    cost: float | None = None
+
     # The output fields this layer computes; it passes the others through unchanged. None: all of
     # them (always safe; naming fewer lets `mark_frozen_fields` find more fields without gradient).
     writes: tuple[str, ...] | None = None

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch.utils.checkpoint import checkpoint
 
-from config.train_config import TrainConfig, pipeline_summary
+from config.parallel import pipeline_summary
+from config.train_config import TrainConfig
 from memory.block_swap import attach_block_swap
 from memory.checkpointing import checkpointing_args
 from memory.estimate import ZERO_BUCKET_ELEMENTS, describe, estimate
@@ -76,15 +77,12 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
     if s.compile:
         compile_layers(layers[parts[stage]:parts[stage + 1]])
 
-    pipe = PipelineModule(
-        layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
-        partition_method=method,
+    pipe = PartitionedPipelineModule(
+        parts, layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
         **checkpointing_args(s.activation_checkpointing, model),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
         dynamic_shape=True)  # buckets give micro-batches of different shapes
-    if list(pipe.parts) != list(parts):
-        raise RuntimeError(f"pipeline partition mismatch: DeepSpeed {pipe.parts}, ours {parts}")
 
     trainable = [p for p in pipe.parameters() if p.requires_grad]
     names = {id(p): n for n, p in transformer.named_parameters()}
@@ -99,6 +97,23 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
     engine = start_engine(pipe, optimizer, scheduler, s.micro_batch_size_per_gpu, s.gradient_accumulation_steps,
                           s.zero_stage)
     return engine, transformer
+
+
+class PartitionedPipelineModule(PipelineModule):
+    """DeepSpeed's PipelineModule on the stage boundaries `parts` computed by parallel/stages.py
+    (which the memory plan read), so that partition methods DeepSpeed lacks ("cost") apply too."""
+
+    def __init__(self, parts: list[int], **kwargs):
+        self._given_parts = [int(p) for p in parts]  # read by _partition_layers during __init__
+        super().__init__(**kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        if len(self._given_parts) != self.num_stages + 1 or self._given_parts[-1] != len(self._layer_specs):
+            raise ValueError(f"stage boundaries {self._given_parts} do not fit {self.num_stages} stages "
+                             f"of {len(self._layer_specs)} layers")
+        self.parts = self._given_parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
 def compile_probe(device: torch.device, dtype: torch.dtype) -> str | None:

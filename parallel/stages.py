@@ -1,5 +1,5 @@
-"""The pipeline split: the topology, the partition of the layer list (computed exactly as
-DeepSpeed's PipelineModule will compute it), and the local stage's weights.
+"""The pipeline split: the topology, the partition of the layer list (which DeepSpeed's
+PipelineModule is given: parallel/engine.PartitionedPipelineModule), and the local stage's weights.
 
 The transformer is built on the meta device and only the local stage's layers get real
 weights, so host memory does not grow with the number of GPUs.
@@ -45,12 +45,22 @@ def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
     return method
 
 
+def layer_cost(layer) -> float:
+    """A layer's relative training time: its class's `cost`, else 1 for a block, 0 otherwise."""
+    if layer.cost is not None:
+        return layer.cost
+    return 1.0 if layer.kind == "block" else 0.0
+
+
 def partition(layers, stages: int, method: str) -> list[int]:
-    """Stage boundaries as DeepSpeed computes them for `method` (parameters, uniform, type:regex)."""
+    """Stage boundaries for `method`: parameters, uniform and type:regex as DeepSpeed computes them,
+    "cost" balancing the layers' declared training times (`layer_cost`)."""
     if method == "uniform":
         return ds_utils.partition_uniform(num_items=len(layers), num_parts=stages)
     if method == "parameters":
         weights = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    elif method == "cost":
+        weights = [layer_cost(layer) for layer in layers]
     else:
         pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
         weights = [1 if pattern.search(layer.__class__.__name__) else 0 for layer in layers]

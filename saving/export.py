@@ -10,12 +10,62 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from models.pipeline_layers import named_weights
-from training.lora import lora_state_dict, save_lora
+from config.training import AdapterConfig
+from models.base import ModelRecipe
+from models.pipeline_layers import is_adapter_weight, named_weights
 from utils.atomic import replace_folder
 from utils.dist import Distributed
 from utils.faults import disk_full, disk_full_error, remove_quietly
+
+
+# The peft LoKr and LoHa factor that carries the alpha / rank scale in the saved files.
+LYCORIS_SCALED = frozenset({"lokr_w1", "lokr_w1_a", "hada_w1_a"})
+
+
+def adapter_file_key(param_name: str) -> str:
+    """A trained adapter parameter's key in the adapter files."""
+    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
+    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it; LoKr
+    # and LoHa weights "x.to_q.lokr_w1.default" -> "x.to_q.lokr_w1" (peft's state dict keys).
+    name = param_name.removesuffix(".default").replace(".default.", ".")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
+    return {adapter_file_key(n): p.detach().cpu() for n, p in transformer.named_parameters()
+            if is_adapter_weight(n) and not p.is_meta}
+
+
+def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
+              dtype: torch.dtype) -> list[Path]:
+    """Write the adapter in diffusers format plus the model's extra formats.
+
+    The alpha/rank scale is multiplied into lora_B (LoKr: lokr_w1, LoHa: hada_w1_a, each a
+    factor the update is linear in), so every loader, with or without an alpha field,
+    applies the adapter exactly as trained. LoKr and LoHa have no original (ComfyUI) layout
+    here: the original models fuse q, k and v, which a Kronecker or Hadamard product
+    cannot be split into.
+    """
+    scale = adapter.alpha / adapter.rank
+    scaled = {k: (v.float() * scale if ".lora_B." in k or k.rpartition(".")[2] in LYCORIS_SCALED
+                  else v.float()).to(dtype).contiguous()
+              for k, v in sorted(lora.items())}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
+    save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
+              metadata={"format": "pt", "trainer_model_type": recipe.name})
+    written = [diffusers_file]
+    if adapter.use_dora or adapter.type != "lora":
+        return written  # the original layout has no DoRA magnitudes, LoKr or LoHa (examples/flux.toml)
+    for filename, tensors in recipe.extra_lora_formats(scaled).items():
+        # kohya's alpha scalars stay float32: exact at any rank.
+        save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
+                  out_dir / filename, metadata={"format": "pt"})
+        written.append(out_dir / filename)
+    return written
 
 
 def gather_adapter(model, transformer, place: Distributed) -> dict[str, torch.Tensor] | None:

@@ -23,7 +23,7 @@ def create_run_dir(config: TrainConfig, place: Distributed, resume: str | None, 
     """
     name, error = None, None
     if place.is_main:
-        output = config.output_dir
+        output = config.settings.output_dir
         output.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             try:
@@ -41,7 +41,7 @@ def create_run_dir(config: TrainConfig, place: Distributed, resume: str | None, 
     name, error = place.broadcast_object((name, error))
     if error:
         raise ResumeError(error)
-    return config.output_dir / name
+    return config.settings.output_dir / name
 
 
 def _new_run_dir(output: Path) -> Path:

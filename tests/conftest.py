@@ -251,11 +251,13 @@ def run_folder(result) -> Path:
     return folder
 
 
-def losses(result) -> list[float]:
-    """The training losses a launch recorded, step by step."""
-    return json.loads((run_folder(result) / "losses.json").read_text())
+def losses(run) -> list[float]:
+    """The training losses, step by step, of a launch's run folder or of run folder `run`."""
+    folder = run if isinstance(run, Path) else run_folder(run)
+    return json.loads((folder / "losses.json").read_text())
 
 
-def evals(result) -> dict[int, float]:
-    """The eval loss of the "train" eval set a launch recorded, by step."""
-    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
+def evals(run, name: str = "train") -> dict[int, float]:
+    """The eval loss of eval set `name` by step, of a launch's run folder or of run folder `run`."""
+    folder = run if isinstance(run, Path) else run_folder(run)
+    return {e["step"]: e[name] for e in json.loads((folder / "eval.json").read_text())}

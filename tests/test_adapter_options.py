@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from parallel.stages import describe_targets
-from training.lora import add_lora, init_lora, load_lora_into, lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, init_lora, load_lora_into
 from training.objective import training_example
 from training.preflight import check_inputs
 from training.weights import load_weights
@@ -66,7 +67,7 @@ def test_a_pattern_that_finds_nothing_is_a_config_error(tiny_models, keys, messa
 
 
 def test_lora_plus_gives_lora_b_a_larger_learning_rate():
-    from config.train_config import OptimizerConfig
+    from config.training import OptimizerConfig
     from training.optimizers import build_optimizer, lora_plus_groups
 
     def first_step(ratio):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from config.train_config import accumulation_for_efficiency, load_train_config, pipeline_efficiency, pipeline_summary
+from config.parallel import accumulation_for_efficiency, pipeline_efficiency, pipeline_summary
+from config.train_config import load_train_config
 from models import get_model_class
 from utils.dist import Distributed
 from utils.errors import ConfigError
@@ -73,7 +74,7 @@ def test_valid_config_loads(tmp_path):
     assert config.settings.optimizer.lr == 1e-4
     (directory,) = config.dataset.directories
     assert directory.path == tmp_path / "data" and directory.settings.resolutions == [64]
-    assert config.output_dir == tmp_path / "runs"
+    assert config.settings.output_dir == tmp_path / "runs"
 
 
 # (which file, template line, replacement, the key the message names, the suggested key)

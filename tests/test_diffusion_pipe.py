@@ -159,7 +159,7 @@ def test_wandb_key_in_the_config_is_not_in_the_run_folder(tmp_path):
 def test_wandb_offline_logs_every_step_and_writes_no_key(tmp_path, monkeypatch):
     # wandb is optional (not in requirements.txt): this runs where it is installed.
     pytest.importorskip("wandb")
-    from config.train_config import MonitoringConfig
+    from config.training import MonitoringConfig
     from utils.metrics import Metrics
 
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -17,9 +17,17 @@ import pytest
 
 from conftest import REPO, to_toml
 from make_demo_dataset import make_demo_dataset
+from config.data import DataSettings
 from config.dataset_config import BucketSettings, DatasetConfig, DirectoryConfig
-from config.train_config import (AdapterConfig, EmaConfig, EvalDatasetConfig, ModelConfig, MonitoringConfig,
-                                 OptimizerConfig, SampleConfig, SamplePrompt, TrainConfigFile, load_train_config)
+from config.evaluation import EvalDatasetConfig, EvalSettings
+from config.memory import MemorySettings
+from config.parallel import ParallelSettings
+from config.saving import SavingSettings
+from config.sampling import SampleConfig, SamplePrompt
+from config.schema import toml_key
+from config.train_config import ModelConfig, TrainConfigFile, load_train_config
+from config.training import AdapterConfig, EmaConfig, MonitoringConfig, OptimizerConfig
+from config.training import TrainingSettings
 from models import MODEL_CLASSES, get_model_class
 
 EXAMPLES = REPO / "examples"
@@ -29,6 +37,12 @@ DATASET = EXAMPLES / "dataset.toml"
 # Where each config table is documented: (file, table; "" is the top level).
 DOCUMENTED_IN = {
     TrainConfigFile: (FLUX, ""),
+    DataSettings: (FLUX, ""),
+    TrainingSettings: (FLUX, ""),
+    ParallelSettings: (FLUX, ""),
+    MemorySettings: (FLUX, ""),
+    SavingSettings: (FLUX, ""),
+    EvalSettings: (FLUX, ""),
     ModelConfig: (FLUX, "model"),
     AdapterConfig: (FLUX, "adapter"),
     OptimizerConfig: (FLUX, "optimizer"),
@@ -71,10 +85,10 @@ def is_documented(key: str, path: Path, table: str) -> bool:
 
 
 def own_fields(cls) -> list[str]:
-    """Fields `cls` adds to its dataclass bases (inherited ones are checked with the base)."""
+    """The TOML keys of the fields `cls` adds to its dataclass bases (inherited ones are checked with the base)."""
     inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
                  for f in dataclasses.fields(base)}
-    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in inherited]
+    return [toml_key(f) for f in dataclasses.fields(cls) if f.init and f.name not in inherited]
 
 
 def _dataclasses_in(tp) -> set[type]:
@@ -177,7 +191,7 @@ def test_flux_example_loads(tmp_path, tiny_models, image_dataset):
     assert loaded.model.diffusers_path == str((tiny_models / "flux").resolve())
     assert loaded.model.transformer_path == model["transformer_path"]
     assert [e.name for e in loaded.eval_datasets] == [e["name"] for e in config["eval_datasets"]]
-    assert loaded.output_dir == (tmp_path / "runs").resolve()
+    assert loaded.settings.output_dir == (tmp_path / "runs").resolve()
 
     assert len(loaded.dataset.directories) == len(dataset["directory"])
     for directory, table in zip(loaded.dataset.directories, dataset["directory"]):
@@ -204,7 +218,7 @@ def test_demo_example_loads(tmp_path, tiny_models):
 
     assert loaded.model.type == "flux"
     assert loaded.model.diffusers_path == str((demo_work / "models" / "flux").resolve())
-    assert loaded.output_dir == (demo_work / "runs").resolve()
+    assert loaded.settings.output_dir == (demo_work / "runs").resolve()
     assert [d.path for d in loaded.dataset.directories] == [(demo_work / "data").resolve()]
     assert [e.name for e in loaded.eval_datasets] == ["demo"]
     assert loaded.settings.adapter is not None  # training needs an adapter

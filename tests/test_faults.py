@@ -310,8 +310,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
 def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tiny_models, monkeypatch):
     import safetensors.torch
 
-    import training.lora
-    from config.train_config import AdapterConfig
+    import saving.export
+    from config.training import AdapterConfig
     from saving.export import save_adapter
 
     model = flux(tiny_models)
@@ -326,13 +326,13 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
     save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
     before = {p.name: p.read_bytes() for p in final.iterdir()}
 
-    real_save_file = training.lora.save_file
+    real_save_file = saving.export.save_file
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\x00" * 64)
         raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(training.lora, "save_file", full_disk)
+    monkeypatch.setattr(saving.export, "save_file", full_disk)
     lora = {k: v * 2 for k, v in lora.items()}
     with pytest.raises(OSError) as info:
         save_adapter(model, transformer, adapter, final, torch.float32, Distributed.alone())
@@ -341,7 +341,7 @@ def test_disk_full_while_saving_the_adapter_keeps_the_previous_one(tmp_path, tin
                                     "space on that disk and run again.")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert no_leftovers(tmp_path) == []
-    monkeypatch.setattr(training.lora, "save_file", real_save_file)
+    monkeypatch.setattr(saving.export, "save_file", real_save_file)
 
 
 @pytest.fixture

@@ -20,12 +20,12 @@ from conftest import eval_loss_through_diffusers, evals, launch, losses, ok, run
 from make_demo_dataset import make_demo_dataset
 from make_tiny_models import make_tiny_flux2
 from models import get_model_class
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.flux2 import TEXT_ENCODER_LAYERS
 from models.keymaps.flux2 import Flux2Keymap
 from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 from test_video_models import engine_like_transformer
-from training.lora import lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
 from training.weights import SafetensorsFolder, read_weights
 
 ORIGINAL_FILE = "flux2-tiny-original.safetensors"

@@ -10,7 +10,7 @@ Module fixtures, each one launch (~15 s on CPU):
     fp32_master the same with float32 master weights, the reference SR should track (slow)
 
 The tests read what the launches left: losses, evals and the saved files, whose eval losses are
-recomputed in process through diffusers' own forward (test_train_flux.eval_loss_in_process).
+recomputed in process through diffusers' own forward (conftest.eval_loss_through_diffusers).
 The last tests call save_full_model in process: many small shards, and a full disk.
 """
 
@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, assert_killed_rank_ended_the_job, launch, launch_and_kill_rank, write_configs
+from conftest import (Launch, assert_killed_rank_ended_the_job, eval_loss_through_diffusers, evals, launch,
+                      launch_and_kill_rank, ok, run_folder, write_configs)
 from memory.estimate import ParamInfo, zero_shard_bytes
-from test_train_flux import eval_loss_in_process
 from tools.make_demo_dataset import make_demo_dataset
 
 from utils.dist import Distributed
@@ -40,20 +40,6 @@ FULL = dict(adapter=None, max_steps=10, eval_at_start=True, eval_every_n_steps=5
 TINY_UPDATES = dict(adapter=None, max_steps=40, eval_at_start=True, eval_every_n_steps=20,
                     checkpoint_every_n_steps=20, steps_per_print=10, model={"dtype": "bfloat16"},
                     optimizer={"lr": 1e-5, "weight_decay": 0.0})
-
-
-def ok(result: Launch) -> Launch:
-    assert result.returncode == 0, result.output[-5000:]
-    return result
-
-
-def run_dir(result: Launch) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def evals(folder: Path) -> dict[int, float]:
-    return {e["step"]: e[EVAL] for e in json.loads((folder / "eval.json").read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +90,7 @@ def fp32_master(work):
 
 
 def saved(result: Launch, name: str = "final") -> Path:
-    return run_dir(result) / "models" / name
+    return run_folder(result) / "models" / name
 
 
 def load_saved(folder: Path):
@@ -131,8 +117,8 @@ def from_original_layout(folder: Path, work):
 
 @pytest.mark.slow
 def test_full_finetune_trains_and_saves_the_transformer(full):
-    folder = run_dir(full)
-    history = evals(folder)
+    folder = run_folder(full)
+    history = evals(folder, EVAL)
     assert sorted(history) == [0, 5, 10]
     assert history[10] < history[5] < history[0]
     assert history[10] < 0.95 * history[0]
@@ -154,12 +140,13 @@ def test_full_finetune_trains_and_saves_the_transformer(full):
 def test_saved_diffusers_folder_reproduces_the_final_eval(full, work):
     from diffusers import FluxTransformer2DModel
 
-    history = evals(run_dir(full))
-    trained = eval_loss_in_process(full.config, load_saved(saved(full)))
+    history = evals(full, EVAL)
+    trained = eval_loss_through_diffusers(full.config, load_saved(saved(full)), items=4)
     assert trained == pytest.approx(history[10], rel=1e-5)
-    at_five = eval_loss_in_process(full.config, load_saved(saved(full, "step00000005")))
+    at_five = eval_loss_through_diffusers(full.config, load_saved(saved(full, "step00000005")), items=4)
     assert at_five == pytest.approx(history[5], rel=1e-5)
-    untrained = eval_loss_in_process(full.config, FluxTransformer2DModel.from_pretrained(work["model"] / "transformer"))
+    base = FluxTransformer2DModel.from_pretrained(work["model"] / "transformer")
+    untrained = eval_loss_through_diffusers(full.config, base, items=4)
     assert untrained == pytest.approx(history[0], rel=1e-5)
     # training moved the loss far beyond the tolerance: a save of the untrained weights would fail
     assert abs(untrained - trained) > 100 * 1e-5 * trained
@@ -178,7 +165,8 @@ def test_original_layout_file_is_the_same_model(full, work):
     assert "double_blocks.0.img_attn.qkv.weight" in original and "single_blocks.1.linear1.weight" in original
     for key, value in transformer.state_dict().items():
         assert torch.equal(value, diffusers_weights[key]), key
-    assert eval_loss_in_process(full.config, transformer) == pytest.approx(evals(run_dir(full))[10], rel=1e-5)
+    in_process = eval_loss_through_diffusers(full.config, transformer, items=4)
+    assert in_process == pytest.approx(evals(full, EVAL)[10], rel=1e-5)
     # and it reads back as model.transformer_path does
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     keys = sorted(diffusers_weights)
@@ -191,11 +179,11 @@ def test_original_layout_file_is_the_same_model(full, work):
 
 @pytest.mark.slow
 def test_two_stages_train_and_save_the_same_model(full, two_stages):
-    one, two = run_dir(full), run_dir(two_stages)
+    one, two = run_folder(full), run_folder(two_stages)
     assert "stage 1: layers" in two_stages.output
     assert two_stages.losses() == pytest.approx(full.losses(), rel=1e-5)
-    for step, value in evals(one).items():
-        assert evals(two)[step] == pytest.approx(value, rel=1e-5)
+    for step, value in evals(one, EVAL).items():
+        assert evals(two, EVAL)[step] == pytest.approx(value, rel=1e-5)
     folder = saved(two_stages)
     # each stage wrote its own shard; rank 0 the index naming both
     index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
@@ -232,7 +220,7 @@ def test_zero1_over_two_replicas_trains_the_same_model(two_stages, zero_hybrid):
     # may differ is the order of the float32 sums of the gradient reduction: the same 1e-5
     # tolerance as between layouts.
     assert zero_hybrid.losses() == pytest.approx(two_stages.losses(), rel=1e-5)
-    assert evals(run_dir(zero_hybrid)) == pytest.approx(evals(run_dir(two_stages)), rel=1e-5)
+    assert evals(zero_hybrid, EVAL) == pytest.approx(evals(two_stages, EVAL), rel=1e-5)
     folder, reference = saved(zero_hybrid) / "transformer", saved(two_stages) / "transformer"
     shards = sorted(p.name for p in reference.glob("*-of-00002.safetensors"))
     for shard in shards:
@@ -243,7 +231,7 @@ def test_zero1_over_two_replicas_trains_the_same_model(two_stages, zero_hybrid):
     # Each replica of each stage checkpointed half its stage's optimizer state: float32 master
     # weights and AdamW's two moments of its slice (DeepSpeed pads a slice to an even length).
     # The memory estimate counts exactly that, up to the padding.
-    checkpoint = run_dir(zero_hybrid) / "checkpoints" / "step00000010"
+    checkpoint = run_folder(zero_hybrid) / "checkpoints" / "step00000010"
     for stage, shard in enumerate(shards):
         weights = load_file(reference / shard).values()
         estimated, _ = zero_shard_bytes([ParamInfo(tuple(t.shape), t.dtype, True) for t in weights], 2)
@@ -283,7 +271,7 @@ def test_a_killed_rank_of_four_ends_the_job_and_the_zero1_run_resumes_exactly(wo
     result = ok(launch(config, "--resume_from_checkpoint", num_gpus=4))
     assert "starting at step 5" in result.output
     assert result.losses(folder) == zero_hybrid.losses()
-    assert evals(folder) == evals(run_dir(zero_hybrid))
+    assert evals(folder, EVAL) == evals(zero_hybrid, EVAL)
     original = saved(zero_hybrid) / "transformer"
     for shard in original.glob("*.safetensors"):
         a, b = load_file(folder / "models" / "final" / "transformer" / shard.name), load_file(shard)
@@ -295,7 +283,7 @@ def test_a_killed_rank_of_four_ends_the_job_and_the_zero1_run_resumes_exactly(wo
 
 @pytest.mark.slow
 def test_stochastic_rounding_trains_where_plain_bfloat16_stalls(bf16_sr, bf16_plain, fp32_master):
-    sr, plain, master = (evals(run_dir(r)) for r in (bf16_sr, bf16_plain, fp32_master))
+    sr, plain, master = (evals(r, EVAL) for r in (bf16_sr, bf16_plain, fp32_master))
     assert sr[0] == plain[0] == master[0]
     drop = {name: h[0] - h[40] for name, h in (("sr", sr), ("plain", plain), ("master", master))}
     # float32 master weights: the updates add up (about 1.5% of the loss in 40 steps) ...
@@ -317,14 +305,14 @@ def test_resume_with_stochastic_rounding_reproduces_the_run(work, bf16_sr):
     # Resumed from the step-20 checkpoint, the rest of the run is the same bit for bit: the weights,
     # the float32 optimizer state of bfloat16 weights and the step that seeds the rounding noise.
     config = configure(work, "bf16_sr_resume", TINY_UPDATES, optimizer={"stochastic_rounding": True})
-    original = run_dir(bf16_sr)
+    original = run_folder(bf16_sr)
     copy = config.parent / "runs" / original.name
     shutil.copytree(original, copy)
     shutil.rmtree(copy / "models")  # so the comparison below reads what the resumed run saved
     result = ok(launch(config, "--resume_from_checkpoint", "step00000020"))
     assert "starting at step 20" in result.output
     assert result.losses(copy) == bf16_sr.losses()
-    assert evals(copy) == evals(original)
+    assert evals(copy, EVAL) == evals(original, EVAL)
     a = load_file(copy / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(original / "models" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)

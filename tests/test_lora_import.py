@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.flux import FluxConfig, FluxModel
 from models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoModel
-from training.lora import add_lora, read_lora_file, save_lora
+from saving.export import save_lora
+from training.lora import add_lora, read_lora_file
 from utils.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
 from config.train_config import load_train_config
-from conftest import launch, write_configs
+from conftest import launch, ok, write_configs
 from memory.block_swap import BlockSwap, swapped_layer_indices
 from memory.estimate import describe as describe_memory, estimate as estimate_memory
 from memory.float8 import Float8Linear
@@ -219,11 +219,6 @@ def test_float8_matmul_config_checks(tmp_path, tiny_models, data):
 
 
 # ------------------------------------------------------------------------ launches
-
-
-def ok(result):
-    assert result.returncode == 0, result.output[-5000:]
-    return result
 
 
 def adapter(result):

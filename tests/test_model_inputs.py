@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from conftest import launch, write_configs
 from models.flux import FluxConfig, FluxModel
-from training.lora import add_lora, save_lora
+from saving.export import save_lora
+from training.lora import add_lora
 from training.preflight import check_inputs
 from utils.errors import ConfigError
 

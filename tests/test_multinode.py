@@ -1,7 +1,8 @@
 """Several machines ("nodes") through DeepSpeed's own launcher, tried on this one: two launchers
 with node ranks 0 and 1 (`deepspeed --hostfile H --no_ssh --node_rank R --master_addr A`, as on a
 cluster where each node starts its own launcher) train exactly as one launcher with the same
-layout, and the dataset cache, on a filesystem both "nodes" share, is built once."""
+layout, and the dataset cache, on a filesystem both "nodes" share, is built once; a "node" whose
+cache folder is its own (a mount namespace hides the shared one) builds its own copy."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, free_port, launch, write_configs
 
 
-def start_node(config, hostfile, node_rank: int, port: int) -> subprocess.Popen:
+def start_node(config, hostfile, node_rank: int, port: int, own_disk: tuple[Path, Path] | None = None) -> subprocess.Popen:
+    """One node's launcher. `own_disk` = (folder, mount point): this node sees `folder` at the
+    mount point instead of what the others see there, as a node with a local disk would."""
     cmd = ["deepspeed", f"--hostfile={hostfile}", "--no_ssh", f"--node_rank={node_rank}", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(REPO / "train.py"), "--deepspeed", "--config", str(config)]
+    if own_disk:
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               f'mount --bind "{own_disk[0]}" "{own_disk[1]}" && exec "$@"', "sh", *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -57,3 +65,36 @@ def test_two_nodes_train_as_one_and_share_one_cache(tmp_path, tiny_models, image
     parts = {f.name for f in (run_dirs[0] / "checkpoints" / latest).iterdir()}
     assert {"layer_00-model_states.pt", f"layer_{last:02d}-model_states.pt"} <= parts, parts
     shutil.rmtree(tmp_path / "nodes" / "runs")
+
+
+def mount_namespaces() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not mount_namespaces(), reason="needs mount namespaces (unshare --mount, root) to give one "
+                                                   "'node' a cache folder of its own")
+def test_a_node_that_does_not_share_the_cache_folder_builds_its_own(tmp_path, tiny_models, image_dataset):
+    from data.tensor_store import TensorStore
+
+    settings = dict(max_steps=2, micro_batch_size_per_gpu=1, pipeline_stages=2, gradient_accumulation_steps=2)
+    config = write_configs(tmp_path / "nodes", tiny_models / "flux", image_dataset, **settings)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    shared, node_b_disk = image_dataset / "cache", tmp_path / "node-b-disk"
+    shared.mkdir()
+    node_b_disk.mkdir()
+    port = free_port()
+    procs = [start_node(config, hostfile, 0, port), start_node(config, hostfile, 1, port, own_disk=(node_b_disk, shared))]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"node {rank}:\n{out[-4000:]}"
+    assert "is not one folder for every rank (nodes without a shared filesystem): ranks 0, 1 each write" in outputs[0]
+    # Both copies hold every entry, with the same tensors: each node trained from its own.
+    for kind in ("latents", "text"):
+        a, b = TensorStore(shared / "flux" / kind), TensorStore(node_b_disk / "flux" / kind)
+        assert len(a) > 0 and a.index.keys() == b.index.keys(), kind
+        for key in a.index:
+            for name, tensor in a.get(key).items():
+                assert torch.equal(tensor, b.get(key)[name]), (kind, key, name)

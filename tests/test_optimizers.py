@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from config.train_config import OptimizerConfig, adamw8bit_missing, load_train_config
+from config.train_config import load_train_config
+from config.training import OptimizerConfig, adamw8bit_missing
 from conftest import write_configs
 from models import get_model_class
 from training.optimizers import build_optimizer, stochastic_round_to_bf16

@@ -4,6 +4,7 @@ stages, 2 data-parallel replicas and 2 x 2 give the same losses, weights and eva
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -18,8 +19,29 @@ LAYOUTS = {
     "2 processes, 2 stages, accumulation 2": dict(num_gpus=2, pipeline_stages=2, gradient_accumulation_steps=2,
                                                   activation_checkpointing=True),
     "2 processes, 2 replicas": dict(num_gpus=2, pipeline_stages=1, gradient_accumulation_steps=1),
-    "4 processes, 2 stages x 2 replicas": dict(num_gpus=4, pipeline_stages=2, gradient_accumulation_steps=1),
+    # the split balanced by declared layer costs: 2 double blocks | 2 single blocks, where
+    # "parameters" splits 1 | 3 (parallel/engine.PartitionedPipelineModule takes either)
+    "4 processes, 2 stages x 2 replicas": dict(num_gpus=4, pipeline_stages=2, gradient_accumulation_steps=1,
+                                               partition_method="cost"),
 }
+
+
+def test_cost_partition_balances_declared_layer_costs():
+    from models.flux import FluxDoubleBlockLayer, FluxFinalLayer, FluxInputLayer, FluxSingleBlockLayer
+    from parallel.stages import partition
+
+    def layer(cls):  # partition reads only the class's kind and cost
+        return types.SimpleNamespace(kind=cls.kind, cost=cls.cost)
+
+    flux_dev = ([layer(FluxInputLayer)] + [layer(FluxDoubleBlockLayer)] * 19 + [layer(FluxSingleBlockLayer)] * 38
+                + [layer(FluxFinalLayer)])
+    # 19 x 1.5 + 5 = 33.5 against 33 x 1
+    assert partition(flux_dev, 2, "cost") == [0, 25, 59]
+    assert partition(flux_dev, 4, "cost") == [0, 12, 25, 42, 59]
+    # One kind of block, no declared cost: the same blocks on every stage, as "blocks" does.
+    video = [types.SimpleNamespace(kind="input", cost=None)] + [types.SimpleNamespace(kind="block", cost=None)] * 28 \
+        + [types.SimpleNamespace(kind="output", cost=None)]
+    assert partition(video, 2, "cost") == [0, 15, 30]
 
 
 def run_layout(tmp_path, tiny_models, data, name, num_gpus, **settings):
@@ -32,6 +54,11 @@ def run_layout(tmp_path, tiny_models, data, name, num_gpus, **settings):
     run_dir = result.run_dirs()[-1]
     weights = load_file(run_dir / "adapters" / "final" / "pytorch_lora_weights.safetensors")
     evals = json.loads((run_dir / "eval.json").read_text())
+    # every rank's peak memory, with its stage (the estimate printed at start is per stage)
+    peaks = json.loads((run_dir / "memory.json").read_text())
+    replicas = num_gpus // settings["pipeline_stages"]
+    assert [(p["rank"], p["stage"]) for p in peaks] == [(r, r // replicas) for r in range(num_gpus)], peaks
+    assert all(p["peak_gib"] > 0 for p in peaks)
     return result.losses(run_dir), weights, evals, result.output
 
 

@@ -10,7 +10,7 @@ import torch
 
 from test_low_memory import data, loaded  # noqa: F401  (data is a fixture)
 from test_sampling_models import LayersEngine, Texts
-from config.train_config import SampleRequest
+from config.sampling import SampleRequest
 from memory.block_swap import attach_block_swap
 from training.sampling import Sampler
 from utils.dist import Distributed

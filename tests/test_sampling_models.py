@@ -10,9 +10,10 @@ import torch
 
 from make_tiny_models import make_tiny_flux, make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 from test_video_models import engine_like_transformer, make_model
-from config.train_config import AdapterConfig, SampleRequest
+from config.sampling import SampleRequest
+from config.training import AdapterConfig
+from saving.export import lora_state_dict, save_lora
 from models import get_model_class
-from training.lora import lora_state_dict, save_lora
 from training.sampling import Sampler, sample_prompts, to_uint8
 from utils.dist import Distributed
 

@@ -16,7 +16,6 @@ process from the saved adapter files).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, eval_loss_through_diffusers, launch, write_configs
+from conftest import Launch, eval_loss_through_diffusers, evals, launch, losses, ok, run_folder, write_configs
 from tools.make_demo_dataset import make_demo_dataset
 
 # Every test here rides on real training launches shared through module fixtures.
@@ -37,28 +36,10 @@ RUN_A = dict(max_steps=6, eval_at_start=True, eval_every_n_steps=3, checkpoint_e
              adapter={"rank": 4, "alpha": 8}, optimizer={"lr": 3e-3})
 
 
-def ok(result: Launch) -> Launch:
-    assert result.returncode == 0, result.output[-5000:]
-    return result
-
-
 def cache_reports(result: Launch) -> list[tuple[int, int]]:
     """(entries encoded, samples ready) for each dataset, in order: training set, then eval sets."""
     return [(int(a), int(b)) for a, b in re.findall(r"cache: (\d+) new entries encoded, (\d+) samples ready",
                                                      result.output)]
-
-
-def run_dir(result: Launch) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def evals(folder: Path) -> dict[int, float]:
-    return {e["step"]: e[EVAL_NAME] for e in json.loads((folder / "eval.json").read_text())}
-
-
-def losses(folder: Path) -> list[float]:
-    return json.loads((folder / "losses.json").read_text())
 
 
 # ------------------------------------------------------------------------------------ launches
@@ -103,7 +84,7 @@ def run_b(work, run_a):
 
 @pytest.fixture(scope="module")
 def run_c(work, run_a):
-    adapter = run_dir(run_a) / "adapters" / "final"
+    adapter = run_folder(run_a) / "adapters" / "final"
     config = configure(work, "c", max_steps=1, adapter={"init_from_existing": str(adapter)},
                        eval_datasets=[{"name": EVAL_NAME, "config": str(work["root"] / "eval.toml")},
                                       {"name": "training_folder", "config": "dataset.toml"}])
@@ -131,9 +112,9 @@ def test_cache_only_then_reuse_then_regenerate(work, cache_only, run_a, run_c):
 
 
 def test_run_folder_contents(run_a):
-    folder = run_dir(run_a)
+    folder = run_folder(run_a)
     assert len(losses(folder)) == 6
-    assert sorted(evals(folder)) == [0, 3, 6]
+    assert sorted(evals(folder, EVAL_NAME)) == [0, 3, 6]
     assert sorted(p.name for p in (folder / "config").iterdir()) == ["dataset.toml", "eval.toml", "train.toml"]
     assert any((folder / "tensorboard").iterdir())
     diffusers_keys = load_file(folder / "adapters" / "final" / "pytorch_lora_weights.safetensors")
@@ -144,44 +125,39 @@ def test_run_folder_contents(run_a):
 
 def test_eval_is_deterministic_across_launches(run_a, run_b):
     # Same weights (the original-layout file holds the same tensors), same step-0 eval, exactly.
-    assert evals(run_dir(run_b))[0] == evals(run_dir(run_a))[0]
+    assert evals(run_b, EVAL_NAME)[0] == evals(run_a, EVAL_NAME)[0]
 
 
 def test_transformer_path_single_file_trains_like_the_diffusers_folder(run_a, run_b):
-    a, b = run_dir(run_a), run_dir(run_b)
+    a, b = run_folder(run_a), run_folder(run_b)
     assert len(losses(b)) == 6
     assert losses(b) == losses(a)
-    assert evals(b) == evals(a)
+    assert evals(b, EVAL_NAME) == evals(a, EVAL_NAME)
 
 
 def test_init_from_existing_continues_from_the_saved_adapter(run_a, run_c):
-    final = evals(run_dir(run_a))[6]
-    start = evals(run_dir(run_c))[0]
+    final = evals(run_a, EVAL_NAME)[6]
+    start = evals(run_c, EVAL_NAME)[0]
     # The saved lora_B carries alpha/rank = 2; loading divides it out again (exact in binary).
     assert start == pytest.approx(final, rel=1e-6)
     # ... and it is not simply the untrained model's loss.
-    assert abs(start - evals(run_dir(run_a))[0]) > 1e-3 * final
+    assert abs(start - evals(run_a, EVAL_NAME)[0]) > 1e-3 * final
 
 
 # ------------------------------------------------------------------------------------ saved adapters
 
 
-def eval_loss_in_process(config_path: Path, transformer) -> float:
-    """The run's eval loss (4 held-out images) through diffusers' forward, not ours."""
-    return eval_loss_through_diffusers(config_path, transformer, items=4)
-
-
 def test_diffusers_lora_file_reproduces_the_final_eval(run_a, work):
     from diffusers import FluxPipeline
 
-    folder = run_dir(run_a)
-    expected = evals(folder)[6]
+    folder = run_folder(run_a)
+    expected = evals(folder, EVAL_NAME)[6]
     pipe = FluxPipeline.from_pretrained(work["model"])
-    untrained = eval_loss_in_process(run_a.config, pipe.transformer)
+    untrained = eval_loss_through_diffusers(run_a.config, pipe.transformer, items=4)
     # Our eval and diffusers' forward agree on the base model too.
-    assert untrained == pytest.approx(evals(folder)[0], rel=1e-5)
+    assert untrained == pytest.approx(evals(folder, EVAL_NAME)[0], rel=1e-5)
     pipe.load_lora_weights(folder / "adapters" / "final")
-    trained = eval_loss_in_process(run_a.config, pipe.transformer)
+    trained = eval_loss_through_diffusers(run_a.config, pipe.transformer, items=4)
     assert trained == pytest.approx(expected, rel=1e-5)
     # The adapter's effect is far above the tolerance: a dropped adapter or a lost scale would fail.
     assert abs(untrained - expected) > 100 * 1e-5 * expected
@@ -192,7 +168,7 @@ def test_original_layout_lora_file_reproduces_the_final_eval(run_a, work):
 
     from models.keymaps.flux import FluxKeymap
 
-    folder = run_dir(run_a)
+    folder = run_folder(run_a)
     base = load_file(work["model"] / "flux1-tiny-original.safetensors")
     lora = load_file(folder / "adapters" / "final" / "lora_comfyui.safetensors")
     # As ComfyUI reads it: "lora_unet_" + the original module name with "_" for ".", scale alpha / rank.
@@ -212,7 +188,8 @@ def test_original_layout_lora_file_reproduces_the_final_eval(run_a, work):
     config = FluxTransformer2DModel.load_config(work["model"] / "transformer")
     transformer = FluxTransformer2DModel.from_config(config)
     transformer.load_state_dict(FluxKeymap.original_to_diffusers(base, config), strict=True)
-    assert eval_loss_in_process(run_a.config, transformer) == pytest.approx(evals(folder)[6], rel=1e-5)
+    in_process = eval_loss_through_diffusers(run_a.config, transformer, items=4)
+    assert in_process == pytest.approx(evals(folder, EVAL_NAME)[6], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ learning
@@ -234,7 +211,7 @@ def test_overfits_two_images(overfit):
     # width 32) levels off near 0.62x the initial loss (0.955/1.43 at 300 steps, 0.917 at 600,
     # 0.89 at 1500), so 0.7x is what it can honestly reach here. Without working updates the loss
     # stays at 1.43 (gradients not applied) or barely moves (lr ignored: the default 1e-4).
-    history = {e["step"]: e["train"] for e in json.loads((run_dir(overfit) / "eval.json").read_text())}
+    history = evals(overfit)
     assert sorted(history) == [0, 100, 200, 300, 400, 500, 600]
     assert history[600] < 0.7 * history[0]
     assert history[600] < history[300] < history[100] < history[0]
@@ -252,7 +229,7 @@ def test_resume_from_checkpoint_reproduces_the_run(work, run_a):
     # A copy of run_a's folder under another output_dir, resumed from its first checkpoint (step
     # 3): the remaining steps and the final eval must be exactly those of the uninterrupted run.
     config = configure(work, "resume")
-    original = run_dir(run_a)
+    original = run_folder(run_a)
     copy = config.parent / "runs" / original.name
     shutil.copytree(original, copy)
     first = sorted(p.name for p in (copy / "checkpoints").iterdir() if p.is_dir())[0]
@@ -261,7 +238,7 @@ def test_resume_from_checkpoint_reproduces_the_run(work, run_a):
     assert "starting at step 3" in result.output
     assert result.run_dirs() == [copy]
     assert losses(copy) == losses(original)
-    assert evals(copy) == evals(original)
+    assert evals(copy, EVAL_NAME) == evals(original, EVAL_NAME)
 
 
 @pytest.mark.slow

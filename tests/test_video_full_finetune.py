@@ -14,14 +14,13 @@ the run's eval set.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, launch, write_configs
+from conftest import eval_loss_through_diffusers, evals, launch, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from models import get_model_class
 from models.keymaps.hunyuan_video import HunyuanVideoKeymap
@@ -127,15 +126,6 @@ def runs(video_models, data) -> dict:
         assert result.returncode == 0, result.output[-5000:]
         results[name] = result
     return results
-
-
-def run_folder(result) -> Path:
-    (folder,) = result.run_dirs()
-    return folder
-
-
-def evals(result) -> dict[int, float]:
-    return {e["step"]: e["train"] for e in json.loads((run_folder(result) / "eval.json").read_text())}
 
 
 def from_original_layout(name: str, folder: Path):

@@ -19,12 +19,13 @@ from conftest import evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models import get_model_class
 from models.keymaps.hunyuan_video import HunyuanVideoKeymap
 from models.keymaps.keymap import detect_original_prefix
 from models.keymaps.ltx_video import LTXVideoKeymap
-from training.lora import add_lora, init_lora, lora_state_dict, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, init_lora
 from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.errors import ConfigError
 
@@ -181,10 +182,11 @@ def test_partition_type_must_match_a_layer_class(video_models):
     model = make_model("hunyuan-video", video_models)
 
     def config(method):
-        settings = TrainConfigFile(output_dir="o", dataset="d", model={"type": model.name}, max_steps=1,
-                                   adapter=AdapterConfig(rank=4, alpha=4.0), pipeline_stages=2, partition_method=method)
+        settings = TrainConfigFile(output_dir=Path("o"), dataset_file=Path("d"), model_table={"type": model.name},
+                                   max_steps=1, adapter=AdapterConfig(rank=4, alpha=4.0), pipeline_stages=2,
+                                   partition_method=method)
         return TrainConfig(file=Path("train.toml"), settings=settings, model=model.config, dataset=None,
-                           eval_datasets=[], output_dir=Path("o"))
+                           eval_datasets=[])
 
     assert plan_stages(model, config("type:BlockLayer"))[2] == [0, 3, 6]
     # "blocks": the same number of blocks per stage

@@ -21,12 +21,14 @@ from safetensors.torch import load_file
 from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v
-from config.train_config import AdapterConfig, load_train_config
+from config.train_config import load_train_config
+from config.training import AdapterConfig
 from models import get_model_class
 from models.keymaps.wan import WanKeymap
 from test_video_models import engine_like_transformer
 from training import objective
-from training.lora import add_lora, lora_state_dict, read_lora_file, save_lora
+from saving.export import lora_state_dict, save_lora
+from training.lora import add_lora, read_lora_file
 from training.weights import SafetensorsFolder, read_weights
 from utils.errors import ConfigError
 

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     if source is not None:
         found = re.search(r"step(\d+)", source.resolve().name)
         step = int(found.group(1)) if found else 0
-    out = args.out or (config.output_dir / "base_samples" if args.base else
+    out = args.out or (config.settings.output_dir / "base_samples" if args.base else
                        (source.parent if source.is_file() else source) / "samples")
     ok = Sampler(model, engine, config.samples, texts, out, place).run(step)
     dist.destroy_process_group()

@@ -67,6 +67,6 @@ class EMA:
 
 
 def ema_for(transformer: torch.nn.Module, config) -> EMA:
-    """The EMA an [ema] table (config/train_config.EmaConfig) asks for, of this process's trained weights."""
+    """The EMA an [ema] table (config/training.EmaConfig) asks for, of this process's trained weights."""
     trained = {n: p for n, p in transformer.named_parameters() if p.requires_grad and not p.is_meta}
     return EMA(trained, config.decay, config.update_every, torch.device("cpu") if config.device == "cpu" else None)

@@ -1,6 +1,6 @@
 """LoRA for every model: injected into the modules the adapter targets, initialised the same for
-any pipeline split, saved as diffusers' file plus the recipe's extra formats, and started from an
-existing file (`init_from_existing`) of any layout users hold.
+any pipeline split, and started from an existing file (`init_from_existing`) of any layout users
+hold. Writing the files is saving/export.py's (training imports saving, never the reverse).
 
 Files read: this trainer's pytorch_lora_weights.safetensors ("transformer." + diffusers names) and
 lora_comfyui.safetensors (original names, fused modules with block-diagonal B); diffusion-pipe's
@@ -26,12 +26,13 @@ from accelerate import init_empty_weights
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.base import ModelRecipe
 from models.pipeline_layers import is_adapter_weight, named_weights
+from saving.export import LYCORIS_SCALED, adapter_file_key
 from training.weights import open_safetensors, set_parameter
 from utils.dtypes import DTYPES
 from utils.errors import ConfigError
@@ -146,41 +147,6 @@ def load_lora_into(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
                 param.copy_(value)
 
 
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """This process's materialised LoRA weights, keyed like diffusers' LoRA files (no prefix)."""
-    return {_lora_file_name(n): p.detach().cpu() for n, p in transformer.named_parameters()
-            if is_adapter_weight(n) and not p.is_meta}
-
-
-def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: AdapterConfig, out_dir: Path,
-              dtype: torch.dtype) -> list[Path]:
-    """Write the adapter in diffusers format plus the model's extra formats.
-
-    The alpha/rank scale is multiplied into lora_B (LoKr: lokr_w1, LoHa: hada_w1_a, each a
-    factor the update is linear in), so every loader, with or without an alpha field,
-    applies the adapter exactly as trained. LoKr and LoHa have no original (ComfyUI) layout
-    here: the original models fuse q, k and v, which a Kronecker or Hadamard product
-    cannot be split into.
-    """
-    scale = adapter.alpha / adapter.rank
-    scaled = {k: (v.float() * scale if ".lora_B." in k or k.rpartition(".")[2] in LYCORIS_SCALED
-                  else v.float()).to(dtype).contiguous()
-              for k, v in sorted(lora.items())}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    diffusers_file = out_dir / "pytorch_lora_weights.safetensors"
-    save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
-              metadata={"format": "pt", "trainer_model_type": recipe.name})
-    written = [diffusers_file]
-    if adapter.use_dora or adapter.type != "lora":
-        return written  # the original layout has no DoRA magnitudes, LoKr or LoHa (examples/flux.toml)
-    for filename, tensors in recipe.extra_lora_formats(scaled).items():
-        # kohya's alpha scalars stay float32: exact at any rank.
-        save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},
-                  out_dir / filename, metadata={"format": "pt"})
-        written.append(out_dir / filename)
-    return written
-
-
 def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, tuple]:
     """The LoRA that `init_from_existing` names, as {LoRA module of `transformer`: (A, B)} of
     adapter.rank with this adapter's alpha / rank scale divided out of B, so that the adapter
@@ -234,7 +200,7 @@ def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
 
 
 def read_lycoris_file(transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, torch.Tensor]:
-    """A LoKr or LoHa adapter as this trainer saves it (`save_lora`), as {parameter name of
+    """A LoKr or LoHa adapter as this trainer saves it (saving/export.save_lora), as {parameter name of
     `transformer`: value}, with the saved scale divided out again. It must have exactly this
     adapter's weights and shapes (type, rank, target modules)."""
     file = lora_file_in(path)
@@ -242,7 +208,7 @@ def read_lycoris_file(transformer: nn.Module, path: Path, adapter: AdapterConfig
         raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
     with open_safetensors(file, "adapter.init_from_existing") as st:
         shapes = {k.removeprefix("transformer."): tuple(st.get_slice(k).get_shape()) for k in st.keys()}
-    ours = {_lora_file_name(n): n for n, _ in transformer.named_parameters() if is_adapter_weight(n)}
+    ours = {adapter_file_key(n): n for n, _ in transformer.named_parameters() if is_adapter_weight(n)}
     expected = {k: tuple(transformer.get_parameter(n).shape) for k, n in ours.items()}
     if shapes != expected:
         wrong = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if shapes[k] != expected[k])
@@ -255,18 +221,8 @@ def read_lycoris_file(transformer: nn.Module, path: Path, adapter: AdapterConfig
                 for k, n in ours.items()}
 
 
-# peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model), and
-# the factor the alpha / rank scale is saved in.
+# peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model).
 LYCORIS_ZERO = frozenset({"lokr_w1", "lokr_w1_a", "hada_w2_b"})
-LYCORIS_SCALED = frozenset({"lokr_w1", "lokr_w1_a", "hada_w1_a"})
-
-
-def _lora_file_name(param_name: str) -> str:
-    # "x.to_q.lora_A.default.weight" -> "x.to_q.lora_A.weight" (diffusers' LoRA file naming); a DoRA
-    # magnitude is "x.to_q.lora_magnitude_vector", as peft saves it and diffusers loads it; LoKr
-    # and LoHa weights "x.to_q.lokr_w1.default" -> "x.to_q.lokr_w1" (peft's state dict keys).
-    name = param_name.removesuffix(".default").replace(".default.", ".")
-    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def name_examples(names: list[str], n: int = 2) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from transformers.optimization import Adafactor
 
-from config.train_config import OptimizerConfig
+from config.training import OptimizerConfig
 from utils.seeding import stable_seed
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from config.train_config import AdapterConfig
+from config.training import AdapterConfig
 from models.base import ModelRecipe
 from models.pipeline_layers import is_adapter_weight
 from training.lora import add_lora, name_examples, read_lora_file, read_lycoris_file

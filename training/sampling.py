@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from config.train_config import SampleRequest
+from config.sampling import SampleRequest
 from data.media import write_video
 from models.pipeline_layers import PipelineLayer, plain_precision
 from utils.dist import Distributed

@@ -138,6 +138,20 @@ class Trainer:
             for name, value in (("losses.json", self.losses), ("eval.json", self.eval_history)):
                 write_text_atomic(self.run_dir / name, json.dumps(value))
 
+    def _write_memory_peaks(self) -> None:
+        """Every rank's peak memory in <run>/memory.json and one line, beside the per-stage
+        estimate printed at start: the allocator's peak and reserve on a GPU, host RSS on CPU."""
+        device = self.place.device
+        mine = {"rank": self.place.rank, "stage": self.place.stage, "peak_gib": round(peak_memory_gib(device), 3)}
+        if device.type == "cuda":
+            mine["reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+        peaks = self.place.gather_object(mine)
+        if self.place.is_main:
+            write_text_atomic(self.run_dir / "memory.json", json.dumps(peaks))
+            kind = "allocated" if device.type == "cuda" else "host RSS"
+            self.metrics.print(f"peak memory ({kind}): " + ", ".join(
+                f"rank {p['rank']} stage {p['stage']} {p['peak_gib']:.2f} GiB" for p in peaks))
+
     def micro_batches(self, epoch: int, step_in_epoch: int):
         # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
@@ -378,6 +392,7 @@ class Trainer:
         if self.sampler:
             self.sampler.run(self.step)
             self.report_sampling_time(time.perf_counter() - started)
+        self._write_memory_peaks()
         self.save("final")
         if self.checkpoints_enabled():
             self.checkpoint()  # so a longer run can resume from the end of this one

@@ -8,7 +8,9 @@ group: every collective is then the value itself.
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -81,6 +83,32 @@ class Distributed:
         gathered = [None] * self.world
         dist.all_gather_object(gathered, value)
         return gathered
+
+    def folder_leaders(self, folder: Path) -> list[int]:
+        """For every rank, the lowest rank that sees the same `folder` (a folder on a filesystem
+        several nodes share is one folder; on nodes with their own disks each node has its own):
+        the ranks that write there. One probe file per filesystem, written by its lowest rank."""
+        if self.world == 1:
+            return [0]
+        folder.mkdir(parents=True, exist_ok=True)
+        nonce = self.broadcast_object(uuid.uuid4().hex if self.is_main else None)
+        leaders = [-1] * self.world
+        while -1 in leaders:
+            leader = leaders.index(-1)
+            probe = folder / f".probe-{nonce}-{leader}"
+            if self.rank == leader:
+                probe.touch()
+            self.barrier()
+            sees = leaders[self.rank] == -1 and probe.exists()
+            for rank, seen in enumerate(self.all_gather_object(sees)):
+                if seen:
+                    leaders[rank] = leader
+            self.barrier()
+            if self.rank == leader:
+                probe.unlink(missing_ok=True)
+            # A leader that cannot see its own probe (a folder it cannot write) leads only itself.
+            leaders[leader] = leader
+        return leaders
 
     def max_over_ranks(self, value: int) -> int:
         """The largest of every rank's `value` (one tiny all-reduce)."""
