@@ -289,3 +289,21 @@ def test_a_sampling_step_dispatches_no_more_ops_than_the_diffusers_transformer(t
     assert sum(counted.values()) <= sum(reference_ops.values())
     assert counted["aten::_to_copy"] <= reference_ops["aten::_to_copy"]
     assert sum(ops(ours).values()) > sum(counted.values())  # autocast, as training runs: more
+
+
+def test_plain_precision_keeps_autocast_where_a_copy_would_be_a_second_model(tiny_models):
+    from models.pipeline_layers import plain_precision
+
+    cls = get_model_class("flux")
+    model = cls(cls.config_class(type="flux", diffusers_path=str(tiny_models / "flux"), dtype="bfloat16",
+                                 max_sequence_length=32))
+    transformer, _ = engine_like_transformer(model)  # no adapter: full fine-tuning's layers
+    layers = model.pipeline_layers(transformer)
+    with plain_precision(layers) as plain:  # bfloat16 weights: nothing to copy
+        assert plain and all(layer.autocast_off for layer in layers)
+    assert not any(layer.autocast_off for layer in layers)
+    for p in transformer.parameters():  # full fine-tuning in float32 under bfloat16 autocast
+        p.data = p.data.float()
+    with plain_precision(layers) as plain:
+        assert not plain and not any(layer.autocast_off for layer in layers)
+    assert all(p.dtype == torch.float32 for p in transformer.parameters())
