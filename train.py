@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Neither imports torch: a config error is reported before torch loads.
 from utils.errors import UserError  # noqa: E402
-from utils.faults import disk_full  # noqa: E402
+from utils.faults import OUT_OF_MEMORY_HINT, disk_full, out_of_memory, peer_gone  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from models import get_model_class
     from parallel.engine import build_engine, resolve_compile
     from parallel.launch import init_distributed
-    from parallel.stages import make_topology
+    from parallel.stages import make_topology, resolve_attention_backend
     from saving.run_dir import create_run_dir
     from training.preflight import check_inputs
     from training.sampling import sample_prompts
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     make_topology(place.world, s.pipeline_stages, config.file)
     place = place.with_stages(s.pipeline_stages)
     model = get_model_class(config.model.type)(config.model)
-    config = resolve_compile(config, place, model.dtype)
+    config = resolve_attention_backend(resolve_compile(config, place, model.dtype), place, model.dtype)
     s = config.settings
     # The model files and the LoRA to start from, by their headers: before hours of caching.
     check_inputs(model, config.file, s.adapter)
     if args.regenerate_cache:
         regenerate_caches([config.dataset] + [e.dataset for e in config.eval_datasets], model, place)
     common = dict(micro_batch_size=s.micro_batch_size_per_gpu, caching_batch_size=s.caching_batch_size,
-                  regenerate=False, place=place)
+                  caching_workers=s.caching_workers, regenerate=False, place=place)
     # The sample prompts are embedded with the training captions, before the text encoders go.
     train = prepare_dataset(config.dataset, model, title="training dataset", **common,
                             prompts=sample_prompts(config.samples, model))
@@ -126,6 +126,16 @@ def report_error(error: BaseException) -> int | None:
     if isinstance(error, OSError) and disk_full(error):
         where = "" if rank == "0" else f"[rank {rank}] "
         print(f"error: {where}disk full: {error}. Free some space on that disk and run again.", file=sys.stderr)
+        return 1
+    if out_of_memory(error):
+        # One rank alone may run out (the fullest stage): it names itself; the launcher then ends the others.
+        first = (str(error).strip().splitlines() or ["out of memory"])[0]
+        print(f"error: [rank {rank}] out of GPU memory: {first} {OUT_OF_MEMORY_HINT}", file=sys.stderr)
+        return 1
+    if peer_gone(error):
+        # Not this rank's fault: the rank that ended first says why; its traceback would bury that.
+        print(f"error: [rank {rank}] stopped: another rank of the job ended first (its error is above)",
+              file=sys.stderr)
         return 1
     return None
 

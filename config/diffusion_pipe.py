@@ -53,7 +53,8 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
                             "its formula), and remove it",
     ("", "disable_block_swap_for_eval"): "eval swaps the same blocks as training here: " + _REMOVE,
     ("", "reentrant_activation_checkpointing"): "activation_checkpointing chooses the method here: " + _REMOVE,
-    ("", "map_num_proc"): "the cache is filled by the GPUs' processes here (caching_batch_size): " + _REMOVE,
+    ("", "map_num_proc"): "the cache is filled by the GPUs' processes here (caching_batch_size, caching_workers): "
+                          + _REMOVE,
     ("", "x_axis_examples"): "TensorBoard's x-axis is the step here: " + _REMOVE,
     ("", "upload_hf_from_epoch"): "nothing is uploaded here; upload <run>/adapters/ yourself, and " + _REMOVE,
     ("", "huggingface_repo"): "nothing is uploaded here; upload <run>/adapters/ yourself, and " + _REMOVE,
@@ -61,12 +62,14 @@ REPLACEMENTS: dict[tuple[str, str], str] = {
                              "[[directory]]), and remove it here",
     ("", "partition_split"): "no manual split here: partition_method = 'type:BlockLayer' gives every stage the "
                              "same number of transformer blocks; " + _REMOVE,
-    ("model", "ckpt_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo"),
+    # The release's ckpts/ folder: its files are read one by one here.
+    ("model", "ckpt_path"): "name its files: transformer_path = '<ckpt_path>/hunyuan-video-t2v-720p/transformers/"
+                            "mp_rank_00_model_states.pt', vae_path = '<ckpt_path>/hunyuan-video-t2v-720p/vae/"
+                            "pytorch_model.pt', llm_path = '<ckpt_path>/text_encoder', clip_path = "
+                            "'<ckpt_path>/text_encoder_2', and diffusers_path = a diffusers folder for the "
+                            "configs and tokenizers (e.g. hunyuanvideo-community/HunyuanVideo without its "
+                            "*.safetensors)",
     ("model", "single_file_path"): _DATA_IN_DIFFUSERS.format(repo="Lightricks/LTX-Video"),
-    # The VAE and text encoders come from the diffusers folder here; only the transformer may be a single file.
-    ("model", "vae_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
-    ("model", "llm_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
-    ("model", "clip_path"): _DATA_IN_DIFFUSERS.format(repo="hunyuanvideo-community/HunyuanVideo") + "; " + _REMOVE,
     ("model", "bypass_guidance_embedding"): "the guidance embedding is always used here (see guidance): " + _REMOVE,
     ("model", "first_frame_conditioning_p"): "image-to-video conditioning is not trained here: " + _REMOVE,
     ("adapter", "fuse_adapters"): "not available here: merge those LoRAs into the base weights first, and " + _REMOVE,

@@ -23,7 +23,9 @@ class ParallelSettings:
     # (parallel/engine.resolve_compile), off on CPU.
     compile: Optional[bool] = None
     # A diffusers attention backend for the transformer (ModelMixin.set_attention_backend), e.g.
-    # "_native_cudnn"; None: torch's scaled-dot-product attention without cuDNN (parallel/launch.py).
+    # "_native_cudnn"; None: "_native_cudnn" on a CUDA GPU where its probe passes
+    # (parallel/stages.resolve_attention_backend), else torch's scaled-dot-product attention
+    # without cuDNN (parallel/launch.py), as "native" gives it.
     attention_backend: Optional[str] = None
 
     def validate(self, file, prefix):

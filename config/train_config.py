@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Callable, ClassVar, Literal, Optional
 
 from config.data import DataSettings
 from config.dataset_config import Dataset, check_keys, load_dataset_config, read_toml
@@ -51,6 +51,11 @@ class ModelConfig:
     transformer_dtype: Optional[Literal["float8", "float32", "bfloat16", "float16"]] = None
     # With transformer_dtype = "float8": the frozen linears' products run in float8 (memory/float8.py).
     float8_matmul: bool = False
+
+    # The model's path keys beyond diffusers_path and transformer_path (resolved against the config
+    # file's folder and checked to exist): key -> what its single file is, when it must be a file,
+    # or None where a folder is taken too.
+    path_keys: ClassVar[dict[str, Optional[str]]] = {}
 
     def validate(self, file, prefix):
         check(self.sigmoid_scale > 0, file, key(prefix, "sigmoid_scale"), "must be > 0")
@@ -164,16 +169,23 @@ def load_train_config(path: Path | str, find_model_class: Callable[[str, Path], 
     top_level = frozenset(f.name for f in dataclasses.fields(TrainConfigFile))
     check_keys(path, problems, unknown_keys(TrainConfigFile, raw) + unknown_keys(model_cls.config_class, model_table,
                                                                                      "model"), top_level=top_level)
+    if "diffusers_path" not in model_table and "transformer_path" in model_table:
+        # diffusion-pipe's configs name only single files for some models; the configs come from a folder here.
+        raise ConfigError(f"{path}: missing required key 'model.diffusers_path': a diffusers folder of the model, "
+                          f"for its configs, tokenizers and scheduler (the single files give the weights they "
+                          f"hold; with every part's file given, only the folder's small files are read: download "
+                          f"it with --exclude \"*.safetensors\")")
     settings = build(TrainConfigFile, raw, path)
     model_config = build(model_cls.config_class, model_table, path, "model", top_level)
-    for name in ("diffusers_path", "transformer_path"):
+    single_files = {"transformer_path": "the transformer's single .safetensors file", **model_cls.config_class.path_keys}
+    for name in ("diffusers_path", *single_files):
         value = getattr(model_config, name)
         if value is not None:
             resolved = resolve_path(path.parent, value, path, f"model.{name}")
             check(path_is(resolved, "exists"), path, f"model.{name}", f"does not exist: {resolved}")
-            check(name != "transformer_path" or not path_is(resolved, "dir"), path, f"model.{name}",
-                  f"is a folder: {resolved}; expected the transformer's single .safetensors file (a diffusers "
-                  f"folder goes in model.diffusers_path)")
+            check(single_files.get(name) is None or not path_is(resolved, "dir"), path, f"model.{name}",
+                  f"is a folder: {resolved}; expected {single_files.get(name)} (a diffusers folder goes in "
+                  f"model.diffusers_path)")
             setattr(model_config, name, str(resolved))
     if settings.adapter is not None and settings.adapter.init_from_existing is not None:
         resolved = resolve_path(path.parent, settings.adapter.init_from_existing, path, "adapter.init_from_existing")

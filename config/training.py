@@ -139,6 +139,8 @@ class EmaConfig:
     device: Literal["gpu", "cpu"] = "gpu"
     # Also evaluate the averaged weights (eval/<name>/ema).
     eval: bool = False
+    # Draw the [sample] pictures with the averaged weights instead of the trained ones.
+    samples: bool = False
 
     def validate(self, file, prefix):
         check(0.0 < self.decay < 1.0, file, key(prefix, "decay"), "must be in (0, 1)")

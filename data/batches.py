@@ -139,6 +139,9 @@ def collate(example, reader: CacheReader, batch: list[Slot], seed: int, tag: str
     masks = [lat.get("mask") for lat, _ in loaded]
     mask = None
     if any(m is not None for m in masks):  # a sample without a mask (another folder's) weighs 1 everywhere
-        shape = next(m.shape for m in masks if m is not None)
-        mask = torch.stack([m if m is not None else torch.ones(shape) for m in masks])
-    return example(latents, text, generators, timesteps=timesteps, weights=weights, mask=mask)
+        # One mask image for all frames (a frame axis of 1) and masks per frame mix in a batch.
+        shape = torch.broadcast_shapes(*(m.shape for m in masks if m is not None))
+        mask = torch.stack([m.expand(shape) if m is not None else torch.ones(shape) for m in masks])
+    # Whatever else the model cached with the clip (image-to-video conditions).
+    conditions = {k: torch.stack([lat[k] for lat, _ in loaded]) for k in loaded[0][0] if k not in ("latents", "mask")}
+    return example(latents, text, generators, timesteps=timesteps, weights=weights, mask=mask, conditions=conditions)

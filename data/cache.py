@@ -6,7 +6,8 @@ recomputed only when a file's size or modification time changes).
 
 Every cache entry is keyed by what decides its content: a latent by the file's content hash,
 the bucket shape (frames included), the clip's first frame, the model's latent signature and
-its loss mask's content hash (the mask is stored with the latent, at the latent's size); a
+its loss mask's content hash (the mask is stored with the latent, at the latent's size and
+frame count); a
 text embedding by the caption and the model's text signature. So a changed image, caption,
 resolution, bucket or model re-encodes just the entries that changed, and `--regenerate_cache`
 is only needed to start over.
@@ -33,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from data.buckets import Sample
-from data.media import load_mask, load_sample_pixels
+from data.media import load_mask, load_sample_pixels_uint8, to_unit_range
 from data.tensor_store import TensorStore
 from utils.atomic import write_text_atomic
-from utils.dist import Distributed
+from utils.dist import Distributed, available_cores, local_processes
 from utils.errors import MediaError
 from utils.faults import disk_full, disk_full_error
 
@@ -173,11 +174,13 @@ class DatasetCache:
                                     variants))
         return out
 
-    def build(self, place: Distributed, batch_size: int, log=None) -> "CacheReader":
+    def build(self, place: Distributed, batch_size: int, log=None, workers: int = 0) -> "CacheReader":
         """Encode what is missing (all ranks share the work; rank 0 writes, and on a node that
         does not see its cache folder, that node's first rank) and open the stores.
 
-        Damaged cache parts are reported through `log` (rank 0) and their entries encoded again.
+        `workers` processes per rank decode and resize the media files ahead of the VAE (0: this
+        process does, between batches); the cache is the same either way. Damaged cache parts are
+        reported through `log` (rank 0) and their entries encoded again.
         """
         keyed = place.broadcast_object(self._keys() if place.is_main else None)
         # Who writes: rank 0, and on nodes that do not see rank 0's cache folder, their lowest rank.
@@ -222,20 +225,17 @@ class DatasetCache:
         if todo_latents:
             self.model.load_vae(place.device)
 
-            def encode_images(batch):
-                pixels = torch.stack([load_sample_pixels(c.sample.item.path, c.sample.bucket.width,
-                                                         c.sample.bucket.height, c.sample.bucket.frames,
-                                                         c.sample.clip_start) for c in batch])
+            def encode_images(loaded: list["_LoadedMedia"]):
+                pixels = to_unit_range(torch.stack([m.pixels for m in loaded]))
                 outputs = self.model.encode_pixels(pixels)
-                for c, out in zip(batch, outputs):
-                    if c.sample.item.mask is not None:
-                        b = c.sample.bucket
-                        out["mask"] = latent_mask(load_mask(c.sample.item.mask, b.width, b.height), out["latents"])
+                for m, out in zip(loaded, outputs):
+                    if m.mask is not None:
+                        out["mask"] = latent_mask(m.mask, out["latents"])
                 return outputs
 
             problems += _encode_distributed(todo_latents, latent_stores, batch_size, place, writers, "Caching latents",
                                             group_of=lambda c: c.sample.bucket, encode=encode_images,
-                                            key_of=lambda c: c.latent_key)
+                                            key_of=lambda c: c.latent_key, load=load_media, workers=workers)
             self.model.free_encoders()
         place.barrier()
         # Re-open so every rank sees the parts its node's writer wrote.
@@ -252,11 +252,27 @@ class DatasetCache:
 
 
 def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """A (1, height, width) pixel mask as weights of the latent elements: averaged over the pixels
-    each latent element covers, shaped to broadcast over `latents` ((1, h, w), or (1, 1, h, w)
-    for video latents (channels, frames, h, w): one mask for every frame)."""
-    small = torch.nn.functional.interpolate(mask[None].float(), size=tuple(latents.shape[-2:]), mode="area")[0]
-    return small.view(1, *([1] * (latents.dim() - 3)), *small.shape[-2:])
+    """A pixel mask as weights of the latent elements, averaged over the pixels each latent
+    element covers, shaped to broadcast over `latents`.
+
+    A mask image (1, height, width) gives (1, h, w), or (1, 1, h, w) for video latents
+    (channels, frames, h, w): one weight map for every frame. Masks per frame (1, frames, height,
+    width) give (1, latent frames, h, w): the video VAEs here are causal, so latent frame 0 holds
+    pixel frame 0 alone and each later one the next (frames - 1) / (latent frames - 1) frames
+    (4 for HunyuanVideo and Wan, 8 for LTX-Video); each weighs the mean of its frames."""
+    h, w = latents.shape[-2:]
+    if mask.dim() == 4 and latents.dim() == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]  # a one-frame clip of a video for an image model
+    if mask.dim() == 3:
+        small = torch.nn.functional.interpolate(mask[None].float(), size=(h, w), mode="area")[0]
+        return small.view(1, *([1] * (latents.dim() - 3)), h, w)
+    frames, latent_frames = mask.shape[1], (latents.shape[1] if latents.dim() == 4 else 0)
+    group = (frames - 1) // max(latent_frames - 1, 1)
+    if latent_frames < 1 or (latent_frames == 1 and frames != 1) or group * (latent_frames - 1) != frames - 1:
+        raise ValueError(f"a mask of {frames} frames does not fit a latent of {latent_frames} frames")
+    small = torch.nn.functional.interpolate(mask.float().transpose(0, 1), size=(h, w), mode="area").transpose(0, 1)
+    later = small[:, 1:].reshape(1, latent_frames - 1, group, h, w).mean(dim=2)
+    return torch.cat([small[:, :1], later], dim=1)
 
 
 def _text_keys(c: CachedSample) -> list[str]:
@@ -279,6 +295,70 @@ def _unique(pairs) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class _LoadedMedia:
+    """A sample's pixels fitted to its bucket ((3, frames, height, width) uint8) and its loss
+    mask at the bucket's size, or why the files could not be read."""
+
+    pixels: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    error: str | None = None
+
+
+def load_media(batch: list[CachedSample]) -> list[_LoadedMedia]:
+    """Read and fit the media files (and masks) of a batch; a file that cannot be read is an
+    error entry, not an exception, so the rest of the batch is kept."""
+    out = []
+    for c in batch:
+        s, b = c.sample, c.sample.bucket
+        try:
+            pixels = load_sample_pixels_uint8(s.item.path, b.width, b.height, b.frames, s.clip_start)
+            mask = (load_mask(s.item.mask, b.width, b.height, b.frames, s.clip_start)
+                    if s.item.mask is not None else None)
+        except MediaError as e:
+            # The message starts with the path; the problem list shows it already.
+            out.append(_LoadedMedia(error=str(e).removeprefix(f"{s.item.path}: ")))
+        else:
+            out.append(_LoadedMedia(pixels, mask))
+    return out
+
+
+def default_caching_workers() -> int:
+    """Processes per rank that read media files while caching: the cores this process may use,
+    shared by the ranks on this machine, at most 8 (more seldom keeps a GPU busier)."""
+    return min(8, available_cores() // local_processes(os.environ))
+
+
+class _BatchLoads(torch.utils.data.Dataset):
+    """Batch i of `batches`, read by `load`: what a DataLoader worker computes."""
+
+    def __init__(self, batches: list[list], load):
+        self.batches, self.load = batches, load
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int):
+        return self.load(self.batches[index])
+
+
+def _as_is(batch):
+    return batch
+
+
+def _loaded(batches: list[list], load, workers: int, pin: bool):
+    """`load(batch)` for each batch, in order. With workers, they read ahead in worker processes,
+    at most two batches each, while the caller encodes: order and contents are the same."""
+    workers = min(workers, len(batches))
+    if load is None or workers < 1 or len(batches) < 2:
+        for batch in batches:
+            yield load(batch) if load is not None else batch
+        return
+    yield from torch.utils.data.DataLoader(_BatchLoads(batches, load), batch_size=None, shuffle=False,
+                                           num_workers=workers, prefetch_factor=2, collate_fn=_as_is,
+                                           pin_memory=pin)
+
+
 def _missing(entries, stores, key_of, place: Distributed, writers: list[int]) -> list:
     """The `entries` whose key the store of some writer lacks: the same list on every rank."""
     if len(writers) == 1:  # one cache folder, which every rank reads alike
@@ -290,13 +370,14 @@ def _missing(entries, stores, key_of, place: Distributed, writers: list[int]) ->
 
 
 def _encode_distributed(todo, stores, batch_size, place: Distributed, writers: list[int], desc, group_of, encode,
-                        key_of=lambda c: c.text_key) -> list[tuple[Path, str]]:
+                        key_of=lambda c: c.text_key, load=None, workers: int = 0) -> list[tuple[Path, str]]:
     """Encode `todo` in same-shape batches spread over all ranks; the `writers` (rank 0, and one
     rank per node that does not share its folders) gather the results and write what their
     stores lack.
 
-    Items that fail to load are skipped, never a crash mid-cache, and returned (path, reason),
-    the same list on every rank.
+    `load` (with `workers` processes reading ahead) turns a batch into what `encode` takes, a
+    `_LoadedMedia` per item; without it `encode` takes the batch itself. Items that fail to load
+    are skipped, never a crash mid-cache, and returned (path, reason), the same list on every rank.
     """
     problems: list[tuple[Path, str]] = []  # rank 0's, then broadcast
     rank, world = place.rank, place.world
@@ -304,28 +385,29 @@ def _encode_distributed(todo, stores, batch_size, place: Distributed, writers: l
     for c in todo:
         groups.setdefault(group_of(c), []).append(c)
     batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    rounds = range(0, len(batches), world)
+    my_batches = [batches[start + rank] if start + rank < len(batches) else [] for start in rounds]
+    loaded_batches = _loaded(my_batches, load, workers, pin=place.device.type == "cuda")
     pending: dict[Path, list] = {}
     pending_since: dict[Path, float] = {}
     bar = tqdm(total=len(todo), desc=desc, unit="item", disable=rank != 0, dynamic_ncols=True)
-    for start in range(0, len(batches), world):
-        mine = batches[start + rank] if start + rank < len(batches) else []
+    for mine in my_batches:
+        loaded = next(loaded_batches)
         rows, my_problems = [], []
-        if mine:
-            try:
+        bad = {i: m.error for i, m in enumerate(loaded) if isinstance(m, _LoadedMedia) and m.error is not None}
+        if mine and not bad:
+            with torch.no_grad():
+                outputs = encode(loaded)
+            rows = [(key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}) for c, out in zip(mine, outputs)]
+        elif mine:
+            # A bad file in the batch: the rest are encoded one by one.
+            for i, (c, m) in enumerate(zip(mine, loaded)):
+                if i in bad:
+                    my_problems.append((c.sample.item.path, bad[i]))
+                    continue
                 with torch.no_grad():
-                    outputs = encode(mine)
-                rows = [(key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}) for c, out in zip(mine, outputs)]
-            except MediaError:
-                # One bad file in the batch: encode the rest one by one to find it.
-                for c in mine:
-                    try:
-                        with torch.no_grad():
-                            (out,) = encode([c])
-                        rows.append((key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}))
-                    except MediaError as e:
-                        # The message starts with the path; the problem list shows it already.
-                        path = c.sample.item.path
-                        my_problems.append((path, str(e).removeprefix(f"{path}: ")))
+                    (out,) = encode([m])
+                rows.append((key_of(c), c.folder, {k: v.cpu() for k, v in out.items()}))
         # With one writer the results go to it alone; with several, to every rank.
         gathered = place.gather_object((rows, my_problems)) if len(writers) == 1 else \
             place.all_gather_object((rows, my_problems))

@@ -127,6 +127,17 @@ def load_image(path: Path | str) -> Image.Image:
 def fit_to_bucket(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """Scale `image` to cover width x height keeping its aspect ratio, center crop, as a
     (3, height, width) float32 tensor in [-1, 1]."""
+    return to_unit_range(fit_to_bucket_uint8(image, width, height))
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixel values as float32 in [-1, 1], the range the VAEs take."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def fit_to_bucket_uint8(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """`fit_to_bucket` before the conversion to [-1, 1]: (3, height, width) uint8, a quarter of
+    the bytes to pass between processes."""
     if width < 1 or height < 1:
         raise ValueError(f"bucket size must be positive, got {width}x{height}")
     image = _to_rgb(image)
@@ -143,8 +154,7 @@ def fit_to_bucket(image: Image.Image, width: int, height: int) -> torch.Tensor:
     # reducing_gap first shrinks by whole factors (cheap) for large downscales; the final pass
     # is still Lanczos over at least 3x the target, so quality is unchanged.
     fitted = image.resize((width, height), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    pixels = torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).to(torch.float32).div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +303,11 @@ def load_video_clip(path: Path | str, width: int, height: int, frames: int, clip
     """`frames` consecutive frames from `clip_start`, each fitted to width x height like an image,
     as (3, frames, height, width) float32 in [-1, 1]. Only the needed frames are decoded: the
     reader seeks to the keyframe before the clip when the timestamps allow it."""
+    return to_unit_range(load_video_clip_uint8(path, width, height, frames, clip_start))
+
+
+def load_video_clip_uint8(path: Path | str, width: int, height: int, frames: int, clip_start: int = 0) -> torch.Tensor:
+    """`load_video_clip` before the conversion to [-1, 1]: uint8."""
     path = Path(path)
     if frames < 1 or clip_start < 0:
         raise ValueError(f"need frames >= 1 and clip_start >= 0, got {frames} and {clip_start}")
@@ -303,7 +318,7 @@ def load_video_clip(path: Path | str, width: int, height: int, frames: int, clip
         raise
     except _AV_READ_ERRORS as e:
         raise _video_error(path, e) from None
-    return torch.stack([fit_to_bucket(Image.fromarray(a), width, height) for a in arrays], dim=1)
+    return torch.stack([fit_to_bucket_uint8(Image.fromarray(a), width, height) for a in arrays], dim=1)
 
 
 def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 1,
@@ -313,18 +328,29 @@ def load_sample_pixels(path: Path | str, width: int, height: int, frames: int = 
 
     Images are one-frame clips, so every model's encoder sees one layout.
     """
+    return to_unit_range(load_sample_pixels_uint8(path, width, height, frames, clip_start))
+
+
+def load_sample_pixels_uint8(path: Path | str, width: int, height: int, frames: int = 1,
+                             clip_start: int = 0) -> torch.Tensor:
+    """`load_sample_pixels` before the conversion to [-1, 1]: (3, frames, height, width) uint8."""
     if is_video_file(path):
-        return load_video_clip(path, width, height, frames, clip_start)
+        return load_video_clip_uint8(path, width, height, frames, clip_start)
     if frames != 1 or clip_start != 0:
         raise ValueError(f"{path}: an image has one frame; asked for {frames} from frame {clip_start}")
-    return fit_to_bucket(load_image(path), width, height).unsqueeze(1)
+    return fit_to_bucket_uint8(load_image(path), width, height).unsqueeze(1)
 
 
-def load_mask(path: Path | str, width: int, height: int) -> torch.Tensor:
-    """A loss mask image fitted to a bucket exactly as its media file is (scaled to cover, center
-    cropped), as (1, height, width) float32 weights in [0, 1]: white 1, black 0, gray between
-    (the mean of the R, G and B values; transparency composited on white)."""
-    rgb = fit_to_bucket(load_image(path), width, height)
+def load_mask(path: Path | str, width: int, height: int, frames: int = 1, clip_start: int = 0) -> torch.Tensor:
+    """A loss mask fitted to a bucket exactly as its media file is (scaled to cover, center
+    cropped), as float32 weights in [0, 1]: white 1, black 0, gray between (the mean of the R, G
+    and B values; transparency composited on white). A mask image is (1, height, width), one
+    weight map for every frame; a mask video (a video's masks per frame) gives the same clip as
+    its video, (1, frames, height, width)."""
+    if is_video_file(path):
+        rgb = load_video_clip(path, width, height, frames, clip_start)
+    else:
+        rgb = fit_to_bucket(load_image(path), width, height)
     # Lanczos overshoots at hard edges: clamp back to [0, 1].
     return rgb.mean(dim=0, keepdim=True).add_(1.0).div_(2.0).clamp_(0.0, 1.0)
 

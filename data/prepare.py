@@ -6,7 +6,7 @@ from pathlib import Path
 
 from config.dataset_config import Dataset
 from data.buckets import Sample, assign_buckets, format_bucket_table
-from data.cache import CacheReader, DatasetCache, cache_dir, remove_caches
+from data.cache import CacheReader, DatasetCache, cache_dir, default_caching_workers, remove_caches
 from data.scan import format_problems, scan_dataset
 from utils.dist import Distributed
 from utils.errors import DataError
@@ -17,15 +17,16 @@ _UPSCALE_NOTE_BELOW = 0.5
 
 def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: int, caching_batch_size: int,
                     regenerate: bool, place: Distributed, log=print,
-                    prompts: list[str] = ()) -> CacheReader:
+                    prompts: list[str] = (), caching_workers: int | None = 0) -> CacheReader:
     """Scan `dataset`, print its bucket table, and return a reader over its cached tensors.
 
     Items that cannot be used (no caption, unreadable file, video shorter than every frame
     bucket, a file that fails to encode) are listed by path in one summary after caching, never
     silently dropped; the rest train. `prompts` (sample prompts) are embedded into the text cache
-    too (`CacheReader.prompt_text`). Raises DataError, the same on every rank, when nothing is
-    left to train on, when a directory has missing_caption = "error" and a caption is missing,
-    or when the dataset is `strict` and any file cannot be used.
+    too (`CacheReader.prompt_text`). `caching_workers` processes per rank read the media files
+    ahead of the VAE (None: `default_caching_workers()`; 0: none). Raises DataError, the same on
+    every rank, when nothing is left to train on, when a directory has missing_caption = "error"
+    and a caption is missing, or when the dataset is `strict` and any file cannot be used.
     """
     scan = scan_dataset(dataset)
     too_short: list = []
@@ -52,7 +53,8 @@ def prepare_dataset(dataset: Dataset, model, *, title: str, micro_batch_size: in
     cache = DatasetCache(model, samples, prompts)
     if regenerate:
         regenerate_caches([dataset], model, place, log=lambda *_: None)
-    reader = cache.build(place, caching_batch_size, log=log)
+    workers = default_caching_workers() if caching_workers is None else caching_workers
+    reader = cache.build(place, caching_batch_size, log=log, workers=workers)
     # Every rank has the same problems (rank 0 broadcasts the encoding ones), so all stop together.
     problems = skipped + reader.problems
     if dataset.strict and problems:

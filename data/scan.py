@@ -5,7 +5,8 @@ image or video unreadable, a broken or looping symbolic link) is collected as a 
 short reason, so one run lists them all. A missing caption is a problem, an empty caption or an
 error, as the directory's `missing_caption` says. In a directory with a `mask_path`, each media
 file needs a mask there (the image with the file's name stem, any image extension, of the same
-aspect ratio); a missing or unreadable one is a problem too. Videos are read for their size and frame count
+aspect ratio; for a video, also a video of the same name stem and frame count: a mask per frame);
+a missing, unreadable or misshapen one is a problem too. Videos are read for their size and frame count
 here; which clips they give is decided by the buckets.
 """
 
@@ -33,7 +34,8 @@ class Item:
     height: int
     directory_index: int
     frames: int = 1  # images have one
-    # The loss mask image (data/media.load_mask), or None: every element weighs 1.
+    # The loss mask (data/media.load_mask: an image, or a video of masks per frame), or None: every
+    # element weighs 1.
     mask: Path | None = None
 
     @property
@@ -90,23 +92,31 @@ def _read_caption(caption_path: Path) -> str:
                          f"(byte 0x{data[e.start]:02x} at position {e.start})") from None
 
 
-def _find_mask(folder: Path, media: Path, width: int, height: int) -> Path:
+def _find_mask(folder: Path, media: Path, width: int, height: int, frames: int) -> Path:
     """The mask of `media` in `folder`; raises ValueError with a short reason when there is none
-    or it cannot be used."""
-    found = [folder / f"{media.stem}{ext}" for ext in sorted(IMAGE_EXTENSIONS)]
-    found = [p for p in found if p.is_file()]
+    or it cannot be used. A video's mask is an image (one for every frame) or a video of its
+    frame count (one per frame)."""
+    extensions = sorted(IMAGE_EXTENSIONS) + (sorted(VIDEO_EXTENSIONS) if is_video_file(media) else [])
+    found = [p for p in (folder / f"{media.stem}{ext}" for ext in extensions) if p.is_file()]
     if not found:
-        raise ValueError(f"no mask in {folder} (an image named {media.stem}.png, .jpg, ...)")
+        also = " or a video of its frames" if is_video_file(media) else ""
+        raise ValueError(f"no mask in {folder} (an image named {media.stem}.png, .jpg, ...{also})")
     if len(found) > 1:
         raise ValueError(f"{len(found)} masks in {folder} ({', '.join(p.name for p in found)}); keep one")
+    mask = found[0]
     try:
-        mask_w, mask_h = image_size(found[0])
+        if is_video_file(mask):
+            mask_w, mask_h, mask_frames, _ = video_info(mask)
+        else:
+            (mask_w, mask_h), mask_frames = image_size(mask), None
     except MediaError as e:
         raise ValueError(f"mask {e}") from None
     # Cropped to the bucket like the media: the same aspect ratio keeps them aligned.
     if abs(mask_w * height - mask_h * width) > max(width, height):
-        raise ValueError(f"mask {found[0]} is {mask_w}x{mask_h}, not of the media's aspect ratio ({width}x{height})")
-    return found[0]
+        raise ValueError(f"mask {mask} is {mask_w}x{mask_h}, not of the media's aspect ratio ({width}x{height})")
+    if mask_frames is not None and mask_frames != frames:
+        raise ValueError(f"mask {mask} has {mask_frames} frames, the video {frames}: a mask video has one per frame")
+    return mask
 
 
 def _media_files(folder: Path) -> list[Path]:
@@ -175,7 +185,7 @@ def scan_directory(directory: ResolvedDirectory, index: int) -> ScanResult:
         mask = None
         if directory.mask_path is not None:
             try:
-                mask = _find_mask(directory.mask_path, path, width, height)
+                mask = _find_mask(directory.mask_path, path, width, height, frames)
             except ValueError as e:
                 result.problems.append((path, str(e)))
                 continue

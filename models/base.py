@@ -9,6 +9,8 @@ weights (training/weights.py), LoRA (training/lora.py) and the file checks (trai
 from __future__ import annotations
 
 import gc
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,12 +24,38 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from models.keymaps.keymap import Keymap
+from models.keymaps.single_file import SingleFileLayout, check_single_file, load_single_file
 from models.pipeline_layers import InferenceMemo, PipelineFields, PipelineLayer, mark_frozen_fields
 from data.buckets import check_frame_buckets, check_resolutions
 from config.dataset_config import Dataset
 from config.train_config import ModelConfig
 from utils.dtypes import DTYPES
 from utils.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EncoderFile:
+    """A VAE or text encoder whose weights a config key may name instead of the diffusers
+    folder's: a single file (`layout`), or, for a text encoder, a transformers folder with its
+    tokenizer. The architecture comes from the diffusers folder's `subfolder`/config.json."""
+
+    subfolder: str
+    model_class: type
+    layout: SingleFileLayout
+    # transformers' config class of a text encoder; None: a diffusers model (load_config / from_config).
+    config_class: type | None = None
+    tokenizer_subfolder: str | None = None
+    tokenizer_class: type | None = None
+    # model_type values of a transformers folder's config.json it takes beside config_class's
+    # (CLIP's text encoder from a whole CLIPModel folder: "clip").
+    folder_model_types: tuple[str, ...] = ()
+
+
+def _model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class ModelRecipe:
@@ -106,9 +134,81 @@ class ModelRecipe:
         `encode_captions` unpacks them."""
         raise NotImplementedError
 
+    # The VAE and text encoders a config key may give as the files users hold: config key (a field
+    # of config_class, also in its path_keys) -> EncoderFile. The VAE's key is "vae_path".
+    encoder_files: ClassVar[dict[str, EncoderFile]] = {}
+
+    def check_encoder_files(self) -> None:
+        """Check the VAE and text encoder files given instead of the diffusers folder's weights by
+        their headers, before anything is cached: a ConfigError line each."""
+        for key in self.encoder_files:
+            if getattr(self.config, key) is not None:
+                self.encoder_part(key, None)
+
+    def encoder_part(self, key: str, device: torch.device | None) -> tuple:
+        """(tokenizer or None, model) of the encoder of config key `key`: from the file or folder
+        it names, else from the diffusers folder; onto `device`. With device None, only check the
+        file or folder (a ConfigError line for each problem) and return (None, None)."""
+        part = self.encoder_files[key]
+        value = getattr(self.config, key)
+        check_only = device is None
+        if value is not None and Path(value).is_dir():
+            folder = Path(value)
+            for needed in ("config.json", "tokenizer_config.json"):
+                if not (folder / needed).is_file():
+                    raise ConfigError(f"model.{key}: {folder} has no {needed}; expected a transformers folder of "
+                                      f"the {part.layout.name} with its tokenizer, or the single file "
+                                      f"{part.layout.example}")
+            found = _model_type(folder / "config.json")
+            expected = (part.config_class.model_type, *part.folder_model_types)
+            if found not in expected:
+                raise ConfigError(f"model.{key}: {folder} holds a model of type {found!r}, not the {part.layout.name} "
+                                  f"(model_type {' or '.join(map(repr, expected))} in its config.json)")
+            if check_only:
+                return None, None
+            return (part.tokenizer_class.from_pretrained(folder),
+                    part.model_class.from_pretrained(folder, torch_dtype=self.dtype).to(device).eval())
+        tokenizer = None
+        if part.tokenizer_subfolder is not None and not check_only:
+            tokenizer = part.tokenizer_class.from_pretrained(self.root / part.tokenizer_subfolder)
+        if value is None:
+            if check_only:
+                return None, None
+            model = part.model_class.from_pretrained(self.root / part.subfolder, torch_dtype=self.dtype)
+            return tokenizer, model.to(device).eval()
+        if not (self.root / part.subfolder / "config.json").is_file():
+            raise ConfigError(f"model.diffusers_path: {self.root} has no {part.subfolder}/config.json, which gives "
+                              f"the architecture of model.{key}'s single file")
+        if part.config_class is not None:
+            config = part.config_class.from_pretrained(self.root / part.subfolder)
+        else:
+            config = part.model_class.load_config(self.root / part.subfolder)
+        with init_empty_weights(include_buffers=False):
+            model = part.model_class(config) if part.config_class is not None else part.model_class.from_config(config)
+        if check_only:
+            check_single_file(value, key, part.layout, model)
+            return None, None
+        return tokenizer, load_single_file(value, key, part.layout, model, self.dtype).to(device).eval()
+
+    def encoder_files_signature(self, *keys: str) -> str:
+        """For the cache signatures: the names and sizes of the files the keys name (every file of
+        a folder); empty for keys not set."""
+        parts = []
+        for k in keys:
+            value = getattr(self.config, k)
+            if value is not None:
+                path = Path(value)
+                files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+                parts.append(f",{k}=" + ",".join(f"{f}:{f.stat().st_size}" for f in files))
+        return "".join(parts)
+
     def load_vae(self, device: torch.device) -> None:
-        """Load the model's VAE (`vae_class` from the `vae/` folder) for caching latents."""
-        self.vae = self.vae_class.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
+        """Load the model's VAE (`vae_class` from the `vae/` folder, or the file of its
+        `vae_path` key) for caching latents."""
+        if getattr(self.config, "vae_path", None) is not None:
+            self.vae = self.encoder_part("vae_path", device)[1]
+        else:
+            self.vae = self.vae_class.from_pretrained(self.root / "vae", torch_dtype=self.dtype).to(device).eval()
         self.device = device
 
     def free_encoders(self) -> None:
@@ -144,6 +244,14 @@ class ModelRecipe:
                      text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The first layer's named inputs from noisy latents, timesteps and text embeddings."""
         raise NotImplementedError
+
+    def condition_inputs(self, inputs: dict[str, torch.Tensor], latents: torch.Tensor,
+                         conditions: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The first layer's inputs with the clip's conditioning applied (image-to-video), and the
+        loss weights it asks for (broadcasting over `latents`; None: every element counts).
+        `latents` are the clean latents; `conditions` the batch's other cached tensors
+        (`encode_pixels` items' keys beside "latents"), stacked. By default: no conditioning."""
+        return inputs, None
 
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents in the layout the transformer predicts (the target's layout)."""
@@ -227,6 +335,10 @@ class ModelRecipe:
     # Decode in tiles (video VAEs at full size do not fit otherwise); the tiny test sizes are below
     # one tile, so tiling changes nothing there.
     decode_tiled: ClassVar[bool] = False
+
+    def sampling_unsupported(self) -> str | None:
+        """Why this model (as configured) cannot draw [sample]s, or None when it can."""
+        return None
 
     def sample_latent_shape(self, width: int, height: int, frames: int) -> tuple[int, ...]:
         """The unpacked latent shape of one sample (no batch dimension), as the pipeline makes it."""

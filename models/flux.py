@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from torch import nn
-from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from models.base import ModelRecipe
-from models.keymaps.flux import FluxKeymap
+from models.base import EncoderFile, ModelRecipe
+from models.keymaps.flux import FLUX_VAE, FluxKeymap
+from models.keymaps.single_file import CLIP_L, T5_XXL
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from config.train_config import ModelConfig
 from config.schema import check, key
@@ -20,6 +22,14 @@ from config.schema import check, key
 class FluxConfig(ModelConfig):
     guidance: float = 1.0
     max_sequence_length: int = 512
+    # The VAE and text encoders from the files users hold (BFL's / ComfyUI's single files, or
+    # transformers folders) instead of the diffusers folder's weights; the configs stay its.
+    vae_path: Optional[str] = None
+    clip_path: Optional[str] = None
+    t5_path: Optional[str] = None
+
+    path_keys: ClassVar[dict[str, Optional[str]]] = {"vae_path": "the VAE's single file (ae.safetensors)",
+                                                     "clip_path": None, "t5_path": None}
 
     def validate(self, file, prefix):
         super().validate(file, prefix)
@@ -129,18 +139,23 @@ class FluxModel(ModelRecipe):
     sample_defaults = {"width": 1024, "height": 1024, "frames": 1, "steps": 28, "guidance": 3.5}
 
     # ---------------------------------------------------------------- encoders
+    encoder_files = {
+        "vae_path": EncoderFile("vae", AutoencoderKL, FLUX_VAE),
+        "clip_path": EncoderFile("text_encoder", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer", CLIPTokenizer,
+                                 folder_model_types=("clip",)),
+        "t5_path": EncoderFile("text_encoder_2", T5EncoderModel, T5_XXL, T5Config, "tokenizer_2", T5TokenizerFast),
+    }
+
+    def latent_cache_signature(self) -> str:
+        return self._config_signature("vae", extra="mode" + self.encoder_files_signature("vae_path"))
+
     def text_cache_signature(self) -> str:
         return self._config_signature("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
-                                      extra=f"t5_len={self.config.max_sequence_length}")
+                                      extra=f"t5_len={self.config.max_sequence_length}"
+                                            + self.encoder_files_signature("clip_path", "t5_path"))
 
     def text_encoder_parts(self, device):
-        dtype = self.dtype
-        return (
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer"),
-            CLIPTextModel.from_pretrained(self.root / "text_encoder", torch_dtype=dtype).to(device).eval(),
-            T5TokenizerFast.from_pretrained(self.root / "tokenizer_2"),
-            T5EncoderModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=dtype).to(device).eval(),
-        )
+        return (*self.encoder_part("clip_path", device), *self.encoder_part("t5_path", device))
 
     def encode_captions(self, captions):
         clip_tok, clip, t5_tok, t5 = self.text_encoders

@@ -10,16 +10,18 @@ the VAE's scaling_factor, and the transformer gets the timestep and the guidance
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, LlamaModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel
 
-from models.base import ModelRecipe
-from models.keymaps.hunyuan_video import HunyuanVideoKeymap
+from models.base import EncoderFile, ModelRecipe
+from models.keymaps.hunyuan_video import HUNYUAN_VIDEO_VAE, LLAVA_LLAMA3, HunyuanVideoKeymap
+from models.keymaps.single_file import CLIP_L
 from models.pipeline_layers import PipelineFields, PipelineLayer
 from config.train_config import ModelConfig
 from utils.errors import ConfigError
@@ -36,6 +38,15 @@ class HunyuanVideoConfig(ModelConfig):
 
     guidance: float = 1.0
     max_sequence_length: int = 256
+    # The VAE and text encoders from the files users hold instead of the diffusers folder's weights
+    # (diffusion-pipe's keys, same meaning): the architecture still comes from diffusers_path's configs.
+    vae_path: Optional[str] = None
+    llm_path: Optional[str] = None
+    clip_path: Optional[str] = None
+
+    path_keys: ClassVar[dict[str, Optional[str]]] = {
+        "vae_path": "the VAE's single file (hunyuan_video_vae_bf16.safetensors, or the release's pytorch_model.pt)",
+        "llm_path": None, "clip_path": None}
 
     def validate(self, file, prefix):
         super().validate(file, prefix)
@@ -183,22 +194,28 @@ class HunyuanVideoModel(ModelRecipe):
     decode_tiled = True
 
     # ---------------------------------------------------------------- encoders
+    encoder_files = {
+        "vae_path": EncoderFile("vae", AutoencoderKLHunyuanVideo, HUNYUAN_VIDEO_VAE),
+        "llm_path": EncoderFile("text_encoder", LlamaModel, LLAVA_LLAMA3, LlamaConfig, "tokenizer", AutoTokenizer),
+        "clip_path": EncoderFile("text_encoder_2", CLIPTextModel, CLIP_L, CLIPTextConfig, "tokenizer_2", CLIPTokenizer,
+                                 folder_model_types=("clip",)),
+    }
+
+    def latent_cache_signature(self) -> str:
+        return self._config_signature("vae", extra="mode" + self.encoder_files_signature("vae_path"))
+
     def text_cache_signature(self) -> str:
         return self._config_signature(
             "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
             extra=f"llama_len={self.config.max_sequence_length},skip={NUM_HIDDEN_LAYERS_TO_SKIP},"
-                  f"template={self.prompt_template!r}")
+                  f"template={self.prompt_template!r}" + self.encoder_files_signature("llm_path", "clip_path"))
 
     def text_encoder_parts(self, device):
-        llama_tokenizer = AutoTokenizer.from_pretrained(self.root / "tokenizer")
+        llama_tokenizer, llama = self.encoder_part("llm_path", device)
         # The template crop and the transformer's text mask both expect the prompt's tokens first.
         llama_tokenizer.padding_side = "right"
-        return (
-            llama_tokenizer,
-            LlamaModel.from_pretrained(self.root / "text_encoder", torch_dtype=self.dtype).to(device).eval(),
-            CLIPTokenizer.from_pretrained(self.root / "tokenizer_2"),
-            CLIPTextModel.from_pretrained(self.root / "text_encoder_2", torch_dtype=self.dtype).to(device).eval(),
-        )
+        clip_tokenizer, clip = self.encoder_part("clip_path", device)
+        return llama_tokenizer, llama, clip_tokenizer, clip
 
     def load_text_encoders(self, device):
         super().load_text_encoders(device)

@@ -138,8 +138,9 @@ class PipelineLayer(nn.Module):
         """Run `run` through torch.compile from now on (the packing around it stays eager).
 
         Blocks of one class share their compiled code: the module's weights are graph inputs,
-        not constants, so Flux's 57 blocks compile about three graphs, not 57. A new tensor shape
-        (another bucket) compiles once more, then shapes are treated as dynamic.
+        not constants, so Flux's 57 blocks compile a few graphs (two per block kind), not 57. A
+        new tensor shape (another bucket) compiles once more, then shapes are treated as dynamic
+        (parallel/engine.compile_layers raises Dynamo's recompile limit to fit these variants).
         """
         self._compiled_run = torch.compile(self.run)
 

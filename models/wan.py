@@ -12,8 +12,20 @@ Variants, from the model folder's configs: Wan 2.1 T2V (14B, 1.3B); Wan 2.2 TI2V
 VAE that patchifies 2x2 first: sizes are multiples of 32; the pipeline's per-token timesteps,
 `expand_timesteps`, are all the same number in text-to-video, so the layers take one per sample);
 Wan 2.2 A14B (two experts: `transformer/` denoises timesteps >= boundary_ratio * 1000, and
-`transformer_2/` those below): `model.expert` picks the one to train, on its timesteps only.
-Image-to-video models (an image encoder, or conditioning channels) are refused.
+`transformer_2/` those below): `model.expert` picks the one to train, on its timesteps only; both
+experts are two runs (examples/wan.toml says why not one).
+
+Image-to-video, as WanImageToVideoPipeline conditions on a clip's first frame, in two forms:
+- "first_frame" (Wan 2.2 TI2V-5B with `model.image_to_video = true`): the first latent frame is
+  the clean latent of the first frame, its tokens get timestep 0 (per-token timesteps), and the
+  loss leaves it out. The VAE is causal in time, so the cached clip's first latent frame is
+  exactly the VAE encoding of the first frame alone: nothing more is cached.
+- "channels" (Wan 2.1 I2V, Wan 2.2 I2V A14B: in_channels = out_channels + 4 + latent channels):
+  the VAE encoding of the first frame followed by zero frames is cached with the clip; the
+  transformer takes the noisy latents, a 4-channel mask of the conditioning frames and that
+  latent, stacked over channels. With an image encoder (Wan 2.1 I2V: `image_dim` set) the CLIP
+  vision embedding of the first frame (its second-last hidden state) is cached too and goes in as
+  `encoder_hidden_states_image`.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch import nn
-from transformers import AutoTokenizer, UMT5EncoderModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
 from config.schema import check, key
 from config.train_config import ModelConfig
@@ -48,6 +60,9 @@ class WanConfig(ModelConfig):
     max_sequence_length: int = 512
     # Wan 2.2 A14B: the expert to train, "high_noise" (transformer/) or "low_noise" (transformer_2/).
     expert: Optional[Literal["high_noise", "low_noise"]] = None
+    # Condition on each clip's first frame. Not set: on for image-to-video transformers (conditioning
+    # channels), off otherwise; Wan 2.2 TI2V-5B takes either.
+    image_to_video: Optional[bool] = None
 
     def validate(self, file, prefix):
         super().validate(file, prefix)
@@ -61,6 +76,8 @@ class WanConfig(ModelConfig):
 # What the data loader hands the first layer, and what flows between the blocks. The latent grid
 # size is int64: it carries no gradient across a stage boundary.
 WAN_INPUTS = PipelineFields("latents", "text", "timesteps")
+# Wan 2.1 I2V: the CLIP vision embedding of the first frame as well.
+WAN_IMAGE_INPUTS = PipelineFields("latents", "text", "timesteps", "image")
 WAN_STREAM = PipelineFields("hidden", "encoder_hidden", "temb", "timestep_proj", "grid")
 WAN_OUTPUT = PipelineFields("prediction")
 
@@ -71,8 +88,8 @@ class WanInputLayer(PipelineLayer):
 
     kind = "input"
 
-    def __init__(self, transformer: WanTransformer3DModel):
-        super().__init__(WAN_INPUTS, WAN_STREAM, ["patch_embedding", "condition_embedder"])
+    def __init__(self, transformer: WanTransformer3DModel, fields: PipelineFields = WAN_INPUTS):
+        super().__init__(fields, WAN_STREAM, ["patch_embedding", "condition_embedder"])
         self.patch_embedding = transformer.patch_embedding
         self.condition_embedder = transformer.condition_embedder
 
@@ -80,11 +97,18 @@ class WanInputLayer(PipelineLayer):
         latents = s["latents"]
         grid = torch.tensor(list(latents.shape[2:]), device=latents.device)
         hidden = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-        # WanPipeline passes the scheduler's timestep (sigma * 1000); the text in the transformer's dtype.
-        temb, timestep_proj, encoder_hidden, _ = self.condition_embedder(s["timesteps"].float() * 1000,
-                                                                         s["text"].to(hidden.dtype))
+        # WanPipeline passes the scheduler's timestep (sigma * 1000); the text in the transformer's
+        # dtype. Timesteps per token (image-to-video on TI2V-5B) give per-token modulations.
+        timesteps = s["timesteps"].float() * 1000
+        per_token = timesteps.shape[1] if timesteps.dim() == 2 else None
+        image = s["image"].to(hidden.dtype) if "image" in s else None
+        temb, timestep_proj, encoder_hidden, image_hidden = self.condition_embedder(
+            timesteps.flatten(), s["text"].to(hidden.dtype), image, timestep_seq_len=per_token)
+        if image_hidden is not None:
+            encoder_hidden = torch.cat([image_hidden, encoder_hidden], dim=1)
+        timestep_proj = timestep_proj.unflatten(-1, (6, -1))
         return {"hidden": hidden, "encoder_hidden": encoder_hidden, "temb": temb,
-                "timestep_proj": timestep_proj.unflatten(1, (6, -1)), "grid": grid}
+                "timestep_proj": timestep_proj, "grid": grid}
 
 
 class WanBlockLayer(PipelineLayer):
@@ -130,7 +154,12 @@ class WanFinalLayer(PipelineLayer):
 
     def run(self, s):
         hidden = s["hidden"]
-        shift, scale = (self.scale_shift_table + s["temb"].unsqueeze(1)).chunk(2, dim=1)
+        temb = s["temb"]
+        if temb.dim() == 3:  # per token: (batch, tokens, width)
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         hidden = self.proj_out(hidden)
         frames, height, width = s["grid"].tolist()
@@ -192,6 +221,42 @@ class WanModel(ModelRecipe):
         if vae_config.is_file():
             # Tokens are 2x2 patches of latents scale_factor_spatial times smaller than the pixels.
             self.size_multiple = 2 * json.loads(vae_config.read_text()).get("scale_factor_spatial", 8)
+        self.image_to_video = self._image_to_video_mode(config.image_to_video)
+        if self.image_to_video == "first_frame":
+            # Per-token timesteps make the blocks keep per-token float32 modulations (6 x width, and
+            # two scales) instead of one per sample: by bench/activation_factors.py's hooks on a
+            # TI2V-5B-shaped transformer (8 heads of 128, 832x480x17), 16 more per token in each
+            # block in both modes, 1 more in the final layer, 4.2 more in the input layer (full).
+            self.activation_factors = {**self.activation_factors, "WanBlockLayer": 27.0 + 16.0, "WanFinalLayer": 3.0}
+            self.full_finetune_activation_factors = {"WanInputLayer": 0.3 + 4.2, "WanBlockLayer": 40.1 + 16.0,
+                                                     "WanFinalLayer": 6.0}
+        self.image_encoder = None  # CLIP vision model and its image processor, while caching
+        if self.image_to_video == "channels" and self.transformer_config().get("image_dim") is not None:
+            self.input_fields = WAN_IMAGE_INPUTS
+            for sub in ("image_encoder", "image_processor"):
+                if not (self.root / sub).is_dir():
+                    raise ConfigError(f"model.diffusers_path: {self.root} has no {sub}/, which its image-to-video "
+                                      f"transformer (image_dim set) needs for the first frame's CLIP embedding")
+
+    def _image_to_video_mode(self, wanted: Optional[bool]) -> Optional[str]:
+        """None (text-to-video), "first_frame" or "channels" (see the module docstring), from the
+        transformer's config and `model.image_to_video`."""
+        if not (self.transformer_folder() / "config.json").is_file():
+            return None  # no model there: build_empty_transformer says so
+        cfg = self.transformer_config()
+        folder = self.transformer_folder()
+        if cfg.get("pos_embed_seq_len") is not None:
+            raise ConfigError(f"model.diffusers_path: {folder} is a first-last-frame Wan transformer "
+                              f"(pos_embed_seq_len set): not supported; first-frame image-to-video is")
+        if cfg["in_channels"] != cfg["out_channels"]:
+            if wanted is False:
+                raise ConfigError(f"model.image_to_video: {folder} is an image-to-video transformer (in_channels "
+                                  f"{cfg['in_channels']}: latents, mask and condition); leave it out or set it true")
+            return "channels"
+        if wanted and not self.expand_timesteps:
+            raise ConfigError(f"model.image_to_video: {folder} is a text-to-video transformer, which takes no "
+                              f"image condition (Wan 2.2 TI2V-5B and the I2V models do); leave it out")
+        return "first_frame" if wanted else None
 
     # ---------------------------------------------------------------- encoders
     def text_cache_signature(self) -> str:
@@ -223,15 +288,52 @@ class WanModel(ModelRecipe):
         inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
         return mean, inv_std
 
+    def latent_cache_signature(self) -> str:
+        # Image-to-video entries hold the condition latent (and the CLIP embedding) as well.
+        if self.image_to_video != "channels":
+            return super().latent_cache_signature()
+        return self._config_signature("vae", "image_encoder", "image_processor", extra="mode,first_frame_condition")
+
+    def load_vae(self, device):
+        super().load_vae(device)
+        if self.input_fields is WAN_IMAGE_INPUTS:
+            self.image_encoder = (
+                CLIPImageProcessor.from_pretrained(self.root / "image_processor"),
+                CLIPVisionModel.from_pretrained(self.root / "image_encoder", torch_dtype=self.dtype).to(device).eval())
+
+    def free_encoders(self):
+        self.image_encoder = None
+        super().free_encoders()
+
+    def _encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
+        # As WanImageToVideoPipeline encodes its condition frames (the inverse of the decode).
+        mean, inv_std = self._latent_stats(latents)
+        return ((latents - mean) * inv_std).to(self.dtype)
+
     def encode_pixels(self, pixels):
         frames = pixels.shape[2]
         if (frames - 1) % self.frame_multiple:
             raise ValueError(f"Wan encodes clips of 4k+1 frames, got {frames}")
-        latents = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist.mode()
-        # As WanImageToVideoPipeline encodes its condition frames (the inverse of the decode).
-        mean, inv_std = self._latent_stats(latents)
-        latents = (latents - mean) * inv_std
-        return [{"latents": latents[i].to(self.dtype)} for i in range(latents.shape[0])]
+        latents = self._encode_latents(pixels)
+        items = [{"latents": latents[i]} for i in range(latents.shape[0])]
+        first = pixels[:, :, :1]
+        if self.image_to_video == "channels":
+            # WanImageToVideoPipeline.prepare_latents: the first frame, then zero frames, encoded.
+            condition = self._encode_latents(torch.cat([first, first.new_zeros(
+                first.shape[0], first.shape[1], frames - 1, *first.shape[3:])], dim=2))
+            for item, c in zip(items, condition):
+                item["condition"] = c
+        if self.image_encoder is not None:
+            # WanImageToVideoPipeline.encode_image on the first frame as the 8-bit image it was.
+            processor, encoder = self.image_encoder
+            images = list(((first[:, :, 0].float() + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1)
+                          .to(torch.uint8).cpu().numpy())
+            values = processor(images=images, return_tensors="pt").pixel_values.to(self.device, encoder.dtype)
+            embeds = encoder(pixel_values=values, output_hidden_states=True).hidden_states[-2].to(self.dtype)
+            for item, e in zip(items, embeds):
+                item["image"] = e
+        return items
 
     # ---------------------------------------------------------------- inputs
     @cached_property
@@ -258,10 +360,43 @@ class WanModel(ModelRecipe):
         # pack_latents stays the identity.
         return {"latents": noisy, "text": text["text"], "timesteps": timesteps.float()}
 
+    def condition_inputs(self, inputs, latents, conditions):
+        if self.image_to_video == "channels":
+            # WanImageToVideoPipeline: the noisy latents, then the mask (1 over the first frame's 4
+            # temporal VAE slots, which the first latent frame holds), then the condition latent.
+            mask = torch.zeros_like(latents[:, :4])
+            mask[:, :, 0] = 1
+            condition = conditions["condition"]
+            inputs = {**inputs, "latents": torch.cat([inputs["latents"], mask.to(condition.dtype), condition], dim=1)}
+            if "image" in conditions:
+                inputs["image"] = conditions["image"]
+            return inputs, None
+        if self.image_to_video != "first_frame" or latents.shape[2] == 1:
+            return inputs, None  # text-to-video; in an image-to-video run, images train as text-to-image
+        # WanImageToVideoPipeline with expand_timesteps: the clean first latent frame in place of
+        # the noisy one, and timestep 0 for its tokens (one per 2x2 patch).
+        noisy = inputs["latents"].clone()
+        noisy[:, :, :1] = latents[:, :, :1].to(noisy.dtype)
+        frames, height, width = latents.shape[2:]
+        per_frame = (height // self._patch[1]) * (width // self._patch[2])
+        timesteps = inputs["timesteps"][:, None].repeat(1, frames * per_frame)
+        timesteps[:, :per_frame] = 0
+        # The loss is the mean over the generated frames: weight 0 on the conditioning frame, and
+        # frames / (frames - 1) on the others, as the loss averages over all the elements.
+        weights = torch.full((1, 1, frames, 1, 1), frames / (frames - 1))
+        weights[:, :, 0] = 0
+        return {**inputs, "latents": noisy, "timesteps": timesteps}, weights
+
     # ---------------------------------------------------------------- sampling
+    def sampling_unsupported(self):
+        if self.image_to_video:
+            return ("image-to-video sampling (WanImageToVideoPipeline: an image per prompt) is not supported yet; "
+                    "sample the saved LoRA or model with diffusers' WanImageToVideoPipeline")
+        return None
+
     def sample_latent_shape(self, width, height, frames):
         # WanPipeline.prepare_latents: 4x fewer frames (plus the first), scale_factor_spatial smaller.
-        channels = self.transformer_config()["in_channels"]
+        channels = self.transformer_config()["out_channels"]
         return channels, (frames - 1) // self.frame_multiple + 1, height // self._vae_scale, width // self._vae_scale
 
     def sample_noise(self, width, height, frames, seed):
@@ -292,12 +427,7 @@ class WanModel(ModelRecipe):
         return self.root / EXPERT_FOLDERS[self.config.expert or "high_noise"]
 
     def layers(self, transformer):
-        cfg = transformer.config
-        if cfg.image_dim is not None or cfg.in_channels != cfg.out_channels:
-            raise ConfigError(f"model.diffusers_path: {self.transformer_folder()} is an image-to-video Wan transformer "
-                              f"(image_dim = {cfg.image_dim}, in_channels = {cfg.in_channels}); only text-to-video "
-                              f"(and Wan 2.2 TI2V-5B as text-to-video) is supported")
-        layers: list[nn.Module] = [WanInputLayer(transformer)]
+        layers: list[nn.Module] = [WanInputLayer(transformer, self.input_fields)]
         layers += [WanBlockLayer(transformer, i) for i in range(len(transformer.blocks))]
         layers.append(WanFinalLayer(transformer))
         return layers
@@ -305,10 +435,11 @@ class WanModel(ModelRecipe):
     def reference_forward(self, transformer, inputs):
         # As WanPipeline: the timestep sigma * 1000; with expand_timesteps (Wan 2.2 TI2V-5B) one per
         # video token (the latent grid after 2x2 patches), all equal in text-to-video.
+        # Image-to-video: per-token timesteps as they are (0 on the first frame), the image embedding.
         latents = inputs["latents"]
         timestep = inputs["timesteps"] * 1000
-        if self.expand_timesteps:
+        if self.expand_timesteps and timestep.dim() == 1:
             tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
             timestep = timestep[:, None].expand(-1, tokens)
         return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=inputs["text"],
-                           return_dict=False)[0]
+                           encoder_hidden_states_image=inputs.get("image"), return_dict=False)[0]

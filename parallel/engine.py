@@ -116,6 +116,11 @@ class PartitionedPipelineModule(PipelineModule):
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
 
+# Compiled variants allowed per layer function (compile_layers says why): enough for every kind
+# sharing one function, each with and without gradients, static and dynamic shapes.
+COMPILED_VARIANTS_LIMIT = 64
+
+
 def compile_probe(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when a tiny compiled layer (linear, layer norm, GELU) runs forward and backward on
     `device` and matches eager to `dtype`'s round-off; otherwise the reason, in one line."""
@@ -159,21 +164,18 @@ def resolve_compile(config: TrainConfig, place: Distributed, dtype: torch.dtype,
     return dataclasses.replace(config, settings=dataclasses.replace(s, compile=failure is None))
 
 
-# Graphs Dynamo may keep for one layer function (`compile_layers` says why).
-COMPILED_GRAPHS_PER_FUNCTION = 64
-
-
 def compile_layers(layers) -> None:
     """`compile = true`: every given layer runs its `run` through torch.compile."""
     # DeepSpeed's pipeline engine runs one backward per stage output, with retain_graph for all
     # but the last; compiled graphs that donate their saved buffers to the backward refuse that.
     # A process-wide torch setting, read when each backward runs.
     torch._functorch.config.donated_buffer = False
-    # Dynamo keeps at most `recompile_limit` (8) graphs per function and runs it eagerly past that,
-    # with one warning. The blocks of a model share one `run`: block classes x (first block's
-    # input without gradient or not) x (static, dynamic shapes) fill 8 in training alone, and
-    # evaluation (no gradients) and sampling (no gradients, no autocast) need theirs too.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_FUNCTION)
+    # Blocks of a kind share their compiled graphs (their `run` is one function), but each kind
+    # has a few variants (its first block's input needs no gradient, a sliced input's strides,
+    # every bucket shape compiled dynamic once, evaluation without gradients), and one function
+    # can serve several kinds (FluxBlockLayer.run: double and single blocks). Past Dynamo's
+    # default limit of 8 per function the rest would run eagerly without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
     for layer in layers:
         layer.compile_run()
 

@@ -17,7 +17,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.git_version_info import installed_ops
 from torch.utils.cpp_extension import get_cxx_compiler, get_default_build_root, is_ninja_available
 
-from utils.dist import Distributed
+from utils.dist import Distributed, available_cores, local_processes
 from utils.errors import ConfigError
 
 
@@ -39,8 +39,7 @@ def init_distributed() -> Distributed:
         os.environ["MASTER_PORT"] = str(_free_port())
     rendezvous = local_rendezvous()
     local_rank = int(os.environ["LOCAL_RANK"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cpu_threads_per_process(os.environ, cores))
+    torch.set_num_threads(cpu_threads_per_process(os.environ, available_cores()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         configure_attention()
@@ -76,8 +75,7 @@ def cpu_threads_per_process(env, cores: int) -> int:
     """
     if env.get("OMP_NUM_THREADS"):
         return max(1, int(env["OMP_NUM_THREADS"]))
-    local = int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1)
-    return max(1, cores // max(1, local))
+    return max(1, cores // local_processes(env))
 
 
 def torch_extensions_dir() -> Path:

@@ -7,6 +7,7 @@ weights, so host memory does not grow with the number of GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from memory.block_swap import block_layer_indices, swapped_layer_indices
 from memory.float8 import quantize_lora_base_layers
 from training.lora import add_lora, init_lora, load_lora_into
 from training.weights import load_weights, make_trainable
+from utils.dist import Distributed
 from utils.dtypes import DTYPES
 from utils.errors import ConfigError
 
@@ -167,6 +169,61 @@ def load_stage(model, config: TrainConfig, transformer, layers, parts: list[int]
         apply_attention_backend(transformer, s.attention_backend, device, model.dtype, config.file)
     for layer in layers:
         layer.bind_root_parameters(transformer)
+
+
+# The attention backend used when `attention_backend` is not set and its probe passes on the GPU:
+# cuDNN's kernel, about twice flash attention's rate, and it takes masks (docs/benchmarks.md).
+DEFAULT_ATTENTION_BACKEND = "_native_cudnn"
+CPU = torch.device("cpu")
+
+
+def attention_probe(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when diffusers' attention backend `name` runs a tiny attention forward and backward on
+    `device`, without a mask and with a key mask (as HunyuanVideo and LTX-Video pass one), and
+    matches torch's math kernel in float32 to `dtype`'s round-off; otherwise why not, in one line."""
+    generator = torch.Generator().manual_seed(0)
+    # (batch, tokens, heads, head dim), as the models' attention processors call it. 192 tokens:
+    # a length of 64 mod 128, where cuDNN's masked backward is known to have failed (pytorch/pytorch#196678).
+    q, k, v = (torch.randn(2, 192, 2, 64, generator=generator) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 192, dtype=torch.bool)
+    mask[1, ..., 150:] = False  # the second sample's last keys are padding
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    for attn_mask in (None, mask):
+        results = []
+        for backend, run_dtype, run_device in ((name, dtype, device), ("_native_math", torch.float32, CPU)):
+            leaves = [t.to(run_device, run_dtype, copy=True).requires_grad_(True) for t in (q, k, v)]
+            try:
+                out = dispatch_attention_fn(*leaves, attn_mask=None if attn_mask is None else attn_mask.to(run_device),
+                                            backend=AttentionBackendName(backend))
+                out.float().square().sum().backward()
+            # A backend fails in many ways (no kernel for this GPU, dtype or shape; a missing
+            # package; a cuDNN or driver error), each its own exception type: any means "not here".
+            except Exception as e:  # noqa: BLE001
+                return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            results.append([t.detach().float().cpu() for t in (out, *(leaf.grad for leaf in leaves))])
+        for what, got, expected in zip(("output", "query gradient", "key gradient", "value gradient"), *results):
+            error = (got - expected).abs().max().item()
+            if not error <= tolerance * max(1.0, expected.abs().max().item()):  # NaN fails too
+                return (f"its {what} differs from the math kernel's by {error:.3g}"
+                        + (" with a key mask" if attn_mask is not None else ""))
+    return None
+
+
+def resolve_attention_backend(config: TrainConfig, place: Distributed, dtype: torch.dtype, log=print) -> TrainConfig:
+    """`config` with `attention_backend` decided: as set, or (not set) DEFAULT_ATTENTION_BACKEND on
+    a CUDA GPU where its probe passes, with one line saying which and why; on CPU torch's default."""
+    s = config.settings
+    if s.attention_backend is not None or place.device.type != "cuda":
+        return config
+    failure = attention_probe(DEFAULT_ATTENTION_BACKEND, place.device, dtype)
+    if failure:
+        log(f"attention: torch's default kernels on rank {place.rank}; cuDNN's ({DEFAULT_ATTENTION_BACKEND}) failed "
+            f"its probe: {failure}")
+        return config
+    if place.is_main:
+        log("attention: cuDNN's kernel (the default on a CUDA GPU where it checks out; attention_backend = "
+            "\"native\" turns it off)")
+    return dataclasses.replace(config, settings=dataclasses.replace(s, attention_backend=DEFAULT_ATTENTION_BACKEND))
 
 
 def apply_attention_backend(transformer, name: str, device: torch.device, dtype: torch.dtype, config_file) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from config.training import AdapterConfig
 from models.base import ModelRecipe
+from models.keymaps.keymap import RenameKeymap
 from models.pipeline_layers import is_adapter_weight, named_weights
 from utils.atomic import replace_folder
 from utils.dist import Distributed
@@ -45,9 +46,10 @@ def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: Adapt
 
     The alpha/rank scale is multiplied into lora_B (LoKr: lokr_w1, LoHa: hada_w1_a, each a
     factor the update is linear in), so every loader, with or without an alpha field,
-    applies the adapter exactly as trained. LoKr and LoHa have no original (ComfyUI) layout
-    here: the original models fuse q, k and v, which a Kronecker or Hadamard product
-    cannot be split into.
+    applies the adapter exactly as trained. LoKr and LoHa have an original layout only where
+    the key map renames modules without fusing any (LTX-Video, Wan): FLUX.1 and HunyuanVideo
+    fuse q, k and v, which a Kronecker or Hadamard product cannot be split into (ComfyUI's FLUX.1
+    key map reads the diffusers file, patching slices of fused modules).
     """
     scale = adapter.alpha / adapter.rank
     scaled = {k: (v.float() * scale if ".lora_B." in k or k.rpartition(".")[2] in LYCORIS_SCALED
@@ -58,8 +60,11 @@ def save_lora(recipe: ModelRecipe, lora: dict[str, torch.Tensor], adapter: Adapt
     save_file({f"transformer.{k}": v for k, v in scaled.items()}, diffusers_file,
               metadata={"format": "pt", "trainer_model_type": recipe.name})
     written = [diffusers_file]
-    if adapter.use_dora or adapter.type != "lora":
-        return written  # the original layout has no DoRA magnitudes, LoKr or LoHa (examples/flux.toml)
+    renames_only = recipe.keymap is not None and issubclass(recipe.keymap, RenameKeymap)
+    if adapter.use_dora or (adapter.type != "lora" and not renames_only):
+        # The original layout has no DoRA magnitudes, and LoKr / LoHa only where it fuses no
+        # module (examples/flux.toml); ComfyUI reads FLUX.1's LoKr / LoHa in the diffusers file.
+        return written
     for filename, tensors in recipe.extra_lora_formats(scaled).items():
         # kohya's alpha scalars stay float32: exact at any rank.
         save_file({k: (v.float() if k.endswith(".alpha") else v.to(dtype)).contiguous() for k, v in tensors.items()},

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 from make_demo_dataset import make_demo_dataset  # noqa: E402
-from make_tiny_models import make_tiny_flux  # noqa: E402
+from make_tiny_models import make_tiny_flux, make_tiny_hunyuan_video, make_tiny_ltx_video  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +27,21 @@ def tiny_models(tmp_path_factory) -> Path:
     """Folder holding tiny random-weight models in their real layouts (flux/, ...)."""
     root = tmp_path_factory.mktemp("tiny_models")
     make_tiny_flux(root)
+    return root
+
+
+# The tiny video models' original-layout single files, in their folders of `video_models`.
+ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
+                 "hunyuan-video": "hunyuan-video-tiny-original.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def video_models(tmp_path_factory) -> Path:
+    """Folder holding tiny LTX-Video and HunyuanVideo (ltx-video/, hunyuan-video/), made per module:
+    some tests write beside them."""
+    root = tmp_path_factory.mktemp("video_models")
+    make_tiny_ltx_video(root)
+    make_tiny_hunyuan_video(root)
     return root
 
 
@@ -95,6 +110,24 @@ def write_configs(folder: Path, model_dir: Path, data_dir: Path, *, dataset: dic
     path = folder / "train.toml"
     path.write_text(to_toml(config))
     return path
+
+
+def held_out_work(root: Path, tiny_models: Path) -> dict:
+    """Under `root`: 8 demo images to train on, 4 others as a held-out eval set (eval.toml), and the
+    tiny FLUX.1; for `configure_held_out`."""
+    data = make_demo_dataset(root / "data", count=8, seed=0)
+    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
+    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
+    return {"root": root, "data": data, "model": tiny_models / "flux"}
+
+
+def configure_held_out(work: dict, name: str, base: dict, eval_name: str, **overrides) -> Path:
+    """The configs of run `name` in `work` (held_out_work): `base` settings with the held-out set as eval
+    set `eval_name`; `overrides` replace keys (tables merged key by key)."""
+    settings = {**base, "eval_datasets": [{"name": eval_name, "config": str(work["root"] / "eval.toml")}]}
+    for k, v in overrides.items():
+        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
+    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
 
 
 def free_port() -> int:

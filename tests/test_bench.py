@@ -194,3 +194,21 @@ def test_peak_breakdown_runs_on_cpu():
     lines = [line for line in out.splitlines() if line.startswith("checkpointing ")]
     assert [line.split(":")[0] for line in lines] == ["checkpointing false", "checkpointing true"], out
     assert all("measured peak" in line and "estimate without optimizer state" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_cache_speed_end_to_end_from_files(model_dirs, tmp_path):
+    # --images: generated JPEGs cached through DatasetCache with and without worker processes; each
+    # row's rate and projection are there, and the table prints them.
+    rows_file = tmp_path / "rows.jsonl"
+    proc = run_bench(str(REPO / "bench" / "cache_speed.py"), str(model_dirs["flux"]), "--resolution", "64",
+                     "--text_len", "16", "--batch", "2", "--steps", "1", "--warmup", "0", "--dtype", "float32",
+                     "--device", "cpu", "--images", "6", "--workers", "0", "2", "--json", str(rows_file))
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    files = [r for r in rows if r["stage"] == "files"]
+    assert [(r["workers"], r["batch"], r["encoded"]) for r in files] == [(0, 2, 6), (2, 2, 6)], proc.stdout
+    for r in files:
+        assert r["items_per_s"] > 0 and r["of_encoder_only"] > 0
+        assert r["hours_1_gpu"] == pytest.approx(330_000 / r["items_per_s"] / 3600)
+        assert r["hours_8_gpus"] == pytest.approx(r["hours_1_gpu"] / 8)
+    assert "workers batch  items/s of encoder-only  h, 1 GPU h, 8 GPUs" in proc.stdout

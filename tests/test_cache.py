@@ -256,3 +256,56 @@ def test_interrupted_write_is_ignored_then_cleaned_up(tmp_path, monkeypatch):
     store = TensorStore(root)
     assert sorted(store.index) == ["a", "c"]
     assert torch.equal(store.get("a")["x"], one["x"])
+
+
+def _part_bytes(root: Path) -> list[bytes]:
+    """The Arrow data of every part of the cache under `root`, in part order (the part names end
+    in a random suffix, so the files are compared, not the names)."""
+    parts = sorted(p for p in root.rglob("*.arrow"))
+    return [p.read_bytes() for p in sorted(parts, key=lambda p: (p.parent.parent.name, p.parent.name[:10]))]
+
+
+def test_caching_workers_write_the_same_cache(model, image_dataset, monkeypatch):
+    # Reading the files in worker processes must not change the cache: same batches, same order,
+    # byte for byte, a bad file listed the same way.
+    from data import cache as cache_module
+
+    bad = image_dataset / "shape_005.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # the header survives, the pixel data does not
+    toml = write_dataset_toml(image_dataset)
+    reader, _, latents = build(model, toml, caching_batch_size=2)
+    alone = _part_bytes(image_dataset / "cache")
+    assert latents == 7 and [p for p, _ in reader.problems] == [bad]
+
+    pids = image_dataset.parent / "pids"
+    real_load = cache_module.load_media
+
+    def load_and_note_the_process(batch):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real_load(batch)
+
+    monkeypatch.setattr(cache_module, "load_media", load_and_note_the_process)
+    model.texts = model.latents = 0
+    with_workers = prepare_dataset(load_dataset_config(toml), model, title="test", micro_batch_size=2,
+                                   caching_batch_size=2, regenerate=True, place=Distributed.alone(CPU),
+                                   log=lambda *_: None, caching_workers=2)
+    assert model.latents == 7 and with_workers.problems == reader.problems
+    readers = {int(line) for line in pids.read_text().split()}
+    assert readers and os.getpid() not in readers and len(readers) <= 2
+    assert _part_bytes(image_dataset / "cache") == alone
+    assert len(alone) >= 2  # text and latents
+
+
+def test_default_caching_workers_share_the_cores(monkeypatch):
+    from data import cache as cache_module
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cache_module, "available_cores", lambda: 64)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert cache_module.default_caching_workers() == 8  # at most 8
+    monkeypatch.setenv("LOCAL_SIZE", "16")
+    assert cache_module.default_caching_workers() == 4
+    monkeypatch.setattr(cache_module, "available_cores", lambda: 2)
+    assert cache_module.default_caching_workers() == 0  # fewer cores than processes: they read their own files

@@ -168,3 +168,43 @@ def test_compile_default_is_off_on_cpu_and_a_failed_probe_turns_it_off(tmp_path,
     explicit = load_train_config(write_configs(tmp_path / "off", tiny_models / "flux", data, compile=False), get_model_class)
     assert engine.resolve_compile(explicit, gpu, torch.bfloat16, lines.append).settings.compile is False
     assert len(lines) == 2
+
+
+@pytest.mark.slow
+def test_blocks_of_a_kind_share_their_compiled_graphs(tmp_path, tiny_models, data):
+    """7 blocks compile 2 graphs per block kind, not one per block; a second bucket and
+    evaluation without gradients recompile within the limit compile_layers sets, instead of
+    running the rest eagerly (the fixture fails at the limit)."""
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    from make_tiny_models import FLUX_TRANSFORMER
+    from training import objective
+
+    root = tmp_path / "models"
+    (root / "flux").mkdir(parents=True)
+    for part in (tiny_models / "flux").iterdir():
+        if part.name != "transformer":
+            (root / "flux" / part.name).symlink_to(part)
+    FluxTransformer2DModel(**{**FLUX_TRANSFORMER, "num_layers": 3, "num_single_layers": 4}).save_pretrained(
+        root / "flux" / "transformer")
+    _, model, _, layers = loaded(tmp_path / "run", root, data)
+    assert [type(layer).__name__ for layer in layers].count("FluxSingleBlockLayer") == 4
+    engine.compile_layers(layers)
+    counters.clear()
+    inputs, labels = example(model)
+    loss_and_grads(model, layers, inputs, labels, False)
+    # Input and final layer; per block kind, its first block (an input without gradient, or a
+    # contiguous one) and the others.
+    assert counters["stats"]["unique_graphs"] == 6
+
+    g = torch.Generator().manual_seed(2)
+    text = {"text": torch.randn(2, 8, 32, generator=g), "pooled": torch.randn(2, 32, generator=g)}
+    wide = objective.training_example(model, torch.randn(2, 16, 4, 6, generator=g), text,
+                                      [torch.Generator().manual_seed(i) for i in range(2)])
+    loss_and_grads(model, layers, *wide, False)
+    with torch.no_grad():
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+    assert counters["stats"]["unique_graphs"] > 6  # compiled, not eager

@@ -28,7 +28,8 @@ KEYS = sorted({"output_dir", "dataset", "model", "adapter", "optimizer", "eval_d
                "micro_batch_size_per_gpu", "pipeline_stages", "partition_method", "gradient_accumulation_steps",
                "gradient_clipping", "warmup_steps", "lr_scheduler", "save_every_n_steps", "checkpoint_every_n_minutes",
                "checkpoints_to_keep", "eval_every_n_steps", "eval_at_start", "activation_checkpointing", "seed",
-               "caching_batch_size", "save_dtype", "type", "diffusers_path", "transformer_path", "dtype", "shift",
+               "caching_batch_size", "save_dtype", "type", "diffusers_path", "transformer_path", "vae_path", "llm_path",
+               "clip_path", "t5_path", "dtype", "shift",
                "sigmoid_scale", "resolution_dependent_shift", "guidance", "max_sequence_length", "rank", "alpha",
                "dropout", "target_modules", "init_from_existing", "lr", "betas", "eps", "weight_decay", "name",
                "config", "resolutions", "enable_ar_bucket", "min_ar", "max_ar", "num_ar_buckets", "num_repeats",
@@ -44,7 +45,8 @@ scalars = st.one_of(
 edge_values = st.sampled_from([0, -1, 1, 2, 3, 15, 17, 2**63 - 1, -2**63, 0.0, -0.0, 1e-300, 1e308, float("nan"),
                                float("inf"), "", [], {}, [0], [[0, 0]], [[64, 64, 64]], [1, 1], [-1]])
 # Path values that are no usable path, or not what the key wants.
-PATH_KEYS = {"output_dir", "dataset", "diffusers_path", "transformer_path", "init_from_existing", "config", "path"}
+PATH_KEYS = {"output_dir", "dataset", "diffusers_path", "transformer_path", "vae_path", "llm_path", "clip_path",
+             "t5_path", "init_from_existing", "config", "path"}
 path_values = st.sampled_from(["\x00", "a\x00b", "~no_such_user_here/x", "x" * 300, "/".join(["x" * 200] * 30), "loop",
                                "loop/inside", "afile", "afile/below", "data", "model", "dataset.toml", "train.toml",
                                ".", "", "/", "/dev/null", "runs"]) | text

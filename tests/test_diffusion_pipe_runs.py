@@ -110,10 +110,13 @@ CASES = {
     "ltx-video": ({"type": "ltx-video", "single_file_path": "ltx-video-tiny-original.safetensors", "dtype": "float32",
                    "timestep_sample_method": "logit_normal", "first_frame_conditioning_p": 0.1},
                   ["model.single_file_path", "model.first_frame_conditioning_p"], [1, 9]),
+    # Its hunyuan_video.toml's files: the transformer and VAE as ComfyUI's single files, llm_path
+    # a transformers folder with its tokenizer; clip_path here ComfyUI's single file, which is read too.
     "hunyuan-video": ({"type": "hunyuan-video", "transformer_path": "hunyuan-video-tiny-original.safetensors",
-                       "vae_path": "vae.safetensors", "llm_path": "llava-llama-3-8b", "clip_path": "clip-vit-large",
+                       "vae_path": "hunyuan_video_vae_tiny.safetensors",
+                       "llm_path": "llava-llama-3-tiny-text-encoder-tokenizer", "clip_path": "clip_l_tiny.safetensors",
                        "dtype": "float32", "transformer_dtype": "float8", "timestep_sample_method": "logit_normal"},
-                      ["model.vae_path", "model.llm_path", "model.clip_path"], [1, 9]),
+                      [], [1, 9]),
 }
 
 
@@ -129,8 +132,7 @@ def test_diffusion_pipe_config_stops_with_replacements_then_trains_its_buckets(t
     model_dir = models / name
     folders = [media["images"]] + ([media["videos"]] if frame_buckets != [1] else [])
     (tmp_path / "dataset.toml").write_text(to_toml(diffusion_pipe_dataset(folders, frame_buckets)))
-    model_table = {k: (str(model_dir / v) if k.endswith("_path") and k != "llm_path" and k != "clip_path" else v)
-                   for k, v in model_table.items()}
+    model_table = {k: (str(model_dir / v) if k.endswith("_path") else v) for k, v in model_table.items()}
     config = diffusion_pipe_main(model_table)
     path = tmp_path / "train.toml"
     path.write_text(to_toml(config))
@@ -146,9 +148,20 @@ def test_diffusion_pipe_config_stops_with_replacements_then_trains_its_buckets(t
 
     # 2. Those keys changed as the message says (removed; the model as a diffusers folder): it trains.
     config = drop_named(config, message)
+    if "transformer_path" in config["model"]:
+        # Its configs name the single files only: the folder for the configs is asked for in one line.
+        path.write_text(to_toml(config))
+        with pytest.raises(ConfigError, match=r"missing required key 'model.diffusers_path': a diffusers folder of "
+                                              r"the model, for its configs, tokenizers and scheduler"):
+            load_train_config(path, get_model_class)
     config["model"]["diffusers_path"] = str(model_dir)
     if name == "ltx-video":
         config["model"]["transformer_path"] = str(model_dir / "ltx-video-tiny-original.safetensors")
+    if name == "hunyuan-video":
+        # Only the diffusers folder's configs and tokenizers are read: every weight comes from its files.
+        for weights in model_dir.glob("*/*.safetensors"):
+            if weights.parent.name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+                weights.unlink()
     path.write_text(to_toml(config))
     result = launch(path)
     assert result.returncode == 0, result.output[-4000:]

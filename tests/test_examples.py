@@ -150,12 +150,15 @@ def test_flux_example_loads(tmp_path, tiny_models, image_dataset):
     place of their placeholder paths, pass every check and keep the values they set."""
     text = FLUX.read_text(encoding="utf-8")
     # The optional parts shown commented out work when uncommented: the eval dataset tables
-    # and the single-file transformer.
+    # and the single files of the transformer, VAE and text encoders.
     text, found = re.subn(r"^# (\[\[eval_datasets\]\]\n)# (name = .*\n)# (config = .*\n)", r"\1\2\3", text,
                           flags=re.MULTILINE)
     assert found == 1, "expected the commented-out [[eval_datasets]] example in flux.toml"
-    text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
-    assert found == 1, "expected the commented-out transformer_path example in flux.toml"
+    single_files = {"transformer_path": "flux1-tiny-original.safetensors", "vae_path": "ae_tiny.safetensors",
+                    "clip_path": "clip_l_tiny.safetensors", "t5_path": "t5xxl_tiny.safetensors"}
+    for key in single_files:
+        text, found = re.subn(rf"^# ({key} = .*)$", r"\1", text, flags=re.MULTILINE)
+        assert found == 1, f"expected the commented-out {key} example in flux.toml"
     config = tomllib.loads(text)
     dataset = tomllib.loads(DATASET.read_text(encoding="utf-8"))
     assert config["dataset"] == DATASET.name  # the example pair belongs together
@@ -171,7 +174,8 @@ def test_flux_example_loads(tmp_path, tiny_models, image_dataset):
         eval_dataset["config"] = str(dataset_file)
     model = config["model"]
     model["diffusers_path"] = str(tiny_models / "flux")
-    model["transformer_path"] = str(tiny_models / "flux" / "flux1-tiny-original.safetensors")
+    for key, file in single_files.items():
+        model[key] = str(tiny_models / "flux" / file)
     assert "init_from_existing" not in config.get("adapter", {}), "the example should not need an existing LoRA"
     train_file = tmp_path / "train.toml"
     train_file.write_text(to_toml(config))
@@ -189,7 +193,8 @@ def test_flux_example_loads(tmp_path, tiny_models, image_dataset):
         for key, value in config.get(table, {}).items():
             assert _as_written(getattr(getattr(s, table), key)) == value, f"{table}.{key}"
     assert loaded.model.diffusers_path == str((tiny_models / "flux").resolve())
-    assert loaded.model.transformer_path == model["transformer_path"]
+    for key in single_files:
+        assert getattr(loaded.model, key) == model[key]
     assert [e.name for e in loaded.eval_datasets] == [e["name"] for e in config["eval_datasets"]]
     assert loaded.settings.output_dir == (tmp_path / "runs").resolve()
 

@@ -545,3 +545,26 @@ def test_a_killed_rank_ends_the_job_in_bounded_time_and_the_last_checkpoint_resu
     resumed = launch(cfg, "--resume_from_checkpoint", num_gpus=2)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"starting at step {step}" in resumed.output
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_is_one_line_naming_it_and_ends_the_job(tmp_path, tiny_models, image_dataset):
+    # Rank 1 (stage 1 of 2) meets the error a full GPU raises at its third step, alone.
+    cfg = write_configs(tmp_path / "oom", tiny_models / "flux", image_dataset, max_steps=6, micro_batch_size_per_gpu=1,
+                        pipeline_stages=2)
+    started = time.time()
+    result = subprocess.run(["deepspeed", "--num_gpus=2", f"--master_port={free_port()}", str(REPO / "train.py"),
+                             "--deepspeed", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TRAINER_TEST_FAIL_AT": "step3:1"})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    lines = re.findall(r"error: [^\r\n]*", output)  # rank 1's may follow rank 0's progress bar on its line
+    oom = [line for line in lines if "out of GPU memory" in line]
+    assert len(oom) == 1, output[-3000:]
+    assert oom[0].startswith("error: [rank 1] out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert "activation_checkpointing = true" in oom[0] and "more pipeline_stages" in oom[0]
+    # rank 0, whose next send found rank 1 gone, points at it instead of printing gloo's traceback
+    assert all(line == "error: [rank 0] stopped: another rank of the job ended first (its error is above)"
+               for line in lines if line not in oom), lines
+    assert "Traceback" not in output, output[-3000:]
+    assert time.time() - started < 240, "the other rank was left waiting for the failed one"

@@ -188,3 +188,53 @@ def test_lora_unknown_keys():
         FluxKeymap.lora_to_original({"x_embedder.lora_magnitude_vector": a})
     with pytest.raises(ValueError, match="missing lora_A or lora_B"):
         FluxKeymap.lora_to_original({"x_embedder.lora_A.weight": a})
+
+
+# ------------------------------------------------------------------------------------ VAE and text encoder files
+
+
+def test_flux_vae_file_is_what_diffusers_single_file_loader_reads(tiny_models):
+    from diffusers import AutoencoderKL
+
+    folder = tiny_models / "flux"
+    ours = AutoencoderKL.from_pretrained(folder / "vae").state_dict()
+    theirs = AutoencoderKL.from_single_file(folder / "ae_tiny.safetensors", config=str(folder / "vae")).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_flux_encoders_from_single_files_equal_the_diffusers_folder(tiny_models, tmp_path, dtype):
+    from models.flux import FluxConfig, FluxModel
+
+    folder = tiny_models / "flux"
+    files = {"vae_path": "ae_tiny.safetensors", "clip_path": "clip_l_tiny.safetensors", "t5_path": "t5xxl_tiny.safetensors"}
+    # The same files with every weight halved: what is read from them shows.
+    for name in files.values():
+        save_file({k: v / 2 for k, v in load_file(folder / name).items()}, tmp_path / name)
+    models = [FluxModel(FluxConfig(type="flux", diffusers_path=str(folder), dtype=dtype, max_sequence_length=16,
+                                   **paths))
+              for paths in ({}, {k: str(folder / v) for k, v in files.items()}, {k: str(tmp_path / v) for k, v in files.items()})]
+    pixels = torch.rand(2, 3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encoded = []
+    for model in models:
+        model.check_encoder_files()
+        model.load_text_encoders(torch.device("cpu"))
+        model.load_vae(torch.device("cpu"))
+        with torch.no_grad():
+            encoded.append(model.encode_captions(["a photo of a cat", "a small wooden house in a snowy forest"])
+                           + model.encode_pixels(pixels))
+    # T5's feed-forward output stays float32 in float16, as transformers loads it.
+    t5 = models[1].text_encoders[3]
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == (
+        torch.float32 if dtype == "float16" else getattr(torch, dtype))
+    for expected, got, halved in zip(*encoded):
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        assert all(not torch.equal(halved[k], expected[k]) for k in got)
+    assert models[1].text_cache_signature() != models[0].text_cache_signature()
+    # A file of another part: one line naming the key, the file and what it should be.
+    wrong = FluxModel(FluxConfig(type="flux", diffusers_path=str(folder), t5_path=str(folder / "clip_l_tiny.safetensors")))
+    with pytest.raises(ValueError) as info:
+        wrong.check_encoder_files()
+    assert str(info.value).startswith(f"model.t5_path: {folder / 'clip_l_tiny.safetensors'} is not the T5-XXL text "
+                                      f"encoder the config in diffusers_path describes: it holds none of its ")
+    assert "t5xxl_fp16.safetensors" in str(info.value) and "\n" not in str(info.value)

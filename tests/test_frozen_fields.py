@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models import get_model_class
-from test_video_models import make_model, random_batch, video_models  # noqa: F401  (video_models is a fixture)
+from test_video_models import make_model, random_batch
 from config.training import AdapterConfig
 from training.lora import add_lora, init_lora
 from training.objective import training_example

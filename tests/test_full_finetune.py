@@ -25,10 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (Launch, assert_killed_rank_ended_the_job, eval_loss_through_diffusers, evals, launch,
-                      launch_and_kill_rank, ok, run_folder, write_configs)
+from conftest import (Launch, assert_killed_rank_ended_the_job, configure_held_out, eval_loss_through_diffusers, evals,
+                      held_out_work, launch, launch_and_kill_rank, ok, run_folder, write_configs)
 from memory.estimate import ParamInfo, zero_shard_bytes
-from tools.make_demo_dataset import make_demo_dataset
 
 from utils.dist import Distributed
 
@@ -44,18 +43,11 @@ TINY_UPDATES = dict(adapter=None, max_steps=40, eval_at_start=True, eval_every_n
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("full_finetune")
-    data = make_demo_dataset(root / "data", count=8, seed=0)
-    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
-    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
-    return {"root": root, "data": data, "model": tiny_models / "flux"}
+    return held_out_work(tmp_path_factory.mktemp("full_finetune"), tiny_models)
 
 
 def configure(work, name: str, base: dict, **overrides) -> Path:
-    settings = {**base, "eval_datasets": [{"name": EVAL, "config": str(work["root"] / "eval.toml")}]}
-    for k, v in overrides.items():
-        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
-    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
+    return configure_held_out(work, name, base, EVAL, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from config.training import AdapterConfig
 from models.flux import FluxConfig, FluxModel
@@ -228,3 +228,136 @@ def test_flux_comfyui_file_loads_in_diffusers_exactly_at_the_released_width(tmp_
     assert_same_changes(changes(lora, 2.0), changes(loaded, 1.0))
     # The diffusers file of the same save loads to the same modules.
     assert sorted(FluxPipeline.lora_state_dict(files[0])) == sorted(converted)
+
+
+def lycoris_change(parts: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """A LoKr / LoHa module's weight change by its definition (LyCORIS): scale * (w1 kron w2), or
+    scale * (w1_a w1_b) * (w2_a w2_b), a factor given whole or as the product of its _a and _b."""
+    def factor(name):
+        return parts[name] if name in parts else parts[f"{name}_a"] @ parts[f"{name}_b"]
+    if "hada_w1_a" in parts:
+        return scale * factor("hada_w1") * factor("hada_w2")
+    return scale * torch.kron(factor("lokr_w1"), factor("lokr_w2"))
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lycoris_kohya_files_load_to_the_same_weight_changes(tmp_path, tiny_models, kind):
+    """A LoKr / LoHa in the LyCORIS layout ComfyUI and sd-scripts read: "lora_unet_" + the original
+    module name where FLUX.1 has the module unfused, "lycoris_" + the diffusers name where the
+    original fuses it, each with an .alpha whose scale is LyCORIS's (alpha over the decomposed
+    factor's rank; 1 when no factor is decomposed)."""
+    from models.keymaps.flux import FluxKeymap
+    from training.lora import read_lycoris_file
+
+    model, adapter = flux(tiny_models), AdapterConfig(type=kind, rank=4, alpha=2.0)
+    transformer = model.build_empty_transformer()
+    add_lora(model, transformer, adapter)
+    generator = torch.Generator().manual_seed(0)
+    trained: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in transformer.named_parameters():
+        if f".{kind if kind == 'lokr' else 'hada'}_" in name:
+            module, _, part = name.removesuffix(".default").rpartition(".")
+            trained.setdefault(module, {})[part] = torch.randn(p.shape, generator=generator)
+    expected = {m: lycoris_change(parts, 2.0 / 4) for m, parts in trained.items()}
+    table = FluxKeymap.for_config(model.transformer_config())
+    tensors, names = {}, set()
+    for module, parts in trained.items():
+        entry = table.by_diffusers[module][0]
+        name = ("lycoris_" + module if entry.fused else "lora_unet_" + entry.original).replace(".", "_")
+        names.add(name.split("_")[0])
+        decomposed = [p for p in ("lokr_w1", "lokr_w2", "hada_w1") if f"{p}_b" in parts]
+        rank = parts[f"{decomposed[-1]}_b"].shape[0] if decomposed else None
+        alpha = 3.0
+        file_scale = alpha / rank if rank else 1.0
+        for part, value in parts.items():
+            # the file's own scale replaces ours in the scaled factor; the change stays the same
+            scaled = part in ("lokr_w1", "lokr_w1_a", "hada_w1_a")
+            tensors[f"{name}.{part}"] = value * (2.0 / 4 / file_scale) if scaled else value
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+        torch.testing.assert_close(lycoris_change({p: tensors[f"{name}.{p}"] for p in parts}, file_scale),
+                                   expected[module])
+    assert names == {"lycoris", "lora"}  # both namings are in the file
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, path)
+    loaded = read_lycoris_file(model, transformer, path, adapter)
+    got: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in loaded.items():
+        module, _, part = name.removesuffix(".default").rpartition(".")
+        got.setdefault(module, {})[part] = value
+    assert_same_changes(expected, {m: lycoris_change(parts, 2.0 / 4) for m, parts in got.items()})
+
+    other = AdapterConfig(type="loha" if kind == "lokr" else "lokr", rank=4, alpha=2.0)
+    with pytest.raises(ConfigError, match=f"is a {kind} file; adapter.type = '{other.type}'"):
+        read_lycoris_file(model, transformer, path, other)
+    with pytest.raises(ConfigError, match=f"is a {kind} file; adapter.type = 'lora'"):
+        read_lora_file(model, transformer, path, AdapterConfig(rank=4))
+    # sd-scripts' LoKr on FLUX.1's fused q, k, v: no exact split onto separate modules
+    fused = {f"lora_unet_double_blocks_0_img_attn_qkv.{part}": v for part, v in
+             {"lokr_w1": torch.zeros(4, 4), "lokr_w2": torch.zeros(24, 8), "alpha": torch.tensor(1.0)}.items()}
+    save_file(fused, tmp_path / "fused.safetensors")
+    with pytest.raises(ConfigError, match="LoKr/LoHa modules on 1 fused original modules"):
+        read_lycoris_file(model, transformer, tmp_path / "fused.safetensors", AdapterConfig(type="lokr", rank=4))
+
+
+def test_wan_kohya_names_are_original_names(tmp_path):
+    """Wan's original layout differs from diffusers' by names only (self_attn.q = attn1.to_q):
+    kohya files name the original modules ("lora_unet_blocks_0_self_attn_q"), for LoRA and LoKr."""
+    from make_tiny_models import make_tiny_wan
+    from models.keymaps.wan import WanKeymap
+    from models.wan import WanConfig, WanModel
+    from training.lora import read_lycoris_file
+
+    model = WanModel(WanConfig(type="wan", diffusers_path=str(make_tiny_wan(tmp_path)), dtype="float32"))
+
+    def kohya(module):
+        return "lora_unet_" + WanKeymap.diffusers_to_original_key(module).replace(".", "_")
+
+    adapter = AdapterConfig(rank=4, alpha=4.0)
+    transformer, lora = materialised(model, adapter)
+    assert "lora_unet_blocks_0_self_attn_q" in {kohya(k.rpartition(".lora_")[0]) for k in lora}
+    tensors = {}
+    for key, value in lora.items():
+        module, kind = key.rsplit(".lora_", 1)
+        tensors[f"{kohya(module)}.lora_{'down' if kind == 'A.weight' else 'up'}.weight"] = value
+        tensors[f"{kohya(module)}.alpha"] = torch.tensor(2.0)  # scale 2 / 4
+    save_file(tensors, tmp_path / "lora.safetensors")
+    assert_same_changes(changes(lora, 0.5), loaded_changes(model, transformer, tmp_path / "lora.safetensors", adapter))
+
+    adapter = AdapterConfig(type="lokr", rank=4, alpha=4.0)
+    transformer = model.build_empty_transformer()
+    add_lora(model, transformer, adapter)
+    generator = torch.Generator().manual_seed(0)
+    trained, tensors = {}, {}
+    for name, p in transformer.named_parameters():
+        if ".lokr_" in name:
+            module, _, part = name.removesuffix(".default").rpartition(".")
+            trained.setdefault(module, {})[part] = value = torch.randn(p.shape, generator=generator)
+            tensors[f"{kohya(module)}.{part}"] = value  # no alpha: scale 1, ours is 4 / 4
+    save_file(tensors, tmp_path / "lokr.safetensors")
+    got: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in read_lycoris_file(model, transformer, tmp_path / "lokr.safetensors", adapter).items():
+        module, _, part = name.removesuffix(".default").rpartition(".")
+        got.setdefault(module, {})[part] = value
+    assert_same_changes({m: lycoris_change(p, 1.0) for m, p in trained.items()},
+                        {m: lycoris_change(p, 1.0) for m, p in got.items()})
+
+    # Saved, a LoKr of Wan has the original layout too (no module is fused): "diffusion_model." + the
+    # original module, as ComfyUI's generic key map names the checkpoint's weights; it reads back.
+    adapter = AdapterConfig(type="lokr", rank=4, alpha=2.0)
+    transformer = model.build_empty_transformer()
+    add_lora(model, transformer, adapter)
+    saved = {f"{m}.{part}": v for m, parts in trained.items() for part, v in parts.items()}
+    files = save_lora(model, saved, adapter, tmp_path / "saved", torch.float32)
+    assert [f.name for f in files] == ["pytorch_lora_weights.safetensors", "lora_comfyui.safetensors"]
+    comfy = load_file(files[1])
+    weights = {WanKeymap.diffusers_to_original_key(n) for n, _ in transformer.named_parameters()
+               if n.endswith(".base_layer.weight")}
+    assert {k.removeprefix("diffusion_model.").rpartition(".")[0] + ".base_layer.weight" for k in comfy} <= weights
+    assert "diffusion_model.blocks.0.self_attn.q.lokr_w1" in comfy
+    for path in files:
+        got = {}
+        for name, value in read_lycoris_file(model, transformer, path, adapter).items():
+            module, _, part = name.removesuffix(".default").rpartition(".")
+            got.setdefault(module, {})[part] = value
+        assert_same_changes({m: lycoris_change(p, 0.5) for m, p in trained.items()},
+                            {m: lycoris_change(p, 0.5) for m, p in got.items()})

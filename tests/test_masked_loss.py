@@ -16,6 +16,7 @@ from PIL import Image
 from config.dataset_config import load_dataset_config
 from data.batches import Slot, collate
 from data.cache import latent_mask
+from data.media import write_video
 from data.prepare import prepare_dataset
 from data.scan import scan_dataset
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
@@ -171,3 +172,88 @@ def test_one_mask_weighs_every_frame_of_a_video(tmp_path, name, latent_shape):
     # packed as the target is: the same weight reaches the same element whatever the patching
     expected = model.pack_latents(torch.zeros(latent_shape).index_fill(-1, torch.arange(w // 2), 1.0))
     assert packed.shape == target.shape and torch.equal(packed, expected)
+
+
+def write_frames(path: Path, white_frames: int, frames: int = 9, size=(64, 64)) -> None:
+    """A mask video whose first `white_frames` frames are white, the rest black."""
+    pixels = np.zeros((frames, size[1], size[0], 3), dtype=np.uint8)
+    pixels[:white_frames] = 255
+    write_video(path, pixels, fps=8)
+
+
+def test_masks_per_frame_weigh_their_latent_frames(tmp_path):
+    # HunyuanVideo's VAE: 4x in time (latent frame 0 = pixel frame 0, then groups of 4), 8x in space.
+    make_tiny_hunyuan_video(tmp_path)
+    cls = get_model_class("hunyuan-video")
+    model = cls(cls.config_class(type="hunyuan-video", diffusers_path=str(tmp_path / "hunyuan-video"),
+                                 dtype="float32"))
+    data, masks = tmp_path / "data", tmp_path / "masks"
+    data.mkdir(), masks.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("per_frame", "all_ones", "one_image", "short", "wide", "image"):
+        if name == "image":
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "image.png")
+        else:
+            frames = 13 if name == "per_frame" else 9
+            write_video(data / f"{name}.mp4", rng.integers(0, 256, (frames, 64, 64, 3), dtype=np.uint8), fps=8)
+        (data / f"{name}.txt").write_text("a clip")
+    # 13 frames: its 9-frame clip (single_middle) starts at frame 2; frames 2-4 of it weigh 1, 5-12 nothing
+    write_frames(masks / "per_frame.mp4", white_frames=5, frames=13)
+    write_frames(masks / "all_ones.mkv", white_frames=9)
+    write_mask(masks / "one_image.png", 64, 64, 64)  # an image for every frame, all white
+    write_frames(masks / "short.mp4", white_frames=5, frames=5)
+    write_frames(masks / "wide.mp4", white_frames=9, size=(96, 64))
+    write_frames(masks / "image.mp4", white_frames=1, frames=1)  # an image's mask is an image
+    toml = tmp_path / "dataset.toml"
+    toml.write_text('resolutions = [64]\nframe_buckets = [9]\nvideo_clip_mode = "single_middle"\n\n'
+                    '[[directory]]\npath = "data"\nmask_path = "masks"\n')
+    dataset = load_dataset_config(toml)
+
+    reasons = {p.name: r for p, r in scan_dataset(dataset).problems}
+    assert reasons == {
+        "short.mp4": f"mask {masks / 'short.mp4'} has 5 frames, the video 9: a mask video has one per frame",
+        "wide.mp4": f"mask {masks / 'wide.mp4'} is 96x64, not of the media's aspect ratio (64x64)",
+        "image.png": f"no mask in {masks} (an image named image.png, .jpg, ...)"}
+    reader = prepare_dataset(dataset, model, title="test", micro_batch_size=3, caching_batch_size=3,
+                             regenerate=False, place=Distributed.alone(CPU), log=lambda *_: None)
+    index = {c.sample.item.path.stem: i for i, c in enumerate(reader.samples)}
+    assert set(index) == {"per_frame", "all_ones", "one_image"}
+    latents = reader.load(index["per_frame"])[0]["latents"]
+    assert latents.shape == (16, 3, 8, 8)
+    # By hand: latent frame 0 is clip frame 0 (white), 1 is clip frames 1-4 (2 of 4 white), 2 is 5-8.
+    # (Cut from frame 0 instead of the clip's, it would be 1, 1, 0.)
+    by_hand = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8)
+    assert torch.equal(reader.load(index["per_frame"])[0]["mask"], by_hand)
+    assert torch.equal(reader.load(index["all_ones"])[0]["mask"], torch.ones(1, 3, 8, 8))
+    assert reader.load(index["one_image"])[0]["mask"].shape == (1, 1, 8, 8)
+
+    # A batch mixes masks per frame with one image for all frames; each sample's loss is as with
+    # its mask written by hand, and the all-ones mask video's as without a mask.
+    batch = [Slot(index[n], 0) for n in ("per_frame", "all_ones", "one_image")]
+    example = partial(training_example, model)
+    _, labels = collate(example, reader, batch, 0, "train", 0, train=True)
+    loaded = [reader.load(s.index) for s in batch]
+    prediction = torch.randn(labels[0].shape, generator=torch.Generator().manual_seed(1))
+
+    def sample_loss(i, mask):
+        s = batch[i]
+        latents, text = loaded[i][0]["latents"][None], {k: v[None] for k, v in loaded[i][1].items()}
+        _, own = training_example(model, latents, text, [generator_for(0, "train", 0, s.index, s.repeat, s.timestep)],
+                                  mask=mask)
+        return loss(model, prediction[i:i + 1], own)
+
+    per_sample = [loss(model, prediction[i:i + 1], tuple(x[i:i + 1] for x in labels)) for i in range(3)]
+    assert torch.equal(per_sample[0], sample_loss(0, by_hand[None]))
+    assert torch.equal(per_sample[1], sample_loss(1, None))
+    assert torch.equal(per_sample[2], sample_loss(2, None))
+    assert not torch.equal(per_sample[0], sample_loss(0, None))
+
+
+def test_masks_per_frame_follow_each_vae_temporal_compression():
+    # LTX-Video's VAE is 8x in time: 17 frames are latent frames {0}, {1-8}, {9-16}.
+    pixels = torch.zeros(1, 17, 32, 32)
+    pixels[:, :5] = 1.0
+    weights = latent_mask(pixels, torch.zeros(128, 3, 1, 1))
+    assert torch.equal(weights.flatten(), torch.tensor([1.0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="a mask of 16 frames does not fit a latent of 3 frames"):
+        latent_mask(pixels[:, :16], torch.zeros(128, 3, 1, 1))

@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 from conftest import REPO, write_configs
-from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.train_config import load_train_config
 from models import get_model_class
 from parallel.stages import load_stage, plan_stages
@@ -156,17 +155,11 @@ def test_activation_factors_match_a_measurement(name, full):
             assert measured[layer] < 6 and factor < 6, (layer, measured)
 
 
-@pytest.fixture(scope="module")
-def video_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("video_models")
-    return {"ltx-video": make_tiny_ltx_video(root), "hunyuan-video": make_tiny_hunyuan_video(root)}
-
-
 @pytest.mark.parametrize("name", ["ltx-video", "hunyuan-video"])
 def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
     def config(mode, full=False):
         table = {"type": name, "dtype": "bfloat16", "max_sequence_length": 12}
-        return load_train_config(write_configs(tmp_path / f"{mode}-{full}", video_models[name], data, model=table,
+        return load_train_config(write_configs(tmp_path / f"{mode}-{full}", video_models / name, data, model=table,
                                                activation_checkpointing=mode, **({"adapter": None} if full else {})),
                                  get_model_class)
 
@@ -175,7 +168,7 @@ def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
     # and text tokens (the text padded to max_sequence_length).
     width, height, frames = 96, 64, 17
     tokens = model.tokens_per_sample(width, height, frames)
-    transformer = model.transformer_class.from_pretrained(video_models[name] / "transformer")
+    transformer = model.transformer_class.from_pretrained(video_models / name / "transformer")
     latents = torch.zeros(1, *step.latent_shape(model, width, height, frames))
     text = {"text": torch.zeros(1, 12, 32), "text_mask": torch.ones(1, 12, dtype=torch.bool),
             "pooled": torch.zeros(1, 32)}
@@ -202,7 +195,7 @@ def test_video_estimate_counts_activations(tmp_path, video_models, data, name):
 
 
 def test_selective_checkpointing_is_refused_for_ltx_video(tmp_path, video_models, data):
-    path = write_configs(tmp_path, video_models["ltx-video"], data, activation_checkpointing="selective",
+    path = write_configs(tmp_path, video_models / "ltx-video", data, activation_checkpointing="selective",
                          model={"type": "ltx-video"})
     with pytest.raises(ConfigError, match="'selective' is not available for model type 'ltx-video'"):
         load_train_config(path, get_model_class)

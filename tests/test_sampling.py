@@ -1,9 +1,9 @@
 """Samples during training ([sample], training/sampling.py), checked against diffusers' own pipeline.
 
 One launch per pipeline layout (1 stage, 2 stages) trains a tiny FLUX.1 LoRA and draws its samples
-at the start (the base model) and at the end (with the trained adapter). `FluxPipeline`, given the
-same seed, steps and guidance, with no LoRA and then with our saved diffusers-format LoRA, must
-reproduce the latents and the decoded pictures.
+at the start (the base model) and at the end (with the trained adapter's EMA: [ema] samples).
+`FluxPipeline`, given the same seed, steps and guidance, with no LoRA and then with our saved
+diffusers-format averaged LoRA, must reproduce the latents and the decoded pictures.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def work(tmp_path_factory, tiny_models):
 
 
 def train_with_samples(work, name: str, num_gpus: int, **overrides):
+    # The samples use the average (decay 0.5: far from the trained weights after 4 steps).
     config = write_configs(work["root"] / name, work["model"], work["data"], max_steps=4, sample=SAMPLE,
-                           optimizer={"lr": 3e-2}, **overrides)
+                           optimizer={"lr": 3e-2}, ema={"decay": 0.5, "samples": True}, **overrides)
     result = launch(config, num_gpus=num_gpus)
     assert result.returncode == 0, result.output[-5000:]
     (run,) = result.run_dirs()
@@ -72,7 +73,10 @@ def check_against_pipeline(work, run):
 
     steps = sorted(p.name for p in (run / "samples").iterdir())
     assert steps == ["step00000000", "step00000003", "step00000004"]
-    for step, adapter in (("step00000000", None), ("step00000004", run / "adapters" / "final")):
+    final = run / "adapters" / "final"
+    trained, averaged = (load_file(d / "pytorch_lora_weights.safetensors") for d in (final, final / "ema"))
+    assert any(not torch.allclose(trained[k], averaged[k], atol=1e-4) for k in trained)
+    for step, adapter in (("step00000000", None), ("step00000004", final / "ema")):
         folder = run / "samples" / step
         index = json.loads((folder / "index.json").read_text())
         assert [e["file"] for e in index] == ["0.png", "1.png", "2.png"]
@@ -126,7 +130,7 @@ def sample_tool(config, *args):
 def test_sample_tool_redraws_the_training_samples_from_the_saved_adapter_and_the_base_model(work, one_stage):
     run, _ = one_stage
     config = work["root"] / "one" / "train.toml"
-    adapter = run / "adapters" / "final"
+    adapter = run / "adapters" / "final" / "ema"  # the averaged adapter drew the training samples
     proc = sample_tool(config, "--adapter", str(adapter))
     assert proc.returncode == 0, proc.stderr[-3000:]
     drawn = load_file(adapter / "samples" / "step00000000" / "latents.safetensors")

@@ -5,7 +5,8 @@ Launches are expensive (~16 s each on CPU), so they are module fixtures shared b
 
     cache_only  --cache_only on a fresh dataset: encodes, no run folder
     run_a       the reference run: eval set, eval at start, LoRA rank 4 / alpha 8
-    run_b       as run_a, but the transformer read from the original-layout single file
+    run_b       as run_a, but the transformer, VAE and text encoders read from the single files
+                (BFL / ComfyUI layouts)
     run_c       init_from_existing = run_a's final adapter, with --regenerate_cache, and a second
                 eval set that reads the training folder
     overfit     2 images, 600 steps
@@ -24,7 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Launch, eval_loss_through_diffusers, evals, launch, losses, ok, run_folder, write_configs
+from conftest import (Launch, configure_held_out, eval_loss_through_diffusers, evals, held_out_work, launch, losses, ok,
+                      run_folder, write_configs)
 from tools.make_demo_dataset import make_demo_dataset
 
 # Every test here rides on real training launches shared through module fixtures.
@@ -47,18 +49,11 @@ def cache_reports(result: Launch) -> list[tuple[int, int]]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("flux_train")
-    data = make_demo_dataset(root / "data", count=8, seed=0)
-    eval_data = make_demo_dataset(root / "eval_data", count=4, seed=1)
-    (root / "eval.toml").write_text(f"resolutions = [64]\nnum_ar_buckets = 3\n\n[[directory]]\npath = \"{eval_data}\"\n")
-    return {"root": root, "data": data, "model": tiny_models / "flux"}
+    return held_out_work(tmp_path_factory.mktemp("flux_train"), tiny_models)
 
 
 def configure(work, name: str, **overrides) -> Path:
-    settings = {**RUN_A, "eval_datasets": [{"name": EVAL_NAME, "config": str(work["root"] / "eval.toml")}]}
-    for k, v in overrides.items():
-        settings[k] = {**settings[k], **v} if isinstance(v, dict) and isinstance(settings.get(k), dict) else v
-    return write_configs(work["root"] / name, work["model"], work["data"], **settings)
+    return configure_held_out(work, name, RUN_A, EVAL_NAME, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +73,10 @@ def run_a(cache_only):
 
 @pytest.fixture(scope="module")
 def run_b(work, run_a):
-    original = work["model"] / "flux1-tiny-original.safetensors"
-    return ok(launch(configure(work, "b", model={"transformer_path": str(original)})))
+    # Every weight from the single files users hold (tools/make_tiny_models.py writes stand-ins).
+    files = {"transformer_path": "flux1-tiny-original.safetensors", "vae_path": "ae_tiny.safetensors",
+             "clip_path": "clip_l_tiny.safetensors", "t5_path": "t5xxl_tiny.safetensors"}
+    return ok(launch(configure(work, "b", model={k: str(work["model"] / v) for k, v in files.items()})))
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +125,10 @@ def test_eval_is_deterministic_across_launches(run_a, run_b):
     assert evals(run_b, EVAL_NAME)[0] == evals(run_a, EVAL_NAME)[0]
 
 
-def test_transformer_path_single_file_trains_like_the_diffusers_folder(run_a, run_b):
+def test_single_files_train_like_the_diffusers_folder(run_a, run_b):
     a, b = run_folder(run_a), run_folder(run_b)
+    # Other weight files: the cache is encoded again from them (same values, so the same run).
+    assert cache_reports(run_b) == [(16, 8), (8, 4)]
     assert len(losses(b)) == 6
     assert losses(b) == losses(a)
     assert evals(b, EVAL_NAME) == evals(a, EVAL_NAME)

@@ -20,12 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, evals, launch, run_folder, write_configs
+from conftest import ORIGINAL_FILE, eval_loss_through_diffusers, evals, launch, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from models import get_model_class
 from models.keymaps.hunyuan_video import HunyuanVideoKeymap
 from models.keymaps.keymap import detect_original_prefix
-from test_video_models import ORIGINAL_FILE, video_models  # noqa: F401  (video_models is a fixture)
 from saving.export import ORIGINAL_LAYOUT_FILE, stage_weights
 
 NAMES = ["ltx-video", "hunyuan-video"]

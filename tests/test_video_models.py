@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import evals, launch, losses, ok, run_folder, write_configs
+from conftest import ORIGINAL_FILE, evals, launch, losses, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
 from make_tiny_models import make_tiny_hunyuan_video, make_tiny_ltx_video
 from config.dataset_config import BUCKET_DEFAULTS, BucketSettings, Dataset, ResolvedDirectory
@@ -30,17 +30,7 @@ from training.weights import SafetensorsFolder, load_weights, read_weights
 from utils.errors import ConfigError
 
 NAMES = ["ltx-video", "hunyuan-video"]
-ORIGINAL_FILE = {"ltx-video": "ltx-video-tiny-original.safetensors",
-                 "hunyuan-video": "hunyuan-video-tiny-original.safetensors"}
 LATENT_SHAPE = {"ltx-video": (2, 16, 3, 2, 4), "hunyuan-video": (2, 16, 3, 4, 6)}  # (B, C, F', H', W')
-
-
-@pytest.fixture(scope="module")
-def video_models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("video_models")
-    make_tiny_ltx_video(root)
-    make_tiny_hunyuan_video(root)
-    return root
 
 
 def make_model(name: str, root: Path, **config):
@@ -372,6 +362,75 @@ def test_transformer_path_reads_the_same_weights(video_models, name):
     assert all(torch.equal(got[k], expected[k]) for k in keys)
 
 
+# The files HunyuanVideo users hold for its VAE and text encoders (make_tiny_models.py writes them):
+# ComfyUI's single files, the release's VAE .pt, diffusion-pipe's llm_path / clip_path folders.
+HUNYUAN_FILES = {
+    "comfyui": {"vae_path": "hunyuan_video_vae_tiny.safetensors", "llm_path": "llava_llama3_tiny.safetensors",
+                "clip_path": "clip_l_tiny.safetensors"},
+    "release, diffusion-pipe folders": {"vae_path": "hunyuan_video_vae_tiny.pt",
+                                        "llm_path": "llava-llama-3-tiny-text-encoder-tokenizer",
+                                        "clip_path": "clip-vit-large-patch14-tiny"},
+}
+
+
+def hunyuan_encodings(model) -> tuple[list[dict], list[dict]]:
+    """The model's text embeddings of two captions and latents of two clips."""
+    model.check_encoder_files()
+    model.load_text_encoders(torch.device("cpu"))
+    model.load_vae(torch.device("cpu"))
+    pixels = torch.rand(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        return (model.encode_captions(["a red circle on a blue background", "two dogs running on the beach"]),
+                model.encode_pixels(pixels))
+
+
+@pytest.mark.parametrize("files", list(HUNYUAN_FILES))
+def test_hunyuan_encoders_from_single_files_equal_the_diffusers_folder(video_models, files):
+    folder = video_models / "hunyuan-video"
+    reference = make_model("hunyuan-video", video_models, max_sequence_length=16)
+    paths = {k: str(folder / v) for k, v in HUNYUAN_FILES[files].items()}
+    model = make_model("hunyuan-video", video_models, max_sequence_length=16, **paths)
+    (text, latents), (ref_text, ref_latents) = hunyuan_encodings(model), hunyuan_encodings(reference)
+    for got, expected in zip(text + latents, ref_text + ref_latents):
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # Other weight files: the caches are encoded again.
+    assert model.text_cache_signature() != reference.text_cache_signature()
+    assert model.latent_cache_signature() != reference.latent_cache_signature()
+
+
+def test_hunyuan_wrong_encoder_file_is_one_line(video_models, tmp_path):
+    folder = video_models / "hunyuan-video"
+    html = tmp_path / "vae.safetensors"
+    html.write_text("<html>Not found</html>")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ({"vae_path": folder / ORIGINAL_FILE["hunyuan-video"]},
+         f"model.vae_path: {folder / ORIGINAL_FILE['hunyuan-video']} is not the HunyuanVideo VAE the config in "
+         f"diffusers_path describes: it holds none of its "),
+        ({"llm_path": folder / "clip_l_tiny.safetensors"}, "model.llm_path: "),
+        ({"clip_path": folder / "llava_llama3_tiny.safetensors"}, "model.clip_path: "),
+        ({"vae_path": html}, f"model.vae_path: {html} is not a readable .safetensors file ("),
+        ({"llm_path": tmp_path / "empty"}, f"model.llm_path: {tmp_path / 'empty'} has no config.json; expected a "
+                                           f"transformers folder of the LLaVA-Llama-3 text encoder with its tokenizer"),
+        ({"llm_path": folder / "clip-vit-large-patch14-tiny"},
+         f"model.llm_path: {folder / 'clip-vit-large-patch14-tiny'} holds a model of type 'clip', not the LLaVA-Llama-3 "
+         f"text encoder (model_type 'llama' in its config.json)"),
+    ]
+    for paths, start in cases:
+        model = make_model("hunyuan-video", video_models, **{k: str(v) for k, v in paths.items()})
+        with pytest.raises(ConfigError) as info:
+            model.check_encoder_files()
+        message = str(info.value)
+        assert message.startswith(start) and "\n" not in message, message
+    # A Llama file of another size: its shapes are named.
+    llama = load_file(folder / "llava_llama3_tiny.safetensors")
+    llama["model.norm.weight"] = torch.ones(7)
+    save_file(llama, tmp_path / "llama.safetensors")
+    with pytest.raises(ConfigError, match=r"1 weights have another shape \(e.g. 'model.norm.weight': expected "
+                                          r"\(32,\), found \(7,\)\): a model of another size"):
+        make_model("hunyuan-video", video_models, llm_path=str(tmp_path / "llama.safetensors")).check_encoder_files()
+
+
 # ------------------------------------------------------------------------------------ LoRA export
 
 
@@ -603,6 +662,10 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     text = (REPO / "examples" / example).read_text(encoding="utf-8")
     text, found = re.subn(r"^# (transformer_path = .*)$", r"\1", text, flags=re.MULTILINE)
     assert found == 1, "expected the commented-out transformer_path example"
+    single_files = HUNYUAN_FILES["comfyui"] if name == "hunyuan-video" else {}
+    for key in single_files:
+        text, found = re.subn(rf"^# ({key} = .*)$", r"\1", text, flags=re.MULTILINE)
+        assert found == 1, f"expected the commented-out {key} example"
     config = tomllib.loads(text)
     assert config["model"]["type"] == name
     dataset = {"resolutions": [64], "frame_buckets": [1, 9, 17],
@@ -611,12 +674,26 @@ def test_example_config_loads(video_models, mixed_data, tmp_path, name, example)
     config["output_dir"], config["dataset"] = str(tmp_path / "runs"), str(tmp_path / "dataset.toml")
     config["model"]["diffusers_path"] = str(video_models / name)
     config["model"]["transformer_path"] = str(video_models / name / ORIGINAL_FILE[name])
+    for key, file in single_files.items():
+        config["model"][key] = str(video_models / name / file)
     (tmp_path / "train.toml").write_text(to_toml(config))
     loaded = load_train_config(tmp_path / "train.toml", get_model_class)
     assert type(loaded.model) is get_model_class(name).config_class
     for key, value in config["model"].items():
         if not key.endswith("_path"):
             assert getattr(loaded.model, key) == value, key
+    for key, file in single_files.items():
+        assert getattr(loaded.model, key) == str(video_models / name / file)
+    if single_files:
+        # A folder where the VAE's single file goes, and a file that is not there: one line each.
+        for value, message in [(video_models / name / "vae", f"'model.vae_path' is a folder: {video_models / name / 'vae'}; "
+                                                            f"expected the VAE's single file"),
+                               (tmp_path / "no.safetensors", f"'model.vae_path' does not exist: {tmp_path / 'no.safetensors'}")]:
+            (tmp_path / "train.toml").write_text(to_toml({**config, "model": {**config["model"], "vae_path": str(value)}}))
+            with pytest.raises(ConfigError) as info:
+                load_train_config(tmp_path / "train.toml", get_model_class)
+            assert str(info.value).startswith(f"{tmp_path / 'train.toml'}: {message}"), str(info.value)
+        (tmp_path / "train.toml").write_text(to_toml(config))
     # Frame buckets the model cannot take are refused before any model loads.
     dataset["frame_buckets"] = [1, 10]
     (tmp_path / "dataset.toml").write_text(to_toml(dataset))

@@ -3,24 +3,29 @@ the original (Wan-AI / ComfyUI) layout, LoRA files loaded by diffusers, the A14B
 frame and size rules, float8 storage and block swapping; and training launched as users launch it.
 
 Quick tests run in process on tiny models: Wan 2.1 T2V (`wan`), Wan 2.2 TI2V-5B-shaped
-(`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline) and Wan 2.2
-A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875). Slow ones share three launches (module
+(`wan2.2-ti2v`: 48-channel VAE with 2x2 patchify, per-token timesteps in the pipeline), Wan 2.2
+A14B-shaped (`wan2.2-a14b`: two experts, boundary 0.875), Wan 2.1 I2V-shaped (`wan-i2v`:
+conditioning channels and a CLIP vision encoder) and Wan 2.2 I2V A14B-shaped (`wan2.2-i2v-a14b`:
+conditioning channels, no image encoder, two experts). Slow ones share three launches (module
 fixture `runs`): a LoRA run on images and 9-/17-frame videos; the same on 2 pipeline stages in 2
 processes, reading the transformer from the original-layout single file; full fine-tuning of the
-A14B low-noise expert.
+A14B low-noise expert; and one of their own (`i2v_run`): a LoRA run of the Wan 2.1 I2V model on
+2 pipeline stages.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
+from conftest import REPO, eval_loss_through_diffusers, evals, launch, ok, run_folder, write_configs
 from make_demo_dataset import make_demo_dataset, make_demo_videos
-from make_tiny_models import make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_ti2v
+from make_tiny_models import (make_tiny_wan, make_tiny_wan22_a14b, make_tiny_wan22_i2v_a14b, make_tiny_wan22_ti2v,
+                              make_tiny_wan_i2v)
 from config.train_config import load_train_config
 from config.training import AdapterConfig
 from models import get_model_class
@@ -39,14 +44,15 @@ ORIGINAL_FILE = "wan-tiny-original.safetensors"
 @pytest.fixture(scope="module")
 def wan_models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wan_models")
-    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b):
+    for maker in (make_tiny_wan, make_tiny_wan22_ti2v, make_tiny_wan22_a14b, make_tiny_wan_i2v,
+                  make_tiny_wan22_i2v_a14b):
         maker(root)
     return root
 
 
 def make_model(root: Path, folder: str = "wan", **config):
     cls = get_model_class("wan")
-    if folder == "wan2.2-a14b":
+    if folder in ("wan2.2-a14b", "wan2.2-i2v-a14b"):
         config.setdefault("expert", "high_noise")
     return cls(cls.config_class(type="wan", diffusers_path=str(root / folder), dtype="float32", **config))
 
@@ -241,12 +247,15 @@ def test_a14b_expert_trains_its_own_transformer_on_its_timesteps(wan_models):
         cls(cls.config_class(type="wan", diffusers_path=str(wan_models / "wan"), expert="low_noise"))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("wan_data")
+def make_data(root: Path) -> dict:
     images = make_demo_dataset(root / "images", count=8, seed=0)
     videos = make_demo_videos(root / "videos", count=4, seed=0, frames=(9, 17))
     return {"root": root, "images": images, "videos": videos}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    return make_data(tmp_path_factory.mktemp("wan_data"))
 
 
 def configure(wan_models, data, run: str, folder: str = "wan", frame_buckets=(1, 9, 17), **overrides) -> Path:
@@ -278,6 +287,179 @@ def _with_resolution(config: Path, size: int) -> Path:
     dataset = config.parent / "dataset.toml"
     dataset.write_text(dataset.read_text().replace("resolutions = [64]", f"resolutions = [{size}]"))
     return config
+
+
+# ------------------------------------------------------------------------------------ image-to-video
+
+
+def i2v_example(model, seed: int = 2):
+    """A training example of an image-to-video model: clean latents (3 latent frames, 4x6), its
+    conditions as the cache holds them (the condition latent and the CLIP embedding for `wan-i2v`;
+    none for TI2V, whose condition is the clip's own first latent frame), inputs and labels."""
+    g = torch.Generator().manual_seed(seed)
+    z = model.transformer_config()["out_channels"]
+    latents = torch.randn(2, z, 3, 4, 6, generator=g)
+    conditions = {}
+    if model.image_to_video == "channels":
+        conditions = {"condition": torch.randn(2, z, 3, 4, 6, generator=g)}
+    if "image" in model.input_fields.names:
+        conditions["image"] = torch.randn(2, 17, 16, generator=g)
+    inputs, labels = objective.training_example(model, latents, random_batch()["text"],
+                                                [torch.Generator().manual_seed(i) for i in range(2)],
+                                                timesteps=torch.tensor([0.3, 0.8]), conditions=conditions)
+    return latents, conditions, inputs, labels
+
+
+@pytest.mark.parametrize("folder", ["wan-i2v", "wan2.2-ti2v", "wan2.2-i2v-a14b"])
+def test_image_to_video_layers_equal_the_transformer_forward(wan_models, folder):
+    """The layers equal diffusers' forward on the image-to-video inputs, and the inputs are those
+    WanImageToVideoPipeline builds: conditioning channels and the CLIP embedding (Wan 2.1 I2V,
+    detected from the transformer), or the clean first frame at timestep 0, left out of the loss
+    (TI2V-5B with model.image_to_video = true)."""
+    model = make_model(wan_models, folder, **({"image_to_video": True} if folder == "wan2.2-ti2v" else {}))
+    transformer, layers = engine_like_transformer(model, AdapterConfig(rank=4, alpha=8.0))
+    latents, conditions, inputs, labels = i2v_example(model)
+    named = model.input_fields.unpack(inputs)
+    with torch.no_grad():
+        x = inputs
+        for layer in layers:
+            x = layer(x)
+        reference = model.reference_forward(transformer, named)
+    assert x.shape == reference.shape == latents.shape
+    torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+    if folder == "wan2.2-i2v-a14b":  # conditioning channels without an image encoder
+        assert model.image_to_video == "channels" and model.input_fields.names == ("latents", "text", "timesteps")
+        assert model.config.min_timestep == 0.9 and named["latents"].shape[1] == 36
+    elif folder == "wan-i2v":
+        assert model.image_to_video == "channels" and model.input_fields.names[-1] == "image"
+        stacked = named["latents"]
+        assert stacked.shape[1] == 16 + 4 + 16
+        assert stacked[:, 16:20, 0].eq(1).all() and stacked[:, 16:20, 1:].eq(0).all()
+        assert torch.equal(stacked[:, 20:], conditions["condition"]) and torch.equal(named["image"], conditions["image"])
+        assert len(labels) == 2  # the pipeline generates every frame: all of them count
+        with torch.no_grad():  # the CLIP embedding reaches the output
+            another = torch.randn(named["image"].shape, generator=torch.Generator().manual_seed(9))
+            other = model.reference_forward(transformer, {**named, "image": another})
+        assert (other - reference).abs().max() > 1e-4
+    else:
+        assert model.image_to_video == "first_frame"
+        assert torch.equal(named["latents"][:, :, 0], latents[:, :, 0])
+        assert not torch.equal(named["latents"][:, :, 1:], latents[:, :, 1:])
+        # One timestep per token (3 frames of 2x3 patches): 0 on the first frame's.
+        assert named["timesteps"].shape == (2, 18)
+        assert named["timesteps"][:, :6].eq(0).all()
+        assert torch.equal(named["timesteps"][:, 6:], torch.tensor([[0.3], [0.8]]).expand(2, 12))
+        # The loss is the mean over the generated frames: the first frame's prediction counts for nothing.
+        target = labels[0]
+        prediction = x.clone().requires_grad_(True)
+        value = objective.loss(model, prediction, labels)
+        value.backward()
+        assert prediction.grad[:, :, 0].eq(0).all() and prediction.grad[:, :, 1:].ne(0).all()
+        expected = (x[:, :, 1:] - target[:, :, 1:]).pow(2).flatten(1).mean(dim=1).mean()
+        torch.testing.assert_close(value, expected)
+
+
+def test_image_to_video_conditions_match_the_pipeline(wan_models):
+    """What is cached per clip equals what WanImageToVideoPipeline computes from the clip's first
+    frame: the condition latent and the CLIP embedding (Wan 2.1 I2V); for TI2V-5B the pipeline's
+    condition is the cached clip's own first latent frame (the VAE is causal in time), and its
+    per-token timesteps are ours."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    frames = torch.randint(0, 256, (2, 9, 64, 64, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    pixels = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    model = make_model(wan_models, "wan-i2v")
+    model.load_vae(torch.device("cpu"))
+    with torch.no_grad():
+        items = model.encode_pixels(pixels)
+    assert sorted(items[0]) == ["condition", "image", "latents"]
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan-i2v")
+    with torch.no_grad():
+        # The pipeline conditions a batch on one image: an image at a time.
+        condition = torch.cat([pipe.prepare_latents(pixels[i:i + 1, :, 0], 1, 16, 64, 64, 9, torch.float32,
+                                                    torch.device("cpu"))[1] for i in range(2)])
+        for i in range(2):
+            embeds = pipe.encode_image(Image.fromarray(frames[i, 0].numpy()), torch.device("cpu"))
+            torch.testing.assert_close(items[i]["image"], embeds[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack([item["condition"] for item in items]), condition[:, 4:],
+                               rtol=1e-5, atol=1e-5)
+    latents = torch.stack([item["latents"] for item in items])
+    cached = {k: torch.stack([item[k] for item in items]) for k in ("condition", "image")}
+    inputs, _ = objective.training_example(model, latents, random_batch()["text"],
+                                           [torch.Generator().manual_seed(i) for i in range(2)], conditions=cached)
+    assert torch.equal(model.input_fields.unpack(inputs)["latents"][:, 16:20], condition[:, :4])  # the mask
+    model.free_encoders()
+    assert model.image_encoder is None and model.vae is None
+
+    ti2v = make_model(wan_models, "wan2.2-ti2v", image_to_video=True)
+    ti2v.load_vae(torch.device("cpu"))
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan2.2-ti2v")
+    with torch.no_grad():
+        latents = torch.stack([item["latents"] for item in ti2v.encode_pixels(pixels)])
+        parts = [pipe.prepare_latents(pixels[i:i + 1, :, 0], 1, 48, 64, 64, 9, torch.float32, torch.device("cpu"))
+                 for i in range(2)]
+    first, first_frame_mask = torch.cat([p[1] for p in parts]), parts[0][2]
+    assert pipe.config.expand_timesteps and ti2v.encode_pixels(pixels)[0].keys() == {"latents"}
+    torch.testing.assert_close(latents[:, :, :1], first, rtol=1e-5, atol=1e-5)
+    # WanImageToVideoPipeline's timesteps at t = 300: the mask's 2x2-patch grid times t.
+    expected = (first_frame_mask[0][0][:, ::2, ::2] * 300.0).flatten()
+    inputs, _ = objective.training_example(ti2v, latents, random_batch()["text"],
+                                           [torch.Generator().manual_seed(i) for i in range(2)],
+                                           timesteps=torch.tensor([0.3, 0.3]), conditions={})
+    torch.testing.assert_close(ti2v.input_fields.unpack(inputs)["timesteps"] * 1000, expected.expand(2, -1))
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["LoRA", "full"])
+def test_image_to_video_activation_factors_match_a_measurement(tmp_path, full):
+    """TI2V-5B's per-token timesteps make each block keep per-token modulations: the extra the
+    declared factors add over text-to-video is what saved-tensor hooks measure (as
+    bench/activation_factors.py does) on a TI2V-5B-shaped transformer of width 512, 2 blocks."""
+    import json
+
+    from accelerate import init_empty_weights
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from activation_factors import saved_bytes_per_layer, set_up
+
+    cls = get_model_class("wan")
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=48, out_channels=48,
+                  text_dim=4096, freq_dim=256, ffn_dim=14336 * 4 // 24, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6)
+    with init_empty_weights():
+        cls.transformer_class(**config).save_config(tmp_path / "transformer")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text(json.dumps({"z_dim": 48, "scale_factor_spatial": 16}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"expand_timesteps": True}))
+    measured, declared = {}, {}
+    for i2v in (False, True):
+        model = cls(cls.config_class(type="wan", diffusers_path=str(tmp_path), dtype="bfloat16", image_to_video=i2v))
+        torch.manual_seed(0)
+        transformer = cls.transformer_class(**config).to(torch.bfloat16)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 48, 3, 16, 16, generator=g).bfloat16()
+        text = torch.randn(1, 12, 4096, generator=g).bfloat16()
+        inputs, _ = objective.training_example(model, latents, {"text": text}, [g], timesteps=torch.tensor([0.6]))
+        layers = set_up(model, transformer, full, rank=4)
+        unit = model.tokens_per_sample(256, 256, 9) * 512 * 2
+        measured[i2v] = saved_bytes_per_layer(layers, inputs)[-2] / unit  # the last block
+        declared[i2v] = (model.full_finetune_activation_factors if full else model.activation_factors)["WanBlockLayer"]
+    assert measured[True] - measured[False] == pytest.approx(declared[True] - declared[False], rel=0.1), measured
+
+
+def test_image_to_video_keys_are_config_errors(wan_models, data):
+    from training.sampling import sample_prompts
+
+    with pytest.raises(ConfigError, match="model.image_to_video: .* is a text-to-video transformer"):
+        make_model(wan_models, "wan", image_to_video=True)
+    with pytest.raises(ConfigError, match="model.image_to_video: .* is an image-to-video transformer"):
+        make_model(wan_models, "wan-i2v", image_to_video=False)
+    assert make_model(wan_models, "wan2.2-ti2v").image_to_video is None  # TI2V-5B: text-to-video unless asked
+    config = load_train_config(configure(wan_models, data, "i2v_sample", "wan-i2v",
+                                         sample={"prompts": ["a fox"], "frames": 9, "width": 64, "height": 64}),
+                               get_model_class)
+    with pytest.raises(ConfigError, match=r"\[sample\]: image-to-video sampling .* is not supported yet"):
+        sample_prompts(config.samples, get_model_class("wan")(config.model))
 
 
 # ------------------------------------------------------------------------------------ low memory
@@ -345,6 +527,30 @@ def runs(wan_models, data) -> dict:
                                max_steps=8, eval_every_n_steps=8, optimizer={"lr": 1e-3},
                                model={"expert": "low_noise"})))
     return {"one": one, "two": two, "full": full}
+
+
+@pytest.fixture(scope="module")
+def i2v_run(wan_models, tmp_path_factory):
+    # On 2 pipeline stages: the CLIP embedding enters the first stage only. Data of its own: its
+    # caches (of the same model type) would otherwise be found by the text-to-video runs.
+    data = make_data(tmp_path_factory.mktemp("wan_i2v_data"))
+    return ok(launch(configure(wan_models, data, "i2v", "wan-i2v", pipeline_stages=2), num_gpus=2))
+
+
+@pytest.mark.slow
+def test_image_to_video_lora_trains_and_loads_in_diffusers(wan_models, i2v_run):
+    """Wan 2.1 I2V on 2 pipeline stages: the condition latents and CLIP embeddings are cached with
+    the clips, the LoRA trains, and WanImageToVideoPipeline's transformer (one process, diffusers'
+    forward) with the saved LoRA reproduces the final eval loss on the same cached conditions."""
+    from diffusers import WanImageToVideoPipeline
+
+    result = i2v_run
+    assert "cache: 24 new entries encoded, 12 samples ready" in result.output and "stage 1:" in result.output
+    history = evals(result)
+    assert history[12] < 0.95 * history[0], history
+    pipe = WanImageToVideoPipeline.from_pretrained(wan_models / "wan-i2v")
+    pipe.load_lora_weights(run_folder(result) / "adapters" / "final")
+    assert eval_loss_through_diffusers(result.config, pipe.transformer) == pytest.approx(history[12], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -21,8 +21,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from models.keymaps.flux import FluxKeymap  # noqa: E402
-from models.keymaps.hunyuan_video import HunyuanVideoKeymap  # noqa: E402
+from models.keymaps.flux import FLUX_VAE as FLUX_VAE_FILE, FluxKeymap  # noqa: E402
+from models.keymaps.hunyuan_video import HUNYUAN_VIDEO_VAE, LLAVA_LLAMA3, HunyuanVideoKeymap  # noqa: E402
+from models.keymaps.single_file import CLIP_L, T5_XXL  # noqa: E402
 from models.keymaps.ltx_video import LTXVideoKeymap  # noqa: E402
 
 SEED = 0
@@ -262,12 +263,13 @@ def make_tiny_flux(out_dir: Path) -> Path:
     transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
     torch.manual_seed(SEED)
     vae = AutoencoderKL(**FLUX_VAE)
+    clip, t5 = tiny_clip_text_encoder(tokenizer), tiny_t5_encoder(tokenizer_2)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
         vae=vae,
-        text_encoder=tiny_clip_text_encoder(tokenizer),
+        text_encoder=clip,
         tokenizer=tokenizer,
-        text_encoder_2=tiny_t5_encoder(tokenizer_2),
+        text_encoder_2=t5,
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
@@ -275,6 +277,15 @@ def make_tiny_flux(out_dir: Path) -> Path:
     # Stand-in for the single-file release checkpoint (flux1-dev.safetensors layout).
     original = {k: v.contiguous() for k, v in FluxKeymap.diffusers_to_original(transformer.state_dict()).items()}
     save_file(original, str(target / "flux1-tiny-original.safetensors"))
+    # Stand-ins for the VAE and text encoder files FLUX.1 users hold: BFL's ae.safetensors, ComfyUI's
+    # clip_l.safetensors (with CLIP's text projection, which is not read) and t5xxl_fp16.safetensors.
+    save_file(FLUX_VAE_FILE.to_single_file(vae.state_dict()), str(target / "ae_tiny.safetensors"))
+    g = torch.Generator().manual_seed(SEED)
+    save_file({**CLIP_L.to_single_file(clip.state_dict()),
+               "text_projection.weight": torch.randn(clip.config.hidden_size, clip.config.hidden_size, generator=g)},
+              str(target / "clip_l_tiny.safetensors"))
+    t5_weights = {k: v for k, v in t5.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    save_file(T5_XXL.to_single_file(t5_weights), str(target / "t5xxl_tiny.safetensors"))
     return target
 
 
@@ -319,16 +330,52 @@ def make_tiny_hunyuan_video(out_dir: Path) -> Path:
     transformer = HunyuanVideoTransformer3DModel(**HUNYUAN_TRANSFORMER)
     torch.manual_seed(SEED)
     vae = AutoencoderKLHunyuanVideo(**HUNYUAN_VAE)
+    llama, clip = tiny_llama_encoder(tokenizer), tiny_clip_text_encoder(tokenizer_2)
     pipe = HunyuanVideoPipeline(
-        text_encoder=tiny_llama_encoder(tokenizer), tokenizer=tokenizer, transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER),
-        text_encoder_2=tiny_clip_text_encoder(tokenizer_2), tokenizer_2=tokenizer_2,
+        text_encoder=llama, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**HUNYUAN_SCHEDULER), text_encoder_2=clip, tokenizer_2=tokenizer_2,
     )
     pipe.save_pretrained(target)
     # Stand-in for the single-file release checkpoint (original HunyuanVideo / ComfyUI layout).
     original = HunyuanVideoKeymap.diffusers_to_original(transformer.state_dict())
     save_file({k: v.contiguous() for k, v in original.items()}, str(target / "hunyuan-video-tiny-original.safetensors"))
+    write_hunyuan_video_encoder_files(target, vae, llama, tokenizer, clip, tokenizer_2)
     return target
+
+
+def write_hunyuan_video_encoder_files(target: Path, vae, llama, tokenizer, clip, tokenizer_2) -> None:
+    """Stand-ins for the VAE and text encoder files HunyuanVideo users hold (diffusion-pipe's vae_path,
+    llm_path, clip_path), written from the diffusers folder's modules through the single-file layouts."""
+    from safetensors.torch import save_file
+    from transformers import CLIPConfig, CLIPModel, LlamaForCausalLM
+
+    g = torch.Generator().manual_seed(SEED)
+    # ComfyUI's hunyuan_video_vae_bf16.safetensors, and the release's vae/pytorch_model.pt ("vae.", in "state_dict").
+    save_file(HUNYUAN_VIDEO_VAE.to_single_file(vae.state_dict()), str(target / "hunyuan_video_vae_tiny.safetensors"))
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, target / "hunyuan_video_vae_tiny.pt")
+    # ComfyUI's llava_llama3_fp16.safetensors (with the language model's output head, which is not read)
+    # and clip_l.safetensors (with CLIP's text projection, which is not read).
+    hidden = llama.config.hidden_size
+    save_file({**LLAVA_LLAMA3.to_single_file(llama.state_dict()),
+               "lm_head.weight": torch.randn(llama.config.vocab_size, hidden, generator=g)},
+              str(target / "llava_llama3_tiny.safetensors"))
+    save_file({**CLIP_L.to_single_file(clip.state_dict()),
+               "text_projection.weight": torch.randn(clip.config.hidden_size, clip.config.hidden_size, generator=g)},
+              str(target / "clip_l_tiny.safetensors"))
+    # diffusion-pipe's llm_path and clip_path folders: a LlamaForCausalLM (Kijai's
+    # llava-llama-3-8b-text-encoder-tokenizer) and a whole CLIPModel (openai/clip-vit-large-patch14),
+    # each with its tokenizer.
+    causal = LlamaForCausalLM(llama.config)
+    causal.model.load_state_dict(llama.state_dict())
+    causal.save_pretrained(target / "llava-llama-3-tiny-text-encoder-tokenizer")
+    tokenizer.save_pretrained(target / "llava-llama-3-tiny-text-encoder-tokenizer")
+    clip_model = CLIPModel(CLIPConfig(
+        text_config=clip.config.to_dict(), projection_dim=clip.config.projection_dim,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=16, projection_dim=clip.config.projection_dim)))
+    clip_model.text_model.load_state_dict(clip.state_dict())
+    clip_model.save_pretrained(target / "clip-vit-large-patch14-tiny")
+    tokenizer_2.save_pretrained(target / "clip-vit-large-patch14-tiny")
 
 
 # Wan 2.1 (T2V 14B / 1.3B shapes shrunk): 2x2 patches on an 8x / 4x VAE of 16 channels.
@@ -343,10 +390,18 @@ WAN22_TI2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=48, out_channels=48)
 WAN22_TI2V_VAE = dict(base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                       temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                       patch_size=2, scale_factor_spatial=16)
+# Wan 2.1 I2V-14B: the noisy latents, a 4-channel mask and the 16-channel condition latent in; the
+# CLIP vision embedding (image_dim) through added key/value projections of the width's size.
+WAN_I2V_TRANSFORMER = dict(WAN_TRANSFORMER, in_channels=36, image_dim=16, added_kv_proj_dim=32)
+# The release's image encoder is CLIP ViT-H/14 at 224 pixels (257 tokens); here 32 pixels, 8x8 patches (17).
+WAN_CLIP_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=8, projection_dim=16)
 # The Wan release's scheduler (UniPC on flow-matching sigmas, the 480p shift of 3).
 WAN_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 # Wan 2.2 A14B T2V: the high-noise expert takes timesteps >= 0.875 * 1000.
 WAN22_A14B_BOUNDARY = 0.875
+# Wan 2.2 A14B I2V: 0.9.
+WAN22_I2V_A14B_BOUNDARY = 0.9
 
 
 def tiny_umt5_encoder(tok):
@@ -372,9 +427,11 @@ def _tiny_wan_vae(config: dict):
     return AutoencoderKLWan(**config, latents_mean=mean, latents_std=std)
 
 
-def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipeline_config) -> Path:
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def _write_wan(target: Path, transformers: list[dict], vae_config: dict, image_to_video: bool = False,
+               **pipeline_config) -> Path:
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
     from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     from models.keymaps.wan import WanKeymap
 
@@ -383,9 +440,19 @@ def _write_wan(target: Path, transformers: list[dict], vae_config: dict, **pipel
     for n, config in enumerate(transformers):
         torch.manual_seed(SEED + n)
         built.append(WanTransformer3DModel(**config))
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
-                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
-                       transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
+    parts = dict(tokenizer=tokenizer, text_encoder=tiny_umt5_encoder(tokenizer), vae=_tiny_wan_vae(vae_config),
+                 scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER), transformer=built[0],
+                 transformer_2=built[1] if len(built) > 1 else None, **pipeline_config)
+    if image_to_video and transformers[0].get("image_dim") is not None:
+        torch.manual_seed(SEED)
+        size = WAN_CLIP_VISION["image_size"]
+        pipe = WanImageToVideoPipeline(
+            **parts, image_encoder=CLIPVisionModel(CLIPVisionConfig(**WAN_CLIP_VISION)).eval(),
+            image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+    elif image_to_video:
+        pipe = WanImageToVideoPipeline(**parts)
+    else:
+        pipe = WanPipeline(**parts)
     pipe.save_pretrained(target)
     # Stand-ins for the single-file release checkpoints (the Wan-AI / ComfyUI layout).
     for n, transformer in enumerate(built):
@@ -403,6 +470,20 @@ def make_tiny_wan(out_dir: Path) -> Path:
 def make_tiny_wan22_ti2v(out_dir: Path) -> Path:
     """Write a tiny Wan 2.2 TI2V-5B-shaped pipeline (48-channel VAE, per-token timesteps) to ``out_dir/wan2.2-ti2v``."""
     return _write_wan(Path(out_dir) / "wan2.2-ti2v", [WAN22_TI2V_TRANSFORMER], WAN22_TI2V_VAE, expand_timesteps=True)
+
+
+def make_tiny_wan_i2v(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.1 I2V-14B-shaped pipeline (conditioning channels, a CLIP vision encoder) to
+    ``out_dir/wan-i2v``, in WanImageToVideoPipeline's layout."""
+    return _write_wan(Path(out_dir) / "wan-i2v", [WAN_I2V_TRANSFORMER], WAN_VAE, image_to_video=True)
+
+
+def make_tiny_wan22_i2v_a14b(out_dir: Path) -> Path:
+    """Write a tiny Wan 2.2 I2V A14B-shaped pipeline (two experts with conditioning channels, no image
+    encoder, boundary 0.9) to ``out_dir/wan2.2-i2v-a14b``."""
+    experts = [{k: v for k, v in WAN_I2V_TRANSFORMER.items() if k not in ("image_dim", "added_kv_proj_dim")}] * 2
+    return _write_wan(Path(out_dir) / "wan2.2-i2v-a14b", experts, WAN_VAE, image_to_video=True,
+                      boundary_ratio=WAN22_I2V_A14B_BOUNDARY)
 
 
 def make_tiny_wan22_a14b(out_dir: Path) -> Path:
@@ -482,7 +563,8 @@ def make_tiny_flux2(out_dir: Path) -> Path:
 # name -> maker
 MAKERS = {"flux": make_tiny_flux, "ltx-video": make_tiny_ltx_video, "hunyuan-video": make_tiny_hunyuan_video,
           "flux2": make_tiny_flux2, "wan": make_tiny_wan, "wan2.2-ti2v": make_tiny_wan22_ti2v,
-          "wan2.2-a14b": make_tiny_wan22_a14b}
+          "wan2.2-a14b": make_tiny_wan22_a14b, "wan-i2v": make_tiny_wan_i2v,
+          "wan2.2-i2v-a14b": make_tiny_wan22_i2v_a14b}
 
 
 def main(argv=None) -> None:

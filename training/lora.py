@@ -11,7 +11,8 @@ lora_down / lora_up, with an .alpha each). Each comes out as (A, B) per diffuser
 file's whole scale in B: B @ A is the weight change the file applies. A fused original module (q,
 k and v in one) becomes one LoRA per part: B's rows of that part, with the A rows its nonzero
 columns use, so each part's change is exactly the file's and no part gets more than the rank the
-file gave it.
+file gave it. LoKr and LoHa files (this trainer's and LyCORIS / kohya ones) are read by
+`read_lycoris_file`, onto peft's factors of the same shapes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from config.training import AdapterConfig
 from models.base import ModelRecipe
+from models.keymaps.keymap import LYCORIS_FACTORS, RenameKeymap
 from models.pipeline_layers import is_adapter_weight, named_weights
 from saving.export import LYCORIS_SCALED, adapter_file_key
 from training.weights import open_safetensors, set_parameter
@@ -124,7 +126,7 @@ def load_lora_into(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
     """Start from an existing LoRA for `init_from_existing` (any layout `read_lora_file` reads):
     the materialised (this stage's) LoRA weights take the file's."""
     if adapter.type != "lora":
-        for name, value in read_lycoris_file(transformer, path, adapter).items():
+        for name, value in read_lycoris_file(recipe, transformer, path, adapter).items():
             param = transformer.get_parameter(name)
             if not param.is_meta:
                 with torch.no_grad():
@@ -164,7 +166,8 @@ def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
         found = read_lora_as_diffusers(file, linears, None, {})
     else:
         table, dims = recipe.keymap.original_modules(recipe.transformer_config())
-        found = read_lora_as_diffusers(file, linears, table, dims, recipe.keymap.renamed_module)
+        found = read_lora_as_diffusers(file, linears, table, dims, recipe.keymap.renamed_module,
+                                       original_names(recipe, sorted(linears), table))
     ours = {n.removesuffix(".lora_A.default.weight"): p for n, p in transformer.named_parameters()
             if n.endswith(".lora_A.default.weight")}
     # A part of a fused module without a LoRA comes out of the file with rank 0.
@@ -199,26 +202,143 @@ def read_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, adap
     return out
 
 
-def read_lycoris_file(transformer: nn.Module, path: Path, adapter: AdapterConfig) -> dict[str, torch.Tensor]:
-    """A LoKr or LoHa adapter as this trainer saves it (saving/export.save_lora), as {parameter name of
-    `transformer`: value}, with the saved scale divided out again. It must have exactly this
-    adapter's weights and shapes (type, rank, target modules)."""
+def read_lycoris_file(recipe: ModelRecipe, transformer: nn.Module, path: Path,
+                      adapter: AdapterConfig) -> dict[str, torch.Tensor]:
+    """A LoKr or LoHa file for `init_from_existing`, as {parameter name of `transformer`: value}
+    with this adapter's alpha / rank scale divided out, so the adapter applies exactly the file's
+    weight change. Files read: this trainer's saves (saving/export.save_lora) and LyCORIS / kohya files
+    (ComfyUI's and sd-scripts' layout: "lora_unet_" + the original module name with "_" for ".",
+    or "lycoris_" / "lora_transformer_" + the diffusers name, each module with its factors and an
+    .alpha). The file's scale is the one LyCORIS and ComfyUI apply: alpha over the rank of the
+    decomposed factor (LoKr: of w2 when both are, of w1 when only it is; 1 when neither is or
+    there is no alpha). Each module must be one this adapter targets, factored as peft factors it
+    for this rank (the same factor shapes, each full or of this rank where peft's is)."""
     file = lora_file_in(path)
     if not file.is_file():
         raise ConfigError(f"adapter.init_from_existing: {path} holds no pytorch_lora_weights.safetensors")
     with open_safetensors(file, "adapter.init_from_existing") as st:
-        shapes = {k.removeprefix("transformer."): tuple(st.get_slice(k).get_shape()) for k in st.keys()}
-    ours = {adapter_file_key(n): n for n, _ in transformer.named_parameters() if is_adapter_weight(n)}
-    expected = {k: tuple(transformer.get_parameter(n).shape) for k, n in ours.items()}
-    if shapes != expected:
-        wrong = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if shapes[k] != expected[k])
-        raise ConfigError(f"adapter.init_from_existing: {file} is not a {adapter.type} adapter of this rank and "
-                          f"these target modules: {len(shapes)} weights, {len(expected)} expected; the first "
-                          f"that differs: {wrong[0]!r}")
+        tensors = {k: st.get_tensor(k) for k in st.keys()}
+    found, other = read_lycoris_modules(tensors)
+    kinds = {"lokr" if any(k.startswith("lokr_") for k in parts) else "loha" for parts in found.values()}
+    if other or kinds != {adapter.type}:
+        what = (f"a {' and '.join(sorted(kinds))} file" if kinds and not other
+                else f"not a LoKr or LoHa file ({len(other)} other tensors, e.g. {sorted(other)[0]!r})")
+        raise ConfigError(f"adapter.init_from_existing: {file} is {what}; adapter.type = '{adapter.type}'")
+    modules = _lycoris_module_names(recipe, transformer, found, file)
+    ours: dict[str, dict[str, str]] = {}
+    for n, _ in transformer.named_parameters():
+        if is_adapter_weight(n):
+            module, _, kind = adapter_file_key(n).rpartition(".")
+            ours.setdefault(module, {})[kind] = n
+    extra, missing = sorted(set(modules) - set(ours)), sorted(set(ours) - set(modules))
+    if extra or missing:
+        raise ConfigError(f"adapter.init_from_existing: {file} is not a {adapter.type} adapter of these target "
+                          f"modules: {len(missing)} of its {len(ours)} modules missing (e.g. "
+                          f"{name_examples(missing, 1) or 'none'}), {len(extra)} more in the file (e.g. "
+                          f"{name_examples(extra, 1) or 'none'}); for the file's modules write adapter.target_modules "
+                          f"= '{suggested_targets(sorted(modules))}'")
     scale = adapter.alpha / adapter.rank
-    with open_safetensors(file, "adapter.init_from_existing") as st:
-        return {n: st.get_tensor(f"transformer.{k}").float() / (scale if k.rpartition(".")[2] in LYCORIS_SCALED else 1)
-                for k, n in ours.items()}
+    out = {}
+    for module, parts in modules.items():
+        shapes = {kind: tuple(transformer.get_parameter(n).shape) for kind, n in ours[module].items()}
+        values = (_lokr_values if adapter.type == "lokr" else _loha_values)(parts, shapes)
+        if values is None:
+            have = {k: tuple(v.shape) for k, v in sorted(parts.items()) if k != "alpha"}
+            raise ConfigError(f"adapter.init_from_existing: the {adapter.type} of {module} in {file} is factored as "
+                              f"{have}; this adapter (rank {adapter.rank}) as {dict(sorted(shapes.items()))}: set "
+                              f"adapter.rank to the file's rank")
+        values, file_scale = values
+        for kind, value in values.items():
+            out[ours[module][kind]] = value * (file_scale / scale) if kind in LYCORIS_SCALED else value
+    return out
+
+
+# A LyCORIS module's tensors: the LoKr and LoHa factors, the Tucker cores of convolutions, and alpha.
+_LYCORIS_KINDS = LYCORIS_FACTORS | {"lokr_t2", "hada_t1", "hada_t2", "alpha"}
+
+
+def read_lycoris_modules(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """{module name: {factor kind: tensor (float32)}} of a LoKr / LoHa file, prefixes stripped (kohya
+    names keep their prefix), and the keys that are no LoKr or LoHa tensor."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, value in tensors.items():
+        name, _, kind = key.rpartition(".")
+        if kind not in _LYCORIS_KINDS or not name:
+            other.append(key)
+            continue
+        for prefix in _PREFIXES:
+            name = name.removeprefix(prefix)
+        modules.setdefault(name, {})[kind] = value.float()
+    # A module with an alpha only is no adapter module.
+    other += [f"{m}.alpha" for m, parts in modules.items() if set(parts) == {"alpha"}]
+    return {m: parts for m, parts in modules.items() if set(parts) != {"alpha"}}, other
+
+
+def _lycoris_module_names(recipe: ModelRecipe, transformer: nn.Module, found: dict[str, dict], file: Path) -> dict:
+    """The file's modules by this transformer's (diffusers) module names: diffusers names as they
+    are, original names through the recipe's key map, kohya names ("lora_unet_" + an original name,
+    "lycoris_" / "lora_transformer_" + a diffusers name, "_" for ".") by their flat form. A fused
+    original module (q, k and v in one) is an error: a Kronecker or Hadamard product over the
+    fused parts has no exact split into one per part."""
+    linears = [n.removesuffix(".base_layer") for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    table = recipe.keymap.original_modules(recipe.transformer_config())[0] if recipe.keymap is not None else None
+    flat = {n.replace(".", "_"): n for n in original_names(recipe, linears, table) + linears}
+    linears = set(linears)
+    out, unknown, fused = {}, [], []
+    for name, parts in found.items():
+        if name.startswith(_KOHYA_PREFIXES + ("lycoris_",)):
+            name = flat.get(name.split("_", 2)[2] if name.startswith("lora_") else name.removeprefix("lycoris_"), name)
+        if name not in linears and table is not None and name in table.by_original:
+            entry = table.by_original[name]
+            if entry.fused or entry.swap_halves:
+                fused.append(name)
+                continue
+            name = entry.diffusers[0]
+        elif name not in linears and recipe.keymap is not None:
+            name = recipe.keymap.renamed_module(name) or name
+        if name not in linears:
+            unknown.append(name)
+        out[name] = parts
+    if fused:
+        raise ConfigError(f"adapter.init_from_existing: {file} has LoKr/LoHa modules on {len(fused)} fused original "
+                          f"modules (e.g. {sorted(fused)[0]!r}: q, k and v in one), which have no exact split onto "
+                          f"this trainer's separate modules")
+    if unknown:
+        raise ConfigError(f"adapter.init_from_existing: {file} has adapters on {len(unknown)} modules this "
+                          f"transformer does not have (e.g. {sorted(unknown)[0]!r}): an adapter of another model?")
+    return out
+
+
+def _lokr_values(parts: dict[str, torch.Tensor], shapes: dict[str, tuple]):
+    """(peft's LoKr factors of these `shapes` from a LyCORIS module's, the file's scale), or None
+    when the file's factoring does not fit."""
+    if "lokr_t2" in parts:
+        return None
+    values, rank = {}, None
+    for i in ("1", "2"):
+        full, a, b = parts.get(f"lokr_w{i}"), parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b")
+        if full is None and (a is None or b is None):
+            return None
+        if full is None:
+            rank = b.shape[0]  # LyCORIS's dim: w2's rank when both factors are decomposed
+        if f"lokr_w{i}" in shapes:
+            values[f"lokr_w{i}"] = a @ b if full is None else full
+        elif full is None:
+            values[f"lokr_w{i}_a"], values[f"lokr_w{i}_b"] = a, b
+        else:
+            return None
+    if any(tuple(v.shape) != shapes[k] for k, v in values.items()) or set(values) != set(shapes):
+        return None
+    return values, (float(parts["alpha"]) / rank if "alpha" in parts and rank else 1.0)
+
+
+def _loha_values(parts: dict[str, torch.Tensor], shapes: dict[str, tuple]):
+    """(peft's LoHa factors from a LyCORIS module's, the file's scale), or None when they differ."""
+    values = {k: v for k, v in parts.items() if k != "alpha"}
+    if {k: tuple(v.shape) for k, v in values.items()} != shapes:
+        return None
+    return values, (float(parts["alpha"]) / values["hada_w1_b"].shape[0] if "alpha" in parts else 1.0)
 
 
 # peft's LoKr and LoHa weights that start at zero (so the adapter starts as the base model).
@@ -330,9 +450,9 @@ def original_to_diffusers_loras(modules: Mapping[str, tuple[torch.Tensor, torch.
     return out, unknown
 
 
-def kohya_to_original(modules: dict[str, dict], original_names) -> tuple[dict[str, dict], list[str]]:
+def kohya_to_original(modules: dict[str, dict], originals) -> tuple[dict[str, dict], list[str]]:
     """kohya names ("lora_unet_double_blocks_0_img_attn_qkv") as original module names."""
-    by_flat = {n.replace(".", "_"): n for n in original_names}
+    by_flat = {n.replace(".", "_"): n for n in originals}
     out, unknown = {}, []
     for name, parts in modules.items():
         if not name.startswith(_KOHYA_PREFIXES):
@@ -348,22 +468,27 @@ def kohya_to_original(modules: dict[str, dict], original_names) -> tuple[dict[st
 
 def read_lora_as_diffusers(file: Path, diffusers_modules, table,
                            dims: Mapping[str, int],
-                           rename_original: Optional[Callable[[str], Optional[str]]] = None) -> LoRAs:
+                           rename_original: Optional[Callable[[str], Optional[str]]] = None,
+                           originals: list[str] = ()) -> LoRAs:
     """Every LoRA in `file` on a diffusers module of this transformer (`diffusers_modules`: the
     names of its linear modules), with the file's scale in B. `table` (a keymap's TableKeymap)
-    maps original names, or `rename_original` does (a model whose layouts differ only by names)."""
+    maps original names, or `rename_original` does (a model whose layouts differ only by names);
+    `originals` are the original module names kohya's flat names are matched against."""
     try:
         tensors = load_file(str(file))
     except Exception as e:  # SafetensorError, OSError
         raise ConfigError(f"adapter.init_from_existing: {file} is not a readable .safetensors file ({e})") from None
     modules, other = read_lora_modules(tensors)
     other = [k for k in other if not k.removesuffix(".weight").endswith(DORA_MAGNITUDE)]
+    lycoris = [k for k in other if k.rpartition(".")[2] in _LYCORIS_KINDS - {"alpha"}]
+    if lycoris:
+        kind = "lokr" if any(".lokr_" in k for k in lycoris) else "loha"
+        raise ConfigError(f"adapter.init_from_existing: {file} is a {kind} file; adapter.type = 'lora'")
     if other:
         raise ConfigError(f"adapter.init_from_existing: {file} holds {len(other)} tensors that are no LoRA weight "
                           f"(e.g. {other[0]!r}): is it a LoRA file?")
     diffusers_modules = set(diffusers_modules)
-    originals = list(table.by_original) if table is not None else []
-    modules, unknown = kohya_to_original(modules, originals)
+    modules, unknown = kohya_to_original(modules, list(originals))
     loras: LoRAs = {}
     original: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, parts in modules.items():
@@ -384,6 +509,16 @@ def read_lora_as_diffusers(file: Path, diffusers_modules, table,
         raise ConfigError(f"adapter.init_from_existing: {file} has LoRAs on {len(unknown)} modules this transformer "
                           f"does not have (e.g. {sorted(unknown)[0]!r}): a LoRA of another model?")
     return loras
+
+
+def original_names(recipe: ModelRecipe, linears: list[str], table) -> list[str]:
+    """The original module names of this transformer that kohya-style files flatten ("lora_unet_"
+    + the name with "_" for "."): the key map's table, or each linear's renamed name."""
+    if table is not None:
+        return list(table.by_original)
+    if recipe.keymap is not None and issubclass(recipe.keymap, RenameKeymap):
+        return [recipe.keymap.diffusers_to_original_key(n) for n in linears]
+    return []
 
 
 def suggested_targets(modules) -> str:

@@ -127,13 +127,16 @@ def sample_timesteps(recipe: ModelRecipe, generators: list[torch.Generator], seq
 
 def training_example(recipe: ModelRecipe, latents: torch.Tensor, text: dict[str, torch.Tensor],
                      generators: list[torch.Generator], timesteps: torch.Tensor | None = None,
-                     weights: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                     weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                     conditions: dict[str, torch.Tensor] | None = None):
     """(inputs, labels) for the pipeline engine: rectified-flow noising of a batch.
 
     The noisy latent is the straight line between data (t=0) and noise (t=1); the target is
     the velocity noise - data. Noise and timesteps come from per-sample generators, so the
     same sample gets the same noise whatever the process layout. `mask`, weights in [0, 1]
     that broadcast over `latents` (data/cache.latent_mask), weights each element's loss.
+    `conditions`: the clips' other cached tensors, which the recipe's `condition_inputs` applies
+    (image-to-video); the loss weights it returns multiply `mask`.
     """
     latents = latents.float()
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
@@ -143,6 +146,9 @@ def training_example(recipe: ModelRecipe, latents: torch.Tensor, text: dict[str,
     noisy = (1 - t) * latents + t * noise
     target = recipe.pack_latents(noise - latents)
     inputs = recipe.model_inputs(noisy.to(recipe.dtype), timesteps, text)
+    inputs, condition_weights = recipe.condition_inputs(inputs, latents, conditions or {})
+    if condition_weights is not None:
+        mask = condition_weights if mask is None else mask * condition_weights
     if weights is None:
         weights = torch.ones(latents.shape[0])
     if mask is None:

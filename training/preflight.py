@@ -25,6 +25,7 @@ def check_inputs(recipe: ModelRecipe, config_file: Path, adapter: AdapterConfig 
                               f"{recipe.name} model (a single-file transformer goes in model.transformer_path)")
         transformer = recipe.build_empty_transformer()
         check_weight_files(recipe, transformer)
+        recipe.check_encoder_files()
         if adapter is not None:
             add_lora(recipe, transformer, adapter)  # target patterns that find nothing fail here
         if adapter is not None and adapter.init_from_existing:
@@ -67,7 +68,7 @@ def check_lora_file(recipe: ModelRecipe, transformer: nn.Module, path: Path, ada
     """The LoRA file for `init_from_existing` must be this model's, with this adapter's rank
     and target modules. `transformer` has the adapter's LoRA layers (on the meta device)."""
     if adapter.type != "lora":
-        read_lycoris_file(transformer, path, adapter)
+        read_lycoris_file(recipe, transformer, path, adapter)
     else:
         read_lora_file(recipe, transformer, path, adapter)
 

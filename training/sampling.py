@@ -30,6 +30,7 @@ from config.sampling import SampleRequest
 from data.media import write_video
 from models.pipeline_layers import PipelineLayer, plain_precision
 from utils.dist import Distributed
+from utils.errors import ConfigError
 
 # Frames per second of written sample videos (the models' pipelines export at this rate).
 VIDEO_FPS = 24
@@ -37,7 +38,11 @@ VIDEO_FPS = 24
 
 def sample_prompts(requests: list[SampleRequest], model) -> list[str]:
     """Every text the samples need embedded: the prompts, and the negative prompt when the model
-    samples with classifier-free guidance."""
+    samples with classifier-free guidance. A model that cannot sample as configured is a ConfigError
+    here, before any caching."""
+    reason = model.sampling_unsupported() if requests else None
+    if reason:
+        raise ConfigError(f"[sample]: {reason}; leave the [sample] table out")
     texts = [r.prompt for r in requests]
     if model.sample_guidance == "classifier_free":
         texts += [r.negative_prompt for r in requests]

@@ -27,7 +27,7 @@ from utils.atomic import write_text_atomic
 from utils.dist import Distributed
 from utils.dtypes import DTYPES
 from utils.errors import TrainingStopped
-from utils.faults import DeadRankWatch
+from utils.faults import DeadRankWatch, fail_for_fault_tests
 from utils.metrics import Metrics, peak_memory_gib
 
 # Steps after the first whose median the start-up report compares the first step with.
@@ -176,6 +176,14 @@ class Trainer:
             results[name] = (total[0] / total[1]).item()
         return results
 
+    def draw_samples(self, step: int) -> None:
+        """The [sample] pictures for `step`, with the averaged weights where [ema] samples says so."""
+        if self.ema is not None and self.config.settings.ema.samples:
+            with self.ema.applied():
+                self.sampler.run(step)
+        else:
+            self.sampler.run(step)
+
     def log_eval(self):
         results = self.evaluate()
         if self.ema is not None and self.config.settings.ema.eval and self.evals:
@@ -290,7 +298,8 @@ class Trainer:
             lines.append("the cached inputs are finite: likely causes are a learning rate too high "
                          "(lower optimizer.lr, add warmup_steps) or float16 overflow (use bfloat16)"
                          + (f", or the attention kernel: attention_backend = '{s.attention_backend}' (resume "
-                            f"without it)" if s.attention_backend else ""))
+                            f"with attention_backend = \"native\", torch's default kernels)"
+                            if s.attention_backend not in (None, "native") else ""))
         latest = self.checkpoints.latest()
         lines.append(f"the last good checkpoint, {self.checkpoints.root / latest}, is kept: continue from it with "
                      f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
@@ -332,7 +341,7 @@ class Trainer:
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         if self.sampler and s.sample.at_start and self.step == 0:
-            self.sampler.run(0)
+            self.draw_samples(0)
         while self.step < self.total:
             signum = self.stop_requested()
             if signum:
@@ -353,6 +362,7 @@ class Trainer:
                 return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
             start = time.perf_counter()
+            fail_for_fault_tests(f"step{self.step + 1}", self.place.rank)
             loss = self.engine.train_batch(self.micro_batches(epoch, step_in_epoch)).item()
             elapsed = time.perf_counter() - start
             self.step += 1
@@ -380,7 +390,7 @@ class Trainer:
             if self.eval_schedule.due(self.step, spe):
                 self.log_eval()
             if self.sampler and self.sample_schedule.due(self.step, spe):
-                self.sampler.run(self.step)
+                self.draw_samples(self.step)
             if self.save_schedule.due(self.step, spe):
                 self.save(f"step{self.step:08d}")
             if self.checkpoint_due(spe):
@@ -390,7 +400,7 @@ class Trainer:
         if self.evals:
             self.log_eval()
         if self.sampler:
-            self.sampler.run(self.step)
+            self.draw_samples(self.step)
             self.report_sampling_time(time.perf_counter() - started)
         self._write_memory_peaks()
         self.save("final")

@@ -8,12 +8,24 @@ group: every collective is then the value itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_processes(env) -> int:
+    """Processes of this launch on this machine (`env` is os.environ or alike): DeepSpeed's
+    LOCAL_SIZE, torchrun's LOCAL_WORLD_SIZE, 1 for a plain process."""
+    return max(1, int(env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or 1))
 
 
 @dataclass(frozen=True)

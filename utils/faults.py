@@ -1,4 +1,4 @@
-"""Faults turned into clear errors (disk full), and the hooks the fault tests use.
+"""Faults turned into clear errors (disk full, out of memory), and the hooks the fault tests use.
 
 A full disk shows up in many shapes: OSError ENOSPC from Python's own writes, "No space left on
 device (os error 28)" from safetensors, "unexpected pos 576 vs 534" from torch.save. `disk_full`
@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +48,27 @@ def disk_full(error: BaseException, path: Path | None = None) -> bool:
     return free is not None and free < _NEARLY_FULL_BYTES
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error (torch is imported only if it was already)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
+# What gloo and NCCL say in the ranks left behind when another rank's process ends.
+_PEER_GONE_TEXTS = ("connection closed by peer", "connection reset by peer", "remote process exited")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank's process ended."""
+    return isinstance(error, RuntimeError) and any(t in str(error).lower() for t in _PEER_GONE_TEXTS)
+
+
+OUT_OF_MEMORY_HINT = ("The memory estimate printed at start is per stage; what lowers it: activation_checkpointing "
+                      "= true, blocks_to_swap = N, [model] transformer_dtype = 'float8', more pipeline_stages, a "
+                      "smaller micro_batch_size_per_gpu or fewer tokens (resolutions, frames); "
+                      "memory_budget_gib = N plans for a GPU of N GiB.")
+
+
 def disk_full_error(path: Path, what: str, kept: str) -> DiskFullError:
     """The error for a write of `what` to `path` that the full disk stopped."""
     free = free_bytes(path)
@@ -80,6 +102,15 @@ def pause_for_fault_tests(point: str) -> None:
     spec = os.environ.get("TRAINER_TEST_PAUSE_AT", "")
     if spec.startswith(point + ":"):
         time.sleep(float(spec.split(":", 1)[1]))
+
+
+def fail_for_fault_tests(point: str, rank: int) -> None:
+    """Fault-injection hook for the tests of one rank failing alone: TRAINER_TEST_FAIL_AT=<point>:<rank>
+    raises there, on that rank, the out-of-memory error a full GPU raises (e.g. step3:1)."""
+    if os.environ.get("TRAINER_TEST_FAIL_AT", "") == f"{point}:{rank}":
+        import torch
+
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (TRAINER_TEST_FAIL_AT)")
 
 
 class DeadRankWatch:

@@ -7,11 +7,16 @@ machinery is shared with the other models in models/keymaps/keymap.py.
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config
 or from tensor shapes, so this works at any model size (diffusers' own converter assumes 3072).
+
+The VAE's single file (``FLUX_VAE``, BFL's ae.safetensors) has the latent-diffusion names (below).
 """
 
 from __future__ import annotations
 
-from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, repeat
+import re
+
+from models.keymaps.single_file import SingleFileLayout
+from models.keymaps.keymap import KeymapEntry, TableKeymap, block, entry, kohya_lora, stream_table
 
 # (diffusers parameter name, original parameter name)
 RMS_NORM = (("weight", "scale"),)
@@ -62,9 +67,8 @@ _FINAL = (
 
 def flux_table(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple[KeymapEntry, ...]:
     """The full mapping table for a Flux transformer of the given depth."""
-    entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
-    entries += repeat(_DOUBLE_BLOCK, num_layers) + repeat(_SINGLE_BLOCK, num_single_layers)
-    return tuple(entries + list(_FINAL))
+    head = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else [])
+    return stream_table(head, _DOUBLE_BLOCK, _SINGLE_BLOCK, _FINAL, num_layers, num_single_layers)
 
 
 class FluxKeymap(TableKeymap):
@@ -80,3 +84,39 @@ class FluxKeymap(TableKeymap):
         # ComfyUI loads it, and so does diffusers' FluxPipeline.load_lora_weights through its kohya
         # converter (which splits the block-diagonal fused LoRAs back exactly, at FLUX.1's width).
         return kohya_lora(cls.lora_to_original(lora_state_dict, config, prefix=""))
+
+
+# --- The VAE as a single file ------------------------------------------------------------------------
+# BFL's ae.safetensors (what ComfyUI loads) keeps the latent-diffusion autoencoder's names: blocks
+# as down.<i>.block.<j> and up.<i>.block.<j> (the decoder's up levels numbered from the highest
+# resolution, diffusers' up_blocks from the lowest), mid.block_1 / attn_1 / block_2, nin_shortcut,
+# norm_out, and the mid attention's q, k, v and proj_out as 1x1 convolutions.
+_BFL_VAE_RENAMES = (
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+)
+_MID_RESNET = re.compile(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.")
+_UP_BLOCK = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
+
+
+def bfl_vae_names(keys: list[str]) -> dict[str, str]:
+    """{diffusers AutoencoderKL key: its name in BFL's ae.safetensors}, for the keys of one VAE."""
+    levels = 1 + max((int(m.group(1)) for k in keys if (m := _UP_BLOCK.match(k))), default=-1)
+    names = {}
+    for key in keys:
+        name = _MID_RESNET.sub(lambda m: f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.", key)
+        name = _UP_BLOCK.sub(lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}."
+                                       f"{'block' if m.group(2) == 'resnets' else 'upsample'}.", name)
+        for pattern, replacement in _BFL_VAE_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        names[key] = name
+    return names
+
+
+FLUX_VAE = SingleFileLayout("FLUX.1 VAE", "ae.safetensors", prefixes=("", "vae.", "first_stage_model."),
+                            file_names=bfl_vae_names, conv_kernels=r".*\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from models.keymaps.keymap import TableKeymap, block, block_counts, entry, kohya_lora, repeat
+from models.keymaps.keymap import TableKeymap, block, block_counts, entry, kohya_lora, stream_table
 
 # (diffusers parameter name, original parameter name): FLUX.2 linears have no bias.
 WEIGHT = (("weight", "weight"),)
@@ -64,9 +64,8 @@ _FINAL = (
 
 def flux2_table(num_layers: int, num_single_layers: int, guidance_embeds: bool = True) -> tuple:
     """The full mapping table for a FLUX.2 transformer of the given depth."""
-    entries = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else []) + list(_MODULATION)
-    entries += repeat(_DOUBLE_BLOCK, num_layers) + repeat(_SINGLE_BLOCK, num_single_layers)
-    return tuple(entries + list(_FINAL))
+    head = list(_EMBEDDERS) + (list(_GUIDANCE) if guidance_embeds else []) + list(_MODULATION)
+    return stream_table(head, _DOUBLE_BLOCK, _SINGLE_BLOCK, _FINAL, num_layers, num_single_layers)
 
 
 class Flux2Keymap(TableKeymap):

@@ -9,6 +9,9 @@ machinery is shared with the other models in models/keymaps/keymap.py.
 
 Split sizes of fused modules are symbolic ("inner", "mlp") and resolved from the model config or
 from tensor shapes, so this works at any model size (diffusers' own converter assumes 3072).
+
+The VAE's and the Llama text encoder's single files (``HUNYUAN_VIDEO_VAE``, ``LLAVA_LLAMA3``) differ
+from the diffusers / transformers layout by a key prefix only (models/keymaps/single_file.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import re
 
 from models.keymaps.keymap import DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, KeymapEntry, TableKeymap, block, entry, repeat
+from models.keymaps.single_file import SingleFileLayout
 
 WEIGHT = (("weight", "weight"),)  # RMSNorm: a scale only
 
@@ -103,3 +107,17 @@ class HunyuanVideoKeymap(TableKeymap):
     block_patterns = (DOUBLE_BLOCK_RE, SINGLE_BLOCK_RE, _REFINER_RE)
     block_config = (("num_layers", None), ("num_single_layers", None), ("num_refiner_layers", 2))
     image_in_weight = "img_in.proj.weight"
+
+
+# --- The VAE and text encoders as single files ------------------------------------------------------
+# The release's VAE (vae/pytorch_model.pt: the weights under "vae.", in a "state_dict" entry) and
+# ComfyUI's hunyuan_video_vae_bf16.safetensors (no prefix) name every module as diffusers'
+# AutoencoderKLHunyuanVideo does: diffusers' own conversion of the release renames no VAE key.
+HUNYUAN_VIDEO_VAE = SingleFileLayout(
+    "HunyuanVideo VAE", "hunyuan_video_vae_bf16.safetensors, or the release's vae/pytorch_model.pt",
+    prefixes=("", "vae.", "first_stage_model."))
+# The text encoder, the Llama of LLaVA-Llama-3-8B, as ComfyUI's llava_llama3_fp16.safetensors holds it:
+# transformers' LlamaForCausalLM names ("model." before LlamaModel's; its lm_head is not read).
+LLAVA_LLAMA3 = SingleFileLayout(
+    "LLaVA-Llama-3 text encoder", "llava_llama3_fp16.safetensors",
+    prefixes=("model.", "", "language_model.model.", "model.language_model."))

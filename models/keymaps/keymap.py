@@ -28,6 +28,9 @@ LINEAR = (("weight", "weight"), ("bias", "bias"))
 ORIGINAL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# The factors of a LoKr / LoHa module (peft's and LyCORIS's names), after "<module>.".
+LYCORIS_FACTORS = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                             "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,13 @@ def repeat(block_entries: Iterable[KeymapEntry], n: int) -> list[KeymapEntry]:
     """A block's entries ("{i}" in their names) for blocks 0 .. n-1, in block order."""
     block_entries = tuple(block_entries)
     return [e.format(i) for i in range(n) for e in block_entries]
+
+
+def stream_table(head: Iterable[KeymapEntry], double_block: Iterable[KeymapEntry], single_block: Iterable[KeymapEntry],
+                 final: Iterable[KeymapEntry], num_layers: int, num_single_layers: int) -> tuple[KeymapEntry, ...]:
+    """The table of a transformer of double- then single-stream blocks (the FLUX family): the
+    entries before the blocks, each block kind's entries for every block of it, the final ones."""
+    return tuple(list(head) + repeat(double_block, num_layers) + repeat(single_block, num_single_layers) + list(final))
 
 
 def block_counts(keys: Iterable[str], patterns: Sequence[re.Pattern]) -> list[int]:
@@ -536,13 +546,20 @@ class RenameKeymap(Keymap):
     @classmethod
     def lora_to_original(cls, lora_state_dict, config=None, prefix="diffusion_model."):
         """Keys "<diffusers module>.lora_A.weight" / ".lora_B.weight" (an optional "transformer." prefix
-        is allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight". Raises
-        ValueError on keys that are not LoRA weights."""
+        is allowed) become "<prefix><original module>.lora_A.weight" / ".lora_B.weight"; LoKr / LoHa
+        factors ("<module>.lokr_w1", ...: LYCORIS_FACTORS) are renamed alike, each module being
+        one module in both layouts. Raises ValueError on keys that are neither."""
         parsed, unknown = parse_lora_keys(lora_state_dict)
+        factors = [k for k in unknown if k.rpartition(".")[2] in LYCORIS_FACTORS]
+        unknown = [k for k in unknown if k not in factors]
         if unknown:
             raise ValueError(f"Keys that are not LoRA weights: {unknown[:20]}")
-        return {prefix + cls.diffusers_to_original_key(module) + suffix: lora_state_dict[key]
-                for key, module, suffix in parsed}
+        out = {prefix + cls.diffusers_to_original_key(module) + suffix: lora_state_dict[key]
+               for key, module, suffix in parsed}
+        for key in factors:
+            module, _, factor = key.removeprefix("transformer.").rpartition(".")
+            out[f"{prefix}{cls.diffusers_to_original_key(module)}.{factor}"] = lora_state_dict[key]
+        return out
 
     @classmethod
     def renamed_module(cls, original_name):
