@@ -244,7 +244,11 @@ def estimate(model, layers, parts: list[int], config, tokens: int | None, hidden
                 # layer's kept-activation factor stands for its forward's transient memory.
                 rows = 2 if model.sample_guidance == "classifier_free" else 1
                 transient = max(factors, default=0) * sample_tokens * hidden * _size(compute) * rows
-                est.sampling = int(sum(est.weights.values()) + est.optimizer + est.gradients + transient)
+                # The adapter's weights are copied to the compute dtype for the round
+                # (models/pipeline_layers.plain_precision); full fine-tuning copies nothing.
+                copies = 0 if s.adapter is None else sum(p.numel for p in trainable if p.dtype != compute)
+                copies *= _size(compute)
+                est.sampling = int(sum(est.weights.values()) + est.optimizer + est.gradients + transient + copies)
         result.append(est)
     return result
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from models.keymaps.keymap import Keymap
 from models.keymaps.single_file import SingleFileLayout, check_single_file, load_single_file
-from models.pipeline_layers import PipelineFields, PipelineLayer, mark_frozen_fields
+from models.pipeline_layers import InferenceMemo, PipelineFields, PipelineLayer, mark_frozen_fields
 from data.buckets import check_frame_buckets, check_resolutions
 from config.dataset_config import Dataset
 from config.train_config import ModelConfig
@@ -417,8 +417,10 @@ class ModelRecipe:
         to treat inputs no trainable weight touched as constants: call it once the transformer's
         trainable weights are marked (LoRA added, or all of them for full fine-tuning)."""
         layers = self.layers(transformer)
+        memo = InferenceMemo()
         for layer in layers:
             layer.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
+            layer.memo = memo
         if self.dtype != torch.float32:
             for module in transformer.modules():
                 if isinstance(module, BaseTunerLayer):

@@ -80,8 +80,8 @@ class FluxBlockLayer(PipelineLayer):
         self.pos_embed = transformer.pos_embed
 
     def run(self, s):
-        ids = torch.cat((s["txt_ids"], s["img_ids"]), dim=0)
-        rotary = self.pos_embed(ids)
+        rotary = self.memo("rotary", (s["txt_ids"], s["img_ids"]),
+                           lambda: self.pos_embed(torch.cat((s["txt_ids"], s["img_ids"]), dim=0)))
         encoder_hidden, hidden = self.block(hidden_states=s["hidden"], encoder_hidden_states=s["encoder_hidden"],
                                             temb=s["temb"], image_rotary_emb=rotary)
         return {**s, "hidden": hidden, "encoder_hidden": encoder_hidden}

@@ -81,8 +81,11 @@ class Flux2BlockLayer(PipelineLayer):
         self.pos_embed = transformer.pos_embed
 
     def rotary(self, s):
-        image, text = self.pos_embed(s["img_ids"]), self.pos_embed(s["txt_ids"])
-        return torch.cat([text[0], image[0]], dim=0), torch.cat([text[1], image[1]], dim=0)
+        def compute():
+            image, text = self.pos_embed(s["img_ids"]), self.pos_embed(s["txt_ids"])
+            return torch.cat([text[0], image[0]], dim=0), torch.cat([text[1], image[1]], dim=0)
+
+        return self.memo("rotary", (s["txt_ids"], s["img_ids"]), compute)
 
 
 # A class per block kind (models/pipeline_layers.PipelineLayer.kind says why).

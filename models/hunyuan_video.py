@@ -122,10 +122,11 @@ class HunyuanBlockLayer(PipelineLayer):
 
     def run(self, s):
         hidden = s["hidden"]
-        frames, height, width = s["grid"].tolist()
         # The rotary embedding reads only the latent's shape and device: an empty stand-in suffices.
-        rotary = self.rope(hidden.new_empty(0, 0, frames, height, width))
-        mask = joint_attention_mask(s["text_mask"], hidden.shape[1])
+        rotary = self.memo("rotary", (s["grid"], hidden.device),
+                           lambda: self.rope(hidden.new_empty(0, 0, *s["grid"].tolist())))
+        mask = self.memo("mask", (s["text_mask"], hidden.shape[1]),
+                         lambda: joint_attention_mask(s["text_mask"], hidden.shape[1]))
         hidden, encoder_hidden = self.block(hidden, s["encoder_hidden"], s["temb"], mask, rotary)
         # A single-stream block returns views into one joint sequence (see the input layer).
         return {**s, "hidden": hidden.contiguous(), "encoder_hidden": encoder_hidden.contiguous()}

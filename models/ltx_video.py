@@ -84,8 +84,8 @@ class LTXBlockLayer(PipelineLayer):
 
     def run(self, s):
         hidden = s["hidden"]
-        frames, height, width = s["grid"].tolist()
-        rotary = self.rope(hidden, frames, height, width, self.rope_scale)
+        rotary = self.memo("rotary", (s["grid"], hidden.shape[0], hidden.device, self.rope_scale),
+                           lambda: self.rope(hidden, *s["grid"].tolist(), self.rope_scale))
         # As the transformer's forward does: the 0/1 text mask becomes an additive attention bias.
         bias = ((1 - s["text_mask"].to(hidden.dtype)) * -10000.0).unsqueeze(1)
         hidden = self.block(hidden_states=hidden, encoder_hidden_states=s["encoder_hidden"], temb=s["temb"],

@@ -11,7 +11,8 @@ every floating-point field is kept in the autograd graph (see `PipelineLayer.for
 
 from __future__ import annotations
 
-from typing import Iterable
+import contextlib
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -52,6 +53,34 @@ class _ZeroGradient(torch.autograd.Function):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs))
 
 
+class InferenceMemo:
+    """Values that every block computes again from the same unchanged inputs (the rotary
+    embedding from the positions, an attention mask from the text mask), kept from the first
+    block that computes them for the next ones while gradients are off: a diffusers forward
+    computes them once, and in eager inference each of their kernels is a launch per block.
+
+    One entry per label; an entry holds only while its key's tensors are the very same objects
+    (inputs passed through unchanged) and its other values are equal. A compiled `run` computes
+    them in its graph instead, where they cost nothing."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, object]] = {}
+
+    def __call__(self, label: str, key: tuple, compute):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        entry = self._entries.get(label)
+        if entry is not None and len(entry[0]) == len(key) and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(entry[0], key)):
+            return entry[1]
+        value = compute()
+        self._entries[label] = (key, value)  # holding the key's tensors: no other tensor can reuse their ids
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class PipelineLayer(nn.Module):
     """One entry of a model's layer list.
 
@@ -88,6 +117,10 @@ class PipelineLayer(nn.Module):
         # matrix products in that precision too, without an fp32 copy of every input kept for
         # the backward. None: no autocast (float32 training).
         self.autocast_dtype: torch.dtype | None = None
+        # `plain_precision` turns autocast off for inference in the base dtype.
+        self.autocast_off = False
+        # Shared by all layers of a model (`ModelRecipe.pipeline_layers`).
+        self.memo = InferenceMemo()
         self._compiled_run = None
         # Float input fields that no trainable weight has touched (set by `mark_frozen_fields`).
         self.frozen_fields: frozenset[str] = frozenset()
@@ -127,7 +160,7 @@ class PipelineLayer(nn.Module):
             state = {**state, **{k: v.detach() for k, v in frozen.items()}}
         device_type = packed[0].device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None and not self.autocast_off):
             result = (self._compiled_run or self.run)(state)
         consumed = []
         for k, original in frozen.items():
@@ -161,6 +194,40 @@ ADAPTER_WEIGHT_MARKERS = ("lora_", "lokr_", "hada_")
 def is_adapter_weight(name: str) -> bool:
     """Whether a parameter name is an adapter's trained weight (not a base weight)."""
     return any(m in name for m in ADAPTER_WEIGHT_MARKERS)
+
+
+@contextlib.contextmanager
+def plain_precision(layers: list[PipelineLayer]) -> Iterator[bool]:
+    """Inference (no gradients) through `layers` as the diffusers pipelines run it: every weight
+    in the layers' compute dtype and no autocast. Autocast casts each float32 adapter weight at
+    every call and each activation for every reader: launch-bound work on a fast GPU. Here the
+    adapter's weights are swapped for compute-dtype copies (the adapter's size in that dtype, made
+    once) and put back on exit; the base weights are already in that dtype. Yields whether it
+    took effect: not where a weight other than an adapter's is in another dtype (full
+    fine-tuning in float32, where a copy would be a second model), which keeps autocast."""
+    dtypes = {layer.autocast_dtype for layer in layers} - {None}
+    if len(dtypes) != 1:  # float32 layers: nothing is cast anyway
+        yield False
+        return
+    (dtype,) = dtypes
+    named = {id(p): (n, p) for layer in layers for n, p in layer.named_parameters()}  # a shared one once
+    swapped = [p for n, p in named.values() if p.is_floating_point() and p.dtype != dtype and not p.is_meta]
+    if any(not is_adapter_weight(named[id(p)][0]) for p in swapped):
+        yield False
+        return
+    originals = [p.data for p in swapped]
+    try:
+        for p in swapped:
+            # .data keeps the Parameter object (peft, the engine and the optimizer hold it)
+            p.data = p.data.to(dtype)
+        for layer in layers:
+            layer.autocast_off = True
+        yield True
+    finally:
+        for layer in layers:
+            layer.autocast_off = False
+        for p, original in zip(swapped, originals):
+            p.data = original
 
 
 def named_weights(transformer: nn.Module, module_names: Iterable[str]) -> list[tuple[str, nn.Parameter]]:

@@ -127,12 +127,15 @@ class WanBlockLayer(PipelineLayer):
 
     def run(self, s):
         hidden = s["hidden"]
-        frames, height, width = s["grid"].tolist()
-        # The rotary embedding reads only the latent's shape; its tables are buffers, which no
-        # layer loads: they are moved to the hidden state's device here.
-        cos, sin = self.rope(hidden.new_empty(0, 0, frames, height, width))
-        hidden = self.block(hidden, s["encoder_hidden"], s["timestep_proj"], (cos.to(hidden.device),
-                                                                              sin.to(hidden.device)))
+
+        def rotary():
+            # The rotary embedding reads only the latent's shape; its tables are buffers, which no
+            # layer loads: they are moved to the hidden state's device here.
+            cos, sin = self.rope(hidden.new_empty(0, 0, *s["grid"].tolist()))
+            return cos.to(hidden.device), sin.to(hidden.device)
+
+        hidden = self.block(hidden, s["encoder_hidden"], s["timestep_proj"],
+                            self.memo("rotary", (s["grid"], hidden.device), rotary))
         return {**s, "hidden": hidden}
 
 

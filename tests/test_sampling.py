@@ -9,6 +9,7 @@ diffusers-format averaged LoRA, must reproduce the latents and the decoded pictu
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,6 +100,10 @@ def test_samples_equal_the_diffusers_pipeline_at_one_stage(work, one_stage):
     run, result = one_stage
     check_against_pipeline(work, run)
     assert "3 sample(s) in" in result.output
+    # The time sampling took, as a share of the run (at the start, at step 3 and at the end).
+    (line,) = re.findall(r"sampling: [0-9.]+ s in 3 round\(s\), ([0-9.]+)% of the [0-9.]+ s this run trained",
+                         result.output)
+    assert 0 < float(line) < 100
 
 
 @pytest.mark.slow

@@ -553,12 +553,19 @@ def configure(video_models, mixed_data, name: str, run: str, **overrides) -> Pat
     dataset = {"frame_buckets": [1, 9, 17],
                "directory": [{"path": str(mixed_data["images"])}, {"path": str(mixed_data["videos"])}]}
     settings = dict(max_steps=20, eval_at_start=True, eval_datasets=[{"name": "train", "config": "dataset.toml"}],
-                    adapter={"rank": 4, "alpha": 8}, optimizer={"lr": 3e-3},
+                    adapter={"rank": 4, "alpha": 8}, optimizer={"lr": 3e-3}, sample=VIDEO_SAMPLE[name],
                     model={"type": name, "diffusers_path": str(video_models / name), "max_sequence_length": 32})
     for k, v in overrides.items():
         settings[k] = {**settings[k], **v} if isinstance(settings.get(k), dict) else v
     return write_configs(mixed_data["root"] / name / run, video_models / name, mixed_data["images"],
                          dataset=dataset, **settings)
+
+
+# Drawn once, at the end of each launch (test_samples_equal_the_pipeline_through_a_launch).
+VIDEO_SAMPLE = {"ltx-video": {"prompts": ["a red circle"], "width": 64, "height": 96, "frames": 9, "steps": 3,
+                              "guidance": 2.5, "negative_prompt": "blurry", "seed": 3},
+                "hunyuan-video": {"prompts": ["a red circle"], "width": 48, "height": 32, "frames": 5, "steps": 3,
+                                  "guidance": 4.0, "seed": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -608,6 +615,34 @@ def test_trained_comfyui_lora_equals_the_diffusers_lora(video_models, tmp_path, 
     adapter = run_folder(one_stage[name]) / "adapters" / "final"
     via_diffusers, via_comfy, _ = lora_through_both_formats(video_models, tmp_path, name, adapter_dir=adapter)
     torch.testing.assert_close(via_comfy, via_diffusers, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_equal_the_pipeline_through_a_launch(video_models, one_stage, two_stages, name):
+    """The final samples of the 1-stage and the 2-stage launch (DeepSpeed's engine, the trained
+    LoRA) are the latents of the model's diffusers pipeline with the saved LoRA loaded."""
+    sample = VIDEO_SAMPLE[name]
+    model = make_model(name, video_models, max_sequence_length=32)
+    pipe = model.pipeline_class.from_pretrained(video_models / name, dtype=torch.float32)
+    call = dict(prompt=sample["prompts"][0], width=sample["width"], height=sample["height"],
+                num_frames=sample["frames"], num_inference_steps=sample["steps"], guidance_scale=sample["guidance"],
+                max_sequence_length=32, output_type="latent")
+    if model.sample_guidance == "classifier_free":
+        call["negative_prompt"] = sample["negative_prompt"]
+    if name == "hunyuan-video":  # the tiny tokenizer's template length (test_sampling_models says why)
+        from models.hunyuan_video import template_crop_start
+
+        crop_start = template_crop_start(pipe.tokenizer, model.prompt_template)
+        call["prompt_template"] = {"template": model.prompt_template, "crop_start": crop_start}
+    for result in (one_stage[name], two_stages[name]):
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(run_folder(result) / "adapters" / "final")
+        theirs = pipe(**call, generator=torch.Generator().manual_seed(sample["seed"])).frames
+        expected = theirs if theirs.dim() == 3 else model.pack_latents(theirs)
+        ours = load_file(run_folder(result) / "samples" / "step00000020" / "latents.safetensors")["0"]
+        torch.testing.assert_close(model.pack_latents(ours), expected, rtol=1e-4, atol=1e-5)
+        assert (run_folder(result) / "samples" / "step00000020" / "0.mp4").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------ examples

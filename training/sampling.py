@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from config.sampling import SampleRequest
 from data.media import write_video
+from models.pipeline_layers import PipelineLayer, plain_precision
 from utils.dist import Distributed
 from utils.errors import ConfigError
 
@@ -79,6 +80,8 @@ class Sampler:
         TensorBoard SummaryWriter (rank 0), or None."""
         self.model, self.engine, self.requests, self.texts = model, engine, requests, texts
         self.out_dir, self.place, self.log, self.writer = out_dir, place, log, writer
+        self.seconds = 0.0  # spent in `run` so far (this rank), for the share of training time
+        self.rounds = 0
 
     # ------------------------------------------------------------------ denoising
     def _text(self, prompt: str) -> dict[str, torch.Tensor]:
@@ -109,37 +112,43 @@ class Sampler:
 
     def denoise(self) -> dict[int, torch.Tensor]:
         """Every request's final latents (1, ...) by index, on rank 0 ({} on the other ranks)."""
-        model = self.model
         rounds = share_out(self.requests, self.place.dp_world)
         firsts = [next(r for p in rnd for r in p if r is not None) for rnd in rounds]
         bar = tqdm(total=sum(r.steps for r in firsts), desc="sampling", unit="step", disable=not self.place.is_main,
                    dynamic_ncols=True, leave=False)
         mine: dict[int, torch.Tensor] = {}
-        for rnd, first in zip(rounds, firsts):
-            slots = rnd[self.place.dp_rank]
-            # A padding slot draws the round's first request again; its result is dropped.
-            work = [r or first for r in slots]
-            latents = [model.sample_noise(r.width, r.height, r.frames, r.seed) for r in work]
-            schedulers = [model.sample_scheduler(r.steps, lat) for r, lat in zip(work, latents)]
-            texts = [self._text(r.prompt) for r in work]
-            negatives = [self._text(r.negative_prompt) if model.sample_guidance == "classifier_free" else None
-                         for r in work]
-            for t in schedulers[0][1]:
-                batches = []
-                for r, lat, text, negative in zip(work, latents, texts, negatives):
-                    inputs = model.sample_inputs(lat, t, text, negative, r.guidance)
-                    batches.append((model.input_fields.pack(inputs), torch.zeros(1)))
-                predictions = self._forward(batches)
-                for j, (r, (scheduler, _)) in enumerate(zip(work, schedulers)):
-                    prediction = model.unpack_latents(predictions[j], (predictions[j].shape[0], *latents[j].shape[1:]))
-                    velocity = model.guided_prediction(prediction, r.guidance)
-                    latents[j] = scheduler.step(velocity, t, latents[j], return_dict=False)[0]
-                bar.update(1)
-            if self.engine.stage_id == 0:  # every stage holds the same latents; the first one reports
-                mine.update({r.index: lat for r, lat in zip(slots, latents) if r is not None})
+        layers = [m for m in self.engine.module.modules() if isinstance(m, PipelineLayer)]
+        with plain_precision(layers):
+            for rnd, first in zip(rounds, firsts):
+                self._denoise_round(rnd, first, mine, bar)
         bar.close()
         gathered = self.place.gather_object(mine)
         return {k: v for part in gathered for k, v in part.items()} if self.place.is_main else {}
+
+    def _denoise_round(self, rnd, first, mine: dict[int, torch.Tensor], bar) -> None:
+        """Denoise this replica's requests of one round together; its final latents into `mine`."""
+        model = self.model
+        slots = rnd[self.place.dp_rank]
+        # A padding slot draws the round's first request again; its result is dropped.
+        work = [r or first for r in slots]
+        latents = [model.sample_noise(r.width, r.height, r.frames, r.seed) for r in work]
+        schedulers = [model.sample_scheduler(r.steps, lat) for r, lat in zip(work, latents)]
+        texts = [self._text(r.prompt) for r in work]
+        negatives = [self._text(r.negative_prompt) if model.sample_guidance == "classifier_free" else None
+                     for r in work]
+        for t in schedulers[0][1]:
+            batches = []
+            for r, lat, text, negative in zip(work, latents, texts, negatives):
+                inputs = model.sample_inputs(lat, t, text, negative, r.guidance)
+                batches.append((model.input_fields.pack(inputs), torch.zeros(1)))
+            predictions = self._forward(batches)
+            for j, (r, (scheduler, _)) in enumerate(zip(work, schedulers)):
+                prediction = model.unpack_latents(predictions[j], (predictions[j].shape[0], *latents[j].shape[1:]))
+                velocity = model.guided_prediction(prediction, r.guidance)
+                latents[j] = scheduler.step(velocity, t, latents[j], return_dict=False)[0]
+            bar.update(1)
+        if self.engine.stage_id == 0:  # every stage holds the same latents; the first one reports
+            mine.update({r.index: lat for r, lat in zip(slots, latents) if r is not None})
 
     # ------------------------------------------------------------------ decoding and files
     def write(self, step: int, latents: dict[int, torch.Tensor]) -> list[str]:
@@ -179,6 +188,13 @@ class Sampler:
         """Draw and write every sample for `step`; a failure is reported in one line and the run
         goes on (returns False on rank 0). Call on every rank together."""
         start = time.perf_counter()
+        try:
+            return self._run(step, start)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.rounds += 1
+
+    def _run(self, step: int, start: float) -> bool:
         try:
             latents = self.denoise()
         except Exception as e:  # noqa: BLE001 -- e.g. out of memory: report, keep training

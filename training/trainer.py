@@ -228,6 +228,15 @@ class Trainer:
             except OSError:
                 pass  # only a report: a full disk stops the run at the next checkpoint or save, with its message
 
+    def report_sampling_time(self, seconds: float) -> None:
+        """Print and record the time drawing samples took, as a share of this run's `seconds` (its
+        steps, evaluations, samples, saves and checkpoints)."""
+        spent = self.sampler.seconds
+        share = spent / seconds if seconds > 0 else 0.0
+        self.metrics.print(f"sampling: {spent:.1f} s in {self.sampler.rounds} round(s), {100 * share:.1f}% of the "
+                           f"{seconds:.1f} s this run trained (steps, evaluations, samples, saves)")
+        self.metrics.scalars(self.step, {"samples/seconds": spent, "samples/share_of_training": share})
+
     def save(self, name: str) -> None:
         s = self.config.settings
         if s.adapter is None:  # full fine-tuning: the whole transformer
@@ -328,6 +337,7 @@ class Trainer:
                       f"{self.total} steps, so nothing was trained or saved (raise max_steps or epochs to train "
                       f"longer)")
             return self.losses
+        started = time.perf_counter()
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         if self.sampler and s.sample.at_start and self.step == 0:
@@ -391,6 +401,7 @@ class Trainer:
             self.log_eval()
         if self.sampler:
             self.draw_samples(self.step)
+            self.report_sampling_time(time.perf_counter() - started)
         self._write_memory_peaks()
         self.save("final")
         if self.checkpoints_enabled():
