@@ -586,8 +586,10 @@ def two_stages(video_models, mixed_data, one_stage):
 @pytest.mark.parametrize("name", NAMES)
 def test_lora_trains_on_images_and_videos(one_stage, name):
     result = one_stage[name]
-    # 8 images (frame bucket 1) and two videos each in the 9- and 17-frame buckets.
-    assert "cache: 24 new entries encoded, 12 samples ready" in result.output
+    # 8 images (frame bucket 1) and two videos each in the 9- and 17-frame buckets: 12 latents and 12
+    # captions, and the [sample] table's prompt (and negative prompt) embedded with the captions.
+    prompts = len(VIDEO_SAMPLE[name]["prompts"]) + ("negative_prompt" in VIDEO_SAMPLE[name])
+    assert f"cache: {24 + prompts} new entries encoded, 12 samples ready" in result.output
     assert len(losses(result)) == 20
     start, end = evals(result)[0], evals(result)[20]
     assert end < 0.95 * start, (start, end)
