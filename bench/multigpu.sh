@@ -16,6 +16,8 @@
 #            SCRIPT runs another copy of the trainer (e.g. an earlier commit unpacked by git archive)
 #            ON=1,2 runs the rows on those GPUs only (DeepSpeed's --include), so that rows on
 #            disjoint GPUs can run at once: (ON=0 ROWS=f1 bash ... & ON=1,2 ROWS=f2s bash ... & wait)
+#            TIMELINE=1 runs each row through bench/pipeline_timeline.py (every pipeline instruction
+#            of every rank timed with CUDA events) and writes its table to $OUT/timeline-<row>.txt
 #   compare  the issue's table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
@@ -73,13 +75,19 @@ launch() { # name ngpus port script
   # In a session of its own, so that a row over its time limit takes every rank with it: a rank
   # left behind spins on its GPU and slows the next rows.
   local gpus="--num_gpus=$2"; [ -n "${ON:-}" ] && gpus="--include localhost:$ON"
-  setsid -w python3 -m deepspeed.launcher.runner --master_port $3 $gpus ${4:-train.py} \
+  local script=${4:-train.py}
+  if [ -n "${TIMELINE:-}" ]; then script=bench/pipeline_timeline.py; rm -rf $W/tl-$1; fi
+  BENCH_TIMELINE_DIR=$W/tl-$1 setsid -w python3 -m deepspeed.launcher.runner --master_port $3 $gpus $script \
     --deepspeed --config $W/$1.toml > $W/$1.log 2>&1 & local job=$!
   ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) >/dev/null 2>&1 & local watchdog=$!
   wait $job; local rc=$?
   kill -9 -- -$job 2>/dev/null; pkill -P $watchdog 2>/dev/null; pkill -P $apps 2>/dev/null; kill $watchdog $smi $apps 2>/dev/null
   echo "$1: rc=$rc wall=$(( $(date +%s) - t0 ))s"
   [ $rc = 0 ] || { tr '\r' '\n' < $W/$1.log | grep -v "^\s*$\|it/s\|s/it" | tail -25; }
+  if [ -n "${TIMELINE:-}" ]; then
+    python3 bench/pipeline_timeline.py --summarize $W/tl-$1 > $OUT/timeline-$1.txt 2>&1; head -16 $OUT/timeline-$1.txt
+    for f in $W/tl-$1/timeline-r*.jsonl; do cp $f $OUT/$(basename ${f%.jsonl})-$1.jsonl; done 2>/dev/null
+  fi
   python3 - $W $1 $2 "${ON:-}" <<'PY'
 import json, statistics, sys
 from pathlib import Path
