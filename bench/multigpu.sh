@@ -17,7 +17,8 @@
 #            ON=1,2 runs the rows on those GPUs only (DeepSpeed's --include), so that rows on
 #            disjoint GPUs can run at once: (ON=0 ROWS=f1 bash ... & ON=1,2 ROWS=f2s bash ... & wait)
 #            TIMELINE=1 runs each row through bench/pipeline_timeline.py (every pipeline instruction
-#            of every rank timed with CUDA events) and writes its table to $OUT/timeline-<row>.txt
+#            of every rank timed with CUDA events) and writes its table to $OUT/timeline-<row>.txt;
+#            TIMELINE_SCRIPT: that wrapper in another copy of the trainer (beside its train.py)
 #   compare  the table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1
@@ -76,7 +77,7 @@ launch() { # name ngpus port script
   # left behind spins on its GPU and slows the next rows.
   local gpus="--num_gpus=$2"; [ -n "${ON:-}" ] && gpus="--include localhost:$ON"
   local script=${4:-train.py}
-  if [ -n "${TIMELINE:-}" ]; then script=bench/pipeline_timeline.py; rm -rf $W/tl-$1; fi
+  if [ -n "${TIMELINE:-}" ]; then script=${TIMELINE_SCRIPT:-bench/pipeline_timeline.py}; rm -rf $W/tl-$1; fi
   BENCH_TIMELINE_DIR=$W/tl-$1 setsid -w python3 -m deepspeed.launcher.runner --master_port $3 $gpus $script \
     --deepspeed --config $W/$1.toml > $W/$1.log 2>&1 & local job=$!
   ( sleep ${LAUNCH_LIMIT:-300}; kill -9 -- -$job ) >/dev/null 2>&1 & local watchdog=$!

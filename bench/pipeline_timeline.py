@@ -17,6 +17,7 @@ every instruction's name, buffer, CPU start/end and GPU start/end in ms from the
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -70,9 +71,20 @@ def record_steps(trainer_cls):
             OUT.mkdir(parents=True, exist_ok=True)
             path = OUT / f"timeline-r{RANK}.jsonl"
             path.write_text("")
+            collections: list = []  # (generation, ms) of the garbage collector's passes in this step
+            started: dict = {}
+
+            def on_gc(phase, info):
+                if phase == "start":
+                    started["t"] = time.perf_counter()
+                elif "t" in started:
+                    collections.append((info["generation"], (time.perf_counter() - started.pop("t")) * 1e3))
+
+            gc.callbacks.append(on_gc)
 
             def train_batch(data_iter):
                 records.clear()
+                collections.clear()
                 begin = torch.cuda.Event(enable_timing=True) if cuda else None
                 if cuda:
                     begin.record()
@@ -90,7 +102,8 @@ def record_steps(trainer_cls):
                     rows.append(row)
                 with open(path, "a") as f:
                     f.write(json.dumps({"rank": RANK, "step": self.step + 1, "wall_ms": round(wall * 1e3, 3),
-                                        "stage": engine.stage_id, "ops": rows}) + "\n")
+                                        "stage": engine.stage_id, "ops": rows,
+                                        "gc_ms": [[g, round(ms, 2)] for g, ms in collections]}) + "\n")
                 return loss
 
             engine.train_batch = train_batch  # this instance only, for this measurement
@@ -114,6 +127,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
             continue
         rank = steady[0]["rank"]
         gpu, cpu, count, idle, walls = defaultdict(list), defaultdict(list), defaultdict(list), [], []
+        gc_full = [sum(ms for g, ms in s.get("gc_ms", []) if g == 2) for s in steady]
         for s in steady:
             g, c, n = defaultdict(float), defaultdict(float), defaultdict(int)
             last_end = 0.0
@@ -131,7 +145,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
                 count[k].append(n[k])
             idle.append(gaps + max(0.0, s["wall_ms"] - last_end) if last_end else 0.0)
             walls.append(s["wall_ms"])
-        table[rank] = (steady[0]["stage"], gpu, cpu, count, idle, walls)
+        table[rank] = (steady[0]["stage"], gpu, cpu, count, idle, walls, gc_full)
         example[rank] = steady[0]
     if not table:
         return f"{folder}: no timelines\n"
@@ -142,7 +156,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
     for k in kinds + sorted({k for r in table for k in table[r][1]} - set(kinds)):
         cells = []
         for r in table:
-            _, gpu, cpu, count, _, _ = table[r]
+            _, gpu, cpu, count, _, _, _ = table[r]
             if k not in cpu:
                 cells.append("-")
                 continue
@@ -152,6 +166,8 @@ def summarize(folder: Path, first_step: int = 3) -> str:
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines.append("| GPU idle between instructions | " + " | ".join(
         f"{statistics.mean(table[r][4]):.0f}" for r in table) + " |")
+    lines.append("| full garbage collections (ms, each step) | " + " | ".join(
+        " ".join(f"{ms:.0f}" for ms in table[r][6]) for r in table) + " |")
     lines.append("| step wall | " + " | ".join(f"{statistics.median(table[r][5]):.0f}" for r in table) + " |")
     for r, s in example.items():
         lines.append(f"rank {r} step {s['step']} (stage {s['stage']}), GPU ms from the step's start:")

@@ -144,5 +144,7 @@ def test_train_py_runs_the_plan_and_records_start_up(tmp_path, tiny_models, data
     assert len(losses) == 3 and all(x == x for x in losses)
     start = json.loads((result.run_dirs()[-1] / "startup.json").read_text())
     assert 0 < start["seconds_to_first_step"] and 0 < start["first_step_seconds"]
+    # The libraries' objects, and the first step's, are out of the garbage collector's full passes.
+    assert start["frozen_objects"] > 100_000
     assert "from launch to the end of the first training step" in result.output
     assert "(median)" in result.output and "steady_step_seconds" in start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from config.train_config import TrainConfig
-from data.batches import EvalPlan, TrainPlan, collate
+from data.batches import EvalPlan, TrainPlan, collate, to_device
 from data.cache import CacheReader
 from saving.checkpoints import Checkpoints, run_fingerprint
 from saving.export import save_adapter, save_full_model
@@ -29,6 +30,15 @@ from utils.dtypes import DTYPES
 from utils.errors import TrainingStopped
 from utils.faults import DeadRankWatch, fail_for_fault_tests
 from utils.metrics import Metrics, peak_memory_gib
+
+def freeze_heap() -> None:
+    """Exempt every object alive now from Python's cyclic garbage collector, after one collection.
+    A full collection walks every tracked object, about a second once the libraries and compiled
+    graphs are loaded, and it starts on its own mid-step: on one pipeline stage it stalls every
+    stage (docs/benchmarks.md, "Several GPUs, fourth run"). What the set-up built lives to the end anyway."""
+    gc.collect()
+    gc.freeze()
+
 
 # Steps after the first whose median the start-up report compares the first step with.
 STARTUP_STEADY_STEPS = 3
@@ -153,10 +163,14 @@ class Trainer:
                 f"rank {p['rank']} stage {p['stage']} {p['peak_gib']:.2f} GiB" for p in peaks))
 
     def micro_batches(self, epoch: int, step_in_epoch: int):
-        # A generator: only the first and last pipeline stages pull from it.
+        # A generator: only the first and last pipeline stages pull from it. Each moves what it
+        # uses (the first stage the inputs, the last the labels) to its GPU itself (to_device says why).
         s = self.config.settings
+        first, last, device = self.engine.is_first_stage(), self.engine.is_last_stage(), self.place.device
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.place.dp_rank, s.gradient_accumulation_steps):
-            yield collate(partial(training_example, self.model), self.train, batch, s.seed, "train", epoch, train=True)
+            inputs, labels = collate(partial(training_example, self.model), self.train, batch, s.seed, "train",
+                                     epoch, train=True)
+            yield (to_device(inputs, device) if first else inputs), (to_device(labels, device) if last else labels)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
@@ -204,7 +218,7 @@ class Trainer:
         if len(self.step_seconds) == 1:
             self.startup_seconds = time.time() - self.launched
         report = {"seconds_to_first_step": round(self.startup_seconds, 3), "first_step_seconds": round(first, 3),
-                  "compile": self.config.settings.compile}
+                  "compile": self.config.settings.compile, "frozen_objects": gc.get_freeze_count()}
         if len(self.step_seconds) == 1:
             self.metrics.print(f"start-up: {self.startup_seconds:.1f} s from launch to the end of the first training "
                                f"step (the step itself {first:.1f} s)")
@@ -338,6 +352,7 @@ class Trainer:
                       f"longer)")
             return self.losses
         started = time.perf_counter()
+        freeze_heap()
         if s.eval_at_start and self.step == 0:
             self.log_eval()
         if self.sampler and s.sample.at_start and self.step == 0:
@@ -378,6 +393,8 @@ class Trainer:
             self.metrics.scalars(self.step, values)
             self.metrics.record({"step": self.step, "seconds": elapsed, **values})
             self.step_seconds.append(elapsed)
+            if len(self.step_seconds) == 1:
+                freeze_heap()  # the first step's compiled graphs and kernels
             if len(self.step_seconds) in (1, STARTUP_STEADY_STEPS + 1):
                 self.report_startup()
             self.metrics.step({"loss": loss, "lr": values["train/lr"]})
