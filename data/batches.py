@@ -146,11 +146,3 @@ def collate(example, reader: CacheReader, batch: list[Slot], seed: int, tag: str
     conditions = {k: torch.stack([lat[k] for lat, _ in loaded]) for k in loaded[0][0] if k not in ("latents", "mask")}
     return example(latents, text, generators, timesteps=timesteps, weights=weights, mask=mask, conditions=conditions)
 
-
-def to_device(tensors: tuple, device: torch.device) -> tuple:
-    """`tensors` on `device`. To a CUDA GPU from pinned memory without waiting: the copy queues
-    behind the GPU's work, where a plain copy (DeepSpeed's, when it gets CPU tensors) first waits
-    for all of that work to finish, so the GPU idles while the CPU prepares what comes next."""
-    if device.type != "cuda":
-        return tensors
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)

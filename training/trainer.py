@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from config.train_config import TrainConfig
-from data.batches import EvalPlan, TrainPlan, collate, to_device
+from data.batches import EvalPlan, TrainPlan, collate
 from data.cache import CacheReader
 from saving.checkpoints import Checkpoints, run_fingerprint
 from saving.export import save_adapter, save_full_model
@@ -33,7 +33,7 @@ from utils.metrics import Metrics, peak_memory_gib
 
 def freeze_heap() -> None:
     """Exempt every object alive now from Python's cyclic garbage collector, after one collection.
-    A full collection walks every tracked object, about a second once the libraries and compiled
+    A full collection walks every tracked object, 0.6-0.7 s once the libraries and compiled
     graphs are loaded, and it starts on its own mid-step: on one pipeline stage it stalls every
     stage (docs/benchmarks.md, "Several GPUs, fourth run"). What the set-up built lives to the end anyway."""
     gc.collect()
@@ -163,14 +163,10 @@ class Trainer:
                 f"rank {p['rank']} stage {p['stage']} {p['peak_gib']:.2f} GiB" for p in peaks))
 
     def micro_batches(self, epoch: int, step_in_epoch: int):
-        # A generator: only the first and last pipeline stages pull from it. Each moves what it
-        # uses (the first stage the inputs, the last the labels) to its GPU itself (to_device says why).
+        # A generator: only the first and last pipeline stages pull from it.
         s = self.config.settings
-        first, last, device = self.engine.is_first_stage(), self.engine.is_last_stage(), self.place.device
         for batch in self.plan.step_batches(epoch, step_in_epoch, self.place.dp_rank, s.gradient_accumulation_steps):
-            inputs, labels = collate(partial(training_example, self.model), self.train, batch, s.seed, "train",
-                                     epoch, train=True)
-            yield (to_device(inputs, device) if first else inputs), (to_device(labels, device) if last else labels)
+            yield collate(partial(training_example, self.model), self.train, batch, s.seed, "train", epoch, train=True)
 
     def evaluate(self) -> dict[str, float]:
         """Loss on each eval set at fixed timesteps and noise, averaged over all its samples."""
