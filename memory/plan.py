@@ -23,8 +23,12 @@ from utils.errors import ConfigError
 # The share of the budget the estimate may not use: the estimate was within 5% of measured peaks
 # on an H200 (docs/full_finetune.md), and the caching allocator's fragmentation comes on top.
 HEADROOM = 0.10
-# On a GPU without memory_budget_gib: what the CUDA context takes outside torch's allocator.
-CUDA_CONTEXT = 1 * GIB
+# On a GPU without memory_budget_gib, what a process holds outside torch's allocator (nvidia-smi's
+# peak less the allocator's reserve, FLUX.1 LoRA on H100s: docs/benchmarks.md, "Several GPUs, fourth run"):
+# the CUDA context and libraries' workspaces, 1.7 GiB alone; NCCL's buffers add 2.2-3.2 GiB in a
+# job of several processes.
+CUDA_CONTEXT = int(1.75 * GIB)
+NCCL_BUFFERS = int(3.25 * GIB)
 LEVERS = ("activation_checkpointing", "model.transformer_dtype", "blocks_to_swap")
 
 
@@ -161,9 +165,15 @@ def no_fit(model, layers, config, tokens, hidden, budget: int, tried: list[tuple
             f"fit: " + (" or ".join(hints) if hints else "a GPU with more memory, more pipeline_stages or smaller samples"))
 
 
+def outside_allocator(processes: int) -> int:
+    """Bytes a training process on a GPU holds outside torch's allocator, in a job of `processes`."""
+    return CUDA_CONTEXT + (NCCL_BUFFERS if processes > 1 else 0)
+
+
 def device_budget(config, place: Distributed) -> int | None:
-    """Bytes each GPU offers the plan: `memory_budget_gib`, else the GPU's memory less the CUDA
-    context; the smallest over all ranks (they must choose alike); None on CPU without the key."""
+    """Bytes each GPU offers the plan: `memory_budget_gib`, else the GPU's memory less what the
+    process holds outside torch's allocator (outside_allocator); the smallest over all ranks (they
+    must choose alike); None on CPU without the key."""
     s, device = config.settings, place.device
     if s.memory_budget_gib is not None:
         budget = int(s.memory_budget_gib * GIB)
@@ -173,7 +183,7 @@ def device_budget(config, place: Distributed) -> int | None:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     elif device.type == "cuda":
-        budget = torch.cuda.get_device_properties(device).total_memory - CUDA_CONTEXT
+        budget = torch.cuda.get_device_properties(device).total_memory - outside_allocator(place.world)
     else:
         budget = -1
     smallest = place.min_over_ranks(budget if budget >= 0 else 2**62)
@@ -197,7 +207,9 @@ def plan_memory(model, layers, parts, config, tokens, hidden, budget: int | None
     s.activation_checkpointing, s.blocks_to_swap = plan.checkpointing, plan.blocks_to_swap
     if plan.float8:
         m.transformer_dtype = "float8"
-    source = "memory_budget_gib" if s.memory_budget_gib is not None else "the GPU's memory less the CUDA context"
+    several = replicas * s.pipeline_stages > 1
+    source = ("memory_budget_gib" if s.memory_budget_gib is not None
+              else "the GPU's memory less the CUDA context" + (" and NCCL's buffers" if several else ""))
     faster = "; ".join(f"{p.settings()}: {g(n)}" for p, n in tried)
     return (f"memory plan for {g(budget)} per GPU ({source}; plans fit {g(int(budget * (1 - HEADROOM)))}, "
             f"{100 - round(HEADROOM * 100)}%): {plan.settings()}, about {g(need)} at the fullest stage{kept}"
