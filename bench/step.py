@@ -213,7 +213,7 @@ def engine_step(model, config, device, inputs, labels, tokens):
 def layers_step(model, config, device, inputs, labels, tokens):
     from torch.utils.checkpoint import checkpoint
 
-    from memory.checkpointing import checkpointed
+    from memory.checkpointing import checkpointed, recomputes_inside_graph
     from training.optimizers import build_optimizer
 
     s = config.settings
@@ -223,8 +223,9 @@ def layers_step(model, config, device, inputs, labels, tokens):
     if s.compile:
         from parallel.engine import compile_layers
 
-        compile_layers(layers)  # as build_engine does for the engine row
-    recompute = [checkpointed(layer, s.activation_checkpointing, model) for layer in layers]
+        compile_layers(layers, lambda layer: recomputes_inside_graph(layer, s, model))  # as build_engine does
+    recompute = [checkpointed(layer, s.activation_checkpointing, model)
+                 and not (s.compile and recomputes_inside_graph(layer, s, model)) for layer in layers]
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, s.optimizer, s.gradient_clipping, None, seed=s.seed,
                           low_memory=config.full_finetune)

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class PipelineFields:
@@ -134,15 +135,21 @@ class PipelineLayer(nn.Module):
             if name in transformer._parameters:
                 self.register_parameter(name, transformer._parameters[name])
 
-    def compile_run(self) -> None:
-        """Run `run` through torch.compile from now on (the packing around it stays eager).
+    def compile_run(self, recompute: bool = False) -> None:
+        """Run `run` through torch.compile from now on (the packing around it stays eager);
+        `recompute`: with activation checkpointing inside the compiled graph
+        (memory/checkpointing.recomputes_inside_graph).
 
         Blocks of one class share their compiled code: the module's weights are graph inputs,
         not constants, so Flux's 57 blocks compile a few graphs (two per block kind), not 57. A
         new tensor shape (another bucket) compiles once more, then shapes are treated as dynamic
         (parallel/engine.compile_layers raises Dynamo's recompile limit to fit these variants).
         """
-        self._compiled_run = torch.compile(self.run)
+        self._compiled_run = torch.compile(self._run_recomputed if recompute else self.run)
+
+    def _run_recomputed(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Traced by torch.compile: only the inputs are saved, the backward graph recomputes the rest.
+        return checkpoint(self.run, state, use_reentrant=False)
 
     def run(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

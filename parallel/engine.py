@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from config.parallel import pipeline_summary
 from config.train_config import TrainConfig
 from memory.block_swap import attach_block_swap
-from memory.checkpointing import checkpointing_args
+from memory.checkpointing import checkpointing_args, recomputes_inside_graph
 from memory.estimate import ZERO_BUCKET_ELEMENTS, describe, estimate
 from memory.plan import device_budget, plan_memory
 from parallel.stages import (describe_partition, describe_targets, load_stage, make_topology, partition, plan_stages,
@@ -75,11 +75,11 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
     load_stage(model, config, transformer, layers, parts, stage, place.device)
     attach_block_swap(model, config, transformer, layers, place.device)
     if s.compile:
-        compile_layers(layers[parts[stage]:parts[stage + 1]])
+        compile_layers(layers[parts[stage]:parts[stage + 1]], lambda layer: recomputes_inside_graph(layer, s, model))
 
     pipe = PartitionedPipelineModule(
         parts, layers=layers, loss_fn=functools.partial(loss, model), topology=topology,
-        **checkpointing_args(s.activation_checkpointing, model),
+        **checkpointing_args(s, model, layers),
         # non-reentrant checkpointing: several tensors flow between layers, some without grad
         activation_checkpoint_func=functools.partial(checkpoint, use_reentrant=False),
         dynamic_shape=True)  # buckets give micro-batches of different shapes
@@ -164,8 +164,9 @@ def resolve_compile(config: TrainConfig, place: Distributed, dtype: torch.dtype,
     return dataclasses.replace(config, settings=dataclasses.replace(s, compile=failure is None))
 
 
-def compile_layers(layers) -> None:
-    """`compile = true`: every given layer runs its `run` through torch.compile."""
+def compile_layers(layers, recompute=lambda layer: False) -> None:
+    """`compile = true`: every given layer runs its `run` through torch.compile; those for which
+    `recompute(layer)` is true with their activation checkpointing inside the compiled graph."""
     # DeepSpeed's pipeline engine runs one backward per stage output, with retain_graph for all
     # but the last; compiled graphs that donate their saved buffers to the backward refuse that.
     # A process-wide torch setting, read when each backward runs.
@@ -177,7 +178,7 @@ def compile_layers(layers) -> None:
     # default limit of 8 per function the rest would run eagerly without a word.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
     for layer in layers:
-        layer.compile_run()
+        layer.compile_run(recompute(layer))
 
 
 def start_engine(pipe: PipelineModule, optimizer, scheduler, micro_batch_size: int, accumulation: int,

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from make_tiny_models import make_tiny_flux2, make_tiny_hunyuan_video, make_tiny
 sys.path.insert(0, str(REPO / "bench"))
 
 import step  # noqa: E402
+from training import objective  # noqa: E402
 
 NAMES = ["flux", "ltx-video", "hunyuan-video"]
 # (resolution, frames, checkpointing): both checkpointing settings are covered across the models.
@@ -63,6 +65,52 @@ def test_layers_equal_reference_forward(model_dirs, name):
         reference = model.reference_forward(transformer, model.input_fields.unpack(inputs))
     assert x.shape == reference.shape
     torch.testing.assert_close(x, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES + ["wan", "flux2"])
+def test_compiled_layers_recompute_inside_their_graph_as_eager_checkpointing(model_dirs, name):
+    """compile with activation checkpointing (memory/checkpointing.recomputes_inside_graph): each
+    model's layers, with the checkpoint traced into their compiled graphs, give the loss and LoRA
+    gradients of the eager layers under DeepSpeed's (non-reentrant) checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    from memory.checkpointing import recomputes_inside_graph
+    from parallel.engine import compile_layers
+
+    args = bench_args(name, model_dirs)
+    model = step.make_model(args)
+    cpu = torch.device("cpu")
+    resolution, frames, _ = SIZES[name]
+    inputs, labels = step.synthetic_batch(model, *step.parse_resolution(resolution), frames, 2, cpu)
+    transformer, layers = step.our_layers(model, step.row_config(model, args), cpu)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    trained = [p for p in transformer.parameters() if p.requires_grad]
+
+    settings = SimpleNamespace(compile=True, activation_checkpointing=True, blocks_to_swap=0)
+    inside = [recomputes_inside_graph(layer, settings, model) for layer in layers]
+    assert sum(inside) == sum(layer.kind == "block" for layer in layers) > 0
+
+    def loss_and_grads(outer_checkpoint: bool):
+        x = inputs
+        for layer, recomputed in zip(layers, inside):
+            again = outer_checkpoint or not recomputed  # the rest stay under DeepSpeed's checkpoint
+            x = checkpoint(layer, x, use_reentrant=False) if again else layer(x)
+        loss = objective.loss(model, x, labels)
+        grads = torch.autograd.grad(loss, trained)
+        return loss.detach(), grads
+
+    reference = loss_and_grads(outer_checkpoint=True)
+    torch._dynamo.reset()
+    compile_layers(layers, lambda layer: recomputes_inside_graph(layer, settings, model))
+    loss, grads = loss_and_grads(outer_checkpoint=False)
+    torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, reference[1]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_latent_shapes_follow_the_vae(model_dirs):
