@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, free_port, write_configs
 from make_tiny_models import make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -260,3 +260,34 @@ def test_cache_speed_end_to_end_from_files(model_dirs, tmp_path):
         assert r["hours_1_gpu"] == pytest.approx(330_000 / r["items_per_s"] / 3600)
         assert r["hours_8_gpus"] == pytest.approx(r["hours_1_gpu"] / 8)
     assert "workers batch  items/s of encoder-only  h, 1 GPU h, 8 GPUs" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_timeline_times_every_instruction_of_both_stages(tmp_path, tiny_models, image_dataset):
+    # bench/pipeline_timeline.py in place of train.py over 2 stages: one line a step per rank, each
+    # with the schedule's instructions (a forward and a backward per micro-batch), and a summary
+    # table naming both stages.
+    config = write_configs(tmp_path / "run", tiny_models / "flux", image_dataset, max_steps=2, pipeline_stages=2,
+                           gradient_accumulation_steps=2, eval_at_start=False)
+    folder = tmp_path / "timeline"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_TIMELINE_DIR": str(folder)}
+    proc = subprocess.run(["deepspeed", "--num_gpus=2", f"--master_port={free_port()}",
+                           str(REPO / "bench" / "pipeline_timeline.py"), "--deepspeed", "--config", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank, sends in ((0, "SendActivation"), (1, "SendGrad")):
+        steps = [json.loads(line) for line in (folder / f"timeline-r{rank}.jsonl").read_text().splitlines()]
+        assert [s["step"] for s in steps] == [1, 2] and all(s["stage"] == rank for s in steps)
+        ops = [op["op"] for op in steps[-1]["ops"]]
+        assert ops.count("ForwardPass") == ops.count("BackwardPass") == 2 and ops.count(sends) == 2
+        assert ops[-1] == "OptimizerStep" and all(op["cpu"][0] <= op["cpu"][1] for op in steps[-1]["ops"])
+    summary = run_bench(str(REPO / "bench" / "pipeline_timeline.py"), "--summarize", str(folder), "2").stdout
+    assert "rank 0 (stage 0)" in summary and "rank 1 (stage 1)" in summary and "| BackwardPass |" in summary
+
+
+@pytest.mark.slow
+def test_cpu_overhead_profiles_the_engine_step(model_dirs):
+    out = run_bench(str(REPO / "bench" / "cpu_overhead.py"), str(model_dirs["flux"]), "--resolution", "32",
+                    "--no_compile", "--steps", "2", "--warmup", "1", "--top", "5").stdout
+    assert "compile off, checkpointing on:" in out and "ms a step" in out
+    assert "activation checkpointing" in out and "DeepSpeed" in out  # the groups the time falls in
