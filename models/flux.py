@@ -91,9 +91,10 @@ class FluxBlockLayer(PipelineLayer):
 class FluxDoubleBlockLayer(FluxBlockLayer):
     """A double-stream block: image and text tokens with their own weights, joint attention."""
 
-    # Compiled, checkpointed, 1024x1024 on an H100: 15.5 ms against a single-stream block's 10.4
-    # (docs/benchmarks.md, "What one layer costs").
-    cost = 1.5
+    # Inside a compiled 2-stage pipeline on H100s, where blocks are CPU-bound: 19.8 ms a micro-batch
+    # against a single-stream block's 9.4 (docs/benchmarks.md, "Several GPUs, fourth run"; alone and
+    # GPU-bound 15.5 against 10.4, and that ratio's split was slower).
+    cost = 2.1
 
 
 class FluxSingleBlockLayer(FluxBlockLayer):
