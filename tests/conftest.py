@@ -233,8 +233,10 @@ def launch_and_kill_rank(config: Path, num_gpus: int, local_rank: int, ready, en
         deadline = time.time() + 180
         while not ready() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
+        # The rank itself, not a process it forked (a forked child keeps its parent's command line).
+        flag = f"--local_rank={local_rank}"
         victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if f"--local_rank={local_rank}" in p.cmdline()] if proc.poll() is None else []
+                   if flag in p.cmdline() and flag not in p.parent().cmdline()] if proc.poll() is None else []
         assert victims, f"rank {local_rank} was not running when it was to be killed:\n{log.read_text()[-3000:]}"
         killed = time.time()
         victims[0].kill()
