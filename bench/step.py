@@ -224,8 +224,8 @@ def layers_step(model, config, device, inputs, labels, tokens):
         from parallel.engine import compile_layers
 
         compile_layers(layers, lambda layer: recomputes_inside_graph(layer, s, model))  # as build_engine does
-    recompute = [checkpointed(layer, s.activation_checkpointing, model)
-                 and not (s.compile and recomputes_inside_graph(layer, s, model)) for layer in layers]
+    recompute = [checkpointed(layer, s.activation_checkpointing, model) and not recomputes_inside_graph(layer, s, model)
+                 for layer in layers]
     trainable = [p for p in transformer.parameters() if p.requires_grad]
     opt = build_optimizer(trainable, s.optimizer, s.gradient_clipping, None, seed=s.seed,
                           low_memory=config.full_finetune)

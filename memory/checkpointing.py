@@ -35,9 +35,10 @@ def checkpointing_args(settings, model, layers) -> dict:
     their compiled graph are left out.
     """
     mode = settings.activation_checkpointing
-    if any(recomputes_inside_graph(layer, settings, model) for layer in layers):
-        outside = sorted({type(layer).__name__ for layer in layers if checkpointed(layer, mode, model)
-                          and not recomputes_inside_graph(layer, settings, model)})
+    inside = [recomputes_inside_graph(layer, settings, model) for layer in layers]
+    if any(inside):
+        outside = sorted({type(layer).__name__ for layer, own in zip(layers, inside)
+                          if checkpointed(layer, mode, model) and not own})
         return {"activation_checkpoint_interval": 1, "checkpointable_layers": outside}
     if mode == "selective":
         return {"activation_checkpoint_interval": 1, "checkpointable_layers": list(model.selective_checkpoint_layers)}

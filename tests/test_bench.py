@@ -43,22 +43,30 @@ def bench_args(name, model_dirs, **kw):
     return argparse.Namespace(**{**args, **kw})
 
 
-@pytest.mark.parametrize("name", NAMES + ["wan", "flux2"])
-def test_layers_equal_reference_forward(model_dirs, name):
-    """The layers row and the diffusers row of the table run the same function: with a LoRA whose
-    B is not zero, our layers and the transformer's own forward (`reference_forward`) agree on a
-    batch from `training_example`."""
+def lora_layers_and_batch(name, model_dirs):
+    """The model, its transformer and our layers on the CPU with a LoRA whose B is not zero (so it
+    changes what they compute), and a training batch from `training_example`."""
     args = bench_args(name, model_dirs)
     model = step.make_model(args)
     cpu = torch.device("cpu")
     resolution, frames, _ = SIZES[name]
-    inputs, _ = step.synthetic_batch(model, *step.parse_resolution(resolution), frames, 2, cpu)
+    batch = step.synthetic_batch(model, *step.parse_resolution(resolution), frames, 2, cpu)
     transformer, layers = step.our_layers(model, step.row_config(model, args), cpu)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in transformer.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model, transformer, layers, batch
+
+
+@pytest.mark.parametrize("name", NAMES + ["wan", "flux2"])
+def test_layers_equal_reference_forward(model_dirs, name):
+    """The layers row and the diffusers row of the table run the same function: with a LoRA whose
+    B is not zero, our layers and the transformer's own forward (`reference_forward`) agree on a
+    batch from `training_example`."""
+    model, transformer, layers, (inputs, _) = lora_layers_and_batch(name, model_dirs)
+    with torch.no_grad():
         x = inputs
         for layer in layers:
             x = layer(x)
@@ -78,17 +86,7 @@ def test_compiled_layers_recompute_inside_their_graph_as_eager_checkpointing(mod
     from memory.checkpointing import recomputes_inside_graph
     from parallel.engine import compile_layers
 
-    args = bench_args(name, model_dirs)
-    model = step.make_model(args)
-    cpu = torch.device("cpu")
-    resolution, frames, _ = SIZES[name]
-    inputs, labels = step.synthetic_batch(model, *step.parse_resolution(resolution), frames, 2, cpu)
-    transformer, layers = step.our_layers(model, step.row_config(model, args), cpu)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    model, transformer, layers, (inputs, labels) = lora_layers_and_batch(name, model_dirs)
     trained = [p for p in transformer.parameters() if p.requires_grad]
 
     settings = SimpleNamespace(compile=True, activation_checkpointing=True, blocks_to_swap=0)
