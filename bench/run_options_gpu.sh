@@ -3,7 +3,10 @@
 # (bench/sample_speed.py), and what EMA and DoRA add to a LoRA training step (bench/step.py, the
 # engine row as train.py builds it, compiled as train.py compiles by default on a GPU).
 # WHEELS=<folder of wheels> installs missing requirements with pip --target; W (default /tmp/w)
-# holds the weights; OUT (default /tmp/out) gets the JSON rows. PARTS: any of setup sample step.
+# holds the weights; OUT (default /tmp/out) gets the JSON rows. PARTS: any of setup sample step ckpt.
+# ckpt: the compiled, checkpointed step through the engine and as a plain loop over the same layers
+# (the engine's overhead), with this code and with an earlier copy of the trainer in BEFORE (e.g.
+# `git archive fb2ccae | tar x -C .before`: DeepSpeed's checkpoint around each compiled block).
 set -uo pipefail
 if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/site/deepspeed ]; then
   pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl >/dev/null 2>&1 || echo "wheel install had errors"
@@ -25,6 +28,12 @@ for part in ${PARTS:-setup sample step}; do
     for extra in "" "--ema gpu" "--ema cpu" "--dora"; do
       python3 bench/step.py $W/flux --model flux --mode engine --resolution 1024 --checkpointing on --compile \
         --steps ${STEPS:-5} --no_flops $extra --json $OUT/step.jsonl 2>&1 | tail -2
+    done
+    ;;
+  ckpt)  # LoRA r32 1024x1024, compiled, checkpointing: engine and plain loop, now and in $BEFORE
+    for script in bench/step.py ${BEFORE:+$BEFORE/bench/step.py}; do
+      python3 $script $W/flux --model flux --mode engine layers --resolution 1024 --checkpointing on --compile \
+        --steps ${STEPS:-5} --no_flops --json $OUT/ckpt-$(basename $(dirname $(dirname $(realpath $script)))).jsonl 2>&1 | tail -3
     done
     ;;
   esac

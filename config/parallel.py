@@ -15,7 +15,9 @@ from config.schema import check, check_regex, positive
 @dataclass(kw_only=True)
 class ParallelSettings:
     pipeline_stages: int = 1
-    partition_method: str = "parameters"
+    # None: "cost" with an adapter (LoRA), "parameters" for full fine-tuning
+    # (parallel/stages.resolve_partition_method).
+    partition_method: Optional[str] = None
     # 1: DeepSpeed's ZeRO stage 1, the optimizer state sharded over the data-parallel replicas.
     zero_stage: int = 0
     # torch.compile every pipeline layer (models/pipeline_layers.PipelineLayer.compile_run).
@@ -33,10 +35,10 @@ class ParallelSettings:
         check(self.zero_stage in (0, 1), file, "zero_stage",
               f"must be 0 or 1, got {self.zero_stage}: stages 2 and 3 shard gradients and weights, which "
               f"DeepSpeed's pipeline engine does not support")
-        check(self.partition_method in ("blocks", "cost", "parameters", "uniform")
-              or self.partition_method.startswith("type:"),
+        method = self.partition_method
+        check(method is None or method in ("blocks", "cost", "parameters", "uniform") or method.startswith("type:"),
               file, "partition_method", "must be 'blocks', 'cost', 'parameters', 'uniform' or 'type:<regex>'")
-        if self.partition_method.startswith("type:"):
+        if method is not None and method.startswith("type:"):
             check_regex(self.partition_method.removeprefix("type:"), file, "partition_method")
         if self.attention_backend is not None:
             # only for this key: reading a config does not load diffusers

@@ -91,10 +91,9 @@ class FluxBlockLayer(PipelineLayer):
 class FluxDoubleBlockLayer(FluxBlockLayer):
     """A double-stream block: image and text tokens with their own weights, joint attention."""
 
-    # Inside a compiled 2-stage pipeline on H100s, where blocks are CPU-bound: 19.8 ms a micro-batch
-    # against a single-stream block's 9.4 (docs/benchmarks.md, "Several GPUs, fourth run"; alone and
-    # GPU-bound 15.5 against 10.4, and that ratio's split was slower).
-    cost = 2.1
+    # Compiled, checkpointed inside its graph, on an H100: forward 3.5 + backward 6.7 ms a micro-batch
+    # against a single-stream block's 2.6 + 5.9 (docs/benchmarks.md, "Several GPUs, fifth run").
+    cost = 1.2
 
 
 class FluxSingleBlockLayer(FluxBlockLayer):

@@ -54,6 +54,47 @@ class _ZeroGradient(torch.autograd.Function):
         return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs))
 
 
+class _LastOutputCarriesGradients(torch.autograd.Function):
+    """Identity on a stage's last floating-point output; its backward also passes on the gradients
+    that the stage's other floating-point outputs (detached leaves, `leaves`) received before it.
+
+    DeepSpeed's pipeline engine (0.19) runs a separate backward pass from each floating-point
+    output of a stage that is not the last (`_exec_backward_pass`, with retain_graph), so every
+    layer behind two outputs ran its backward twice: FLUX.1's double blocks on stage 0 (hidden
+    states and text states), a quarter more backward time than one GPU spends on the whole model
+    (docs/benchmarks.md, "Several GPUs, fifth run"). Here the other outputs end the graph, their
+    passes only store a gradient, and the last one's pass carries all of them through the stage once.
+    """
+
+    @staticmethod
+    def forward(ctx, leaves, last, *others):
+        ctx.leaves = leaves
+        return last.view_as(last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        missing = [i for i, leaf in enumerate(ctx.leaves) if leaf.grad is None]
+        if missing:
+            # Gradients silently dropped would train wrong weights: refuse instead.
+            raise RuntimeError(f"pipeline stage outputs {missing} got no gradient before the last one's backward "
+                               f"pass: DeepSpeed's backward no longer runs one pass per output, in order "
+                               f"(models/pipeline_layers.one_backward_pass)")
+        return (None, grad, *(leaf.grad for leaf in ctx.leaves))
+
+
+def one_backward_pass(out: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A stage's outputs, re-linked so that DeepSpeed's backward pass per floating-point output
+    runs the stage's layers once in all (`_LastOutputCarriesGradients`): the outputs before the
+    last float are detached leaves that collect their gradients, the last float carries them."""
+    floats = [i for i, t in enumerate(out) if t.is_floating_point()]
+    if len(floats) < 2 or not torch.is_grad_enabled():
+        return out
+    *before, last = floats
+    leaves = {i: out[i].detach().requires_grad_(True) for i in before}
+    carrier = _LastOutputCarriesGradients.apply(list(leaves.values()), out[last], *(out[i] for i in before))
+    return tuple(leaves.get(i, carrier if i == last else t) for i, t in enumerate(out))
+
+
 class InferenceMemo:
     """Values that every block computes again from the same unchanged inputs (the rotary
     embedding from the positions, an attention mask from the text mask), kept from the first
@@ -123,6 +164,9 @@ class PipelineLayer(nn.Module):
         # Shared by all layers of a model (`ModelRecipe.pipeline_layers`).
         self.memo = InferenceMemo()
         self._compiled_run = None
+        # The last layer of a pipeline stage that sends its outputs to another (set by
+        # parallel/engine.build_engine): its outputs go through `one_backward_pass`.
+        self.ends_stage = False
         # Float input fields that no trainable weight has touched (set by `mark_frozen_fields`).
         self.frozen_fields: frozenset[str] = frozenset()
 
@@ -188,6 +232,8 @@ class PipelineLayer(nn.Module):
             for t in out:
                 if t.is_floating_point() and not t.requires_grad:
                     t.requires_grad_(True)
+            if self.ends_stage:
+                out = one_backward_pass(out)
         return out[0] if len(out) == 1 else out
 
     def extra_repr(self) -> str:

@@ -72,6 +72,8 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
             log("WARNING: full fine-tuning bfloat16 weights with plain rounding loses every update smaller "
                 "than half a bfloat16 step (about 0.4% of the weight); set [optimizer] stochastic_rounding = true, "
                 "full_finetune_dtype = 'float32', or with several replicas zero_stage = 1")
+    for boundary in parts[1:-1]:
+        layers[boundary - 1].ends_stage = True  # its outputs cross to the next stage
     load_stage(model, config, transformer, layers, parts, stage, place.device)
     attach_block_swap(model, config, transformer, layers, place.device)
     if s.compile:

@@ -34,13 +34,18 @@ def make_topology(world_size: int, stages: int, config_file) -> PipeDataParallel
     return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
 
 
-def resolve_partition_method(method: str, layers, full_finetune: bool) -> str:
+def resolve_partition_method(method: str | None, layers, full_finetune: bool) -> str:
     """`partition_method` as DeepSpeed's PipelineModule takes it.
 
-    "blocks" puts the same number of transformer blocks on every stage (the input and output
-    layers count as nothing). Not the default: it trained slower than "parameters"
-    (docs/benchmarks.md).
+    Unset: "cost" for an adapter on a model whose layers declare their costs (its stages hold
+    little memory, so their time is what to balance); otherwise "parameters", which for full
+    fine-tuning balances what decides the fit, each stage's weights and optimizer state. "blocks"
+    puts the same number of transformer blocks on every stage (the input and output layers count
+    as nothing).
     """
+    if method is None:
+        declared = any(layer.cost is not None for layer in layers)
+        return "cost" if declared and not full_finetune else "parameters"
     if method == "blocks":
         names = dict.fromkeys(layers[i].__class__.__name__ for i in block_layer_indices(layers))
         return "type:^(" + "|".join(re.escape(n) for n in names) + ")$"

@@ -35,9 +35,9 @@ def test_cost_partition_balances_declared_layer_costs():
 
     flux_dev = ([layer(FluxInputLayer)] + [layer(FluxDoubleBlockLayer)] * 19 + [layer(FluxSingleBlockLayer)] * 38
                 + [layer(FluxFinalLayer)])
-    # 19 x 2.1 = 39.9 against 38 x 1
-    assert partition(flux_dev, 2, "cost") == [0, 20, 59]
-    assert partition(flux_dev, 4, "cost") == [0, 10, 19, 38, 59]
+    # input + 19 double + 8 single (19 x 1.2 + 8 = 30.8) against 30 single + final
+    assert partition(flux_dev, 2, "cost") == [0, 28, 59]
+    assert partition(flux_dev, 4, "cost") == [0, 14, 28, 43, 59]
     # One kind of block, no declared cost: the same blocks on every stage, as "blocks" does.
     video = [types.SimpleNamespace(kind="input", cost=None)] + [types.SimpleNamespace(kind="block", cost=None)] * 28 \
         + [types.SimpleNamespace(kind="output", cost=None)]
