@@ -22,7 +22,21 @@ class EMA:
                  device: torch.device | None = None):
         self.params = params
         self.decay, self.update_every = decay, update_every
-        self.average = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in params.items()}
+        self._flat = self._staging = None
+        if device is None or device.type != "cpu":
+            self.average = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in params.items()}
+            return
+        # In CPU memory: one flat average and one flat buffer that an update copies every weight into,
+        # pinned when they come from a GPU so that the copies are queued without each waiting for the
+        # last (one by one from pageable memory they took 0.5 s for FLUX.1's 131M LoRA weights on an
+        # H200); then one multi-threaded lerp over the whole buffer.
+        sizes = [t.numel() for t in params.values()]
+        pinned = any(t.is_cuda for t in params.values())
+        self._flat = torch.empty(sum(sizes), dtype=torch.float32)
+        self._staging = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=pinned)
+        self.average = {n: v.view(t.shape) for (n, t), v in zip(params.items(), self._flat.split(sizes))}
+        self._staged = [v.view(t.shape) for t, v in zip(params.values(), self._staging.split(sizes))]
+        self.restart()
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -34,6 +48,13 @@ class EMA:
     def update(self, step: int) -> None:
         """Fold the weights in after optimizer step `step` (counted from 1) when it is due."""
         if step % self.update_every:
+            return
+        if self._flat is not None:
+            for staged, weight in zip(self._staged, self.params.values()):
+                staged.copy_(weight.detach(), non_blocking=True)
+            if self._staging.is_pinned():
+                torch.cuda.synchronize()  # the copies are asynchronous: all of them must have landed
+            self._flat.lerp_(self._staging, 1.0 - self.decay)
             return
         names = list(self.params)
         averages = [self.average[n] for n in names]
