@@ -10,8 +10,9 @@ Launch it in place of train.py, with the same arguments:
 Each instruction (ForwardPass, BackwardPass, SendActivation, RecvGrad, LoadMicroBatch, ...) is
 bracketed by CUDA events on the compute stream and by CPU clock readings, so the GPU time of an
 instruction includes the GPU's waits inside it (a receive waiting for the other stage, a launch
-the CPU had not made yet). Unlike torch.profiler this costs two events an instruction, so the
-steps run at their real speed. Each rank writes timeline-r<rank>.jsonl: one line a step, with
+the CPU had not made yet); NextBatch, inside LoadMicroBatch, is the batch's reading and noising,
+the rest of the load DeepSpeed's copies to the GPU. Unlike torch.profiler this costs two events
+an instruction, so the steps run at their real speed. Each rank writes timeline-r<rank>.jsonl: one line a step, with
 every instruction's name, buffer, CPU start/end and GPU start/end in ms from the step's start.
 """
 
@@ -56,6 +57,26 @@ def timed_instructions(engine, records: list):
     return {kind: timed(kind.__name__, fn) for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
 
 
+def timed_next_batch(next_batch, records: list, cuda: bool):
+    """The engine's `_next_batch` (inside LoadMicroBatch: our collate, reading and noising the
+    cached batch) timed as "NextBatch"; the rest of LoadMicroBatch is DeepSpeed's copies to the GPU."""
+    import torch
+
+    def run():
+        start = torch.cuda.Event(enable_timing=True) if cuda else None
+        end = torch.cuda.Event(enable_timing=True) if cuda else None
+        if cuda:
+            start.record()
+        cpu0 = time.perf_counter()
+        batch = next_batch()
+        cpu1 = time.perf_counter()
+        if cuda:
+            end.record()
+        records.append(("NextBatch", None, cpu0, cpu1, start, end))
+        return batch
+    return run
+
+
 def record_steps(trainer_cls):
     """A Trainer subclass whose engine times every instruction of every step."""
     import torch
@@ -66,6 +87,7 @@ def record_steps(trainer_cls):
             engine = self.engine
             records: list = []
             engine._INSTRUCTION_MAP = timed_instructions(engine, records)
+            engine._next_batch = timed_next_batch(engine._next_batch, records, cuda=torch.cuda.is_available())
             engine_step = engine.train_batch
             cuda = torch.cuda.is_available()
             OUT.mkdir(parents=True, exist_ok=True)
@@ -116,7 +138,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
     step, the GPU's idle time between instructions, and the step's wall; then one step's order."""
     lines = []
     ranks = sorted(folder.glob("timeline-r*.jsonl"), key=lambda p: int(p.stem.split("-r")[1]))
-    kinds = ["LoadMicroBatch", "ForwardPass", "BackwardPass", "SendActivation", "RecvActivation", "SendGrad",
+    kinds = ["LoadMicroBatch", "NextBatch", "ForwardPass", "BackwardPass", "SendActivation", "RecvActivation", "SendGrad",
              "RecvGrad", "ReduceTiedGrads", "ReduceGrads", "OptimizerStep"]
     table = {}
     example = {}

@@ -278,6 +278,8 @@ def test_pipeline_timeline_times_every_instruction_of_both_stages(tmp_path, tiny
         assert [s["step"] for s in steps] == [1, 2] and all(s["stage"] == rank for s in steps)
         ops = [op["op"] for op in steps[-1]["ops"]]
         assert ops.count("ForwardPass") == ops.count("BackwardPass") == 2 and ops.count(sends) == 2
+        # the batch's reading inside each load, timed on its own (both ends of the pipeline load)
+        assert ops.count("NextBatch") == ops.count("LoadMicroBatch") == 2
         assert ops[-1] == "OptimizerStep" and all(op["cpu"][0] <= op["cpu"][1] for op in steps[-1]["ops"])
     summary = run_bench(str(REPO / "bench" / "pipeline_timeline.py"), "--summarize", str(folder), "2").stdout
     assert "rank 0 (stage 0)" in summary and "rank 1 (stage 1)" in summary and "| BackwardPass |" in summary
