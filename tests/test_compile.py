@@ -144,13 +144,15 @@ def test_train_py_with_compile_matches_eager_on_two_stages(tmp_path, tiny_models
     # The start-up report: the first step's extra time, and what compiling did (rank 0's stage).
     first = json.loads((compiled.run_dirs()[-1] / "startup.json").read_text())
     assert first["compile"] and first["compiled_graphs"] > 0 and first["fx_graph_cache_misses"] > 0
-    assert first["fx_graph_cache_hits"] == 0 and first["compile_cache_dir"] == cache["TORCHINDUCTOR_CACHE_DIR"]
+    assert first["compile_cache_dir"] == cache["TORCHINDUCTOR_CACHE_DIR"]
     assert first["first_step_extra_seconds"] > 0
     assert "compiled_graphs" not in json.loads((eager.run_dirs()[-1] / "startup.json").read_text())
     again = launch(compiled_config, num_gpus=2, env=cache)
     assert again.returncode == 0, again.output[-5000:]
     second = json.loads((again.run_dirs()[-1] / "startup.json").read_text())
-    assert second["fx_graph_cache_hits"] == first["fx_graph_cache_misses"] and second["fx_graph_cache_misses"] == 0
+    # Every graph the first run looked up (compiled, or found again in its own new cache) now loads.
+    assert second["fx_graph_cache_misses"] == 0
+    assert second["fx_graph_cache_hits"] == first["fx_graph_cache_misses"] + first["fx_graph_cache_hits"]
     assert again.losses() == compiled.losses()
     assert len(compiled.losses()) == 4
     torch.testing.assert_close(compiled.losses(), eager.losses(), rtol=1e-5, atol=1e-6)
