@@ -251,8 +251,9 @@ def launch_and_kill_rank(config: Path, num_gpus: int, local_rank: int, ready, en
 
 
 def assert_killed_rank_ended_the_job(result: KilledRank, local_rank: int, within: float = 60) -> None:
-    """The job failed within `within` seconds of the kill, and one line (DeepSpeed's launcher's)
-    names the dead rank and how it died: exit code -9, SIGKILL."""
+    """The job failed within `within` seconds of the kill, and DeepSpeed's launcher's last line gives
+    how the dead rank died: exit code -9, SIGKILL, not the 1 of a rank it left behind (the line
+    always shows the last local rank's command, which the tests kill)."""
     assert result.seconds is not None and result.seconds < within, \
         f"the job was still running {within:.0f} s after a rank died:\n{result.output[-3000:]}"
     assert result.returncode != 0

@@ -65,6 +65,21 @@ def peer_gone(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(t in str(error).lower() for t in _PEER_GONE_TEXTS)
 
 
+# DeepSpeed's launcher looks at its ranks once a second and names the first failed one it finds.
+_LAUNCHER_POLL_MARGIN_S = 3.0
+
+
+def let_the_launcher_see_the_first_death() -> None:
+    """Before a rank left behind by a dead one exits: wait until DeepSpeed's launcher has seen the
+    dead rank and ended this one, so its last line gives the dead rank's own exit code (-9 for
+    the kernel's out-of-memory killer) instead of this rank's 1. SIGTERM (what the launcher
+    sends) then ends this process at once, with nothing more printed."""
+    if not os.environ.get("LOCAL_SIZE"):
+        return  # not under DeepSpeed's launcher
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(_LAUNCHER_POLL_MARGIN_S)
+
+
 OUT_OF_MEMORY_HINT = ("The memory estimate printed at start is per stage; what lowers it: activation_checkpointing "
                       "= true, blocks_to_swap = N, [model] transformer_dtype = 'float8', more pipeline_stages, a "
                       "smaller micro_batch_size_per_gpu or fewer tokens (resolutions, frames); "
