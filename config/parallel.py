@@ -66,11 +66,34 @@ def accumulation_for_efficiency(stages: int, target: float) -> int:
     return max(1, m)
 
 
-def pipeline_summary(stages: int, accumulation: int) -> str:
-    """The line printed at the start of a pipelined run."""
-    return (f"pipeline: {stages} stages, {accumulation} micro-batches a step: each GPU computes at most "
-            f"{pipeline_efficiency(stages, accumulation):.0%} of the time (1F1B: accumulation / (accumulation + "
-            f"stages - 1))")
+# Below this, the start of a pipelined run suggests the split by declared layer costs.
+STAGE_BALANCE_HINT = 0.9
+
+
+def stage_balance(stage_costs: list[float]) -> float:
+    """How evenly the stages share a micro-batch's work: every stage waits for the slowest one,
+    so each computes sum / (stages x slowest) of the time at best (1.0: all equal)."""
+    slowest = max(stage_costs)
+    return sum(stage_costs) / (len(stage_costs) * slowest) if slowest > 0 else 1.0
+
+
+def pipeline_summary(stages: int, accumulation: int, stage_costs: list[float] | None = None,
+                     method: str | None = None) -> str:
+    """The line printed at the start of a pipelined run: the 1F1B bubble's bound and, given each
+    stage's summed layer cost (parallel/stages.stage_costs), what the split's balance leaves of it."""
+    bubble = pipeline_efficiency(stages, accumulation)
+    line = (f"pipeline: {stages} stages, {accumulation} micro-batches a step: each GPU computes at most "
+            f"{bubble:.0%} of the time (1F1B: accumulation / (accumulation + stages - 1))")
+    if stage_costs is None or stages < 2:
+        return line
+    balance = stage_balance(stage_costs)
+    total = sum(stage_costs) or 1.0
+    shares = " / ".join(f"{c / total:.0%}" for c in stage_costs)
+    line += (f"; by the layers' declared costs the stages carry {shares} of the work, so about "
+             f"{bubble * balance:.0%} (the slowest stage sets the pace)")
+    if balance < STAGE_BALANCE_HINT and method != "cost":
+        line += "; partition_method = 'cost' balances the costs"
+    return line
 
 
 def pipeline_warnings(path: Path, stages: int, accumulation: int) -> list[str]:

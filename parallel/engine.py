@@ -20,7 +20,7 @@ from memory.checkpointing import checkpointing_args, recomputes_inside_graph
 from memory.estimate import ZERO_BUCKET_ELEMENTS, describe, estimate
 from memory.plan import device_budget, plan_memory
 from parallel.stages import (describe_partition, describe_targets, load_stage, make_topology, partition, plan_stages,
-                             resolve_partition_method)
+                             resolve_partition_method, stage_costs)
 from training.objective import loss
 from training.optimizers import build_optimizer, build_scheduler, lora_plus_groups
 from utils.dist import Distributed
@@ -56,7 +56,7 @@ def build_engine(model, config: TrainConfig, place: Distributed, total_steps: in
                        device_budget(config, place), lambda stages: partition(layers, stages, method), replicas)
     if place.is_main:
         if s.pipeline_stages > 1:
-            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps))
+            log(pipeline_summary(s.pipeline_stages, s.gradient_accumulation_steps, stage_costs(layers, parts), method))
         log(describe_partition(layers, parts))
         log(plan)
         if not full:

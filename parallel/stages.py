@@ -74,6 +74,12 @@ def partition(layers, stages: int, method: str) -> list[int]:
     return ds_utils.partition_balanced(weights=weights, num_parts=stages)
 
 
+def stage_costs(layers, parts: list[int]) -> list[float]:
+    """Each stage's summed `layer_cost`: its share of a micro-batch's training time, as far as the
+    declared costs know it."""
+    return [sum(layer_cost(layer) for layer in layers[a:b]) for a, b in zip(parts, parts[1:])]
+
+
 def describe_partition(layers, parts: list[int]) -> str:
     """Which layers each stage holds, with parameter counts (the memory estimate follows it; the
     parameters are still on the meta device here, in no meaningful dtype)."""

@@ -46,6 +46,10 @@ def test_two_nodes_train_as_one_and_share_one_cache(tmp_path, tiny_models, image
     assert "nnodes=2" in outputs[0] and "node_rank=1" in outputs[1]
     # the start of a pipelined run says how busy its schedule can keep the GPUs: 2 / (2 + 2 - 1)
     assert "pipeline: 2 stages, 2 micro-batches a step: each GPU computes at most 67% of the time" in outputs[0]
+    # and what the split's balance leaves of that: stage 0's two double blocks (1.2 each) against
+    # two single blocks, 2/3 x 4.4 / 4.8
+    assert "the stages carry 55% / 45% of the work, so about 61%" in outputs[0], \
+        re.findall(r"pipeline: .*", outputs[0])
     # the cache was encoded once, by the ranks of both nodes together, into the shared folder
     assert re.search(r"cache: [1-9]\d* new entries encoded", outputs[0])
 

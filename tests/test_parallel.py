@@ -44,6 +44,27 @@ def test_cost_partition_balances_declared_layer_costs():
     assert partition(video, 2, "cost") == [0, 15, 30]
 
 
+def test_the_start_line_gives_what_the_split_leaves_of_the_pipeline():
+    from config.parallel import pipeline_summary
+    from models.flux import FluxDoubleBlockLayer, FluxFinalLayer, FluxInputLayer, FluxSingleBlockLayer
+    from parallel.stages import stage_costs
+
+    flux_dev = ([FluxInputLayer] + [FluxDoubleBlockLayer] * 19 + [FluxSingleBlockLayer] * 38 + [FluxFinalLayer])
+    flux_dev = [types.SimpleNamespace(kind=cls.kind, cost=cls.cost) for cls in flux_dev]
+    # What "parameters" gives FLUX.1-dev's LoRA r32 (the full-size model on the meta device): 18
+    # double blocks on stage 0, each holding about twice a single block's adapter, so stage 1
+    # paces the pipeline (71% measured on 4 x H100, fifth run).
+    parameters = stage_costs(flux_dev, [0, 19, 59])
+    assert parameters == pytest.approx([18 * 1.2, 1.2 + 38])
+    line = pipeline_summary(2, 8, parameters, "parameters")
+    assert line.startswith("pipeline: 2 stages, 8 micro-batches a step: each GPU computes at most 89% of the time")
+    # 8/9 x (21.6 + 39.2) / (2 x 39.2)
+    assert "the stages carry 36% / 64% of the work, so about 69%" in line
+    assert line.endswith("partition_method = 'cost' balances the costs")
+    balanced = pipeline_summary(2, 8, stage_costs(flux_dev, [0, 28, 59]), "cost")
+    assert "carry 51% / 49% of the work, so about 88%" in balanced and "balances" not in balanced
+
+
 def run_layout(tmp_path, tiny_models, data, name, num_gpus, **settings):
     folder = tmp_path / name.replace(" ", "_").replace(",", "")
     cfg = write_configs(folder, tiny_models / "flux", data, max_steps=4, micro_batch_size_per_gpu=1,
