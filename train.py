@@ -25,8 +25,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # Neither imports torch: a config error is reported before torch loads.
 from utils.errors import UserError  # noqa: E402
-from utils.faults import (OUT_OF_MEMORY_HINT, disk_full, let_the_launcher_see_the_first_death, out_of_memory,  # noqa: E402
-                          peer_gone)
+from utils.faults import (OUT_OF_MEMORY_HINT, disk_full, let_the_launcher_see_the_first_death,  # noqa: E402
+                          out_of_memory, peer_gone, who_ended_first)
 
 
 def parse_args(argv=None):
@@ -135,8 +135,7 @@ def report_error(error: BaseException) -> int | None:
         return 1
     if peer_gone(error):
         # Not this rank's fault: the rank that ended first says why; its traceback would bury that.
-        print(f"error: [rank {rank}] stopped: another rank of the job ended first (its own error, or the "
-              f"launcher's exit code for it, says why)", file=sys.stderr, flush=True)
+        print(f"error: [rank {rank}] stopped: {who_ended_first(wait=1.0)}", file=sys.stderr, flush=True)
         let_the_launcher_see_the_first_death()
         return 1
     return None

@@ -538,6 +538,9 @@ def test_a_killed_rank_ends_the_job_in_bounded_time_and_the_last_checkpoint_resu
     runs = cfg.parent / "runs"
     result = launch_and_kill_rank(cfg, 2, 1, ready=lambda: any(runs.glob("*/checkpoints/latest")))
     assert_killed_rank_ended_the_job(result, 1)
+    # the rank left behind names the dead one and how it died (the launcher's line shows the last rank's command)
+    assert ("error: [rank 0] stopped: local rank 1 of this machine ended first (killed by SIGKILL: a signal from "
+            "outside, e.g. the kernel's out-of-memory killer)") in result.output, result.output[-3000:]
     # the last complete checkpoint resumes
     run_dir = next(runs.iterdir())
     step = int((run_dir / "checkpoints" / "latest").read_text().removeprefix("step"))
@@ -545,6 +548,44 @@ def test_a_killed_rank_ends_the_job_in_bounded_time_and_the_last_checkpoint_resu
     resumed = launch(cfg, "--resume_from_checkpoint", num_gpus=2)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert f"starting at step {step}" in resumed.output
+
+
+# A stand-in for DeepSpeed's launcher: children given --local_rank=N, one of which ends (argv[1]:
+# "kill" or "exit") and is looked at before and after its parent reaps it.
+STAND_IN_LAUNCHER = """
+import json, os, subprocess, sys, time
+from utils.faults import _children, ended_local_ranks
+wait_then = "import sys; sys.exit(int(sys.stdin.readline()))"
+kids = [subprocess.Popen([sys.executable, "-c", wait_then, f"--local_rank={r}"], stdin=subprocess.PIPE, text=True)
+        for r in range(3)]
+time.sleep(1.0)
+seen = [ended_local_ranks(_children(os.getpid()), 3)]
+if sys.argv[1] == "kill":
+    kids[1].kill()
+else:
+    kids[1].stdin.write("3\\n"); kids[1].stdin.flush()
+time.sleep(1.0)  # ended, not yet reaped: a zombie
+seen.append(ended_local_ranks(_children(os.getpid()), 3))
+kids[1].wait()  # reaped: how it ended is gone with it
+seen.append(ended_local_ranks(_children(os.getpid()), 3))
+kids[2].kill()  # a second one: the zombie's status could be either's
+seen.append(ended_local_ranks(_children(os.getpid()), 3))
+for kid in kids:
+    kid.kill()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("end, how", [("kill", "killed by SIGKILL"), ("exit", "exit code 3")])
+def test_the_ranks_of_this_machine_that_ended_are_named_with_how_they_ended(end, how):
+    result = subprocess.run([sys.executable, "-c", STAND_IN_LAUNCHER, end], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    running, ended, reaped, two = json.loads(result.stdout)
+    assert running == {}
+    assert ended == {"1": how}
+    assert reaped == {"1": None}
+    assert two == {"1": None, "2": None}
 
 
 @pytest.mark.slow
@@ -564,8 +605,7 @@ def test_out_of_memory_on_one_rank_is_one_line_naming_it_and_ends_the_job(tmp_pa
     assert oom[0].startswith("error: [rank 1] out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB")
     assert "activation_checkpointing = true" in oom[0] and "more pipeline_stages" in oom[0]
     # rank 0, whose next send found rank 1 gone, points at it instead of printing gloo's traceback
-    assert all(line == "error: [rank 0] stopped: another rank of the job ended first (its own error, or the "
-                       "launcher's exit code for it, says why)"
-               for line in lines if line not in oom), lines
+    assert [line for line in lines if line not in oom] == [
+        "error: [rank 0] stopped: local rank 1 of this machine ended first (exit code 1: its error is above)"], lines
     assert "Traceback" not in output, output[-3000:]
     assert time.time() - started < 240, "the other rank was left waiting for the failed one"

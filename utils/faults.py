@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import DiskFullError
@@ -168,17 +169,29 @@ class DeadRankWatch:
 
     def _watch(self, read: int, launcher: int, expected: int) -> None:
         while os.read(read, 64):
-            alive = _live_children(launcher)
-            if self.armed and alive is not None and len(alive) < expected:
+            children = _children(launcher)
+            if not self.armed or children is None:
+                continue
+            alive = [c for c in children if c.alive]
+            if len(alive) < expected:
+                ended = ended_local_ranks(children, expected)
+                which = f" ({', '.join(f'local rank {r}' for r in ended)} ended)" if ended else ""
                 print(f"rank {self.rank}: stopping at once: only {len(alive)} of this machine's {expected} ranks "
-                      f"are still running, so they cannot finish the step or save a checkpoint together (the "
-                      f"last complete checkpoint stays the one to resume from)", file=sys.stderr, flush=True)
+                      f"are still running{which}, so they cannot finish the step or save a checkpoint together "
+                      f"(the last complete checkpoint stays the one to resume from)", file=sys.stderr, flush=True)
                 os._exit(1)
 
 
-def _live_children(parent: int) -> list[int] | None:
-    """The pids of `parent`'s child processes that have not exited (zombies excluded), from
-    /proc; None when /proc cannot tell."""
+@dataclass(frozen=True)
+class _Child:
+    pid: int
+    alive: bool  # not yet exited (an exited child stays a zombie until its parent reaps it)
+    local_rank: int | None  # from its --local_rank=N argument; None for an exited child (no arguments left)
+    status: int  # a zombie's waitpid(2) status (/proc/<pid>/stat's last field): how it ended
+
+
+def _children(parent: int) -> list[_Child] | None:
+    """`parent`'s child processes, from /proc; None when /proc cannot tell."""
     children = []
     try:
         entries = os.listdir("/proc")
@@ -188,10 +201,66 @@ def _live_children(parent: int) -> list[int] | None:
         if not entry.isdigit():
             continue
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent:
+                continue
+            alive = fields[0] not in ("Z", "X")
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0") if alive else []
+        except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
-            children.append(int(entry))
+        rank = next((a.removeprefix("--local_rank=") for a in argv if a.startswith("--local_rank=")), None)
+        children.append(_Child(int(entry), alive, int(rank) if rank and rank.isdigit() else None, int(fields[-1])))
     return children
+
+
+def ended_local_ranks(children: list[_Child], expected: int) -> dict[int, str | None]:
+    """Which of this machine's `expected` ranks (DeepSpeed's launcher's children, each given
+    --local_rank=N) have ended: {local rank: how, or None where /proc no longer tells}. Empty
+    when none has, or when a running child does not say its rank."""
+    running = [c.local_rank for c in children if c.alive]
+    if None in running:
+        return {}
+    ended = sorted(set(range(expected)) - set(running))
+    zombies = [c.status for c in children if not c.alive]
+    # An exited child has no arguments left: its status is that rank's only when one rank ended.
+    how = _status_words(zombies[0]) if len(ended) == 1 and len(zombies) == 1 else None
+    return {rank: how for rank in ended}
+
+
+def _status_words(status: int) -> str:
+    """A waitpid(2) status in words: "killed by SIGKILL", "exit code 1"."""
+    if status & 0x7F:
+        try:
+            return f"killed by {signal.Signals(status & 0x7F).name}"
+        except ValueError:
+            return f"killed by signal {status & 0x7F}"
+    return f"exit code {(status >> 8) & 0xFF}"
+
+
+def who_ended_first(wait: float) -> str:
+    """What a rank whose partner's connection closed can say of it: which rank of this machine
+    ended and how, waiting up to `wait` seconds for its process to finish exiting."""
+    ended = _first_ended_local_rank(wait)
+    if ended is None or ended[1] is None:
+        who = "another rank of the job" if ended is None else f"local rank {ended[0]} of this machine"
+        return f"{who} ended first (its own error, or the launcher's exit code for it, says why)"
+    local, how = ended
+    why = "a signal from outside, e.g. the kernel's out-of-memory killer" if how.startswith("killed") else \
+        "its error is above"
+    return f"local rank {local} of this machine ended first ({how}: {why})"
+
+
+def _first_ended_local_rank(wait: float) -> tuple[int, str | None] | None:
+    """(local rank, how) of a rank of this machine that ended, waiting up to `wait` seconds for
+    one; None when none has (the partner may be on another node) or when not under DeepSpeed's
+    launcher."""
+    expected = int(os.environ.get("LOCAL_SIZE") or 0)
+    if expected < 2:
+        return None
+    deadline = time.monotonic() + wait
+    while True:
+        children = _children(os.getppid())
+        ended = ended_local_ranks(children, expected) if children is not None else {}
+        if ended or time.monotonic() >= deadline:
+            return next(iter(ended.items()), None)
+        time.sleep(0.05)
