@@ -245,9 +245,18 @@ def who_ended_first(wait: float) -> str:
         who = "another rank of the job" if ended is None else f"local rank {ended[0]} of this machine"
         return f"{who} ended first (its own error, or the launcher's exit code for it, says why)"
     local, how = ended
-    why = "a signal from outside, e.g. the kernel's out-of-memory killer" if how.startswith("killed") else \
-        "its error is above"
-    return f"local rank {local} of this machine ended first ({how}: {why})"
+    return f"local rank {local} of this machine ended first ({how}: {_likely_cause(how)})"
+
+
+def _likely_cause(how: str) -> str:
+    """What a way of ending (`_status_words`) most likely means for a training process."""
+    if how == "killed by SIGKILL":
+        return "a signal from outside, e.g. the kernel's out-of-memory killer or kill -9"
+    if how in {f"killed by {name}" for name in ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")}:
+        return "a crash inside the process, e.g. in a native library"
+    if how.startswith("killed"):
+        return "a signal from outside"
+    return "its output above says why"
 
 
 def _first_ended_local_rank(wait: float) -> tuple[int, str | None] | None:
