@@ -569,6 +569,7 @@ seen.append(ended_local_ranks(_children(os.getpid()), 3))
 kids[1].wait()  # reaped: how it ended is gone with it
 seen.append(ended_local_ranks(_children(os.getpid()), 3))
 kids[2].kill()  # a second one: the zombie's status could be either's
+time.sleep(1.0)
 seen.append(ended_local_ranks(_children(os.getpid()), 3))
 for kid in kids:
     kid.kill()

@@ -185,7 +185,7 @@ class DeadRankWatch:
 @dataclass(frozen=True)
 class _Child:
     pid: int
-    alive: bool  # not yet exited (an exited child stays a zombie until its parent reaps it)
+    alive: bool  # not exiting or exited (an exited child stays a zombie until its parent reaps it)
     local_rank: int | None  # from its --local_rank=N argument; None for an exited child (no arguments left)
     status: int  # a zombie's waitpid(2) status (/proc/<pid>/stat's last field): how it ended
 
@@ -204,8 +204,9 @@ def _children(parent: int) -> list[_Child] | None:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) != parent:
                 continue
-            alive = fields[0] not in ("Z", "X")
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0") if alive else []
+            argv = [a for a in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+            # A process in the middle of exiting has already lost its arguments.
+            alive = fields[0] not in ("Z", "X") and bool(argv)
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
         rank = next((a.removeprefix("--local_rank=") for a in argv if a.startswith("--local_rank=")), None)
