@@ -154,4 +154,10 @@ if __name__ == "__main__":
         code = report_error(e)
         if code is None:
             raise
+        if "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized():
+            # Python's teardown would destroy the process group with a peer's operation still
+            # pending, and gloo can abort there (SIGABRT) in place of this exit code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         sys.exit(code)

@@ -232,6 +232,7 @@ def test_step_table_with_dora_and_ema(model_dirs, tmp_path):
     assert rows[0]["first_loss"] == pytest.approx(rows[1]["first_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_peak_breakdown_runs_on_cpu():
     # The GPU check of the memory estimate (bench/peak_breakdown.py), at a tiny width on the CPU:
     # both checkpointing modes print a measured peak beside the estimate.

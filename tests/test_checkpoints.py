@@ -68,6 +68,7 @@ def reference(reference_run, tmp_path):
     return copy, run
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_old_checkpoints_are_pruned(reference):
     cfg, ref = reference
     run_dir = next((cfg.parent / "runs").iterdir())

@@ -267,6 +267,7 @@ def test_pipeline_stages_must_divide_the_gpu_count(tmp_path):
     assert topology.get_dim("pipe") == 3 and topology.get_dim("data") == 2
 
 
+@pytest.mark.slow
 def test_launch_with_misspelt_key_prints_one_error_line(tmp_path):
     # Before any model loads: an empty model folder is enough to show the error comes first.
     config = write(tmp_path, train=edit(TRAIN, "max_steps = 10", "max_stesp = 10"))

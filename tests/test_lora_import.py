@@ -200,6 +200,7 @@ def test_an_untrained_comfyui_file_loads_as_zero_changes(tmp_path, tiny_models):
     assert_same_changes(changes(lora, 1.0), got)
 
 
+@pytest.mark.slow
 def test_flux_comfyui_file_loads_in_diffusers_exactly_at_the_released_width(tmp_path):
     # diffusers' kohya FLUX.1 converter hard-codes the released width (3072; linear1 split 3072 x 3 +
     # 12288), so the check runs there: one double and one single block, weights allocated, never

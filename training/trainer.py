@@ -315,7 +315,6 @@ class Trainer:
                      f"--resume_from_checkpoint" if latest else "this run has no checkpoint to go back to")
         self._write_history()
         self.dead_rank_watch.disarm()  # every rank stops here together
-        self.metrics.close()
         raise TrainingStopped("\n".join(lines))
 
     def checkpoints_enabled(self) -> bool:
@@ -333,6 +332,15 @@ class Trainer:
         return due
 
     def run(self) -> list[float]:
+        """Train to the end (or to a stop signal) and return the losses of the steps trained."""
+        try:
+            return self._train()
+        finally:
+            # On an error too: the TensorBoard events written so far reach the disk before the
+            # process exits (train.py ends a failed distributed run without Python's teardown).
+            self.metrics.close()
+
+    def _train(self) -> list[float]:
         s = self.config.settings
         spe = self.plan.steps_per_epoch
         samples_per_step = s.micro_batch_size_per_gpu * s.gradient_accumulation_steps * self.place.dp_world
@@ -368,7 +376,6 @@ class Trainer:
                                    f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
                                    f"with --resume_from_checkpoint")
                 self.dead_rank_watch.disarm()  # every rank saved and leaves: none has died
-                self.metrics.close()
                 self.stopped_by = signum
                 return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
@@ -421,5 +428,4 @@ class Trainer:
             self.checkpoint()  # so a longer run can resume from the end of this one
         self._write_history()
         self.dead_rank_watch.disarm()
-        self.metrics.close()
         return self.losses
