@@ -340,6 +340,42 @@ class Trainer:
             # process exits (train.py ends a failed distributed run without Python's teardown).
             self.metrics.close()
 
+    def _stop_at_signal(self, signum: int) -> None:
+        """Checkpoint the steps done so far together and stop (SIGINT or SIGTERM at a step boundary)."""
+        previous = self.checkpoints.latest()
+        # Said before saving: DeepSpeed's launcher kills the processes 30 s after a
+        # Ctrl-C, and a save cut short must not look like one that finished.
+        self.metrics.print(f"stop signal: saving a checkpoint of step {self.step}; until a line "
+                           f"'checkpoint ... saved' follows, the last complete checkpoint is "
+                           + (str(self.checkpoints.root / previous) if previous else "none (this run has none)"))
+        self.checkpoint()
+        name = {signal.SIGINT: "SIGINT, Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
+        self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
+                           f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
+                           f"with --resume_from_checkpoint")
+        self.dead_rank_watch.disarm()  # every rank saved and leaves: none has died
+        self.stopped_by = signum
+
+    def _log_step(self, loss: float, elapsed: float, epoch: int, samples_per_step: int) -> None:
+        """The finished step's numbers: TensorBoard, metrics.jsonl, the progress bar and its printed line."""
+        self.losses.append(loss)
+        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                  "train/grad_norm": last_step(self.engine)[0] or 0.0,
+                  "train/samples_per_sec": samples_per_step / elapsed,
+                  "train/peak_memory_gib": peak_memory_gib(self.place.device), "train/epoch": epoch + 1}
+        self.metrics.scalars(self.step, values)
+        self.metrics.record({"step": self.step, "seconds": elapsed, **values})
+        self.step_seconds.append(elapsed)
+        if len(self.step_seconds) == 1:
+            freeze_heap()  # the first step's compiled graphs and kernels
+        if len(self.step_seconds) in (1, STARTUP_STEADY_STEPS + 1):
+            self.report_startup()
+        self.metrics.step({"loss": loss, "lr": values["train/lr"]})
+        if self.step % self.config.settings.steps_per_print == 0:
+            self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
+                               f"grad_norm {values['train/grad_norm']:.4f} lr {values['train/lr']:.3g} "
+                               f"{values['train/samples_per_sec']:.2f} samples/s")
+
     def _train(self) -> list[float]:
         s = self.config.settings
         spe = self.plan.steps_per_epoch
@@ -364,19 +400,7 @@ class Trainer:
         while self.step < self.total:
             signum = self.stop_requested()
             if signum:
-                previous = self.checkpoints.latest()
-                # Said before saving: DeepSpeed's launcher kills the processes 30 s after a
-                # Ctrl-C, and a save cut short must not look like one that finished.
-                self.metrics.print(f"stop signal: saving a checkpoint of step {self.step}; until a line "
-                                   f"'checkpoint ... saved' follows, the last complete checkpoint is "
-                                   + (str(self.checkpoints.root / previous) if previous else "none (this run has none)"))
-                self.checkpoint()
-                name = {signal.SIGINT: "SIGINT, Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
-                self.metrics.print(f"stopped by a signal ({name}) at step {self.step}: checkpoint "
-                                   f"{self.checkpoints.root / self.checkpoints.latest()} saved; continue from it "
-                                   f"with --resume_from_checkpoint")
-                self.dead_rank_watch.disarm()  # every rank saved and leaves: none has died
-                self.stopped_by = signum
+                self._stop_at_signal(signum)
                 return self.losses
             epoch, step_in_epoch = divmod(self.step, spe)
             start = time.perf_counter()
@@ -388,23 +412,7 @@ class Trainer:
                 self.stop_non_finite(loss, epoch, step_in_epoch)
             if self.ema is not None:
                 self.ema.update(self.step)
-            self.losses.append(loss)
-            values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                      "train/grad_norm": last_step(self.engine)[0] or 0.0,
-                      "train/samples_per_sec": samples_per_step / elapsed,
-                      "train/peak_memory_gib": peak_memory_gib(self.place.device), "train/epoch": epoch + 1}
-            self.metrics.scalars(self.step, values)
-            self.metrics.record({"step": self.step, "seconds": elapsed, **values})
-            self.step_seconds.append(elapsed)
-            if len(self.step_seconds) == 1:
-                freeze_heap()  # the first step's compiled graphs and kernels
-            if len(self.step_seconds) in (1, STARTUP_STEADY_STEPS + 1):
-                self.report_startup()
-            self.metrics.step({"loss": loss, "lr": values["train/lr"]})
-            if self.step % s.steps_per_print == 0:
-                self.metrics.print(f"step {self.step}/{self.total} epoch {epoch + 1} loss {loss:.5f} "
-                                   f"grad_norm {values['train/grad_norm']:.4f} lr {values['train/lr']:.3g} "
-                                   f"{values['train/samples_per_sec']:.2f} samples/s")
+            self._log_step(loss, elapsed, epoch, samples_per_step)
             if self.step == self.total:
                 break
             if self.eval_schedule.due(self.step, spe):
