@@ -138,6 +138,8 @@ for part in ${PARTS:-${PART:-flux}}; do
   setup)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     nvidia-smi topo -m 2>/dev/null | head -6
+    # A CPU quota below the cores shown stalls the ranks' threads (the timeline's throttling row).
+    echo "cpus: nproc $(nproc); cgroup quota $(cat /sys/fs/cgroup/cpu.max 2>/dev/null || echo "$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null) / $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us 2>/dev/null) us")"
     python3 -c "import torch, deepspeed, diffusers, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'deepspeed', deepspeed.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
     [ -d $W/models/$MODEL ] || python3 bench/make_full_size_${MODEL}.py $W/models > $W/setup.log 2>&1 || tail -5 $W/setup.log
     python3 tools/make_demo_dataset.py $W/data --count 8 > /dev/null

@@ -33,6 +33,27 @@ OUT = Path(os.environ.get("BENCH_TIMELINE_DIR", "/tmp/timeline"))
 RANK = int(os.environ.get("RANK", "0"))
 
 
+# The cgroup's CPU statistics (v2, then v1 under its two mount names): file, key, ms per unit.
+CGROUP_CPU_STATS = (("/sys/fs/cgroup/cpu.stat", "throttled_usec", 1e-3),
+                    ("/sys/fs/cgroup/cpu/cpu.stat", "throttled_time", 1e-6),
+                    ("/sys/fs/cgroup/cpu,cpuacct/cpu.stat", "throttled_time", 1e-6))
+
+
+def cpu_throttled_ms(stat_files=CGROUP_CPU_STATS) -> float | None:
+    """How long this container's CPU quota has held its processes back so far (the cgroup's
+    throttled time, v2 or v1), or None where the kernel does not say. A quota the trainer's
+    threads exceed stalls every thread until the next 100 ms period: a stall that lands in an
+    instruction shows there as CPU time the instruction's own work cannot explain."""
+    for path, key, scale in stat_files:
+        try:
+            fields = dict(line.split() for line in Path(path).read_text().splitlines() if line.strip())
+        except (OSError, ValueError):
+            continue
+        if key in fields:
+            return int(fields[key]) * scale
+    return None
+
+
 def timed_instructions(engine, records: list):
     """The engine's instruction table with each entry timed into `records` (this instance only)."""
     import torch
@@ -110,11 +131,13 @@ def record_steps(trainer_cls):
                 begin = torch.cuda.Event(enable_timing=True) if cuda else None
                 if cuda:
                     begin.record()
+                throttled_before = cpu_throttled_ms()
                 cpu_begin = time.perf_counter()
                 loss = engine_step(data_iter)
                 if cuda:
                     torch.cuda.synchronize()
                 wall = time.perf_counter() - cpu_begin
+                throttled_after = cpu_throttled_ms()
                 rows = []
                 for name, buffer, cpu0, cpu1, start, end in records:
                     row = {"op": name, "buffer": buffer, "cpu": [round((cpu0 - cpu_begin) * 1e3, 3),
@@ -125,7 +148,9 @@ def record_steps(trainer_cls):
                 with open(path, "a") as f:
                     f.write(json.dumps({"rank": RANK, "step": self.step + 1, "wall_ms": round(wall * 1e3, 3),
                                         "stage": engine.stage_id, "ops": rows,
-                                        "gc_ms": [[g, round(ms, 2)] for g, ms in collections]}) + "\n")
+                                        "gc_ms": [[g, round(ms, 2)] for g, ms in collections],
+                                        "cpu_throttled_ms": None if throttled_before is None else
+                                        round(throttled_after - throttled_before, 3)}) + "\n")
                 return loss
 
             engine.train_batch = train_batch  # this instance only, for this measurement
@@ -150,6 +175,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
         rank = steady[0]["rank"]
         gpu, cpu, count, idle, walls = defaultdict(list), defaultdict(list), defaultdict(list), [], []
         gc_full = [sum(ms for g, ms in s.get("gc_ms", []) if g == 2) for s in steady]
+        throttled = [s.get("cpu_throttled_ms") for s in steady]
         for s in steady:
             g, c, n = defaultdict(float), defaultdict(float), defaultdict(int)
             last_end = 0.0
@@ -167,7 +193,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
                 count[k].append(n[k])
             idle.append(gaps + max(0.0, s["wall_ms"] - last_end) if last_end else 0.0)
             walls.append(s["wall_ms"])
-        table[rank] = (steady[0]["stage"], gpu, cpu, count, idle, walls, gc_full)
+        table[rank] = (steady[0]["stage"], gpu, cpu, count, idle, walls, gc_full, throttled)
         example[rank] = steady[0]
     if not table:
         return f"{folder}: no timelines\n"
@@ -178,7 +204,7 @@ def summarize(folder: Path, first_step: int = 3) -> str:
     for k in kinds + sorted({k for r in table for k in table[r][1]} - set(kinds)):
         cells = []
         for r in table:
-            _, gpu, cpu, count, _, _, _ = table[r]
+            _, gpu, cpu, count, *_ = table[r]
             if k not in cpu:
                 cells.append("-")
                 continue
@@ -190,6 +216,8 @@ def summarize(folder: Path, first_step: int = 3) -> str:
         f"{statistics.mean(table[r][4]):.0f}" for r in table) + " |")
     lines.append("| full garbage collections (ms, each step) | " + " | ".join(
         " ".join(f"{ms:.0f}" for ms in table[r][6]) for r in table) + " |")
+    lines.append("| CPU quota throttling (ms, each step; the container's, all ranks together) | " + " | ".join(
+        " ".join("-" if ms is None else f"{ms:.0f}" for ms in table[r][7]) for r in table) + " |")
     lines.append("| step wall | " + " | ".join(f"{statistics.median(table[r][5]):.0f}" for r in table) + " |")
     for r, s in example.items():
         lines.append(f"rank {r} step {s['step']} (stage {s['stage']}), GPU ms from the step's start:")

@@ -282,8 +282,24 @@ def test_pipeline_timeline_times_every_instruction_of_both_stages(tmp_path, tiny
         # the batch's reading inside each load, timed on its own (both ends of the pipeline load)
         assert ops.count("NextBatch") == ops.count("LoadMicroBatch") == 2
         assert ops[-1] == "OptimizerStep" and all(op["cpu"][0] <= op["cpu"][1] for op in steps[-1]["ops"])
+        # the container's CPU-quota stalls during the step (None where the kernel does not say)
+        assert all(s["cpu_throttled_ms"] is None or s["cpu_throttled_ms"] >= 0 for s in steps)
     summary = run_bench(str(REPO / "bench" / "pipeline_timeline.py"), "--summarize", str(folder), "2").stdout
     assert "rank 0 (stage 0)" in summary and "rank 1 (stage 1)" in summary and "| BackwardPass |" in summary
+    assert "| CPU quota throttling" in summary
+
+
+def test_cpu_throttling_is_read_from_cgroup_v2_and_v1(tmp_path):
+    from pipeline_timeline import cpu_throttled_ms
+
+    v2 = tmp_path / "v2.stat"
+    v2.write_text("usage_usec 9000000\nnr_periods 40\nnr_throttled 3\nthrottled_usec 250000\n")
+    v1 = tmp_path / "v1.stat"
+    v1.write_text("nr_periods 40\nnr_throttled 3\nthrottled_time 250000000\n")
+    missing = (str(tmp_path / "none"), "throttled_usec", 1e-3)
+    assert cpu_throttled_ms([missing, (str(v2), "throttled_usec", 1e-3)]) == pytest.approx(250.0)
+    assert cpu_throttled_ms([missing, (str(v1), "throttled_time", 1e-6)]) == pytest.approx(250.0)
+    assert cpu_throttled_ms([missing]) is None
 
 
 @pytest.mark.slow
