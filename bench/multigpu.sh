@@ -18,7 +18,9 @@
 #            disjoint GPUs can run at once: (ON=0 ROWS=f1 bash ... & ON=1,2 ROWS=f2s bash ... & wait)
 #            TIMELINE=1 runs each row through bench/pipeline_timeline.py (every pipeline instruction
 #            of every rank timed with CUDA events) and writes its table to $OUT/timeline-<row>.txt;
-#            TIMELINE_SCRIPT: that wrapper in another copy of the trainer (beside its train.py)
+#            TIMELINE_SCRIPT: that wrapper in another copy of the trainer (beside its train.py);
+#            with BENCH_STAGE_BATCHES=1 (and a TAG) it places each step's micro-batches on the GPU
+#            at the step's first load: the experiment that tells whether the loads' time is copying
 #   compare  the issue's table with this code (f1 f2s f4r f4g8 f2r f4), and the two rows the fixes
 #            changed as they ran before them (TAG _before: partition_method = "parameters" and
 #            OMP_NUM_THREADS = all cores in every process); then a table of efficiencies vs f1

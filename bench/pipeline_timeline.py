@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OUT = Path(os.environ.get("BENCH_TIMELINE_DIR", "/tmp/timeline"))
 RANK = int(os.environ.get("RANK", "0"))
+# An experiment on the loads: BENCH_STAGE_BATCHES=1 reads a step's micro-batches and copies them to
+# the GPU at the step's first load, so DeepSpeed's own loads copy within the GPU (no pageable copy,
+# no allocation while kernels are queued). Same numbers; compare the rows' LoadMicroBatch times.
+STAGE_BATCHES = os.environ.get("BENCH_STAGE_BATCHES") == "1"
 
 
 # The cgroup's CPU statistics (v2, then v1 under its two mount names): file, key, ms per unit.
@@ -103,6 +107,15 @@ def record_steps(trainer_cls):
     import torch
 
     class TimedTrainer(trainer_cls):
+        def micro_batches(self, epoch: int, step_in_epoch: int):
+            batches = super().micro_batches(epoch, step_in_epoch)
+            if not STAGE_BATCHES:
+                yield from batches
+                return
+            device = self.engine.device
+            on_device = lambda part: tuple(t.to(device) for t in part)  # noqa: E731
+            yield from [(on_device(inputs), on_device(labels)) for inputs, labels in batches]
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             engine = self.engine
@@ -147,7 +160,7 @@ def record_steps(trainer_cls):
                     rows.append(row)
                 with open(path, "a") as f:
                     f.write(json.dumps({"rank": RANK, "step": self.step + 1, "wall_ms": round(wall * 1e3, 3),
-                                        "stage": engine.stage_id, "ops": rows,
+                                        "stage": engine.stage_id, "staged_batches": STAGE_BATCHES, "ops": rows,
                                         "gc_ms": [[g, round(ms, 2)] for g, ms in collections],
                                         "cpu_throttled_ms": None if throttled_before is None else
                                         round(throttled_after - throttled_before, 3)}) + "\n")

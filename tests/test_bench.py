@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, free_port, write_configs
+from conftest import REPO, free_port, losses, write_configs
 from make_tiny_models import make_tiny_flux2, make_tiny_hunyuan_video, make_tiny_ltx_video, make_tiny_wan
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -287,6 +287,23 @@ def test_pipeline_timeline_times_every_instruction_of_both_stages(tmp_path, tiny
     summary = run_bench(str(REPO / "bench" / "pipeline_timeline.py"), "--summarize", str(folder), "2").stdout
     assert "rank 0 (stage 0)" in summary and "rank 1 (stage 1)" in summary and "| BackwardPass |" in summary
     assert "| CPU quota throttling" in summary
+    # The loads experiment (a step's micro-batches read and placed on the device at its first load)
+    # trains on the same numbers; its whole step's reading falls in the first NextBatch.
+    staged = tmp_path / "staged"
+    config = write_configs(tmp_path / "staged_run", tiny_models / "flux", image_dataset, max_steps=2,
+                           pipeline_stages=2, gradient_accumulation_steps=2, eval_at_start=False)
+    proc = subprocess.run(["deepspeed", "--num_gpus=2", f"--master_port={free_port()}",
+                           str(REPO / "bench" / "pipeline_timeline.py"), "--deepspeed", "--config", str(config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**env, "BENCH_TIMELINE_DIR": str(staged), "BENCH_STAGE_BATCHES": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    step = json.loads((staged / "timeline-r0.jsonl").read_text().splitlines()[-1])
+    assert step["staged_batches"] is True
+    first_read, second_read = [op["cpu"][1] - op["cpu"][0] for op in step["ops"] if op["op"] == "NextBatch"]
+    assert first_read > second_read
+    (plain_run,) = (tmp_path / "run" / "runs").iterdir()
+    (staged_run,) = (tmp_path / "staged_run" / "runs").iterdir()
+    assert losses(staged_run) == losses(plain_run)
 
 
 def test_cpu_throttling_is_read_from_cgroup_v2_and_v1(tmp_path):
