@@ -113,8 +113,8 @@ def record_steps(trainer_cls):
                 yield from batches
                 return
             device = self.engine.device
-            on_device = lambda part: tuple(t.to(device) for t in part)  # noqa: E731
-            yield from [(on_device(inputs), on_device(labels)) for inputs, labels in batches]
+            staged = [tuple(tuple(t.to(device) for t in part) for part in batch) for batch in batches]
+            yield from staged
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)

@@ -69,9 +69,7 @@ class Metrics:
             self.bar.write(message)
 
     def close(self) -> None:
-        """Flush and close the outputs; once only, later calls do nothing."""
         if self.enabled:
-            self.enabled = False
             self.bar.close()
             self.writer.close()
             if self.wandb is not None:
